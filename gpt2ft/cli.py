@@ -1,0 +1,344 @@
+"""The command line: `python -m gpt2ft <command> [flags]`.
+
+    python -m gpt2ft train [--model gpt2] [--data hub] [--epochs 3] ...   fine-tune (flags mirror TrainConfig)
+    python -m gpt2ft eval --model gpt2_finetuned --split test            loss and perplexity (+ --samples N)
+    python -m gpt2ft generate --model gpt2_finetuned "Hi!" "Hello."      the next turn
+    python -m gpt2ft chat --model gpt2_finetuned                         a conversation in the terminal
+    python -m gpt2ft compare --base gpt2 --tuned gpt2_finetuned          before/after table
+    python -m gpt2ft charts --logs-dir logs --images-dir images          rebuild the charts from the logs
+    python -m gpt2ft bench --model DIR --data SRC                        throughput of gpt2ft vs the tutorial recipe
+
+Each command calls the same functions as the notebook. Bad input ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .config import ConfigError, TrainConfig, build_config, config_fields, flag_name, load_config_file
+
+EXIT_USAGE = 2
+
+# Allowed values of the TrainConfig fields that take one of a few words.
+CHOICES = {
+    "loss_on": ("all", "responses"),
+    "batching": ("pack", "pad"),
+    "precision": ("auto", "fp16", "bf16", "fp32"),
+    "method": ("full", "lora"),
+}
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message is printed as one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage dump) and lets main() choose the exit code."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def field_type(field: dataclasses.Field) -> Callable[[str], Any]:
+    text = str(field.type)
+    if text.startswith("int"):
+        return int
+    if text.startswith("float"):
+        return float
+    return str
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; defaults are suppressed so only flags the user typed override --config."""
+    for field in config_fields():
+        help_text = field.metadata.get("help", "")
+        if str(field.type).startswith("bool"):
+            if field.default is True:
+                parser.add_argument(
+                    "--no-" + field.name.replace("_", "-"), dest=field.name, action="store_false",
+                    default=argparse.SUPPRESS, help=help_text,
+                )
+            else:
+                parser.add_argument(flag_name(field.name), dest=field.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            continue
+        parser.add_argument(
+            flag_name(field.name), dest=field.name, type=field_type(field), choices=CHOICES.get(field.name),
+            default=argparse.SUPPRESS, help=f"{help_text} (default: {field.default})",
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    flags = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
+    return build_config(file_values, **flags)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m gpt2ft", description="Fine-tune GPT-2 on DailyDialog and talk to it.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+
+    train = commands.add_parser("train", help="fine-tune GPT-2 (flags mirror TrainConfig)")
+    train.add_argument("--config", metavar="FILE.json", help="settings as a JSON object; flags override it")
+    add_config_flags(train)
+
+    evaluate = commands.add_parser("eval", help="loss and perplexity on a held-out split")
+    evaluate.add_argument("--model", default="gpt2_finetuned", help="saved model folder or Hub id")
+    evaluate.add_argument("--data", default="hub", help="DailyDialog source (as for train)")
+    evaluate.add_argument("--split", default="validation", choices=("validation", "test"))
+    evaluate.add_argument("--max-dialogs", type=int, default=None, help="score only the first N dialogues")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--dump-tokens", metavar="FILE.jsonl", help="write each scored sequence (input_ids, labels)")
+    evaluate.add_argument("--cache-dir", default="data")
+    add_data_override_flags(evaluate)
+    add_decoding_flags(evaluate)
+    evaluate.add_argument("--samples", type=int, default=0, help="also generate replies for N dialogues and score them")
+    evaluate.add_argument("--samples-out", metavar="FILE.jsonl", help="write (context, reference, reply) triples")
+
+    generate = commands.add_parser("generate", help="the model's next turn after the given turns")
+    generate.add_argument("--model", default="gpt2_finetuned")
+    generate.add_argument("turns", nargs="+", metavar="TURN", help="the conversation so far, oldest first")
+    add_decoding_flags(generate)
+
+    chat = commands.add_parser("chat", help="talk to the model (one turn a line; /reset, /quit)")
+    chat.add_argument("--model", default="gpt2_finetuned")
+    add_decoding_flags(chat)
+
+    compare = commands.add_parser("compare", help="before/after table: base model vs fine-tuned model")
+    compare.add_argument("--base", default="gpt2", help="the model before fine-tuning")
+    compare.add_argument("--tuned", default="gpt2_finetuned", help="the fine-tuned model")
+    compare.add_argument("--data", default="hub")
+    compare.add_argument("--split", default="test", choices=("validation", "test"))
+    compare.add_argument("--max-dialogs", type=int, default=None)
+    compare.add_argument("--samples", type=int, default=50, help="dialogues to generate replies for")
+    compare.add_argument("--cache-dir", default="data")
+    add_data_override_flags(compare)
+    add_decoding_flags(compare)
+
+    charts = commands.add_parser("charts", help="rebuild the five charts from the logs")
+    charts.add_argument("--logs-dir", default="logs")
+    charts.add_argument("--images-dir", default="images")
+
+    bench = commands.add_parser("bench", help="training throughput: gpt2ft vs the tutorial recipe")
+    bench.add_argument("--model", default="gpt2")
+    bench.add_argument("--data", default="hub")
+    bench.add_argument("--dialogs", type=int, default=512)
+    bench.add_argument("--steps", type=int, default=8)
+    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--variants", default="default", help="comma-separated variants, or 'default' / 'all'")
+    bench.add_argument("--cache-dir", default="data")
+    return parser
+
+
+def add_data_override_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep-overlap", action="store_true", default=None, help="use the release splits as they are")
+    parser.add_argument("--no-clean-text", dest="clean_text", action="store_false", default=None, help="keep the release text")
+
+
+def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--greedy", action="store_true", help="deterministic decoding (no sampling)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+
+
+def decoding_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    for name in ("max_new_tokens", "no_repeat_ngram_size"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "max_new_tokens" else 0):
+            raise UsageError(f"{flag_name(name)}: must be positive, got {value}")
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag_name(name)}: must be > 0, got {value}")
+    return {
+        "greedy": args.greedy,
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "repetition_penalty": args.repetition_penalty,
+    }
+
+
+def print_json(payload: dict[str, Any]) -> None:
+    print(json.dumps(payload, default=str), flush=True)
+
+
+def saved_data_settings(model_dir: str) -> dict[str, Any]:
+    """The data settings a saved gpt2ft model was trained with, so evaluation formats data the same way."""
+    path = Path(model_dir) / "training_config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        config = saved.get("config", {})
+        return {
+            "clean_text": config.get("clean_text", True),
+            "keep_overlap": config.get("keep_overlap", False),
+            "loss_on": config.get("loss_on", "all"),
+            "max_length": saved.get("max_length"),
+        }
+    except (OSError, ValueError, AttributeError):
+        return {"clean_text": True, "keep_overlap": False, "loss_on": "all", "max_length": None}
+
+
+def data_settings(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
+    settings = saved_data_settings(model_dir)
+    if args.clean_text is not None:
+        settings["clean_text"] = args.clean_text
+    if args.keep_overlap is not None:
+        settings["keep_overlap"] = args.keep_overlap
+    return settings
+
+
+def check_positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{flag_name(name)}: must be at least 1, got {value}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .training import train
+
+    config = config_from_args(args)
+    result = train(config)
+    if result.output_dir is not None:
+        print(f"model saved to {result.output_dir}", file=sys.stderr)
+    print(f"metrics written to {Path(config.logs_dir) / 'metrics.json'}", file=sys.stderr)
+    print_json(result.metrics)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .data import prepare_dialogs
+    from .evaluation import evaluate_dialogs, evaluate_replies
+    from .generate import load_for_generation
+
+    check_positive("max_dialogs", args.max_dialogs)
+    check_positive("batch_size", args.batch_size)
+    if args.samples < 0:
+        raise UsageError(f"--samples: must be >= 0, got {args.samples}")
+    decoding = decoding_from_args(args)
+    settings = data_settings(args, args.model)
+    model, tokenizer = load_for_generation(args.model)
+    prepared = prepare_dialogs(args.data, args.cache_dir, settings["clean_text"], settings["keep_overlap"])
+    dialogs = prepared.dialogs[args.split]
+    if args.max_dialogs is not None:
+        dialogs = dialogs.select(range(min(args.max_dialogs, len(dialogs))))
+    result = {"split": args.split, "model": args.model}
+    result.update(
+        evaluate_dialogs(
+            model, tokenizer, dialogs, settings["max_length"], settings["loss_on"], args.batch_size, dump_path=args.dump_tokens
+        )
+    )
+    if args.samples:
+        result.update(evaluate_replies(model, tokenizer, dialogs, args.samples, samples_out=args.samples_out, **decoding))
+    if args.dump_tokens:
+        print(f"scored sequences written to {args.dump_tokens}", file=sys.stderr)
+    print_json(result)
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .generate import generate_reply, load_for_generation
+
+    decoding = decoding_from_args(args)
+    model, tokenizer = load_for_generation(args.model)
+    print(generate_reply(model, tokenizer, args.turns, **decoding).text)
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from .generate import chat_in_terminal, load_for_generation
+
+    decoding = decoding_from_args(args)
+    model, tokenizer = load_for_generation(args.model)
+    chat_in_terminal(model, tokenizer, **decoding)
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from .data import prepare_dialogs
+    from .evaluation import compare_models, format_comparison
+
+    check_positive("max_dialogs", args.max_dialogs)
+    decoding = decoding_from_args(args)
+    settings = data_settings(args, args.tuned)
+    prepared = prepare_dialogs(args.data, args.cache_dir, settings["clean_text"], settings["keep_overlap"])
+    dialogs = prepared.dialogs[args.split]
+    if args.max_dialogs is not None:
+        dialogs = dialogs.select(range(min(args.max_dialogs, len(dialogs))))
+    rows = compare_models(
+        {"base": args.base, "fine-tuned": args.tuned}, dialogs, samples=args.samples, loss_on=settings["loss_on"],
+        max_length=settings["max_length"], **decoding,
+    )
+    print(format_comparison(rows))
+    return 0
+
+
+def run_charts(args: argparse.Namespace) -> int:
+    from .charts import write_charts
+
+    for path in write_charts(args.logs_dir, args.images_dir):
+        print(path)
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .bench import run_benchmarks
+
+    for name in ("dialogs", "steps", "batch_size"):
+        check_positive(name, getattr(args, name))
+    run_benchmarks(args.model, args.data, args.dialogs, args.steps, args.batch_size, args.variants, args.cache_dir, print_json)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": run_train,
+    "eval": run_eval,
+    "generate": run_generate,
+    "chat": run_chat,
+    "compare": run_compare,
+    "charts": run_charts,
+    "bench": run_bench,
+}
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input: reported in one line, exit code 2."""
+    from .data import DataError
+    from .modeling import ModelError
+    from .training import TrainingError
+
+    return (UsageError, ConfigError, DataError, ModelError, TrainingError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (0 ok, 2 bad input or a run that had to stop)."""
+    parser = build_parser()
+    assert set(COMMANDS) == set(parser._subparsers._group_actions[0].choices), "COMMANDS and the parser disagree"
+    try:
+        args = parser.parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as error:
+        if isinstance(error, user_errors()):
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,198 @@
+"""Settings for a gpt2ft run: one dataclass with every default, plus the artifact folders.
+
+Every command (`python -m gpt2ft train ...`) and the notebook build a `TrainConfig`; the CLI flags are generated
+from the fields below, so a default lives in exactly one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Artifact folders at the project root (git keeps them; what runs write inside is ignored).
+DATA_DIR = "data"
+LOGS_DIR = "logs"
+IMAGES_DIR = "images"
+OUTPUT_DIR = "gpt2_finetuned"
+
+# GPT-2's context window; DailyDialog's longest dialogue is ~900 tokens, so 1024 keeps every dialogue whole.
+GPT2_CONTEXT = 1024
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the setting (as its CLI flag) and why."""
+
+
+def flag_name(field_name: str) -> str:
+    """The CLI flag for a config field: `max_train_dialogs` -> `--max-train-dialogs`."""
+    return "--" + field_name.replace("_", "-")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a fine-tuning run. Defaults target GPT-2 small (124M) on a free Colab T4 (15 GB)."""
+
+    # --- what to train on -------------------------------------------------------------------------------------
+    model: str = field(default="gpt2", metadata={"help": "Hub id (gpt2, gpt2-medium, ...) or a local save_pretrained folder."})
+    data: str = field(default="hub", metadata={"help": "'hub', the DailyDialog zip, a folder of split zips, extracted files or Hub parquet files."})
+    output_dir: str = field(default=OUTPUT_DIR, metadata={"help": "Where the final model, tokenizer and configs are written."})
+    logs_dir: str = field(default=LOGS_DIR, metadata={"help": "Where metrics.json and the JSONL logs are written."})
+    images_dir: str = field(default=IMAGES_DIR, metadata={"help": "Where the charts are written."})
+    cache_dir: str = field(default=DATA_DIR, metadata={"help": "Where downloads and the tokenised-data cache live."})
+
+    # --- data preparation ---------------------------------------------------------------------------------------
+    max_length: int = field(default=0, metadata={"help": "Longest training sequence in tokens; 0 = the model's context (1024 for GPT-2)."})
+    max_train_dialogs: int | None = field(default=None, metadata={"help": "Use only the first N training dialogues (debugging)."})
+    max_eval_dialogs: int | None = field(default=None, metadata={"help": "Use only the first N validation dialogues (debugging)."})
+    keep_overlap: bool = field(default=False, metadata={"help": "Keep the release splits: no de-duplication of train, no removal of train dialogues from validation/test."})
+    clean_text: bool = field(default=True, metadata={"help": "Detokenise the release text into natural text (--no-clean-text keeps it as released)."})
+    loss_on: str = field(default="all", metadata={"help": "'all': every turn is a target; 'responses': no loss on each dialogue's first turn."})
+    batching: str = field(default="pack", metadata={"help": "'pack': several dialogues a row, attention kept inside each; 'pad': dynamic padding with length-grouped batches."})
+
+    # --- optimisation -------------------------------------------------------------------------------------------
+    epochs: float = field(default=3.0, metadata={"help": "Passes over the training data."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimiser steps (overrides --epochs when > 0)."})
+    # 16 dialogues of ~123 tokens (~2k tokens a step) keep GPT-2 small's activations at a few GB in fp16, far below
+    # a T4's 15 GB even for the longest (~900-token) dialogues; auto_find_batch_size halves it on out-of-memory.
+    batch_size: int = field(default=16, metadata={"help": "Dialogues per device per step (before gradient accumulation)."})
+    eval_batch_size: int = field(default=32, metadata={"help": "Dialogues per device per evaluation batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches accumulated into one optimiser step."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (AdamW), reached after warmup, then linear decay to 0."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of the steps spent warming the learning rate up."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    optim: str = field(default="auto", metadata={"help": "Trainer optimiser name (adamw_torch_fused, adamw_bnb_8bit, ...); 'auto' = fused AdamW on CUDA, AdamW elsewhere."})
+    precision: str = field(default="auto", metadata={"help": "'auto' (fp16 below compute capability 8.0, bf16 from 8.0, fp32 on CPU), 'fp16', 'bf16' or 'fp32'."})
+    seed: int = field(default=42, metadata={"help": "Seed for initialisation, shuffling and dropout."})
+
+    # --- evaluation, logging, checkpoints ---------------------------------------------------------------------------
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate (and checkpoint) every N steps; 0 = once an epoch."})
+    logging_steps: int = field(default=10, metadata={"help": "Log training loss every N steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (the best one is always kept)."})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep the checkpoints after a successful run (by default they are deleted once the final model is saved)."})
+    resume: str = field(default="auto", metadata={"help": "'auto': continue from the latest complete checkpoint if one exists; 'never'; or a checkpoint path."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an output folder that holds something other than a gpt2ft model."})
+    report_to: str = field(default="none", metadata={"help": "Also report to 'tensorboard' or 'wandb' (comma-separated), through the Trainer."})
+    system_interval_s: float = field(default=2.0, metadata={"help": "Seconds between system-metric samples (CPU, memory, disk, GPU)."})
+    num_workers: int = field(default=-1, metadata={"help": "DataLoader worker processes; -1 = 2 on CUDA, 0 on CPU."})
+
+    # --- speed and scale ----------------------------------------------------------------------------------------
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (pays a warm-up; sequence lengths are bucketed to limit recompiles)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass to save memory."})
+    method: str = field(default="full", metadata={"help": "'full' fine-tuning or 'lora' (PEFT adapters, merged into the saved model)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling (alpha / r multiplies the update)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_targets: str = field(default="c_attn,c_proj", metadata={"help": "Comma-separated GPT-2 Conv1D modules that get adapters (c_attn, c_proj, c_fc)."})
+    t4_presets: bool = field(default=True, metadata={"help": "On a ~15 GB GPU, switch large GPT-2 sizes to settings that fit (LoRA, 8-bit optimiser, checkpointing)."})
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{flag_name(name)}: {why}")
+
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise bad("epochs", f"must be a positive number, got {self.epochs}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise bad("max_steps", f"must be a positive number of steps or -1 (use --epochs), got {self.max_steps}")
+        for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps", "save_total_limit", "lora_r", "lora_alpha"):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be at least 1, got {getattr(self, name)}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise bad("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm <= 0:
+            raise bad("max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        if self.max_length < 0 or 0 < self.max_length < 8:
+            raise bad("max_length", f"must be 0 (the model's context) or at least 8 tokens, got {self.max_length}")
+        for name in ("max_train_dialogs", "max_eval_dialogs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise bad(name, f"must be at least 1, got {value}")
+        if self.eval_steps < 0:
+            raise bad("eval_steps", f"must be >= 0, got {self.eval_steps}")
+        if self.system_interval_s <= 0:
+            raise bad("system_interval_s", f"must be > 0, got {self.system_interval_s}")
+        if not 0 <= self.lora_dropout < 1:
+            raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        choices = {
+            "loss_on": ("all", "responses"),
+            "batching": ("pack", "pad"),
+            "precision": ("auto", "fp16", "bf16", "fp32"),
+            "method": ("full", "lora"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("model", "data", "output_dir", "logs_dir", "images_dir", "cache_dir"):
+            if not str(getattr(self, name)).strip():
+                raise bad(name, "must not be empty")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON object of TrainConfig fields (names with `_` or `-`).
+
+    Raises:
+        ConfigError: the file is missing, not JSON, not an object, or names an unknown field.
+    """
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"--config: cannot read {path} as JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config: {path} must hold a JSON object of settings")
+    known = {f.name for f in config_fields()}
+    normalised = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(normalised) - known)
+    if unknown:
+        raise ConfigError(f"--config: {path} has unknown settings: {', '.join(unknown)}")
+    return normalised
+
+
+def build_config(file_values: dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:
+    """TrainConfig from file values, then explicit overrides on top (flags beat the file).
+
+    Raises:
+        ConfigError: a value has the wrong type or fails validation.
+    """
+    values = {**(file_values or {}), **overrides}
+    types = {f.name: f.type for f in config_fields()}
+    for name, value in list(values.items()):
+        expected = str(types.get(name, ""))
+        if value is None:
+            continue
+        try:
+            if expected.startswith("bool"):
+                if not isinstance(value, bool):
+                    raise TypeError
+            elif expected.startswith("int"):
+                if isinstance(value, bool) or float(value) != int(value):
+                    raise TypeError
+                values[name] = int(value)
+            elif expected.startswith("float"):
+                values[name] = float(value)
+            elif expected.startswith("str"):
+                values[name] = str(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{flag_name(name)}: expected {expected}, got {value!r}") from None
+    return TrainConfig(**values)

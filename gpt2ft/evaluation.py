@@ -1,0 +1,155 @@
+"""Honest loss and perplexity: the mean negative log-likelihood per target token over a whole split.
+
+    python -m gpt2ft eval --model gpt2_finetuned --data hub --split test
+
+The Trainer's own evaluation averages per-batch means, which over-weights short batches; here every target token
+counts once: loss = sum of token NLLs / number of target tokens, perplexity = exp(loss). Under data-parallel
+training each process scores its own share of the rows and the sums are added across processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), guarded against overflow (as run_clm.py does)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def batch_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token NLLs over the labelled positions of one batch, and how many there are.
+
+    `use_cache=False` matters for packed rows: GPT-2 with SDPA builds the per-dialogue (block-diagonal) mask from
+    `position_ids` only when no KV cache is in play.
+    """
+    labels = batch["labels"]
+    inputs = {key: value for key, value in batch.items() if key in ("input_ids", "attention_mask", "position_ids")}
+    logits = model(**inputs, use_cache=False).logits
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return total, (shift_labels != -100).sum()
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: Any,
+    rows: Any,
+    collator: Callable[[list[dict]], dict[str, torch.Tensor]],
+    batch_size: int,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, float]:
+    """Token-weighted loss of `model` on tokenised rows (columns input_ids, labels).
+
+    Args:
+        model: a causal LM.
+        rows: a tokenised split (datasets.Dataset or a list of dicts).
+        collator: turns a list of rows into a batch (padding or packing).
+        batch_size: rows per batch.
+        device: where to run; defaults to the model's device.
+        autocast_dtype: fp16/bf16 autocast on CUDA, None for full precision.
+        rank, world_size: under data parallelism, this process scores rows rank, rank + world_size, ...; the sums
+            are all-reduced so every process returns the loss of the whole split.
+
+    Returns:
+        {"loss", "perplexity", "tokens"} with tokens = number of target tokens scored.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    indices = list(range(rank, len(rows), world_size))
+    features = [{"input_ids": rows[i]["input_ids"], "labels": rows[i]["labels"]} for i in indices]
+    loader = DataLoader(features, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    amp = (
+        torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None and device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    with amp:
+        for batch in loader:
+            batch = {key: value.to(device) for key, value in batch.items() if isinstance(value, torch.Tensor)}
+            total, tokens = batch_nll(model, batch)
+            nll_sum += total.double()
+            count += tokens
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(nll_sum)
+        torch.distributed.all_reduce(count)
+    if was_training:
+        model.train()
+    tokens = int(count.item())
+    loss = float(nll_sum.item() / tokens) if tokens else float("nan")
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
+
+
+def recompute_loss_from_dump(model: Any, records: Sequence[dict[str, list[int]]]) -> float:
+    """Token-weighted loss from `eval --dump-tokens` records, one sequence at a time with plain `model(labels=...)`.
+
+    An independent check of `evaluate_loss`: no padding, no packing, no collator.
+    """
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for record in records:
+            input_ids = torch.tensor([record["input_ids"]])
+            labels = torch.tensor([record["labels"]])
+            n = int((labels[:, 1:] != -100).sum())
+            if n == 0:
+                continue
+            loss = model(input_ids=input_ids, labels=labels).loss
+            total += float(loss) * n
+            count += n
+    return total / count
+
+
+def evaluate_dialogs(
+    model: Any,
+    tokenizer: Any,
+    dialogs: Any,
+    max_length: int | None = None,
+    loss_on: str = "all",
+    batch_size: int = 16,
+    batching: str = "pack",
+    dump_path: str | None = None,
+) -> dict[str, Any]:
+    """Loss and perplexity of `model` on a split of dialogues (column `dialog`), formatted as in training.
+
+    Args:
+        dump_path: if given, write each scored sequence as {"input_ids", "labels"} (one JSON line each, unpadded)
+            so the loss can be recomputed independently.
+
+    Returns:
+        {"dialogs", "tokens", "loss", "perplexity"}
+    """
+    import json
+    from pathlib import Path
+
+    from .data import DialogueCollator, iter_dump_records, tokenize_dialogs
+
+    context = int(getattr(model.config, "n_positions", 1024))
+    rows = tokenize_dialogs(dialogs, tokenizer, min(max_length or context, context), loss_on)
+    if dump_path:
+        Path(dump_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(dump_path, "w", encoding="utf-8") as out:
+            for record in iter_dump_records(rows):
+                out.write(json.dumps(record) + "\n")
+    device = next(model.parameters()).device
+    autocast = torch.float16 if device.type == "cuda" else None
+    result = evaluate_loss(model, rows, DialogueCollator(tokenizer, batching), batch_size, device, autocast)
+    return {"dialogs": len(dialogs), "tokens": result["tokens"], "loss": result["loss"], "perplexity": result["perplexity"]}

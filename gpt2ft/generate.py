@@ -1,0 +1,185 @@
+"""Replies from a fine-tuned model: prompt building, decoding defaults, and the chat loop.
+
+    python -m gpt2ft generate --model gpt2_finetuned "Hi, how are you?"
+    python -m gpt2ft chat --model gpt2_finetuned
+
+The prompt is the training format: EOS, then every turn followed by EOS; the model's reply is what it writes up
+to its next EOS. Only the most recent whole turns that fit the context (with room for the reply) are kept.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+# Dialogue-friendly decoding, saved into every model's generation_config.json:
+# - sampling with temperature 0.8 and nucleus top-p 0.9: varied but on-topic replies (greedy GPT-2 loops);
+# - no_repeat_ngram_size 4 stops verbatim loops. A repetition_penalty is deliberately not set: it also penalises
+#   the EOS tokens in the prompt, which makes the model less likely to stop its turn;
+# - 50 new tokens is ~2.5x DailyDialog's mean turn (~14 tokens) and above its p99 turn length.
+GENERATION_DEFAULTS: dict[str, Any] = {
+    "do_sample": True,
+    "temperature": 0.8,
+    "top_p": 0.9,
+    "top_k": 0,
+    "no_repeat_ngram_size": 4,
+    "max_new_tokens": 50,
+}
+
+
+def build_generation_config(tokenizer: Any, **overrides: Any) -> Any:
+    """GenerationConfig with the dialogue defaults, EOS as stop and pad token."""
+    from transformers import GenerationConfig
+
+    eos = tokenizer.eos_token_id
+    return GenerationConfig(**{**GENERATION_DEFAULTS, **overrides}, eos_token_id=eos, pad_token_id=eos, bos_token_id=eos)
+
+
+def build_prompt_ids(tokenizer: Any, history: Sequence[str], max_prompt_tokens: int) -> list[int]:
+    """Token ids of the conversation so far, in the training format, keeping the most recent whole turns.
+
+    Turns are dropped oldest first, never cut in half; only when the latest turn alone does not fit is it cut,
+    keeping its end (the words closest to the reply).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        history: the turns so far, oldest first; the last one is the turn being answered.
+        max_prompt_tokens: room for the prompt (context minus the reply's max_new_tokens).
+    """
+    eos = tokenizer.eos_token_id
+    turns = [tokenizer(turn, add_special_tokens=False)["input_ids"] + [eos] for turn in history]
+    kept: list[int] = []
+    for ids in reversed(turns):
+        if 1 + len(ids) + len(kept) > max_prompt_tokens:
+            if not kept:
+                kept = ids[-(max_prompt_tokens - 1) :]
+            break
+        kept = ids + kept
+    return [eos] + kept
+
+
+@dataclass
+class Reply:
+    text: str
+    tokens: int
+    ended_with_eos: bool
+
+
+def decoding_overrides(greedy: bool = False, **settings: Any) -> dict[str, Any]:
+    """Per-call overrides of the saved generation config; None values are left at the saved default."""
+    overrides = {key: value for key, value in settings.items() if value is not None}
+    if greedy:
+        overrides.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return overrides
+
+
+@torch.no_grad()
+def generate_reply(
+    model: Any,
+    tokenizer: Any,
+    history: Sequence[str],
+    greedy: bool = False,
+    seed: int | None = None,
+    streamer: Any = None,
+    **settings: Any,
+) -> Reply:
+    """The model's next turn after `history`, stopping at EOS or `max_new_tokens`.
+
+    Args:
+        model, tokenizer: a causal LM and its tokenizer.
+        history: turns so far, oldest first.
+        greedy: deterministic decoding instead of the saved sampling defaults.
+        seed: makes sampling reproducible.
+        streamer: a transformers streamer (e.g. TextStreamer) to print tokens as they come.
+        settings: overrides of the generation config (max_new_tokens, temperature, top_p, ...).
+    """
+    if not history:
+        raise ValueError("history must hold at least one turn")
+    overrides = decoding_overrides(greedy, **settings)
+    max_new_tokens = overrides.get("max_new_tokens") or getattr(model.generation_config, "max_new_tokens", None) or 50
+    context = int(getattr(model.config, "n_positions", 1024))
+    prompt = build_prompt_ids(tokenizer, history, max(2, context - max_new_tokens))
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt], device=device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        eos_token_id=eos,
+        pad_token_id=eos,
+        streamer=streamer,
+        **{**overrides, "max_new_tokens": max_new_tokens},
+    )
+    new_tokens = output[0, len(prompt) :].tolist()
+    ended = eos in new_tokens
+    if ended:
+        new_tokens = new_tokens[: new_tokens.index(eos)]
+    text = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+    return Reply(text=text, tokens=len(new_tokens) + (1 if ended else 0), ended_with_eos=ended)
+
+
+def load_for_generation(model_dir: str, device: str | None = None) -> tuple[Any, Any]:
+    """Model (in eval mode, on the GPU when there is one) and tokenizer from a saved folder or Hub id."""
+    from .modeling import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
+
+
+def chat(
+    model: Any,
+    tokenizer: Any,
+    lines: Iterable[str],
+    write: Callable[[str], None],
+    prompt: Callable[[], None] | None = None,
+    **decoding: Any,
+) -> int:
+    """Hold a conversation: each line is a user turn and gets one reply line.
+
+    `/reset` clears the history, `/quit` (or the end of the input) leaves; blank lines are ignored. Works the
+    same over a terminal and over piped stdin.
+
+    Returns:
+        The number of replies given.
+    """
+    history: list[str] = []
+    replies = 0
+    if prompt:
+        prompt()
+    for raw in lines:
+        line = raw.strip()
+        if line == "/quit":
+            break
+        if line == "/reset":
+            history.clear()
+            write("(conversation reset)")
+        elif line:
+            history.append(line)
+            reply = generate_reply(model, tokenizer, history, **decoding)
+            history.append(reply.text)
+            write(reply.text)
+            replies += 1
+        if prompt:
+            prompt()
+    return replies
+
+
+def chat_in_terminal(model: Any, tokenizer: Any, **decoding: Any) -> int:
+    """`chat` over stdin/stdout, with a `you> ` prompt only when a person is typing."""
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chat with the model. /reset clears the conversation, /quit leaves.")
+
+    def show_prompt() -> None:
+        print("you> ", end="", flush=True)
+
+    def write(text: str) -> None:
+        print(("bot> " if interactive else "") + text, flush=True)
+
+    return chat(model, tokenizer, sys.stdin, write, prompt=show_prompt if interactive else None, **decoding)

@@ -1,0 +1,160 @@
+"""Load GPT-2 and its tokenizer safely, and choose the numeric precision for the hardware.
+
+Weights are loaded from safetensors only (never a pickle), with no remote code. `--model` is a Hub id (`gpt2`,
+`gpt2-medium`, ...) or a local `save_pretrained` folder holding weights and tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+GPT2_SIZES = {"gpt2": 124e6, "gpt2-medium": 355e6, "gpt2-large": 774e6, "gpt2-xl": 1558e6}
+
+
+class ModelError(ValueError):
+    """The model or tokenizer cannot be used; the message names the folder or Hub id and why."""
+
+
+def check_model_source(name: str) -> None:
+    """Check a local model folder before any library touches it.
+
+    Raises:
+        ModelError: the folder has no config.json, is not GPT-2, or carries only pickle weights.
+    """
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if not looks_local:
+        return  # a Hub id; checked when it loads
+    if not path.is_dir():
+        raise ModelError(f"--model {name}: no such model folder")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"--model {name}: no config.json (expected a folder written by save_pretrained)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelError(f"--model {name}: config.json is not readable JSON ({error})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "gpt2":
+        raise ModelError(f"--model {name}: model_type is {model_type!r}, but gpt2ft fine-tunes GPT-2 models only")
+    if not any((path / weights).is_file() for weights in SAFE_WEIGHTS):
+        pickles = [weights for weights in PICKLE_WEIGHTS if (path / weights).is_file()]
+        if pickles:
+            raise ModelError(
+                f"--model {name}: only pickle weights ({', '.join(pickles)}); gpt2ft loads safetensors only, because "
+                "unpickling can run arbitrary code. Convert them once with transformers' save_pretrained in a trusted "
+                "environment."
+            )
+        raise ModelError(f"--model {name}: no model.safetensors weights")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        raise ModelError(f"--model {name}: no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+
+
+def load_tokenizer(name: str) -> Any:
+    """GPT-2's fast tokenizer, with pad = EOS (GPT-2 has no pad token; labels, not ids, mark padding here)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
+    except Exception as error:
+        raise ModelError(f"--model {name}: cannot load the tokenizer ({type(error).__name__}: {first_line(error)})") from None
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"--model {name}: the tokenizer has no EOS token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, dtype: torch.dtype | None = None) -> Any:
+    """GPT-2 from safetensors, with PyTorch's SDPA attention (fused kernels; packed sequences stay apart).
+
+    Raises:
+        ModelError: not loadable, not GPT-2, or pickle-only weights.
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_model_source(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, use_safetensors=True, attn_implementation="sdpa", dtype=dtype or torch.float32
+        )
+    except Exception as error:
+        raise ModelError(f"--model {name}: cannot load the model ({type(error).__name__}: {first_line(error)})") from None
+    if model.config.model_type != "gpt2":
+        raise ModelError(f"--model {name}: model_type is {model.config.model_type!r}, not gpt2")
+    return model
+
+
+def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+    check_model_source(name)
+    tokenizer = load_tokenizer(name)
+    model = load_model(name, dtype=dtype)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def model_context(model: Any) -> int:
+    return int(getattr(model.config, "n_positions", 1024))
+
+
+@dataclass
+class Hardware:
+    """The device training runs on and what it can do."""
+
+    device: str
+    name: str
+    capability: tuple[int, int] | None
+    memory_gb: float | None
+
+    @property
+    def is_t4_sized(self) -> bool:
+        return self.memory_gb is not None and self.memory_gb < 20
+
+
+def detect_hardware() -> Hardware:
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return Hardware("cuda", props.name, (props.major, props.minor), props.total_memory / 2**30)
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return Hardware("mps", "Apple MPS", None, None)
+    return Hardware("cpu", "CPU", None, None)
+
+
+def choose_precision(requested: str, hardware: Hardware) -> tuple[str, str]:
+    """Pick fp16, bf16 or fp32, with the reason.
+
+    `torch.cuda.is_bf16_supported()` is True on a T4 (compute capability 7.5) because it counts emulation, which
+    is many times slower than fp16, so the choice is gated on the capability instead: bf16 from 8.0 (Ampere) on,
+    fp16 below, fp32 without CUDA.
+
+    Returns:
+        (precision, reason)
+    """
+    if requested != "auto":
+        if requested in ("fp16", "bf16") and hardware.device != "cuda":
+            raise ModelError(f"--precision {requested}: needs a CUDA GPU; this machine has {hardware.name}")
+        if requested == "bf16" and hardware.capability and hardware.capability < (8, 0):
+            raise ModelError(
+                f"--precision bf16: {hardware.name} (compute capability {hardware.capability[0]}.{hardware.capability[1]}) "
+                "has no bf16 units; use fp16"
+            )
+        return requested, "set by --precision"
+    if hardware.device != "cuda" or hardware.capability is None:
+        return "fp32", f"no CUDA GPU ({hardware.name}): full precision"
+    major, minor = hardware.capability
+    if hardware.capability >= (8, 0):
+        return "bf16", f"{hardware.name} has compute capability {major}.{minor} >= 8.0: bf16 units (no loss scaling needed)"
+    return "fp16", f"{hardware.name} has compute capability {major}.{minor} < 8.0: fp16 with loss scaling (no bf16 units)"
