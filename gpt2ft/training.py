@@ -73,12 +73,24 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
 
 
 def save_final_model(
-    model: Any, tokenizer: Any, generation_config: Any, training_config: dict[str, Any], output_dir: str | Path
+    model: Any,
+    tokenizer: Any,
+    generation_config: Any,
+    training_config: dict[str, Any],
+    output_dir: str | Path,
+    extra_text: dict[str, str] | None = None,
+    extra_files: list[Path] | None = None,
+    adapter: Any = None,
 ) -> Path:
     """Write model (safetensors), tokenizer, generation_config.json and training_config.json, atomically.
 
     Everything goes into a hidden sibling folder first; only when all files are written is it swapped in, so an
     interrupted run never leaves a half-written final folder. Checkpoints of the run (in `checkpoints/`) carry over.
+
+    Args:
+        extra_text: more files to write, name -> text (the model card README.md).
+        extra_files: files to copy in (the training chart the card shows).
+        adapter: a PEFT model whose adapter is also saved, under `adapter/`.
     """
     output = Path(output_dir).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +103,12 @@ def save_final_model(
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / TRAINING_CONFIG).write_text(json.dumps(training_config, indent=2, default=str) + "\n", encoding="utf-8")
+        for name, text in (extra_text or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
+        for path in extra_files or []:
+            shutil.copy2(path, staging / Path(path).name)
+        if adapter is not None:
+            adapter.save_pretrained(staging / "adapter")
         old = output.parent / f".{output.name}.old-{os.getpid()}"
         if output.exists():
             if (output / CHECKPOINTS).is_dir():
@@ -406,10 +424,19 @@ def train(config: TrainConfig, prepared: PreparedDialogs | None = None) -> Train
     Raises:
         DataError, ModelError, ConfigError, TrainingError: bad input or a stopped run, with a clear message.
     """
-    output_dir, logs_dir = Path(config.output_dir), Path(config.logs_dir)
+    from .charts import write_charts
+    from .modelcard import render_model_card
+    from .monitor import SystemMonitor
+    from .scale import apply_method, check_optimizer, choose_presets, merge_for_saving
+
+    output_dir, logs_dir, images_dir = Path(config.output_dir), Path(config.logs_dir), Path(config.images_dir)
     check_output_dir(output_dir, config.overwrite)
     hardware = detect_hardware()
+    config, preset_notes = choose_presets(config, hardware)
+    for note in preset_notes:
+        print(f"gpt2ft: {note}", flush=True)
     precision, precision_reason = choose_precision(config.precision, hardware)
+    check_optimizer(resolve_optim(config, hardware), hardware)
     if prepared is None:
         prepared = prepare_dialogs(
             config.data, config.cache_dir, config.clean_text, config.keep_overlap, config.max_train_dialogs, config.max_eval_dialogs
@@ -417,17 +444,28 @@ def train(config: TrainConfig, prepared: PreparedDialogs | None = None) -> Train
     model, tokenizer = load_model_and_tokenizer(config.model)
     max_length = resolve_max_length(config, model)
     rows = tokenize_splits_cached(prepared.dialogs, tokenizer, max_length, config.loss_on, config.cache_dir)
+    model, parameter_counts = apply_method(model, config)
     checkpoint_dir = output_dir / CHECKPOINTS
     resume_from = find_resume_checkpoint(checkpoint_dir, config.resume)
     main = is_main_process()
     log_path = logs_dir / "train_log.jsonl"
-    if main and resume_from is None and log_path.exists():
-        log_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
+    system_path = logs_dir / "system.jsonl"
+    if main and resume_from is None:
+        for stale in (log_path, system_path):
+            if stale.exists():
+                stale.unlink()  # a fresh run starts fresh logs; a resumed one appends
     trainer = build_trainer(
         config, model, tokenizer, rows["train"], rows["validation"], precision, hardware, checkpoint_dir, log_path=log_path
     )
+    monitor = SystemMonitor(system_path, config.system_interval_s, step_getter=lambda: trainer.state.global_step) if main else None
     started = time.time()
-    train_output = trainer.train(resume_from_checkpoint=resume_from)
+    if monitor:
+        monitor.start()
+    try:
+        train_output = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        if monitor:
+            monitor.stop()
     guard = nonfinite_callback(trainer)
     if guard.bad_step is not None:
         kept = complete_checkpoints(checkpoint_dir)
@@ -458,16 +496,24 @@ def train(config: TrainConfig, prepared: PreparedDialogs | None = None) -> Train
         "test_dialogs": len(prepared.dialogs["test"]),
         "train_rows": len(rows["train"]),
         "max_length": max_length,
+        "method": config.method,
+        **parameter_counts,
         "precision": precision,
         "precision_reason": precision_reason,
         "device": hardware.name,
         "world_size": trainer.args.world_size,
         "resumed_from": resume_from,
+        "presets": preset_notes,
         "data_counts": prepared.counts,
         "skipped_lines": prepared.skipped,
         "model": config.model,
     }
     if main:
+        write_json(logs_dir / "metrics.json", metrics)
+        write_jsonl(logs_dir / "log_history.jsonl", trainer.state.log_history)
+        charts = write_charts(logs_dir, images_dir)
+        final_model, adapter = merge_for_saving(trainer.model, config)
+        samples = sample_replies_for_card(final_model, tokenizer, prepared.dialogs["validation"])
         training_config = {
             "gpt2ft_version": __version__,
             "config": config.to_dict(),
@@ -477,9 +523,24 @@ def train(config: TrainConfig, prepared: PreparedDialogs | None = None) -> Train
             "data_counts": prepared.counts,
             "metrics": {k: metrics[k] for k in ("train_loss", "eval_loss", "eval_perplexity", "test_loss", "test_perplexity")},
         }
-        save_final_model(trainer.model, tokenizer, build_generation_config(tokenizer), training_config, output_dir)
+        card = render_model_card(metrics, training_config, samples, hardware_name=hardware.name)
+        train_chart = next((path for path in charts if path.name == "chart_train.png"), None)
+        save_final_model(
+            final_model, tokenizer, build_generation_config(tokenizer), training_config, output_dir,
+            extra_text={"README.md": card}, extra_files=[train_chart] if train_chart else [], adapter=adapter,
+        )
         if not config.keep_checkpoints:
             shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
-        write_json(logs_dir / "metrics.json", metrics)
-        write_jsonl(logs_dir / "log_history.jsonl", trainer.state.log_history)
     return TrainResult(metrics=metrics, output_dir=output_dir, logs_dir=logs_dir, resumed_from=resume_from, data=prepared)
+
+
+def sample_replies_for_card(model: Any, tokenizer: Any, dialogs: Any, count: int = 3) -> list[dict[str, Any]]:
+    """A few greedy replies to held-out openings, for the model card."""
+    from .generate import generate_reply
+
+    samples = []
+    for turns in dialogs["dialog"][:count]:
+        context = list(turns[:1])
+        reply = generate_reply(model, tokenizer, context, greedy=True, max_new_tokens=40)
+        samples.append({"context": context, "reference": turns[1] if len(turns) > 1 else "", "reply": reply.text})
+    return samples

@@ -1,0 +1,213 @@
+"""Shared fixtures: a tiny GPT-2 and tokenizer built locally, and synthetic DailyDialog data in every layout.
+
+Nothing here touches the network. The tokenizer is a byte-level BPE trained in a second on the synthetic corpus;
+the model is a 2-layer, 32-wide GPT-2 with a 256-token context. Tests that use the real data under
+`../shared/data` take the `shared_data` fixture, which skips when it is absent.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import zipfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SPLITS = ("train", "validation", "test")
+EOS = "<|endoftext|>"
+
+# Question -> answer pairs in the release's pre-tokenised style. A dialogue is a few of these exchanges, so the
+# second turn of each pair is predictable from the first: a tiny model visibly learns it within a few steps.
+EXCHANGES = [
+    ("Hello , how are you ?", "I am fine , thanks . And you ?"),
+    ("What time is it ?", "It ' s ten o'clock ."),
+    ("Do you like tea ?", "Yes , I love green tea ."),
+    ("Where are you going ?", "I am going to the bank.See you later !"),
+    ("Can you help me ?", "Sure , what do you need ?"),
+    ("How much is this shirt ?", "It costs $ 20 ."),
+    ("Is it raining outside ?", "No , it ' s sunny today ."),
+    ("What ' s your name ?", "My name is Tom ."),
+]
+
+
+def make_dialog(rng: random.Random) -> list[str]:
+    turns: list[str] = []
+    for _ in range(rng.randint(1, 3)):
+        turns.extend(rng.choice(EXCHANGES))
+    return turns
+
+
+def make_split(n: int, seed: int) -> list[list[str]]:
+    rng = random.Random(seed)
+    return [make_dialog(rng) for _ in range(n)]
+
+
+def release_texts(dialogs: list[list[str]]) -> tuple[str, str, str]:
+    """The three line-aligned release files for a list of dialogues (acts and emotions made up)."""
+    dialog_lines = [" __eou__ ".join(turns) + " __eou__" for turns in dialogs]
+    act_lines = [" ".join(str(1 + i % 4) for i in range(len(turns))) for turns in dialogs]
+    emotion_lines = [" ".join("0" for _ in turns) for turns in dialogs]
+    return tuple("\n".join(lines) + "\n" for lines in (dialog_lines, act_lines, emotion_lines))
+
+
+def default_splits(n_train: int = 120, n_eval: int = 30) -> dict[str, list[list[str]]]:
+    return {"train": make_split(n_train, 0), "validation": make_split(n_eval, 1), "test": make_split(n_eval, 2)}
+
+
+def split_zip_bytes(split: str, dialogs: list[list[str]]) -> bytes:
+    buffer = io.BytesIO()
+    names = (f"dialogues_{split}.txt", f"dialogues_act_{split}.txt", f"dialogues_emotion_{split}.txt")
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, text in zip(names, release_texts(dialogs)):
+            archive.writestr(f"{split}/{name}", text)
+    return buffer.getvalue()
+
+
+def write_layout(root: Path, layout: str, splits: dict[str, list[list[str]]] | None = None) -> Path:
+    """Write synthetic DailyDialog in one of the supported layouts and return the path to pass as --data.
+
+    Layouts: "split_zips" (folder of train.zip/validation.zip/test.zip, as in ../shared/data/dailydialog),
+    "outer_zip" (the official ijcnlp_dailydialog.zip nesting the split zips), "extracted" (<split>/dialogues_*.txt),
+    "parquet" (the Hub's default/<split>/0000.parquet).
+    """
+    splits = splits or default_splits()
+    root.mkdir(parents=True, exist_ok=True)
+    if layout == "split_zips":
+        for split, dialogs in splits.items():
+            (root / f"{split}.zip").write_bytes(split_zip_bytes(split, dialogs))
+        return root
+    if layout == "outer_zip":
+        path = root / "ijcnlp_dailydialog.zip"
+        with zipfile.ZipFile(path, "w") as archive:
+            for split, dialogs in splits.items():
+                archive.writestr(f"ijcnlp_dailydialog/{split}.zip", split_zip_bytes(split, dialogs))
+            archive.writestr("ijcnlp_dailydialog/readme.txt", "synthetic\n")
+        return path
+    if layout == "extracted":
+        for split, dialogs in splits.items():
+            folder = root / split
+            folder.mkdir(parents=True, exist_ok=True)
+            names = (f"dialogues_{split}.txt", f"dialogues_act_{split}.txt", f"dialogues_emotion_{split}.txt")
+            for name, text in zip(names, release_texts(dialogs)):
+                (folder / name).write_text(text, encoding="utf-8")
+        return root
+    if layout == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        for split, dialogs in splits.items():
+            folder = root / "default" / split
+            folder.mkdir(parents=True, exist_ok=True)
+            table = pa.table(
+                {
+                    # The Hub copy keeps the release's trailing spaces on each turn.
+                    "dialog": [[turn + " " for turn in turns] for turns in dialogs],
+                    "act": [[1 + i % 4 for i in range(len(turns))] for turns in dialogs],
+                    "emotion": [[0 for _ in turns] for turns in dialogs],
+                }
+            )
+            pq.write_table(table, folder / "0000.parquet")
+        return root
+    raise ValueError(layout)
+
+
+def build_tokenizer(folder: Path):
+    """A byte-level BPE (GPT-2's algorithm) trained on the synthetic corpus, with <|endoftext|> as EOS and pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from gpt2ft.data import clean_turn
+
+    corpus = [clean_turn(turn) for pair in EXCHANGES for turn in pair] + [turn for pair in EXCHANGES for turn in pair]
+    corpus += ["Hi, how are you?", "What do you do for a living?", "I work in a bank.", "See you tomorrow!"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(corpus * 20, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS, model_max_length=256
+    )
+    wrapped.save_pretrained(folder)
+    return wrapped
+
+
+def build_tiny_model_dir(folder: Path, seed: int = 0) -> Path:
+    """A random-init GPT-2 (2 layers, 32 wide, 256 positions) saved with the tiny tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """Folder with a tiny random-init GPT-2 and its tokenizer (do not modify; copy it first)."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from gpt2ft.modeling import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir):
+    from gpt2ft.modeling import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def dailydialog_dir(tmp_path_factory) -> Path:
+    """Synthetic DailyDialog (120 train, 30 validation, 30 test dialogues) as a folder of split zips."""
+    return write_layout(tmp_path_factory.mktemp("dailydialog"), "split_zips")
+
+
+@pytest.fixture
+def run_dirs(tmp_path) -> dict[str, str]:
+    """Output, logs, images and cache folders of one run, inside tmp_path."""
+    return {name: str(tmp_path / name) for name in ("output", "logs", "images", "cache")}
+
+
+def train_argv(model_dir, data, dirs, *extra: str) -> list[str]:
+    """argv for a short CPU training run into `dirs`."""
+    return [
+        "train", "--model", str(model_dir), "--data", str(data),
+        "--output-dir", dirs["output"], "--logs-dir", dirs["logs"], "--images-dir", dirs["images"],
+        "--cache-dir", dirs["cache"], "--batch-size", "8", "--eval-batch-size", "16", "--logging-steps", "1",
+        "--system-interval-s", "0.2", *extra,
+    ]
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data (real DailyDialog and the GPT-2 tokenizer); skips when absent."""
+    if not (SHARED_DATA / "dailydialog" / "train.zip").is_file():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
