@@ -153,3 +153,147 @@ def evaluate_dialogs(
     autocast = torch.float16 if device.type == "cuda" else None
     result = evaluate_loss(model, rows, DialogueCollator(tokenizer, batching), batch_size, device, autocast)
     return {"dialogs": len(dialogs), "tokens": result["tokens"], "loss": result["loss"], "perplexity": result["perplexity"]}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Replies: does the model stop, vary, and avoid loops?
+# --------------------------------------------------------------------------------------------------------------
+
+
+def reply_words(text: str) -> list[str]:
+    """Words for the n-gram metrics: lower-cased, split on whitespace (punctuation stays attached)."""
+    return text.lower().split()
+
+
+def ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Corpus-level distinct-n (Li et al. 2016): distinct n-grams over all replies / total n-grams."""
+    grams = [gram for text in texts for gram in ngrams(reply_words(text), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def has_repeated_ngram(text: str, n: int = 3) -> bool:
+    grams = ngrams(reply_words(text), n)
+    return len(grams) != len(set(grams))
+
+
+def reply_metrics(replies: Sequence[Any]) -> dict[str, float]:
+    """eos_rate, mean_reply_tokens, distinct_1, distinct_2 and repeat_rate of generated replies (gpt2ft Reply)."""
+    count = len(replies)
+    texts = [reply.text for reply in replies]
+    return {
+        "samples": count,
+        "eos_rate": sum(reply.ended_with_eos for reply in replies) / count if count else 0.0,
+        "mean_reply_tokens": sum(reply.tokens for reply in replies) / count if count else 0.0,
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "repeat_rate": sum(has_repeated_ngram(text, 3) for text in texts) / count if count else 0.0,
+    }
+
+
+def cut_point(turns: Sequence[str]) -> int:
+    """Where a held-out dialogue is cut: the first half of its turns (at least one) is context, the next turn is
+    the reference reply. Deterministic, so every model is asked the same questions."""
+    return max(1, len(turns) // 2)
+
+
+def evaluate_replies(
+    model: Any,
+    tokenizer: Any,
+    dialogs: Any,
+    samples: int,
+    samples_out: str | None = None,
+    greedy: bool = False,
+    seed: int | None = 0,
+    **settings: Any,
+) -> dict[str, float]:
+    """Generate the next turn for `samples` held-out dialogues and measure the replies.
+
+    Each dialogue (with at least two turns) is cut by `cut_point`; the model answers the context with the same
+    decoding settings for every model. Sampling is seeded once, so a run is reproducible.
+
+    Returns:
+        {"samples", "eos_rate", "mean_reply_tokens", "distinct_1", "distinct_2", "repeat_rate"}; the (context,
+        reference, reply) triples go to `samples_out` as JSON lines when given.
+    """
+    import json
+    from pathlib import Path
+
+    from .generate import generate_reply
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    replies, records = [], []
+    for turns in dialogs["dialog"]:
+        if len(replies) >= samples:
+            break
+        if len(turns) < 2:
+            continue
+        cut = cut_point(turns)
+        reply = generate_reply(model, tokenizer, turns[:cut], greedy=greedy, **settings)
+        replies.append(reply)
+        records.append(
+            {"context": list(turns[:cut]), "reference": turns[cut], "reply": reply.text, "ended_with_eos": reply.ended_with_eos, "tokens": reply.tokens}
+        )
+    if samples_out:
+        Path(samples_out).parent.mkdir(parents=True, exist_ok=True)
+        with open(samples_out, "w", encoding="utf-8") as out:
+            for record in records:
+                out.write(json.dumps(record) + "\n")
+    return reply_metrics(replies)
+
+
+def compare_models(
+    models: dict[str, str],
+    dialogs: Any,
+    samples: int = 50,
+    loss_on: str = "all",
+    max_length: int | None = None,
+    **decoding: Any,
+) -> list[dict[str, Any]]:
+    """Perplexity and reply metrics for each model on the same dialogues with the same decoding settings.
+
+    Args:
+        models: label -> model folder or Hub id, e.g. {"base": "gpt2", "fine-tuned": "gpt2_finetuned"}.
+
+    Returns:
+        One row a model: label, model, perplexity, loss, eos_rate, distinct_1, distinct_2, mean_reply_tokens,
+        repeat_rate.
+    """
+    from .generate import load_for_generation
+
+    rows = []
+    for label, name in models.items():
+        model, tokenizer = load_for_generation(name)
+        row: dict[str, Any] = {"label": label, "model": name}
+        scored = evaluate_dialogs(model, tokenizer, dialogs, max_length=max_length, loss_on=loss_on)
+        row.update(loss=scored["loss"], perplexity=scored["perplexity"])
+        if samples:
+            row.update(evaluate_replies(model, tokenizer, dialogs, samples, **decoding))
+        rows.append(row)
+        del model
+    return rows
+
+
+COMPARISON_COLUMNS = (
+    ("label", "model", "{}"),
+    ("perplexity", "perplexity", "{:.2f}"),
+    ("eos_rate", "eos_rate", "{:.2f}"),
+    ("distinct_1", "distinct-1", "{:.3f}"),
+    ("distinct_2", "distinct-2", "{:.3f}"),
+    ("mean_reply_tokens", "mean reply tokens", "{:.1f}"),
+    ("repeat_rate", "repeat rate", "{:.2f}"),
+)
+
+
+def format_comparison(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of `compare_models` rows (one line per model)."""
+    columns = [column for column in COMPARISON_COLUMNS if any(column[0] in row for row in rows)]
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [fmt.format(row[key]) if key in row else "n/a" for key, _, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -63,6 +63,9 @@ def build_prompt_ids(tokenizer: Any, history: Sequence[str], max_prompt_tokens: 
 
 @dataclass
 class Reply:
+    """A generated turn: its text, how many tokens it took (EOS not counted), and whether it ended with EOS
+    (rather than running out of `max_new_tokens`)."""
+
     text: str
     tokens: int
     ended_with_eos: bool
@@ -120,7 +123,7 @@ def generate_reply(
     if ended:
         new_tokens = new_tokens[: new_tokens.index(eos)]
     text = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-    return Reply(text=text, tokens=len(new_tokens) + (1 if ended else 0), ended_with_eos=ended)
+    return Reply(text=text, tokens=len(new_tokens), ended_with_eos=ended)
 
 
 def load_for_generation(model_dir: str, device: str | None = None) -> tuple[Any, Any]:
@@ -138,16 +141,18 @@ def chat(
     lines: Iterable[str],
     write: Callable[[str], None],
     prompt: Callable[[], None] | None = None,
+    reply_fn: Callable[..., Reply] = None,  # type: ignore[assignment]
     **decoding: Any,
 ) -> int:
     """Hold a conversation: each line is a user turn and gets one reply line.
 
     `/reset` clears the history, `/quit` (or the end of the input) leaves; blank lines are ignored. Works the
-    same over a terminal and over piped stdin.
+    same over a terminal and over piped stdin. `reply_fn` (default `generate_reply`) produces each reply.
 
     Returns:
         The number of replies given.
     """
+    reply_fn = reply_fn or generate_reply
     history: list[str] = []
     replies = 0
     if prompt:
@@ -161,7 +166,7 @@ def chat(
             write("(conversation reset)")
         elif line:
             history.append(line)
-            reply = generate_reply(model, tokenizer, history, **decoding)
+            reply = reply_fn(model, tokenizer, history, **decoding)
             history.append(reply.text)
             write(reply.text)
             replies += 1

@@ -331,7 +331,7 @@ def build_training_args(config: TrainConfig, precision: str, hardware: Hardware,
         remove_unused_columns=False,  # DialogueCollator picks the columns; the sampler needs `length`
         dataloader_num_workers=num_workers,
         dataloader_pin_memory=hardware.device == "cuda",
-        gradient_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=config.gradient_checkpointing,
         torch_compile=config.compile,
         report_to=report_to,
         auto_find_batch_size=hardware.device == "cuda",

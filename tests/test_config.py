@@ -1,0 +1,87 @@
+"""gpt2ft.config and the train flags generated from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from gpt2ft.cli import build_parser, config_from_args
+from gpt2ft.config import ConfigError, TrainConfig, build_config, load_config_file
+
+REQUIRED_FLAGS = [
+    "--model", "--data", "--output-dir", "--logs-dir", "--images-dir", "--epochs", "--max-steps", "--batch-size",
+    "--learning-rate", "--max-length", "--max-train-dialogs", "--max-eval-dialogs", "--seed", "--keep-overlap",
+    "--no-clean-text", "--loss-on", "--config",
+]
+
+
+def train_parser():
+    parser = build_parser()
+    return parser._subparsers._group_actions[0].choices["train"]
+
+
+def test_train_has_the_documented_flags():
+    flags = {option for action in train_parser()._actions for option in action.option_strings}
+    assert set(REQUIRED_FLAGS) <= flags
+
+
+def test_parser_defaults_agree_with_the_dataclass():
+    args = build_parser().parse_args(["train"])
+    assert config_from_args(args) == TrainConfig()
+
+
+def test_every_field_has_a_flag_and_help():
+    flags = {action.dest for action in train_parser()._actions}
+    for field in dataclasses.fields(TrainConfig):
+        assert field.name in flags, field.name
+        assert field.metadata.get("help"), field.name
+
+
+def test_defaults_target_gpt2_small_on_a_t4():
+    config = TrainConfig()
+    assert (config.model, config.data, config.output_dir, config.logs_dir, config.images_dir) == ("gpt2", "hub", "gpt2_finetuned", "logs", "images")
+    assert config.clean_text and not config.keep_overlap and config.loss_on == "all" and config.precision == "auto"
+
+
+def test_flags_override_the_config_file(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"epochs": 5, "learning-rate": 1e-4, "keep_overlap": True}))
+    args = build_parser().parse_args(["train", "--config", str(path), "--epochs", "2", "--no-clean-text"])
+    config = config_from_args(args)
+    assert config.epochs == 2 and config.learning_rate == 1e-4 and config.keep_overlap and not config.clean_text
+
+
+@pytest.mark.parametrize(
+    "changes, flag",
+    [
+        ({"epochs": -1}, "--epochs"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"learning_rate": 0}, "--learning-rate"),
+        ({"learning_rate": float("nan")}, "--learning-rate"),
+        ({"max_steps": 0}, "--max-steps"),
+        ({"max_length": 4}, "--max-length"),
+        ({"loss_on": "some"}, "--loss-on"),
+        ({"max_train_dialogs": 0}, "--max-train-dialogs"),
+        ({"warmup_ratio": 1.5}, "--warmup-ratio"),
+    ],
+)
+def test_validation_names_the_flag(changes, flag):
+    with pytest.raises(ConfigError, match=f"^{flag}:"):
+        TrainConfig(**changes)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config_file(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config_file(bad)
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"epochz": 1}))
+    with pytest.raises(ConfigError, match="unknown settings: epochz"):
+        load_config_file(unknown)
+    with pytest.raises(ConfigError, match="--batch-size: expected int"):
+        build_config({"batch_size": "lots"})

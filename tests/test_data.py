@@ -1,0 +1,263 @@
+"""gpt2ft.data: layouts, parsing, cleaning, leakage removal, format, labels, windowing, collation."""
+
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+from conftest import default_splits, release_texts, write_layout
+
+from gpt2ft.data import (
+    IGNORE_INDEX,
+    DataError,
+    DialogueCollator,
+    LoadReport,
+    clean_turn,
+    format_dialog,
+    load_dailydialog,
+    normalise_dialog,
+    parse_split,
+    prepare_dialogs,
+    remove_overlap,
+    tokenization_key,
+    tokenize_dialogs,
+    tokenize_splits_cached,
+    window_dialog,
+)
+
+NAMES = ("d.txt", "a.txt", "e.txt")
+
+
+@pytest.mark.parametrize("layout", ["split_zips", "outer_zip", "extracted", "parquet"])
+def test_every_layout_loads_the_same_dialogues(tmp_path, layout):
+    splits = default_splits(20, 5)
+    dialogs = load_dailydialog(str(write_layout(tmp_path / layout, layout, splits)))
+    assert set(dialogs) == {"train", "validation", "test"}
+    assert dialogs["train"].column_names == ["dialog", "act", "emotion"]
+    for split, expected in splits.items():
+        assert dialogs[split]["dialog"] == expected  # stripped turns, identical across layouts
+    first = dialogs["train"][0]
+    assert len(first["dialog"]) == len(first["act"]) == len(first["emotion"])
+    assert all(isinstance(a, int) for a in first["act"])
+
+
+def test_parse_split_strips_turns_and_drops_empty_pieces():
+    columns = parse_split(" Hi there ! __eou__  __eou__ Hello . __eou__\n", "1 2\n", "0 0\n", NAMES)
+    assert columns == {"dialog": [["Hi there !", "Hello ."]], "act": [[1, 2]], "emotion": [[0, 0]]}
+
+
+def test_turn_label_mismatch_is_skipped_and_reported():
+    report = LoadReport()
+    text = "A . __eou__ B . __eou__\nC . __eou__ D . __eou__ E . __eou__\n"
+    columns = parse_split(text, "1 2\n1 2\n", "0 0\n0 0\n", NAMES, report)
+    assert columns["dialog"] == [["A .", "B ."]]
+    assert len(report.skipped) == 1 and "d.txt:2" in report.skipped[0] and "3 turns" in report.skipped[0]
+
+
+@pytest.mark.parametrize(
+    "dialogs, acts, emotions, message",
+    [
+        ("A . __eou__\n\nB . __eou__\n", "1\n\n1\n", "0\n\n0\n", "d.txt:2: empty line"),
+        ("A . __eou__\nno separator here\n", "1\n1\n", "0\n0\n", "d.txt:2: no '__eou__'"),
+        ("A . __eou__\nB . __eou__\n", "1\n", "0\n0\n", "a.txt: has 1 lines"),
+        ("A . __eou__\n", "x\n", "0\n", "a.txt:1: expected whitespace-separated integer"),
+    ],
+)
+def test_malformed_release_files_name_file_and_line(dialogs, acts, emotions, message):
+    with pytest.raises(DataError, match=message.replace("(", r"\(")):
+        parse_split(dialogs, acts, emotions, NAMES)
+
+
+def test_non_utf8_bytes_name_file_and_line(tmp_path):
+    root = write_layout(tmp_path / "d", "extracted", default_splits(5, 3))
+    path = root / "train" / "dialogues_train.txt"
+    path.write_bytes(path.read_bytes().replace(b"Hello", b"H\xffllo", 1))
+    with pytest.raises(DataError, match=r"dialogues_train\.txt:\d+: not UTF-8"):
+        load_dailydialog(str(root))
+
+
+def test_missing_split_and_missing_path_are_clear(tmp_path):
+    root = write_layout(tmp_path / "d", "split_zips", default_splits(5, 3))
+    (root / "test.zip").unlink()
+    with pytest.raises(DataError, match="has train, validation but no test"):
+        load_dailydialog(str(root))
+    with pytest.raises(DataError, match="no such file or folder"):
+        load_dailydialog(str(tmp_path / "nowhere"))
+
+
+def test_zip_without_expected_members(tmp_path):
+    path = tmp_path / "ijcnlp_dailydialog.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme.txt", "nothing here")
+    with pytest.raises(DataError, match="missing member train.zip"):
+        load_dailydialog(str(path))
+
+
+def test_real_release_loads_with_its_one_misaligned_line(shared_data):
+    report = LoadReport()
+    dialogs = load_dailydialog(str(shared_data / "dailydialog"), report=report)
+    assert (len(dialogs["train"]), len(dialogs["validation"]), len(dialogs["test"])) == (11117, 1000, 1000)
+    assert report.skipped == [f"{shared_data / 'dailydialog' / 'train.zip'}:train/dialogues_train.txt:7852: 12 turns but 11 act and 11 emotion labels"]
+
+
+# --- cleaning: one test per rule, on examples from the release ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "release, clean",
+    [
+        ("Say , Jim , how about going for a few beers after dinner ?", "Say, Jim, how about going for a few beers after dinner?"),  # punctuation
+        ("it ’ s a piece of cake", "it's a piece of cake"),  # curly apostrophe + split contraction
+        ("Good.Let ' s go now .", "Good. Let's go now."),  # missing space + contraction
+        ("I guess you are right.But what shall we do ?", "I guess you are right. But what shall we do?"),
+        ("I ' Ve been there . You ' re right .", "I've been there. You're right."),  # the release's "Ve"
+        ('Good . Smile . Say " cheese " .', 'Good. Smile. Say "cheese".'),  # paired double quotes
+        ("I got $ 500 a month ( before tax ) .", "I got $500 a month (before tax)."),
+        ("He is an acrobat 。", "He is an acrobat."),  # CJK full stop
+        ("Well . . . I am not sure .", "Well... I am not sure."),
+        ("That’s “ great ” news !", 'That\'s "great" news!'),
+        ("Mr.Smith is here", "Mr. Smith is here"),
+        ("The U.S.A. is big", "The U.S.A. is big"),  # capitals before the dot: left alone
+        ("  lots   of   space  ", "lots of space"),
+    ],
+)
+def test_clean_turn(release, clean):
+    assert clean_turn(release) == clean
+
+
+def test_cleaning_can_be_turned_off(dailydialog_dir):
+    raw = prepare_dialogs(str(dailydialog_dir), clean_text=False, keep_overlap=True)
+    cleaned = prepare_dialogs(str(dailydialog_dir), clean_text=True, keep_overlap=True)
+    assert any(" ?" in turn for turns in raw.dialogs["train"]["dialog"] for turn in turns)
+    assert not any(" ?" in turn for turns in cleaned.dialogs["train"]["dialog"] for turn in turns)
+
+
+# --- leakage ----------------------------------------------------------------------------------------------------
+
+
+def test_remove_overlap_drops_train_duplicates_and_eval_dialogues_seen_in_train(tmp_path):
+    a, b, c, d = ["Hi .", "Hello ."], ["How are you ?", "Fine ."], ["Bye .", "See you ."], ["New one .", "Yes ."]
+    splits = {"train": [a, b, ["hi .", "hello ."], a], "validation": [["Hi  .", "Hello ."], c], "test": [b, d, d]}
+    dialogs = load_dailydialog(str(write_layout(tmp_path / "d", "extracted", splits)))
+    kept, counts = remove_overlap(dialogs)
+    assert kept["train"]["dialog"] == [a, b]  # case and spacing differences count as duplicates
+    assert kept["validation"]["dialog"] == [c]
+    assert kept["test"]["dialog"] == [d, d]  # only overlap with train is removed from test
+    assert counts["train"] == {"release": 4, "removed": 2, "kept": 2}
+    assert counts["validation"]["removed"] == 1 and counts["test"]["removed"] == 1
+
+
+def test_normalise_dialog_ignores_release_spacing():
+    assert normalise_dialog(["It ' s fine , right.But no ."]) == normalise_dialog(["it's fine, right. But no."])
+    assert normalise_dialog(["A .", "B ."]) != normalise_dialog(["A . B ."])
+
+
+def test_keep_overlap_restores_release_splits(dailydialog_dir):
+    deduped = prepare_dialogs(str(dailydialog_dir))
+    release = prepare_dialogs(str(dailydialog_dir), keep_overlap=True)
+    assert len(release.dialogs["train"]) == 120 > len(deduped.dialogs["train"])
+    assert deduped.counts["train"]["removed"] == 120 - len(deduped.dialogs["train"])
+
+
+def test_real_release_leakage_counts(shared_data):
+    prepared = prepare_dialogs(str(shared_data / "dailydialog"), cache_dir=None)
+    # Stricter than exact matching (which gives 10,514 / 77 / 106): spacing variants of the release count too.
+    assert prepared.counts["train"]["kept"] == 10359
+    assert prepared.counts["validation"]["removed"] == 98
+    assert prepared.counts["test"]["removed"] == 127
+
+
+def test_max_dialog_limits_apply_after_deduplication(dailydialog_dir):
+    prepared = prepare_dialogs(str(dailydialog_dir), max_train_dialogs=7, max_eval_dialogs=3)
+    assert [len(prepared.dialogs[s]) for s in ("train", "validation", "test")] == [7, 3, 3]
+    assert prepared.counts["train"]["used"] == 7
+
+
+# --- format, labels, windows ----------------------------------------------------------------------------------
+
+
+def test_format_puts_eos_before_and_after_every_turn():
+    assert format_dialog(["Hi.", "Hello."], "<E>") == "<E>Hi.<E>Hello.<E>"
+
+
+def test_tokenised_rows_have_eos_after_each_turn_and_label_every_real_token(tiny_tokenizer):
+    from datasets import Dataset
+
+    rows = tokenize_dialogs(Dataset.from_dict({"dialog": [["Hi, how are you?", "I am fine."]]}), tiny_tokenizer, 256)
+    ids, labels = rows[0]["input_ids"], rows[0]["labels"]
+    eos = tiny_tokenizer.eos_token_id
+    assert ids[0] == eos and ids[-1] == eos and ids.count(eos) == 3
+    assert tiny_tokenizer.decode(ids) == "<|endoftext|>Hi, how are you?<|endoftext|>I am fine.<|endoftext|>"
+    assert labels[0] == IGNORE_INDEX  # the leading EOS is context
+    assert labels[1:] == ids[1:]  # every turn's EOS is a target
+    assert rows[0]["n_targets"] == len(ids) - 1
+
+
+def test_loss_on_responses_masks_the_first_turn(tiny_tokenizer):
+    from datasets import Dataset
+
+    dialog = ["Hi, how are you?", "I am fine."]
+    rows = tokenize_dialogs(Dataset.from_dict({"dialog": [dialog]}), tiny_tokenizer, 256, loss_on="responses")
+    first_turn = len(tiny_tokenizer(dialog[0])["input_ids"]) + 2  # leading EOS + turn + its EOS
+    assert set(rows[0]["labels"][:first_turn]) == {IGNORE_INDEX}
+    assert rows[0]["labels"][first_turn:] == rows[0]["input_ids"][first_turn:]
+
+
+def test_windows_split_at_turn_boundaries_and_predict_every_target_once():
+    turns = [[10 + t] * (5 + t) for t in range(8)]  # turn t is 5 + t copies of token 10 + t
+    windows = window_dialog(turns, eos_id=0, max_length=24)
+    assert len(windows) > 1 and all(len(ids) <= 24 for ids, _ in windows)
+    targets = [label for _, labels in windows for label in labels if label != IGNORE_INDEX]
+    assert targets == [tok for turn in turns for tok in turn + [0]]  # nothing dropped, nothing repeated
+    for ids, labels in windows:
+        assert ids[0] == 0 and ids[-1] == 0  # each window starts with EOS and ends at a turn boundary
+    later_ids, later_labels = windows[1]
+    assert later_labels[1] == IGNORE_INDEX  # later windows begin with earlier turns as context
+
+
+def test_a_turn_longer_than_the_window_is_cut_not_dropped():
+    windows = window_dialog([[7] * 50], eos_id=0, max_length=16)
+    targets = [label for _, labels in windows for label in labels if label != IGNORE_INDEX]
+    assert targets == [7] * 50 + [0]
+    assert all(len(ids) <= 16 for ids, _ in windows)
+
+
+def test_pad_collator_pads_labels_with_ignore_index_not_by_token_id(tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token_id
+    rows = [{"input_ids": [eos, 5, 6, eos], "labels": [IGNORE_INDEX, 5, 6, eos]}, {"input_ids": [eos, 7, eos], "labels": [IGNORE_INDEX, 7, eos]}]
+    batch = DialogueCollator(tiny_tokenizer, "pad")(rows)
+    assert batch["input_ids"].shape == (2, 8)  # padded to a multiple of 8
+    assert batch["labels"][0, :4].tolist() == [IGNORE_INDEX, 5, 6, eos]  # EOS stays a target even though pad == EOS
+    assert batch["labels"][1, 3:].tolist() == [IGNORE_INDEX] * 5
+    assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+
+
+def test_pack_collator_restarts_positions_per_dialogue(tiny_tokenizer):
+    rows = [{"input_ids": [0, 5, 0], "labels": [IGNORE_INDEX, 5, 0]}, {"input_ids": [0, 7, 8, 0], "labels": [IGNORE_INDEX, 7, 8, 0]}]
+    batch = DialogueCollator(tiny_tokenizer, "pack")(rows)
+    assert batch["input_ids"].tolist() == [[0, 5, 0, 0, 7, 8, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 5, 0, IGNORE_INDEX, 7, 8, 0]]
+
+
+def test_tokenisation_cache_is_reused_and_keyed_by_settings(tmp_path, dailydialog_dir, tiny_tokenizer):
+    dialogs = prepare_dialogs(str(dailydialog_dir)).dialogs
+    first = tokenize_splits_cached(dialogs, tiny_tokenizer, 256, "all", tmp_path)
+    folders = list((tmp_path / "tokenized").iterdir())
+    assert len(folders) == 1
+    second = tokenize_splits_cached(dialogs, tiny_tokenizer, 256, "all", tmp_path)
+    assert second["train"]["input_ids"] == first["train"]["input_ids"]
+    assert len(list((tmp_path / "tokenized").iterdir())) == 1  # reused, not rebuilt
+    assert tokenization_key(dialogs, tiny_tokenizer, 128, "all") != tokenization_key(dialogs, tiny_tokenizer, 256, "all")
+    assert tokenization_key(dialogs, tiny_tokenizer, 256, "responses") != tokenization_key(dialogs, tiny_tokenizer, 256, "all")
+
+
+def test_real_data_token_counts(shared_data):
+    from gpt2ft.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(shared_data / "gpt2-tokenizer"))
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]
+    prepared = prepare_dialogs(str(shared_data / "dailydialog"), max_train_dialogs=500)
+    rows = tokenize_dialogs(prepared.dialogs["train"], tokenizer, 1024)
+    assert len(rows) == 500  # no dialogue needs a second window at GPT-2's context
+    assert 100 < sum(rows["length"]) / len(rows) < 150

@@ -1,0 +1,86 @@
+"""gpt2ft.evaluation: honest token-weighted loss, reply metrics, and the before/after comparison."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gpt2ft.cli import main
+from gpt2ft.data import DialogueCollator
+from gpt2ft.evaluation import distinct_n, evaluate_loss, has_repeated_ngram, perplexity, reply_metrics
+from gpt2ft.generate import Reply
+
+
+def test_padded_batches_give_the_token_weighted_loss_of_the_unpadded_sequences(tiny_model, tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token_id
+    rows = [
+        {"input_ids": [eos, 5, 6, 7, 8, 9, 10, eos], "labels": [-100, 5, 6, 7, 8, 9, 10, eos]},
+        {"input_ids": [eos, 11, eos], "labels": [-100, 11, eos]},
+        {"input_ids": [eos, 12, 13, eos], "labels": [-100, -100, 13, eos]},
+    ]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            loss = tiny_model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
+            n = sum(label != -100 for label in row["labels"][1:])
+            total, count = total + float(loss) * n, count + n
+    for batching in ("pad", "pack"):
+        # batch size 2: a mean of batch means would weight the 2-row and 1-row batches equally, and be wrong.
+        result = evaluate_loss(tiny_model, rows, DialogueCollator(tiny_tokenizer, batching), batch_size=2)
+        assert result["tokens"] == count == 11
+        assert result["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_perplexity_is_exp_loss_with_an_overflow_guard():
+    assert perplexity(1.0) == pytest.approx(math.e)
+    assert perplexity(1e6) == float("inf")
+
+
+def test_distinct_n_on_hand_made_replies():
+    texts = ["i am fine", "i am here"]
+    assert distinct_n(texts, 1) == pytest.approx(4 / 6)  # i, am, fine, here out of 6 words
+    assert distinct_n(texts, 2) == pytest.approx(3 / 4)  # (i am) twice, (am fine), (am here)
+    assert distinct_n([], 2) == 0.0
+
+
+def test_repeat_rate_and_eos_rate_on_hand_made_replies():
+    replies = [
+        Reply("yes yes yes yes", 4, True),  # "yes yes yes" occurs twice
+        Reply("I think I think I think so", 7, False),
+        Reply("sounds good to me", 4, True),
+        Reply("", 0, True),
+    ]
+    assert has_repeated_ngram("a b c a b c") and not has_repeated_ngram("a b c d a b")
+    metrics = reply_metrics(replies)
+    assert metrics["samples"] == 4
+    assert metrics["eos_rate"] == pytest.approx(3 / 4)
+    assert metrics["mean_reply_tokens"] == pytest.approx(15 / 4)
+    assert metrics["repeat_rate"] == pytest.approx(2 / 4)
+
+
+def test_eval_samples_reports_reply_metrics_and_writes_triples(tiny_model_dir, dailydialog_dir, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "samples.jsonl"
+    code = main(["eval", "--model", str(tiny_model_dir), "--data", str(dailydialog_dir), "--split", "test",
+                 "--max-dialogs", "6", "--samples", "4", "--samples-out", str(out), "--max-new-tokens", "5", "--seed", "1"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("samples", "eos_rate", "mean_reply_tokens", "distinct_1", "distinct_2", "repeat_rate", "loss", "perplexity"):
+        assert key in result
+    assert result["samples"] == 4 and 0 <= result["eos_rate"] <= 1 and result["mean_reply_tokens"] <= 5
+    triples = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(triples) == 4 and {"context", "reference", "reply"} <= set(triples[0])
+    assert isinstance(triples[0]["context"], list) and triples[0]["context"]
+
+
+def test_compare_prints_both_rows(tiny_model_dir, dailydialog_dir, capsys):
+    code = main(["compare", "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir), "--data", str(dailydialog_dir),
+                 "--max-dialogs", "4", "--samples", "2", "--max-new-tokens", "4", "--greedy"])
+    assert code == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].startswith("| model | perplexity | eos_rate")
+    assert table[2].startswith("| base |") and table[3].startswith("| fine-tuned |")
+    assert table[2].split("|")[2] == table[3].split("|")[2]  # same model, same data: same perplexity
