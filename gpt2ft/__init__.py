@@ -4,3 +4,9 @@
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# bitsandbytes logs a warning about an optional 4-bit CPU kernel at import (transformers' Trainer imports it);
+# gpt2ft never uses 4-bit kernels, and the warning would pollute every command's one-line error output.
+_logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)

@@ -1,5 +1,467 @@
-"""PLACEHOLDER (being replaced): charts."""
+"""Charts of a run, drawn from its JSONL logs: training curves and system usage, as five PNG files.
+
+    python -m gpt2ft charts --logs-dir logs --images-dir images     # train() also calls write_charts at the end
+
+Reads `train_log.jsonl` (loss, learning rate, grad norm, epoch; eval and test loss) and `system.jsonl` (written
+by gpt2ft.monitor.SystemMonitor) and writes chart_train.png, chart_gpu.png, chart_gpu2.png, chart_memory.png and
+chart_cpu_disk.png. Missing or empty logs still give all five files, saying "no data" (or that no GPU was used).
+
+Drawing (`plot_*`, which return a matplotlib Figure) is kept apart from saving (`save_figure`), so the notebook
+can show a figure inline. Figures are built with `matplotlib.figure.Figure`, not pyplot: no global state, no GUI
+backend, nothing to close.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+TRAIN_LOG = "train_log.jsonl"
+SYSTEM_LOG = "system.jsonl"
+CHART_FILES = ("chart_train.png", "chart_gpu.png", "chart_gpu2.png", "chart_memory.png", "chart_cpu_disk.png")
+GPU_FIELDS = (
+    "gpu_util_percent", "gpu_memory_used_mb", "gpu_power_w", "gpu_temperature_c", "torch_allocated_mb", "torch_reserved_mb",
+)
+DPI = 100
+NAN = float("nan")
+MB_PER_GB = 1000.0  # the monitor logs MB of 10**6 bytes
 
 
-def write_charts(logs_dir, images_dir):
-    return []
+# --------------------------------------------------------------------------------------------------------------
+# Reading the logs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file; [] for a missing file. Lines that do not parse are skipped: the last line
+    of a log that is still being written (or was cut by a crash) is often incomplete."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return []
+    records = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def as_float(value: Any) -> float | None:
+    """A finite-or-infinite float from a log value; None for missing, null, NaN, booleans and text."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def series_by_step(records: Iterable[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of `key`, sorted by step. A step logged twice keeps its last value: a resumed run appends
+    to the log and repeats the steps after its checkpoint."""
+    by_step: dict[float, float] = {}
+    for record in records:
+        step, value = as_float(record.get("step")), as_float(record.get(key))
+        if step is not None and value is not None:
+            by_step[step] = value
+    steps = sorted(by_step)
+    return steps, [by_step[step] for step in steps]
+
+
+def has_gpu_data(records: Sequence[dict[str, Any]]) -> bool:
+    """True when some system sample holds a GPU reading."""
+    return any(as_float(record.get(key)) is not None for record in records for key in GPU_FIELDS)
+
+
+def time_axis(records: Sequence[dict[str, Any]]) -> tuple[list[float], str]:
+    """Time of each sample since the first one, in a unit that suits the run's length, and the axis label.
+
+    Wall-clock timestamps, not elapsed_s, so that a resumed run (whose monitor restarts at 0) continues to the right.
+    """
+    stamps = [as_float(record.get("timestamp")) for record in records]
+    if any(stamp is None for stamp in stamps):
+        stamps = [as_float(record.get("elapsed_s")) for record in records]
+    seconds = [NAN if stamp is None else stamp for stamp in stamps]
+    finite = [value for value in seconds if math.isfinite(value)]
+    origin = min(finite) if finite else 0.0
+    span = (max(finite) - origin) if finite else 0.0
+    scale, unit = (1.0, "s") if span < 180 else (60.0, "min") if span < 3 * 3600 else (3600.0, "h")
+    return [(value - origin) / scale for value in seconds], f"time since start ({unit})"
+
+
+def session_breaks(records: Sequence[dict[str, Any]]) -> list[bool]:
+    """True at each sample that starts a new monitor session (its elapsed_s went down)."""
+    breaks, previous = [], None
+    for record in records:
+        elapsed = as_float(record.get("elapsed_s"))
+        breaks.append(previous is not None and elapsed is not None and elapsed < previous)
+        previous = elapsed if elapsed is not None else previous
+    return breaks
+
+
+def field_values(records: Sequence[dict[str, Any]], key: str, scale: float = 1.0) -> list[float]:
+    """The values of `key` divided by `scale`, NaN where missing (matplotlib leaves a gap there)."""
+    values = [as_float(record.get(key)) for record in records]
+    return [NAN if value is None else value / scale for value in values]
+
+
+def rates(records: Sequence[dict[str, Any]], key: str, scale: float = 1.0) -> list[float]:
+    """Per-second rate of a cumulative counter between consecutive samples, divided by `scale`.
+
+    The first sample of each session has no predecessor (NaN); so has a sample after a counter reset (a
+    negative difference) or a clock that did not move.
+    """
+    times = [as_float(record.get("timestamp")) for record in records]
+    counts = [as_float(record.get(key)) for record in records]
+    breaks = session_breaks(records)
+    values = [NAN]
+    for i in range(1, len(records)):
+        t0, t1, c0, c1 = times[i - 1], times[i], counts[i - 1], counts[i]
+        if breaks[i] or None in (t0, t1, c0, c1) or t1 <= t0 or c1 < c0:
+            values.append(NAN)
+        else:
+            values.append((c1 - c0) / (t1 - t0) / scale)
+    return values[: len(records)]
+
+
+def _any_finite(values: Iterable[float]) -> bool:
+    return any(math.isfinite(value) for value in values)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Drawing helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _new_figure(rows: int, cols: int, title: str, width: float = 12.0, height: float = 8.0) -> tuple[Figure, list[Any]]:
+    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    axes = figure.subplots(rows, cols, squeeze=False).ravel().tolist()
+    figure.suptitle(title, fontsize=14, fontweight="bold")
+    return figure, axes
+
+
+def _no_data(axis: Any, message: str = "no data") -> None:
+    axis.text(0.5, 0.5, message, ha="center", va="center", fontsize=13, color="0.35", transform=axis.transAxes, wrap=True)
+    axis.set_xticks([])
+    axis.set_yticks([])
+
+
+def _finish(axis: Any, title: str, xlabel: str, ylabel: str) -> None:
+    axis.set_title(title)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(True, alpha=0.3)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(loc="best", fontsize=9)
+
+
+Line = tuple[str, Sequence[float], dict[str, Any]]  # label, values, matplotlib style
+
+
+def _plot_lines(axis: Any, x: Sequence[float], lines: Sequence[Line], breaks: Sequence[bool]) -> bool:
+    """Draw each (label, values, style) against x, cutting the line at session breaks. False when all are empty."""
+    drawn = False
+    for label, values, style in lines:
+        if not _any_finite(values):
+            continue
+        xs, ys = [], []
+        for xv, yv, new_session in zip(x, values, breaks):
+            if new_session:
+                xs.append(NAN)
+                ys.append(NAN)
+            xs.append(xv)
+            ys.append(yv)
+        axis.plot(xs, ys, label=label, **style)
+        drawn = True
+    return drawn
+
+
+def _system_panel(
+    axis: Any,
+    records: Sequence[dict[str, Any]],
+    x: Sequence[float],
+    xlabel: str,
+    title: str,
+    ylabel: str,
+    lines: Sequence[Line],
+    empty: str = "no data",
+    ylim: tuple[float, float] | None = None,
+) -> None:
+    if _plot_lines(axis, x, lines, session_breaks(records)):
+        _finish(axis, title, xlabel, ylabel)
+        if ylim is not None:
+            axis.set_ylim(*ylim)
+    else:
+        _no_data(axis, empty)
+        axis.set_title(title)
+
+
+def _from_zero(*axes: Any) -> None:
+    """Start the y axis at 0, with headroom so a line at the maximum (a limit, a total) stays visible."""
+    for axis in axes:
+        if axis.has_data():
+            top = axis.dataLim.y1
+            axis.set_ylim(0, top * 1.08 if math.isfinite(top) and top > 0 else 1.0)
+
+
+def _same_x(axes: Sequence[Any], x: Sequence[float]) -> None:
+    """One time range on every panel of a figure: a rate has no value at the first sample, and panels that start
+    at different times would be misread side by side."""
+    finite = [value for value in x if math.isfinite(value)]
+    if len(finite) > 1 and max(finite) > min(finite):
+        pad = 0.02 * (max(finite) - min(finite))
+        for axis in axes:
+            if axis.has_data():
+                axis.set_xlim(min(finite) - pad, max(finite) + pad)
+
+
+def _no_gpu_figure(title: str, records: Sequence[dict[str, Any]]) -> Figure:
+    figure, (axis,) = _new_figure(1, 1, title, height=5.0)
+    if records:
+        message = "No GPU was used in this run\n(the system samples hold no GPU readings)"
+    else:
+        message = "No GPU data: system.jsonl is missing or empty"
+    _no_data(axis, message)
+    axis.set_frame_on(False)
+    return figure
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The five charts
+# --------------------------------------------------------------------------------------------------------------
+
+
+def plot_training(records: Sequence[dict[str, Any]]) -> Figure:
+    """2x2 grid from train_log.jsonl records: train/eval/test loss, learning rate, gradient norm, epoch and
+    throughput, all against the optimiser step."""
+    figure, (loss_ax, lr_ax, grad_ax, epoch_ax) = _new_figure(2, 2, "Training")
+    steps, loss = series_by_step(records, "loss")
+    eval_steps, eval_loss = series_by_step(records, "eval_loss")
+    test_steps, test_loss = series_by_step(records, "test_loss")
+    if loss or eval_loss or test_loss:
+        if loss:
+            loss_ax.plot(steps, loss, label="train loss", color="tab:blue", linewidth=1.2)
+        if eval_loss:
+            loss_ax.plot(eval_steps, eval_loss, "o-", label="eval loss", color="tab:orange", markersize=6)
+        if test_loss:
+            loss_ax.plot(
+                test_steps, test_loss, "s", label="test loss", color="tab:red", markersize=10, markerfacecolor="none", markeredgewidth=2
+            )
+        _finish(loss_ax, "Loss", "step", "loss (nats per target token)")
+    else:
+        _no_data(loss_ax)
+        loss_ax.set_title("Loss")
+
+    lr_steps, lr = series_by_step(records, "learning_rate")
+    if lr:
+        lr_ax.plot(lr_steps, lr, color="tab:green", label="learning rate")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        _finish(lr_ax, "Learning rate", "step", "learning rate")
+    else:
+        _no_data(lr_ax)
+        lr_ax.set_title("Learning rate")
+
+    grad_steps, grad = series_by_step(records, "grad_norm")
+    if grad:
+        grad_ax.plot(grad_steps, grad, color="tab:purple", linewidth=1.0, label="grad norm (before clipping)")
+        _finish(grad_ax, "Gradient norm", "step", "L2 norm")
+    else:
+        _no_data(grad_ax)
+        grad_ax.set_title("Gradient norm")
+
+    epoch_steps, epoch = series_by_step([r for r in records if "loss" in r or "eval_loss" in r], "epoch")
+    speed_steps, speed = series_by_step([r for r in records if "loss" in r], "tokens_per_s")
+    if epoch or speed:
+        handles = []
+        if epoch:
+            handles += epoch_ax.plot(epoch_steps, epoch, color="tab:brown", label="epoch")
+        epoch_ax.set_ylabel("epoch")
+        if speed:
+            speed_ax = epoch_ax.twinx()
+            handles += speed_ax.plot(speed_steps, speed, color="tab:cyan", linestyle="--", label="tokens/s (mean so far)")
+            speed_ax.set_ylabel("target tokens per second")
+            _from_zero(speed_ax)
+        _from_zero(epoch_ax)
+        epoch_ax.set_title("Epoch and throughput")
+        epoch_ax.set_xlabel("step")
+        epoch_ax.grid(True, alpha=0.3)
+        epoch_ax.legend(handles=handles, loc="lower right", fontsize=9)
+    else:
+        _no_data(epoch_ax)
+        epoch_ax.set_title("Epoch and throughput")
+    # Every panel spans the whole run (eval lines extend it past the last logged train step); steps are whole.
+    _same_x([loss_ax, lr_ax, grad_ax, epoch_ax], [s for s in (as_float(r.get("step")) for r in records) if s is not None])
+    for axis in (loss_ax, lr_ax, grad_ax, epoch_ax):
+        if axis.has_data():
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if not records:
+        figure.suptitle("Training (no data: train_log.jsonl is missing or empty)", fontsize=14, fontweight="bold")
+    return figure
+
+
+def plot_gpu(records: Sequence[dict[str, Any]]) -> Figure:
+    """GPU utilisation and GPU memory over time, from system.jsonl records."""
+    if not has_gpu_data(records):
+        return _no_gpu_figure("GPU utilisation and memory", records)
+    figure, (util_ax, memory_ax) = _new_figure(2, 1, "GPU utilisation and memory")
+    x, xlabel = time_axis(records)
+    _system_panel(
+        util_ax, records, x, xlabel, "GPU utilisation", "%",
+        [("GPU busy (kernels running)", field_values(records, "gpu_util_percent"), {"color": "tab:green"}),
+         ("memory controller busy", field_values(records, "gpu_memory_util_percent"), {"color": "tab:olive", "alpha": 0.7})],
+        ylim=(0, 105),
+    )
+    _system_panel(
+        memory_ax, records, x, xlabel, "GPU memory (whole device, NVML)", "GB",
+        [("used", field_values(records, "gpu_memory_used_mb", MB_PER_GB), {"color": "tab:blue"}),
+         ("total", field_values(records, "gpu_memory_total_mb", MB_PER_GB), {"color": "black", "linestyle": "--"})],
+    )
+    _from_zero(memory_ax)
+    _same_x([util_ax, memory_ax], x)
+    return figure
+
+
+def plot_gpu2(records: Sequence[dict[str, Any]]) -> Figure:
+    """GPU power, temperature, and torch's allocated vs reserved memory over time, from system.jsonl records."""
+    if not has_gpu_data(records):
+        return _no_gpu_figure("GPU power, temperature and PyTorch memory", records)
+    figure, (power_ax, temp_ax, torch_ax) = _new_figure(3, 1, "GPU power, temperature and PyTorch memory", height=10.0)
+    x, xlabel = time_axis(records)
+    _system_panel(
+        power_ax, records, x, xlabel, "GPU power draw", "W",
+        [("power", field_values(records, "gpu_power_w"), {"color": "tab:red"}),
+         ("power limit", field_values(records, "gpu_power_limit_w"), {"color": "black", "linestyle": "--"})],
+    )
+    _system_panel(
+        temp_ax, records, x, xlabel, "GPU temperature", "°C",
+        [("temperature", field_values(records, "gpu_temperature_c"), {"color": "tab:orange"})],
+    )
+    _system_panel(
+        torch_ax, records, x, xlabel, "PyTorch CUDA memory (this process)", "GB",
+        [("allocated (tensors)", field_values(records, "torch_allocated_mb", MB_PER_GB), {"color": "tab:blue"}),
+         ("reserved (caching allocator)", field_values(records, "torch_reserved_mb", MB_PER_GB), {"color": "tab:purple"}),
+         ("peak reserved", field_values(records, "torch_max_reserved_mb", MB_PER_GB), {"color": "tab:gray", "linestyle": ":"})],
+        empty="no data (torch.cuda was not initialised)",
+    )
+    _from_zero(power_ax, torch_ax)
+    _same_x([power_ax, temp_ax, torch_ax], x)
+    return figure
+
+
+def plot_memory(records: Sequence[dict[str, Any]]) -> Figure:
+    """Process RSS and system RAM (used and total) over time, from system.jsonl records."""
+    figure, (axis,) = _new_figure(1, 1, "Memory (RAM)", height=5.5)
+    x, xlabel = time_axis(records)
+    _system_panel(
+        axis, records, x, xlabel, "Training process and whole machine", "GB",
+        [("training process (RSS)", field_values(records, "process_rss_mb", MB_PER_GB), {"color": "tab:blue"}),
+         ("system used", field_values(records, "system_ram_used_mb", MB_PER_GB), {"color": "tab:orange"}),
+         ("system total", field_values(records, "system_ram_total_mb", MB_PER_GB), {"color": "black", "linestyle": "--"})],
+        empty="no data (system.jsonl is missing or empty)",
+    )
+    _from_zero(axis)
+    return figure
+
+
+def plot_cpu_disk(records: Sequence[dict[str, Any]]) -> Figure:
+    """CPU %, disk read/write and network send/receive throughput over time, from system.jsonl records."""
+    figure, (cpu_ax, disk_ax, net_ax) = _new_figure(3, 1, "CPU, disk and network", height=10.0)
+    x, xlabel = time_axis(records)
+    cores = max((as_float(r.get("cpu_count")) or 0 for r in records), default=0)
+    process_label = "training process (100 % = one core" + (f" of {int(cores)})" if cores else ")")
+    _system_panel(
+        cpu_ax, records, x, xlabel, "CPU", "%",
+        [(process_label, field_values(records, "process_cpu_percent"), {"color": "tab:blue"}),
+         ("system (100 % = all cores)", field_values(records, "system_cpu_percent"), {"color": "tab:orange"})],
+        empty="no data (system.jsonl is missing or empty)",
+    )
+    _system_panel(
+        disk_ax, records, x, xlabel, "Disk throughput (whole machine)", "MB/s",
+        [("read", rates(records, "disk_read_bytes", 1e6), {"color": "tab:green"}),
+         ("write", rates(records, "disk_write_bytes", 1e6), {"color": "tab:red"})],
+        empty="no data (needs two samples with disk counters)",
+    )
+    _system_panel(
+        net_ax, records, x, xlabel, "Network throughput (whole machine)", "MB/s",
+        [("received", rates(records, "net_recv_bytes", 1e6), {"color": "tab:purple"}),
+         ("sent", rates(records, "net_sent_bytes", 1e6), {"color": "tab:brown"})],
+        empty="no data (needs two samples with network counters)",
+    )
+    _from_zero(cpu_ax, disk_ax, net_ax)
+    _same_x([cpu_ax, disk_ax, net_ax], x)
+    return figure
+
+
+def plot_length_histogram(
+    lengths: Sequence[int], title: str = "Dialogue length", limit: int | None = None, bins: int = 50
+) -> Figure:
+    """Histogram of token counts (one a dialogue), with the median, 99th percentile and, if given, a `limit`
+    (e.g. the context length) marked."""
+    figure, (axis,) = _new_figure(1, 1, title, width=10.0, height=5.0)
+    values = sorted(int(v) for v in lengths)
+    if not values:
+        _no_data(axis)
+        return figure
+    axis.hist(values, bins=min(bins, max(1, len(set(values)))), color="tab:blue", alpha=0.8, label=f"{len(values):,} dialogues")
+
+    def percentile(q: float) -> int:
+        return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
+
+    for value, label, style in (
+        (percentile(0.5), "median", "--"),
+        (percentile(0.99), "99th percentile", ":"),
+        (values[-1], "longest", "-."),
+    ):
+        axis.axvline(value, color="black", linestyle=style, linewidth=1.2, label=f"{label}: {value:,}")
+    if limit is not None:
+        axis.axvline(limit, color="tab:red", linewidth=1.5, label=f"limit: {limit:,}")
+    _finish(axis, f"mean {sum(values) / len(values):,.1f} tokens", "tokens per dialogue", "dialogues")
+    return figure
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------------------
+
+
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Write `figure` as a PNG; the file appears whole or not at all (written aside, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        figure.savefig(partial, format="png", dpi=DPI)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def write_charts(logs_dir: str | Path, images_dir: str | Path) -> list[Path]:
+    """Draw the five charts from `logs_dir`'s train_log.jsonl and system.jsonl into `images_dir`.
+
+    Returns:
+        The paths written, in the order of CHART_FILES.
+    """
+    logs, images = Path(logs_dir), Path(images_dir)
+    train_records = read_jsonl(logs / TRAIN_LOG)
+    system_records = read_jsonl(logs / SYSTEM_LOG)
+    figures = (
+        plot_training(train_records),
+        plot_gpu(system_records),
+        plot_gpu2(system_records),
+        plot_memory(system_records),
+        plot_cpu_disk(system_records),
+    )
+    return [save_figure(figure, images / name) for figure, name in zip(figures, CHART_FILES)]

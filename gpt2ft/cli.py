@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -79,8 +80,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="python -m gpt2ft", description="Fine-tune GPT-2 on DailyDialog and talk to it.")
+    # allow_abbrev=False: a typo such as --epoch must be an error, not silently taken as --epochs.
+    parser = Parser(prog="python -m gpt2ft", description="Fine-tune GPT-2 on DailyDialog and talk to it.", allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    commands.add_parser = functools.partial(commands.add_parser, allow_abbrev=False)  # type: ignore[method-assign]
 
     train = commands.add_parser("train", help="fine-tune GPT-2 (flags mirror TrainConfig)")
     train.add_argument("--config", metavar="FILE.json", help="settings as a JSON object; flags override it")

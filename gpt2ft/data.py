@@ -106,6 +106,13 @@ def parse_split(
     """
     dialog_name, act_name, emotion_name = names
     dialog_lines, act_lines, emotion_lines = split_lines(dialog_text), split_lines(act_text), split_lines(emotion_text)
+    # Malformed dialogue lines first: an inserted empty line also shifts the line counts, and naming the line
+    # is the more useful message.
+    for number, line in enumerate(dialog_lines, start=1):
+        if not line.strip():
+            raise DataError(f"{dialog_name}:{number}: empty line (every line must be one dialogue)")
+        if EOU not in line:
+            raise DataError(f"{dialog_name}:{number}: no '{EOU}' turn separator in {line[:60]!r}")
     for other_name, other_lines in ((act_name, act_lines), (emotion_name, emotion_lines)):
         if len(other_lines) != len(dialog_lines):
             raise DataError(
@@ -114,10 +121,6 @@ def parse_split(
             )
     columns: dict[str, list] = {"dialog": [], "act": [], "emotion": []}
     for number, (line, act_line, emotion_line) in enumerate(zip(dialog_lines, act_lines, emotion_lines), start=1):
-        if not line.strip():
-            raise DataError(f"{dialog_name}:{number}: empty line (every line must be one dialogue)")
-        if EOU not in line:
-            raise DataError(f"{dialog_name}:{number}: no '{EOU}' turn separator in {line[:60]!r}")
         turns = parse_turns(line)
         acts = parse_labels(act_line, act_name, number)
         emotions = parse_labels(emotion_line, emotion_name, number)
@@ -185,7 +188,7 @@ def read_outer_zip(path: Path, report: LoadReport) -> dict[str, dict[str, list]]
 
 def read_extracted_split(folder: Path, split: str, report: LoadReport) -> dict[str, list]:
     for base in (folder / split, folder):
-        if (base / f"dialogues_{split}.txt").is_file():
+        if (base / f"dialogues_{split}.txt").exists():
             paths = [base / name for name in split_file_names(split)]
             texts = []
             for file_path in paths:
@@ -236,7 +239,7 @@ def read_folder(folder: Path, report: LoadReport) -> dict[str, dict[str, list]]:
     """A folder holding the split zips, extracted split folders, the Hub parquet layout, or the official zip."""
     present = {
         "zip": [s for s in SPLITS if (folder / f"{s}.zip").is_file()],
-        "text": [s for s in SPLITS if (folder / s / f"dialogues_{s}.txt").is_file() or (folder / f"dialogues_{s}.txt").is_file()],
+        "text": [s for s in SPLITS if (folder / s / f"dialogues_{s}.txt").exists() or (folder / f"dialogues_{s}.txt").exists()],
         "parquet": [s for s in SPLITS if find_parquet(folder, s)],
     }
     for layout, found in present.items():
@@ -399,7 +402,12 @@ def clean_turn(text: str) -> str:
 
 def clean_dialogs(dialogs: DatasetDict) -> DatasetDict:
     """Apply `clean_turn` to every turn of every split."""
-    return dialogs.map(lambda row: {"dialog": [clean_turn(t) for t in row["dialog"]]}, desc="Cleaning text")
+    cleaned = {}
+    for split, rows in dialogs.items():
+        columns = rows.to_dict()
+        columns["dialog"] = [[clean_turn(turn) for turn in turns] for turns in columns["dialog"]]
+        cleaned[split] = Dataset.from_dict(columns, features=rows.features)
+    return DatasetDict(cleaned)
 
 
 def normalise_dialog(turns: Sequence[str]) -> str:
@@ -645,18 +653,35 @@ def tokenize_splits_cached(
     import shutil
 
     folder = Path(cache_dir) / "tokenized" / tokenization_key(dialogs, tokenizer, max_length, loss_on)
-    if (folder / "dataset_dict.json").is_file():
-        try:
-            return datasets.load_from_disk(str(folder))
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            shutil.rmtree(folder, ignore_errors=True)
-    rows = tokenize_splits(dialogs, tokenizer, max_length, loss_on)
-    if int(os.environ.get("RANK", "0")) == 0:
-        partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
-        try:
-            rows.save_to_disk(str(partial))
-            partial.replace(folder)
-        except OSError:
-            shutil.rmtree(partial, ignore_errors=True)
-        rows = datasets.load_from_disk(str(folder)) if folder.is_dir() else rows
+    with quiet_datasets():
+        if (folder / "dataset_dict.json").is_file():
+            try:
+                return datasets.load_from_disk(str(folder))
+            except Exception:  # a damaged cache is rebuilt, never trusted
+                shutil.rmtree(folder, ignore_errors=True)
+        rows = tokenize_splits(dialogs, tokenizer, max_length, loss_on)
+        if int(os.environ.get("RANK", "0")) == 0:
+            partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+            try:
+                rows.save_to_disk(str(partial))
+                partial.replace(folder)
+            except OSError:
+                shutil.rmtree(partial, ignore_errors=True)
+            rows = datasets.load_from_disk(str(folder)) if folder.is_dir() else rows
     return rows
+
+
+class quiet_datasets:
+    """Hide datasets' progress bars for quick internal steps (saving a cache), restoring the setting after."""
+
+    def __enter__(self) -> None:
+        from datasets.utils import logging as datasets_logging
+
+        self.was_enabled = datasets_logging.is_progress_bar_enabled()
+        datasets_logging.disable_progress_bar()
+
+    def __exit__(self, *exc: Any) -> None:
+        from datasets.utils import logging as datasets_logging
+
+        if self.was_enabled:
+            datasets_logging.enable_progress_bar()

@@ -80,13 +80,20 @@ def load_model(name: str, dtype: torch.dtype | None = None) -> Any:
     """
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     check_model_source(name)
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise for GPT-2's few hundred tensors
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, use_safetensors=True, attn_implementation="sdpa", dtype=dtype or torch.float32
         )
     except Exception as error:
         raise ModelError(f"--model {name}: cannot load the model ({type(error).__name__}: {first_line(error)})") from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     if model.config.model_type != "gpt2":
         raise ModelError(f"--model {name}: model_type is {model.config.model_type!r}, not gpt2")
     return model
@@ -99,6 +106,24 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None) -> tup
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_model_config(name: str) -> Any:
+    """The model's config alone (no weights), to check it before anything slow happens.
+
+    Raises:
+        ModelError: not loadable or not GPT-2.
+    """
+    from transformers import AutoConfig
+
+    check_model_source(name)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as error:
+        raise ModelError(f"--model {name}: cannot load the model config ({type(error).__name__}: {first_line(error)})") from None
+    if config.model_type != "gpt2":
+        raise ModelError(f"--model {name}: model_type is {config.model_type!r}, but gpt2ft fine-tunes GPT-2 models only")
+    return config
 
 
 def first_line(error: BaseException) -> str:
