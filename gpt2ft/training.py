@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from .config import TrainConfig
 from .data import DialogueCollator, prepare_dialogs, token_stats, tokenize_splits_cached, PreparedDialogs
 from .evaluation import evaluate_loss, perplexity
 from .generate import build_generation_config
-from .modeling import Hardware, ModelError, choose_precision, detect_hardware, load_model_and_tokenizer, model_context
+from .modeling import Hardware, ModelError, choose_precision, detect_hardware, load_model_and_tokenizer, load_model_config
 
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "gpt2ft_checkpoint_complete"
@@ -169,27 +170,42 @@ class CheckpointMarkerCallback(TrainerCallback):
         return control
 
 
-class NonFiniteLossCallback(TrainerCallback):
-    """Stops training when the logged loss is NaN or infinite (fp16 overflow, a too-high learning rate).
-
-    The step is recorded; no checkpoint is written after it, so the last good checkpoint stays the latest.
-    """
+class LossGuard:
+    """Notices a NaN or infinite training loss. The flag stays on the device until the step ends, and checking it
+    once a step costs what the Trainer's own NaN filter costs (one scalar copy)."""
 
     def __init__(self) -> None:
+        self.flag: torch.Tensor | None = None
         self.bad_step: int | None = None
-        self.bad_value: float | None = None
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss) and self.bad_step is None:
-            self.bad_step, self.bad_value = state.global_step, loss
-            control.should_training_stop = True
-            control.should_save = False
-            control.should_evaluate = False
-        return control
+    def observe(self, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach()).all()
+        self.flag = bad if self.flag is None else self.flag | bad
+
+    def tripped(self) -> bool:
+        if self.flag is None:
+            return False
+        value = self.flag.int()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(value)  # every process stops together
+        return bool(value.item())
+
+
+class NonFiniteLossCallback(TrainerCallback):
+    """Stops training at the end of the first step whose loss is NaN or infinite (fp16 overflow, too high a
+    learning rate). Nothing is evaluated or saved after it, so the last good checkpoint stays the latest."""
+
+    def __init__(self, guard: LossGuard) -> None:
+        self.guard = guard
+
+    @property
+    def bad_step(self) -> int | None:
+        return self.guard.bad_step
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.bad_step is not None:
+        if self.guard.bad_step is None and self.guard.tripped():
+            self.guard.bad_step = state.global_step
+        if self.guard.bad_step is not None:
             control.should_save = False
             control.should_evaluate = False
             control.should_training_stop = True
@@ -253,11 +269,14 @@ class DialogueTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.autocast_dtype = autocast_dtype
         self.token_counter = TokenCounter()
+        self.loss_guard = LossGuard()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.token_counter.add(inputs["labels"])
         inputs = {**inputs, "use_cache": False}
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        self.loss_guard.observe(result[0] if return_outputs else result)
+        return result
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Mean NLL per target token over the whole split (not a mean of batch means); reduced across processes."""
@@ -331,6 +350,9 @@ def build_training_args(config: TrainConfig, precision: str, hardware: Hardware,
         remove_unused_columns=False,  # DialogueCollator picks the columns; the sampler needs `length`
         dataloader_num_workers=num_workers,
         dataloader_pin_memory=hardware.device == "cuda",
+        # Accelerate sets up multi-process CPU (gloo) data parallelism only when told it runs on CPU; without this a
+        # `torchrun` launch on CPU trains N independent copies, each on all the data (world_size 1).
+        use_cpu=hardware.device == "cpu",
         activation_checkpointing=config.gradient_checkpointing,
         torch_compile=config.compile,
         report_to=report_to,
@@ -361,15 +383,12 @@ def build_trainer(
         eval_dataset=eval_rows,
         processing_class=tokenizer,
         autocast_dtype=AUTOCAST[precision],
-        callbacks=[CheckpointMarkerCallback(), NonFiniteLossCallback(), *(extra_callbacks or [])],
+        callbacks=[CheckpointMarkerCallback(), *(extra_callbacks or [])],
     )
+    trainer.add_callback(NonFiniteLossCallback(trainer.loss_guard))
     if log_path is not None:
         trainer.add_callback(JsonlLogCallback(log_path, trainer.token_counter))
     return trainer
-
-
-def nonfinite_callback(trainer: Trainer) -> NonFiniteLossCallback:
-    return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, NonFiniteLossCallback))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -386,8 +405,13 @@ class TrainResult:
     data: PreparedDialogs
 
 
-def resolve_max_length(config: TrainConfig, model: Any) -> int:
-    context = model_context(model)
+def resolve_max_length(config: TrainConfig, model_config: Any) -> int:
+    """The training window: --max-length, or the model's context when 0.
+
+    Raises:
+        ModelError: --max-length is above the model's context.
+    """
+    context = int(getattr(model_config, "n_positions", 1024))
     if config.max_length > context:
         raise ModelError(f"--max-length {config.max_length}: exceeds the model's context of {context} tokens")
     return config.max_length or context
@@ -411,12 +435,47 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def train(config: TrainConfig, prepared: PreparedDialogs | None = None) -> TrainResult:
+def remove_incomplete_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
+    """Delete checkpoint folders that never finished saving (killed mid-save): they must not be resumed from, and
+    the Trainer's checkpoint rotation would otherwise count them."""
+    folder = Path(checkpoint_dir)
+    complete = set(complete_checkpoints(folder))
+    removed = [path for path in folder.glob("checkpoint-*") if path.is_dir() and path not in complete]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def trim_jsonl(path: Path, last_step: int) -> None:
+    """Drop records after `last_step` (written by the interrupted run past its last checkpoint), so a resumed
+    run's log has no repeated steps."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the kill
+        if record.get("step", 0) <= last_step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return int(state.get("global_step", 0))
+
+
+def train(
+    config: TrainConfig, prepared: PreparedDialogs | None = None, callbacks: list[TrainerCallback] | None = None
+) -> TrainResult:
     """Fine-tune, evaluate and save: the whole run.
 
     Args:
         config: the run's settings.
         prepared: dialogues already loaded (the notebook passes them to avoid loading twice).
+        callbacks: extra Trainer callbacks (tests use them to interrupt a run).
 
     Returns:
         TrainResult with the final metrics (also written to `logs/metrics.json`).
@@ -437,25 +496,37 @@ def train(config: TrainConfig, prepared: PreparedDialogs | None = None) -> Train
         print(f"gpt2ft: {note}", flush=True)
     precision, precision_reason = choose_precision(config.precision, hardware)
     check_optimizer(resolve_optim(config, hardware), hardware)
+    # Everything that can be checked cheaply is checked before the data loads and before any folder is written.
+    max_length = resolve_max_length(config, load_model_config(config.model))
+    checkpoint_dir = output_dir / CHECKPOINTS
+    main = is_main_process()
     if prepared is None:
         prepared = prepare_dialogs(
             config.data, config.cache_dir, config.clean_text, config.keep_overlap, config.max_train_dialogs, config.max_eval_dialogs
         )
+    if main and prepared.skipped:
+        print(f"gpt2ft: skipped {len(prepared.skipped)} dialogue(s) whose labels do not match their turns:", file=sys.stderr)
+        for line in prepared.skipped:
+            print(f"  {line}", file=sys.stderr)
     model, tokenizer = load_model_and_tokenizer(config.model)
-    max_length = resolve_max_length(config, model)
     rows = tokenize_splits_cached(prepared.dialogs, tokenizer, max_length, config.loss_on, config.cache_dir)
     model, parameter_counts = apply_method(model, config)
-    checkpoint_dir = output_dir / CHECKPOINTS
+    if main:
+        remove_incomplete_checkpoints(checkpoint_dir)
     resume_from = find_resume_checkpoint(checkpoint_dir, config.resume)
-    main = is_main_process()
     log_path = logs_dir / "train_log.jsonl"
     system_path = logs_dir / "system.jsonl"
-    if main and resume_from is None:
-        for stale in (log_path, system_path):
-            if stale.exists():
-                stale.unlink()  # a fresh run starts fresh logs; a resumed one appends
+    if main:
+        for log in (log_path, system_path):
+            if resume_from is None and log.exists():
+                log.unlink()  # a fresh run starts fresh logs
+            elif resume_from is not None:
+                trim_jsonl(log, checkpoint_step(resume_from))  # a resumed one continues where its checkpoint was
+    if main and resume_from:
+        print(f"gpt2ft: resuming from {resume_from}", file=sys.stderr)
     trainer = build_trainer(
-        config, model, tokenizer, rows["train"], rows["validation"], precision, hardware, checkpoint_dir, log_path=log_path
+        config, model, tokenizer, rows["train"], rows["validation"], precision, hardware, checkpoint_dir, log_path=log_path,
+        extra_callbacks=callbacks,
     )
     monitor = SystemMonitor(system_path, config.system_interval_s, step_getter=lambda: trainer.state.global_step) if main else None
     started = time.time()
@@ -463,22 +534,22 @@ def train(config: TrainConfig, prepared: PreparedDialogs | None = None) -> Train
         monitor.start()
     try:
         train_output = trainer.train(resume_from_checkpoint=resume_from)
+        runtime = time.time() - started
+        if trainer.loss_guard.bad_step is not None:
+            kept = complete_checkpoints(checkpoint_dir)
+            raise TrainingError(
+                f"training stopped at step {trainer.loss_guard.bad_step}: the loss became NaN or infinite "
+                f"({'fp16 overflow is the usual cause; ' if precision == 'fp16' else ''}"
+                f"try a lower --learning-rate, or --precision fp32/bf16). "
+                + (f"Last good checkpoint: {kept[-1]} (resume with --resume auto)." if kept else "No checkpoint was written.")
+            )
+        train_tokens = trainer.token_counter.total()
+        # Inside the monitored window, so the system log covers the final evaluation too.
+        eval_metrics = trainer.evaluate(rows["validation"], metric_key_prefix="eval")
+        test_metrics = trainer.evaluate(rows["test"], metric_key_prefix="test")
     finally:
         if monitor:
             monitor.stop()
-    guard = nonfinite_callback(trainer)
-    if guard.bad_step is not None:
-        kept = complete_checkpoints(checkpoint_dir)
-        raise TrainingError(
-            f"training stopped at step {guard.bad_step}: the loss became {guard.bad_value} "
-            f"({'fp16 overflow is the usual cause; ' if precision == 'fp16' else ''}"
-            f"try a lower --learning-rate, or --precision fp32/bf16). "
-            + (f"Last good checkpoint: {kept[-1]} (resume with --resume auto)." if kept else "No checkpoint was written.")
-        )
-    runtime = time.time() - started
-    train_tokens = trainer.token_counter.total()
-    eval_metrics = trainer.evaluate(rows["validation"], metric_key_prefix="eval")
-    test_metrics = trainer.evaluate(rows["test"], metric_key_prefix="test")
     metrics = {
         "train_loss": train_output.training_loss,
         "eval_loss": eval_metrics["eval_loss"],
@@ -531,6 +602,7 @@ def train(config: TrainConfig, prepared: PreparedDialogs | None = None) -> Train
         )
         if not config.keep_checkpoints:
             shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()  # every process returns only once the main one has saved the model
     return TrainResult(metrics=metrics, output_dir=output_dir, logs_dir=logs_dir, resumed_from=resume_from, data=prepared)
 
 
