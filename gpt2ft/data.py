@@ -2,10 +2,12 @@
 
     python -m gpt2ft train --data ../shared/data/dailydialog ...   # runs these stages before training
 
-Expected counts (the release; GPT-2 tokens with the DialoGPT format used here):
-    train 11,118 dialogues -> 10,515 after removing exact duplicates (normalised text)
-    validation 1,000 -> ~923 after removing dialogues that also occur in train; test 1,000 -> ~894
-    ~1.36M tokens a training epoch, mean ~123 tokens a dialogue, p99 ~395, longest ~900 (< GPT-2's 1024 context)
+Expected counts (measured on the release with `prepare_dialogs`; GPT-2 tokens in the DialoGPT format used here):
+    train 11,118 lines -> 11,117 parsed (line 7852 has 12 turns but 11 labels: skipped and reported)
+          -> 10,359 after removing duplicates (758; exact matching alone finds 603: 10,514 distinct)
+    validation 1,000 -> 902 after removing dialogues that also occur in train (98; exact matching: 77)
+    test 1,000 -> 873 (127 removed; exact matching: 106)
+    1,249,403 tokens a training epoch, mean 120.6 a dialogue, p99 383, longest 898 (< GPT-2's 1,024 context)
 
 The format is DialoGPT's: `<|endoftext|>turn 1<|endoftext|>turn 2<|endoftext|>...turn N<|endoftext|>`. Every turn
 ends with EOS, so a generated reply stops at EOS; the leading EOS is context only. Labels are built here, at

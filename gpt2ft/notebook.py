@@ -1,0 +1,581 @@
+"""Helpers for GPT2_fine_tuning.ipynb: the few steps the notebook shows that the rest of gpt2ft has no function for.
+
+    jupyter lab GPT2_fine_tuning.ipynb                   # or open it in Colab and run all cells
+    papermill GPT2_fine_tuning.ipynb out.ipynb -p num_train_epochs 1 -p max_train_dialogs 200
+
+The notebook's cells hold no `def` or `class`: each calls one function, from the stage modules (data, training,
+evaluation, generate, charts) or from here. What lives here is notebook-only: Colab and Google Drive, turning the
+parameters cell into one TrainConfig, and showing things to a learner (tables, GPU memory, charts, streamed replies).
+Every function returns what it shows, so the tests can check it without a notebook.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from .config import TrainConfig, build_config, config_fields, flag_name
+
+DRIVE_MOUNT = "/content/drive"
+DRIVE_FOLDER = "gpt2ft"
+LENGTH_CHART = "token_lengths.png"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Colab, Google Drive and the run's settings
+# --------------------------------------------------------------------------------------------------------------
+
+
+def in_colab() -> bool:
+    """True inside Google Colab (its kernel has imported `google.colab` before any cell runs)."""
+    return "google.colab" in sys.modules
+
+
+def mount_drive(mount_point: str = DRIVE_MOUNT, folder: str = DRIVE_FOLDER) -> Path:
+    """Mount Google Drive and return `MyDrive/<folder>`, where this run's model, logs and charts will go.
+
+    A free Colab session can disconnect at any time and its disk is wiped; files on Drive survive, and training
+    resumes from the last checkpoint saved there.
+
+    Raises:
+        RuntimeError: not running in Colab (Drive mounting exists only there).
+    """
+    if not in_colab():
+        raise RuntimeError("use_drive=True needs Google Colab; locally, set output_dir/logs_dir/images_dir to any folder instead")
+    from google.colab import drive  # type: ignore[import-not-found]
+
+    drive.mount(mount_point)
+    root = Path(mount_point) / "MyDrive" / folder
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"Google Drive mounted: the model, logs and charts go under {root}")
+    return root
+
+
+def resolve_paths(output_dir: str, logs_dir: str, images_dir: str, drive_root: str | Path | None = None) -> dict[str, str]:
+    """The run's artifact folders: relative ones go under `drive_root` when Drive is used; absolute ones stay.
+
+    The data cache is not moved to Drive: the download takes seconds, and Drive is slow with many small files.
+
+    Returns:
+        {"output_dir", "logs_dir", "images_dir"}
+    """
+    paths = {"output_dir": output_dir, "logs_dir": logs_dir, "images_dir": images_dir}
+    if drive_root is None:
+        return {name: str(path) for name, path in paths.items()}
+    return {name: str(Path(path) if Path(path).is_absolute() else Path(drive_root) / path) for name, path in paths.items()}
+
+
+def make_config(
+    model_name: str,
+    data_source: str,
+    output_dir: str,
+    logs_dir: str,
+    images_dir: str,
+    cache_dir: str,
+    num_train_epochs: float,
+    drive_root: str | Path | None = None,
+    **settings: Any,
+) -> TrainConfig:
+    """One TrainConfig from the notebook's parameters (the same dataclass the CLI builds from its flags).
+
+    Args:
+        model_name, data_source, num_train_epochs: TrainConfig's `model`, `data` and `epochs`; the notebook uses
+            the longer names because a learner meets them before knowing the config.
+        drive_root: from `mount_drive`; output, logs and images then live on Google Drive.
+        settings: any other TrainConfig field by its own name (max_steps, batch_size, learning_rate, seed, ...).
+
+    Raises:
+        ConfigError: a value has the wrong type or is out of range; the message names the setting.
+    """
+    paths = resolve_paths(output_dir, logs_dir, images_dir, drive_root)
+    return build_config(model=model_name, data=data_source, cache_dir=cache_dir, epochs=num_train_epochs, **paths, **settings)
+
+
+def equivalent_command(config: TrainConfig) -> str:
+    """The `python -m gpt2ft train ...` command that runs the same training outside the notebook."""
+    defaults = TrainConfig()
+    parts = ["python", "-m", "gpt2ft", "train"]
+    for field in config_fields():
+        value, default = getattr(config, field.name), getattr(defaults, field.name)
+        if value == default or value is None:
+            continue
+        if isinstance(value, bool):
+            parts.append(flag_name(field.name) if value else "--no-" + field.name.replace("_", "-"))
+        else:
+            parts += [flag_name(field.name), shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Environment and GPU memory
+# --------------------------------------------------------------------------------------------------------------
+
+
+def environment_report(config: TrainConfig) -> dict[str, Any]:
+    """Print and return the library versions, the device, its memory and the precision training will use.
+
+    Raises:
+        ModelError: `config.precision` asks for something this machine cannot do (fp16 without a GPU, ...).
+    """
+    import datasets
+    import torch
+    import transformers
+
+    from . import __version__
+    from .modeling import choose_precision, detect_hardware
+
+    hardware = detect_hardware()
+    precision, reason = choose_precision(config.precision, hardware)
+    report: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "gpt2ft": __version__,
+        "colab": in_colab(),
+        "device": hardware.device,
+        "gpu": hardware.name if hardware.device == "cuda" else None,
+        "gpu_memory_gb": round(hardware.memory_gb, 1) if hardware.memory_gb is not None else None,
+        "compute_capability": ".".join(map(str, hardware.capability)) if hardware.capability else None,
+        "cuda": torch.version.cuda,
+        "precision": precision,
+        "precision_reason": reason,
+    }
+    for key, value in report.items():
+        print(f"{key:>20}: {'-' if value is None else value}")
+    if hardware.device != "cuda":
+        print("\nNo GPU found: everything runs on the CPU, which is fine for a tiny test run but far too slow for GPT-2 "
+              "on all of DailyDialog. In Colab: Runtime -> Change runtime type -> T4 GPU, then run all cells again.")
+    return report
+
+
+def gpu_memory_report(stage: str, reset_peak: bool = False, train_seconds: float | None = None) -> dict[str, Any]:
+    """Print and return the GPU's memory: total, reserved now, and the peak reserved since the last reset.
+
+    "Reserved" is what PyTorch holds from the card (what nvidia-smi counts, less the CUDA context); the peak is
+    what decides whether a run fits. Call it with `reset_peak=True` before training, so the peak reported after
+    training is the training's own.
+
+    Args:
+        stage: a label for the printout ("before training").
+        reset_peak: start a new peak measurement after reporting.
+        train_seconds: the training time, printed with the memory figures when given.
+
+    Returns:
+        {"stage", "device", "train_seconds"} plus, on a GPU, total_gb, reserved_gb, peak_reserved_gb, peak_share.
+    """
+    import torch
+
+    report: dict[str, Any] = {"stage": stage, "device": "cuda" if torch.cuda.is_available() else "cpu", "train_seconds": train_seconds}
+    lines = [f"{stage}:"]
+    if train_seconds is not None:
+        lines.append(f"  training time: {train_seconds:,.1f} s ({train_seconds / 60:.1f} min)")
+    if report["device"] == "cpu":
+        lines.append("  no GPU: training runs on the CPU, so there is no GPU memory to report")
+    else:
+        # Free what nothing refers to any more (a deleted model, the finished Trainer), so "reserved now" is what
+        # is really still held; the peak counter is not affected by this.
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(0).total_memory
+        reserved = torch.cuda.memory_reserved()
+        peak = torch.cuda.max_memory_reserved()
+        report.update(
+            gpu=torch.cuda.get_device_name(0),
+            total_gb=total / 2**30,
+            reserved_gb=reserved / 2**30,
+            peak_reserved_gb=peak / 2**30,
+            peak_share=peak / total,
+        )
+        lines += [
+            f"  GPU: {report['gpu']}, {report['total_gb']:.1f} GB in total",
+            f"  reserved by PyTorch now: {report['reserved_gb']:.2f} GB",
+            f"  peak reserved{' during training' if train_seconds is not None else ''}: "
+            f"{report['peak_reserved_gb']:.2f} GB ({report['peak_share']:.0%} of the card)",
+        ]
+        if reset_peak:
+            torch.cuda.reset_peak_memory_stats()
+    print("\n".join(lines))
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Looking at the data
+# --------------------------------------------------------------------------------------------------------------
+
+
+def split_counts_table(counts: dict[str, dict[str, int]]) -> Any:
+    """PreparedDialogs.counts as a table: dialogues per split in the release, removed as leakage, kept, used."""
+    import pandas as pd
+
+    columns = ["release", "removed", "kept", "used"]
+    return pd.DataFrame.from_dict(
+        {split: {column: values.get(column) for column in columns} for split, values in counts.items()}, orient="index"
+    )
+
+
+def format_turns(turns: Sequence[str]) -> str:
+    """A dialogue for reading: one turn a line, the two speakers as A and B."""
+    return "\n".join(f"{'AB'[index % 2]}: {turn}" for index, turn in enumerate(turns))
+
+
+def dialog_token_lengths(dialogs: Any, tokenizer: Any) -> list[int]:
+    """Tokens each dialogue takes in the training format: a leading EOS, then every turn followed by EOS."""
+    all_turns = [turn for turns in dialogs["dialog"] for turn in turns]
+    encoded = tokenizer(all_turns, add_special_tokens=False)["input_ids"] if all_turns else []
+    lengths, position = [], 0
+    for turns in dialogs["dialog"]:
+        lengths.append(1 + sum(len(ids) + 1 for ids in encoded[position : position + len(turns)]))
+        position += len(turns)
+    return lengths
+
+
+def plot_token_lengths(lengths: Sequence[int], images_dir: str | Path, limit: int | None = None, title: str = "Tokens per training dialogue") -> Path:
+    """Draw the token-length histogram, save it as `<images_dir>/token_lengths.png`, show it, and print its summary.
+
+    Args:
+        limit: the model's context, marked on the chart; longer dialogues are split into overlapping windows.
+
+    Returns:
+        The PNG's path.
+    """
+    from .charts import plot_length_histogram, save_figure
+
+    path = save_figure(plot_length_histogram(lengths, title=title, limit=limit), Path(images_dir) / LENGTH_CHART)
+    values = sorted(lengths)
+    if values:
+        # The same percentile definition as the chart's marks, so the printed numbers match the picture.
+        median, p99 = (values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))] for q in (0.5, 0.99))
+        over = sum(value > limit for value in values) if limit else 0
+        print(
+            f"{len(values):,} dialogues, {sum(values):,} tokens: mean {sum(values) / len(values):.1f}, "
+            f"median {median}, 99th percentile {p99}, longest {values[-1]}"
+            + (f"; {over} longer than the {limit}-token context" if limit else "")
+        )
+    show_image(path)
+    return path
+
+
+def context_length(config: TrainConfig) -> int:
+    """Longest training sequence: `config.max_length`, or the model's context (GPT-2: 1024) when that is 0."""
+    from transformers import AutoConfig
+
+    return config.max_length or int(getattr(AutoConfig.from_pretrained(config.model), "n_positions", 1024))
+
+
+def label_table(turns: Sequence[str], tokenizer: Any, max_length: int, loss_on: str = "all", limit: int = 40) -> Any:
+    """The first tokens of one dialogue as the model sees them in training, and which ones it learns to predict.
+
+    A token with label -100 is context only: the loss ignores it. Every other token is a target, predicted from
+    the tokens before it (the model shifts the labels by one internally).
+
+    Returns:
+        A table with one row a token: token (as text), id, label, trained (yes/no).
+    """
+    import pandas as pd
+
+    from .data import IGNORE_INDEX, window_dialog
+
+    turn_ids = [tokenizer(turn, add_special_tokens=False)["input_ids"] for turn in turns]
+    input_ids, labels = window_dialog(turn_ids, tokenizer.eos_token_id, max_length, loss_on)[0]
+    rows = [
+        {"token": repr(tokenizer.decode([token])), "id": token, "label": label, "trained": "no" if label == IGNORE_INDEX else "yes"}
+        for token, label in zip(input_ids[:limit], labels[:limit])
+    ]
+    return pd.DataFrame(rows)
+
+
+def token_stats_table(rows: Any) -> Any:
+    """Rows, tokens and target tokens of each tokenised split (data.token_stats) as a table."""
+    import pandas as pd
+
+    from .data import token_stats
+
+    return pd.DataFrame.from_dict({split: token_stats(rows[split]) for split in rows}, orient="index").round(1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Before and after
+# --------------------------------------------------------------------------------------------------------------
+
+
+def score_splits(
+    model: Any, tokenizer: Any, dialogs: Any, config: TrainConfig, splits: Sequence[str] = ("validation", "test"), label: str = ""
+) -> dict[str, dict[str, Any]]:
+    """Loss and perplexity of `model` on held-out splits, formatted and scored exactly as training evaluates.
+
+    Returns:
+        split -> evaluation.evaluate_dialogs result ({"dialogs", "tokens", "loss", "perplexity"}).
+    """
+    from .evaluation import evaluate_dialogs
+
+    results = {}
+    for split in splits:
+        result = evaluate_dialogs(
+            model, tokenizer, dialogs[split], max_length=config.max_length or None, loss_on=config.loss_on,
+            batch_size=config.eval_batch_size, batching=config.batching,
+        )
+        results[split] = result
+        print(
+            f"{split}{' ' + label if label else ''}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
+            f"({result['tokens']:,} target tokens in {result['dialogs']:,} dialogues)"
+        )
+    return results
+
+
+def before_after_table(before: dict[str, dict[str, Any]], metrics: dict[str, Any]) -> Any:
+    """Validation and test loss and perplexity before fine-tuning (`score_splits`) and after (train()'s metrics).
+
+    Returns:
+        A table with one row a split: loss and perplexity before and after, and how many times lower the perplexity is.
+    """
+    import pandas as pd
+
+    prefixes = {"validation": "eval", "test": "test"}
+    rows = {}
+    for split, prefix in prefixes.items():
+        if split not in before or f"{prefix}_perplexity" not in metrics:
+            continue
+        after_ppl = metrics[f"{prefix}_perplexity"]
+        rows[split] = {
+            "loss before": round(before[split]["loss"], 4),
+            "loss after": round(metrics[f"{prefix}_loss"], 4),
+            "perplexity before": round(before[split]["perplexity"], 2),
+            "perplexity after": round(after_ppl, 2),
+            "times lower": round(before[split]["perplexity"] / after_ppl, 2) if after_ppl else float("nan"),
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def compare_replies(
+    base_model: str, tuned_model: str, dialogs: Any, config: TrainConfig, samples: int, seed: int | None = 0
+) -> list[dict[str, Any]]:
+    """Print and return evaluation.compare_models' table: perplexity and reply statistics of both models.
+
+    Both models answer the same held-out contexts with the same decoding settings; see evaluation.reply_metrics
+    for what each column means.
+    """
+    from .evaluation import compare_models, format_comparison
+
+    rows = compare_models(
+        {"before (base)": base_model, "after (fine-tuned)": tuned_model}, dialogs, samples=samples,
+        loss_on=config.loss_on, max_length=config.max_length or None, seed=seed,
+    )
+    print(format_comparison(rows))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training: resuming and charts
+# --------------------------------------------------------------------------------------------------------------
+
+
+def describe_resume(config: TrainConfig) -> str | None:
+    """Say whether train() will resume from a checkpoint left in the output folder (a Colab disconnect) or start fresh.
+
+    Returns:
+        The checkpoint train() will resume from, or None.
+    """
+    from .training import CHECKPOINTS, complete_checkpoints, find_resume_checkpoint
+
+    checkpoint_dir = Path(config.output_dir) / CHECKPOINTS
+    resume_from = find_resume_checkpoint(checkpoint_dir, config.resume)
+    if resume_from:
+        found = complete_checkpoints(checkpoint_dir)
+        print(
+            f"Found {len(found)} complete checkpoint(s) in {checkpoint_dir}: training resumes from {resume_from} "
+            "(model, optimizer, learning-rate schedule and data order), instead of starting over."
+        )
+    elif config.resume == "never":
+        print("resume='never': training starts from scratch.")
+    else:
+        print(f"No checkpoint in {checkpoint_dir}: training starts from scratch.")
+    return resume_from
+
+
+def show_image(path: str | Path) -> None:
+    """Show a PNG in the notebook's output (in a terminal, just print its path)."""
+    from IPython.display import Image, display
+
+    display(Image(filename=str(path)))
+
+
+def show_charts(logs_dir: str | Path, images_dir: str | Path) -> list[Path]:
+    """Draw the training charts from the logs into `images_dir` (charts.write_charts), and show each one.
+
+    Returns:
+        The PNG paths (empty when there is nothing to draw).
+    """
+    from .charts import write_charts
+
+    paths = [Path(path) for path in write_charts(logs_dir, images_dir)]
+    if not paths:
+        print(f"No charts were written (nothing to draw from {logs_dir}).")
+    for path in paths:
+        print(path)
+        show_image(path)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Talking to the model
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_streamer(tokenizer: Any) -> Any:
+    """A TextStreamer that prints the reply token by token (not the prompt, not the EOS)."""
+    from transformers import TextStreamer
+
+    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def sample_replies(
+    model: Any, tokenizer: Any, dialogs: Any, count: int, seed: int | None = None, stream: bool = True, **decoding: Any
+) -> list[dict[str, str]]:
+    """The model's reply to the opening turn of the first `count` held-out dialogues, next to the real reply.
+
+    Returns:
+        [{"opening", "reference", "reply"}] in dialogue order.
+    """
+    from .generate import generate_reply
+
+    samples = []
+    for index, turns in enumerate(dialogs["dialog"][:count]):
+        print(f"opening:   {turns[0]}")
+        print(f"real:      {turns[1] if len(turns) > 1 else '(the dialogue ends here)'}")
+        print("model:     ", end="", flush=True)
+        streamer = make_streamer(tokenizer) if stream else None
+        reply = generate_reply(
+            model, tokenizer, [turns[0]], seed=None if seed is None else seed + index, streamer=streamer, **decoding
+        )
+        if streamer is None:
+            print(reply.text)
+        print()
+        samples.append({"opening": turns[0], "reference": turns[1] if len(turns) > 1 else "", "reply": reply.text})
+    return samples
+
+
+def expects_reply(line: str) -> bool:
+    """chat() answers every non-blank line except its commands (/reset, /quit)."""
+    return bool(line.strip()) and line.strip() not in ("/reset", "/quit")
+
+
+def echo_lines(lines: Iterable[str]) -> Iterator[str]:
+    """Scripted chat input, printed as if typed, with the `bot> ` label before each reply."""
+    for line in lines:
+        print(f"you> {line}")
+        if expects_reply(line):
+            print("bot> ", end="", flush=True)
+        yield line
+
+
+def typed_lines(prompt: str = "you> ") -> Iterator[str]:
+    """Chat input typed by the user in the notebook's input box, until /quit (or the input ends)."""
+    while True:
+        try:
+            line = input(prompt)
+        except EOFError:
+            return
+        if expects_reply(line):
+            print("bot> ", end="", flush=True)
+        yield line
+
+
+def chat_in_notebook(model: Any, tokenizer: Any, lines: Sequence[str] | None = None, stream: bool = True, **decoding: Any) -> int:
+    """A multi-turn conversation through generate.chat: typed in an input box when `lines` is None, else scripted.
+
+    Typing needs a person at the notebook, so papermill and "run all" use the scripted lines unless the notebook's
+    `chat_interactive` parameter is True. `/reset` starts a new conversation, `/quit` ends it.
+
+    Returns:
+        The number of replies.
+    """
+    from .generate import chat
+
+    streamer = make_streamer(tokenizer) if stream else None
+
+    def write(text: str) -> None:
+        # A streamed reply is already on screen; only chat()'s own notices still need printing.
+        if streamer is None or text == "(conversation reset)":
+            print(text, flush=True)
+
+    source = typed_lines() if lines is None else echo_lines(lines)
+    return chat(model, tokenizer, source, write, streamer=streamer, **decoding)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving and sharing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def describe_saved_model(output_dir: str | Path) -> list[dict[str, Any]]:
+    """Print and return the files of the saved model folder with their sizes."""
+    folder = Path(output_dir).resolve()
+    files = [
+        {"file": path.relative_to(folder).as_posix(), "mb": path.stat().st_size / 2**20}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not path.relative_to(folder).as_posix().startswith("checkpoints/")
+    ]
+    print(f"The fine-tuned model is in {folder}:")
+    for entry in files:
+        print(f"  {entry['file']:<28} {entry['mb']:10.2f} MB")
+    print(f"  {'total':<28} {sum(entry['mb'] for entry in files):10.2f} MB")
+    return files
+
+
+def hf_token() -> str | None:
+    """A Hugging Face token from Colab's Secrets (key icon, name HF_TOKEN) or the HF_TOKEN environment variable.
+
+    Read at run time only, so no token is ever written into the notebook or its outputs.
+    """
+    if in_colab():
+        try:
+            from google.colab import userdata  # type: ignore[import-not-found]
+
+            token = userdata.get("HF_TOKEN")
+            if token:
+                return token
+        except Exception:  # secret missing or notebook not granted access: fall back to the environment
+            pass
+    return os.environ.get("HF_TOKEN") or None
+
+
+def push_model_to_hub(output_dir: str | Path, repo_id: str | None, enabled: bool, private: bool = True) -> str | None:
+    """Upload the saved model folder (not its checkpoints) to the Hugging Face Hub, if `enabled`.
+
+    Off by default: uploading is a side effect a learner should choose. The repository is created private; make it
+    public on the Hub when ready (DailyDialog's licence, CC BY-NC-SA 4.0, is non-commercial).
+
+    Returns:
+        The model's Hub URL, or None when not enabled.
+
+    Raises:
+        ValueError: enabled without a repo id.
+        RuntimeError: enabled without a token.
+    """
+    if not enabled:
+        print("push_to_hub is False: nothing was uploaded.")
+        return None
+    if not repo_id:
+        raise ValueError("push_to_hub=True needs hub_repo_id, e.g. 'your-hf-name/gpt2-dailydialog'")
+    token = hf_token()
+    if not token:
+        raise RuntimeError(
+            "push_to_hub=True needs a Hugging Face write token: in Colab add it under Secrets (key icon) as HF_TOKEN, "
+            "elsewhere set the HF_TOKEN environment variable"
+        )
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=["checkpoints/*", "checkpoints/**"])
+    url = f"https://huggingface.co/{repo_id}"
+    print(f"uploaded {output_dir} to {url}")
+    return url

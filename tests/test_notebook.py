@@ -1,0 +1,375 @@
+"""GPT2_fine_tuning.ipynb and gpt2ft.notebook: the committed notebook's shape, its helpers, and one run of the
+whole notebook with papermill (tiny model, synthetic DailyDialog, CPU).
+
+    pytest tests/test_notebook.py
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import re
+import shlex
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from gpt2ft.config import ConfigError, TrainConfig
+from gpt2ft.notebook import (
+    before_after_table, chat_in_notebook, describe_resume, describe_saved_model, dialog_token_lengths,
+    environment_report, equivalent_command, format_turns, gpu_memory_report, hf_token, in_colab, label_table,
+    make_config, mount_drive, plot_token_lengths, push_model_to_hub, resolve_paths, sample_replies, score_splits,
+    show_charts, split_counts_table,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "GPT2_fine_tuning.ipynb"
+COLAB_LINK = "https://colab.research.google.com/github/YOUR-GITHUB-USER/gpt2ft/blob/main/GPT2_fine_tuning.ipynb"
+
+# The issue's parameter names and defaults; the notebook may add more.
+REQUIRED_PARAMETERS = {
+    "model_name": "gpt2", "data_source": "hub", "output_dir": "gpt2_finetuned", "logs_dir": "logs", "images_dir": "images",
+    "num_train_epochs": 3, "max_steps": -1, "max_train_dialogs": None, "max_eval_dialogs": None, "seed": 42,
+    "use_drive": False, "cache_dir": "data", "chat_interactive": False, "push_to_hub": False, "hub_repo_id": None,
+    "overwrite": False,
+}
+# Notebook parameter -> the TrainConfig field it sets: their defaults must agree, so defaults live in one place.
+PARAMETER_FIELDS = {
+    "model_name": "model", "data_source": "data", "output_dir": "output_dir", "logs_dir": "logs_dir",
+    "images_dir": "images_dir", "cache_dir": "cache_dir", "num_train_epochs": "epochs", "max_steps": "max_steps",
+    "max_train_dialogs": "max_train_dialogs", "max_eval_dialogs": "max_eval_dialogs", "batch_size": "batch_size",
+    "learning_rate": "learning_rate", "logging_steps": "logging_steps", "seed": "seed", "overwrite": "overwrite",
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The committed notebook
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def notebook():
+    return nbformat.read(NOTEBOOK, as_version=4)
+
+
+def code_cells(notebook) -> list:
+    return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def python_source(cell_source: str) -> str:
+    """A cell's source as plain Python: IPython's `%magic` and `!shell` lines become `pass` (keeping the
+    indentation, so an `if IN_COLAB:` block still parses)."""
+    lines = []
+    for line in cell_source.splitlines():
+        stripped = line.lstrip()
+        lines.append(line[: len(line) - len(stripped)] + "pass" if stripped.startswith(("%", "!")) else line)
+    return "\n".join(lines)
+
+
+def parameters_cell(notebook):
+    tagged = [cell for cell in code_cells(notebook) if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one code cell must carry papermill's `parameters` tag"
+    return tagged[0]
+
+
+def parameter_values(notebook) -> dict:
+    values = {}
+    for node in ast.parse(parameters_cell(notebook).source).body:
+        assert isinstance(node, ast.Assign) and len(node.targets) == 1, "the parameters cell holds only `name = literal` lines"
+        values[node.targets[0].id] = ast.literal_eval(node.value)
+    return values
+
+
+def test_committed_without_outputs_or_execution_counts(notebook):
+    assert notebook.nbformat == 4
+    nbformat.validate(notebook)
+    for cell in code_cells(notebook):
+        assert cell.outputs == [], cell.source[:60]
+        assert cell.execution_count is None, cell.source[:60]
+    assert notebook.metadata["kernelspec"]["name"] == "python3"
+
+
+def test_no_code_cell_defines_a_function_or_class(notebook):
+    for cell in code_cells(notebook):
+        tree = ast.parse(python_source(cell.source))
+        defined = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))]
+        assert not defined, f"cell defines {type(defined[0]).__name__}: {cell.source[:80]!r}"
+
+
+def test_parameters_cell_has_the_issue_names_and_defaults(notebook):
+    values = parameter_values(notebook)
+    for name, default in REQUIRED_PARAMETERS.items():
+        assert name in values, name
+        assert values[name] == default and type(values[name]) is type(default), name
+
+
+def test_parameter_defaults_agree_with_train_config(notebook):
+    values, defaults = parameter_values(notebook), TrainConfig()
+    for name, field in PARAMETER_FIELDS.items():
+        assert values[name] == getattr(defaults, field), f"{name} = {values[name]!r} but TrainConfig.{field} = {getattr(defaults, field)!r}"
+
+
+def test_every_parameter_is_used_by_a_later_cell(notebook):
+    cells = code_cells(notebook)
+    start = cells.index(parameters_cell(notebook)) + 1
+    used = {node.id for cell in cells[start:] for node in ast.walk(ast.parse(python_source(cell.source))) if isinstance(node, ast.Name)}
+    assert set(parameter_values(notebook)) <= used, set(parameter_values(notebook)) - used
+
+
+def test_a_markdown_cell_explains_each_code_cell(notebook):
+    cells = notebook.cells
+    assert cells[0].cell_type == "markdown"
+    for previous, cell in zip(cells, cells[1:]):
+        if cell.cell_type == "code":
+            assert previous.cell_type == "markdown" and previous.source.strip(), f"no explanation before {cell.source[:60]!r}"
+
+
+def test_title_cell_has_the_colab_badge_and_t4_estimates(notebook):
+    title = notebook.cells[0].source
+    assert title.startswith("# ")
+    assert f"]({COLAB_LINK})" in title and "colab-badge.svg" in title
+    assert "README" in title and "T4" in title and "estimate" in title.lower()
+
+
+def test_colab_setup_installs_requirements_without_torch(notebook):
+    setup = next(cell.source for cell in code_cells(notebook) if "git clone" in cell.source)
+    assert 'if IN_COLAB:' in setup and "%pip install -q -r requirements.txt" in setup
+    for cell in code_cells(notebook):
+        for line in cell.source.splitlines():
+            assert not ("pip install" in line and "torch" in line), line
+
+
+def test_no_secret_is_written_into_the_notebook(notebook):
+    text = "\n".join(cell.source for cell in notebook.cells)
+    assert not re.search(r"hf_[A-Za-z0-9]{20,}", text)
+    assert "HF_TOKEN =" not in text and "os.environ[\"HF_TOKEN\"] =" not in text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# gpt2ft.notebook helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_resolve_paths_moves_relative_folders_to_drive(tmp_path):
+    assert resolve_paths("gpt2_finetuned", "logs", "images") == {"output_dir": "gpt2_finetuned", "logs_dir": "logs", "images_dir": "images"}
+    paths = resolve_paths("gpt2_finetuned", "/abs/logs", "images", drive_root=tmp_path)
+    assert paths == {"output_dir": str(tmp_path / "gpt2_finetuned"), "logs_dir": "/abs/logs", "images_dir": str(tmp_path / "images")}
+
+
+def test_make_config_maps_the_notebook_names(tmp_path):
+    config = make_config("gpt2", "hub", "out", "logs", "images", "data", 2, drive_root=tmp_path, max_train_dialogs=10, seed=7)
+    assert (config.model, config.data, config.epochs, config.max_train_dialogs, config.seed) == ("gpt2", "hub", 2.0, 10, 7)
+    assert config.output_dir == str(tmp_path / "out") and config.cache_dir == "data"
+    with pytest.raises(ConfigError, match="--epochs"):
+        make_config("gpt2", "hub", "out", "logs", "images", "data", 0)
+
+
+def test_equivalent_command_rebuilds_the_same_config():
+    from gpt2ft.cli import build_parser, config_from_args
+
+    config = make_config("./my model", "hub", "out", "logs", "images", "data", 1, max_train_dialogs=5, overwrite=True)
+    config = config.replace(clean_text=False)
+    command = equivalent_command(config)
+    assert command.startswith("python -m gpt2ft train ")
+    assert config_from_args(build_parser().parse_args(shlex.split(command)[3:])) == config
+    assert equivalent_command(TrainConfig()) == "python -m gpt2ft train"
+
+
+def test_colab_helpers_outside_colab(monkeypatch):
+    assert in_colab() is False
+    with pytest.raises(RuntimeError, match="Colab"):
+        mount_drive()
+    monkeypatch.setenv("HF_TOKEN", "secret-from-env")
+    assert hf_token() == "secret-from-env"
+
+
+def test_push_to_hub_is_opt_in(monkeypatch, tmp_path, capsys):
+    assert push_model_to_hub(tmp_path, "me/model", enabled=False) is None
+    assert "nothing was uploaded" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="hub_repo_id"):
+        push_model_to_hub(tmp_path, None, enabled=True)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(RuntimeError, match="HF_TOKEN"):
+        push_model_to_hub(tmp_path, "me/model", enabled=True)
+
+
+def test_environment_and_memory_reports_on_this_machine(capsys):
+    report = environment_report(TrainConfig())
+    assert {"torch", "transformers", "datasets", "device", "precision", "precision_reason"} <= set(report)
+    memory = gpu_memory_report("after training", train_seconds=12.5)
+    out = capsys.readouterr().out
+    assert "precision" in out and "training time: 12.5 s" in out
+    if not torch.cuda.is_available():
+        assert report["precision"] == "fp32" and memory["device"] == "cpu" and "no GPU" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_memory_report_on_a_gpu():
+    gpu_memory_report("before", reset_peak=True)
+    block = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+    report = gpu_memory_report("after", train_seconds=1.0)
+    del block
+    assert report["peak_reserved_gb"] >= 64 / 1024 and 0 < report["peak_share"] < 1 and report["total_gb"] > 1
+
+
+def test_data_views(tiny_tokenizer, tmp_path):
+    from datasets import Dataset
+
+    from gpt2ft.data import tokenize_dialogs
+
+    counts = {"train": {"release": 10, "removed": 2, "kept": 8, "used": 5}, "validation": {"release": 3, "removed": 1, "kept": 2, "used": 2}}
+    table = split_counts_table(counts)
+    assert list(table.columns) == ["release", "removed", "kept", "used"] and table.loc["train", "removed"] == 2
+    assert format_turns(["Hi.", "Hello.", "Bye."]) == "A: Hi.\nB: Hello.\nA: Bye."
+
+    dialogs = Dataset.from_dict({"dialog": [["Hello, how are you?", "I am fine."], ["What time is it?", "Ten.", "Thanks!"]]})
+    assert dialog_token_lengths(dialogs, tiny_tokenizer) == tokenize_dialogs(dialogs, tiny_tokenizer, 256)["length"]
+    chart = plot_token_lengths([5, 9, 12, 30], tmp_path / "images", limit=256)
+    assert chart == tmp_path / "images" / "token_lengths.png" and chart.stat().st_size > 0
+
+
+def test_label_table_marks_the_trained_tokens(tiny_tokenizer):
+    turns = ["Hello, how are you?", "I am fine."]
+    table = label_table(turns, tiny_tokenizer, 256)
+    assert list(table.columns) == ["token", "id", "label", "trained"]
+    assert table["trained"].tolist() == ["no"] + ["yes"] * (len(table) - 1)
+    assert (table.loc[table.trained == "yes", "label"] == table.loc[table.trained == "yes", "id"]).all()
+    first_turn = len(tiny_tokenizer(turns[0], add_special_tokens=False)["input_ids"]) + 1
+    responses = label_table(turns, tiny_tokenizer, 256, loss_on="responses")
+    assert responses["trained"].tolist() == ["no"] * (1 + first_turn) + ["yes"] * (len(responses) - 1 - first_turn)
+    assert len(label_table(turns, tiny_tokenizer, 256, limit=3)) == 3
+
+
+def test_before_after_table():
+    before = {"validation": {"loss": 4.0, "perplexity": math.exp(4.0)}, "test": {"loss": 4.1, "perplexity": math.exp(4.1)}}
+    metrics = {"eval_loss": 2.0, "eval_perplexity": math.exp(2.0), "test_loss": 2.1, "test_perplexity": math.exp(2.1)}
+    table = before_after_table(before, metrics)
+    assert list(table.index) == ["validation", "test"]
+    assert table.loc["test", "perplexity after"] == round(math.exp(2.1), 2)
+    assert table.loc["validation", "times lower"] == round(math.exp(2.0), 2)
+
+
+def test_describe_resume_finds_a_complete_checkpoint(tmp_path, capsys):
+    from gpt2ft.training import CHECKPOINTS, COMPLETE_MARKER
+
+    config = TrainConfig(output_dir=str(tmp_path / "out"))
+    assert describe_resume(config) is None and "from scratch" in capsys.readouterr().out
+    checkpoint = tmp_path / "out" / CHECKPOINTS / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / COMPLETE_MARKER).write_text("4\n")
+    assert describe_resume(config) == str(checkpoint) and "resumes from" in capsys.readouterr().out
+    assert describe_resume(config.replace(resume="never")) is None
+
+
+def test_describe_saved_model_skips_checkpoints(tmp_path):
+    (tmp_path / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-1" / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 2048)
+    assert [entry["file"] for entry in describe_saved_model(tmp_path)] == ["model.safetensors"]
+
+
+def test_show_charts_returns_the_written_pngs(tmp_path):
+    paths = show_charts(tmp_path / "logs", tmp_path / "images")
+    assert all(path.is_file() for path in paths)
+
+
+def test_scoring_and_talking_with_a_tiny_model(tiny_model, tiny_tokenizer, dailydialog_dir, tmp_path, capsys):
+    from gpt2ft.data import prepare_dialogs
+    from gpt2ft.evaluation import evaluate_dialogs
+
+    prepared = prepare_dialogs(str(dailydialog_dir), cache_dir=tmp_path, max_eval_dialogs=5)
+    scores = score_splits(tiny_model, tiny_tokenizer, prepared.dialogs, TrainConfig(), label="before")
+    direct = evaluate_dialogs(tiny_model, tiny_tokenizer, prepared.dialogs["test"])
+    assert scores["test"]["loss"] == pytest.approx(direct["loss"]) and "validation before: loss" in capsys.readouterr().out
+
+    samples = sample_replies(tiny_model, tiny_tokenizer, prepared.dialogs["test"], count=2, seed=0, max_new_tokens=5)
+    assert [sample["opening"] for sample in samples] == [turns[0] for turns in prepared.dialogs["test"]["dialog"][:2]]
+    assert all(isinstance(sample["reply"], str) for sample in samples)
+    capsys.readouterr()
+
+    replies = chat_in_notebook(tiny_model, tiny_tokenizer, lines=["Hello , how are you ?", "/reset", "What time is it ?", "/quit", "never read"], seed=0, max_new_tokens=5)
+    out = capsys.readouterr().out
+    assert replies == 2
+    assert out.count("bot> ") == 2 and "you> What time is it ?" in out and "(conversation reset)" in out and "never read" not in out
+    assert chat_in_notebook(tiny_model, tiny_tokenizer, lines=["Hi"], stream=False, greedy=True, max_new_tokens=5) == 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole notebook, top to bottom
+# --------------------------------------------------------------------------------------------------------------
+
+
+def output_text(cell) -> str:
+    parts = []
+    for output in cell.get("outputs", []):
+        if output.output_type == "stream":
+            parts.append(output.text)
+        elif output.output_type in ("execute_result", "display_data"):
+            parts.append(output.data.get("text/plain", ""))
+    return "".join(parts)
+
+
+def numbers_in(text: str) -> list[float]:
+    return [float(value) for value in re.findall(r"-?\d+\.\d+", text)]
+
+
+def test_notebook_runs_end_to_end_with_papermill(tiny_model_dir, dailydialog_dir, tmp_path, monkeypatch):
+    """The notebook as a user runs it, on CPU with the tiny model and synthetic data, into tmp_path.
+
+    The kernel imports gpt2ft from this checkout (cwd and PYTHONPATH), and inherits conftest's offline settings.
+    """
+    import papermill
+
+    from gpt2ft.data import prepare_dialogs
+    from gpt2ft.evaluation import evaluate_dialogs
+    from gpt2ft.modeling import load_model_and_tokenizer
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    dirs = {name: tmp_path / name for name in ("output", "logs", "images", "cache")}
+    parameters = dict(
+        model_name=str(tiny_model_dir), data_source=str(dailydialog_dir), output_dir=str(dirs["output"]),
+        logs_dir=str(dirs["logs"]), images_dir=str(dirs["images"]), cache_dir=str(dirs["cache"]), num_train_epochs=1,
+        max_train_dialogs=96, max_eval_dialogs=20, batch_size=8, learning_rate=1e-3, logging_steps=1,
+        sample_openings=2, compare_samples=4,
+    )
+    executed_path = tmp_path / "executed.ipynb"
+    papermill.execute_notebook(
+        str(NOTEBOOK), str(executed_path), parameters=parameters, kernel_name="python3", cwd=str(ROOT),
+        progress_bar=False, log_output=False,
+    )
+
+    executed = nbformat.read(executed_path, as_version=4)
+    cells = code_cells(executed)
+    assert not [output for cell in cells for output in cell.outputs if output.output_type == "error"]
+    assert all(cell.execution_count is not None for cell in cells), "every code cell ran"
+    assert (dirs["output"] / "model.safetensors").is_file() and (dirs["output"] / "tokenizer.json").is_file()
+    assert not (dirs["output"] / "checkpoints").exists()
+    metrics = json.loads((dirs["logs"] / "metrics.json").read_text())
+    prepared = prepare_dialogs(str(dailydialog_dir), cache_dir=dirs["cache"], max_train_dialogs=96, max_eval_dialogs=20)
+    assert metrics["train_dialogs"] == prepared.counts["train"]["used"] > 0
+    assert metrics["eval_dialogs"] == prepared.counts["validation"]["used"] > 0
+    assert (dirs["images"] / "token_lengths.png").is_file() and (dirs["images"] / "chart_train.png").is_file()
+    assert ROOT not in dirs["output"].parents  # nothing was written into the checkout's artifact folders
+
+    # Before: the notebook's number is the base model's perplexity, as evaluate_dialogs gives it independently.
+    before_text = output_text(next(cell for cell in cells if cell.source.startswith("before = score_splits")))
+    match = re.search(r"validation before fine-tuning: loss ([\d.]+), perplexity ([\d.]+)", before_text)
+    assert match, before_text
+    base_model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    base = evaluate_dialogs(base_model.eval(), tokenizer, prepared.dialogs["validation"], batch_size=32)
+    assert float(match.group(1)) == pytest.approx(base["loss"], abs=1e-4)
+
+    # After: the before/after table shows both, and the tiny model learned the synthetic exchanges.
+    table_text = output_text(next(cell for cell in cells if cell.source.startswith("before_after_table(")))
+    shown = numbers_in(table_text)
+    for value in (float(match.group(2)), metrics["eval_perplexity"], metrics["test_perplexity"]):
+        assert any(abs(number - value) <= 0.006 for number in shown), (value, table_text)
+    assert metrics["eval_perplexity"] < base["perplexity"]
+
+    everything = "\n".join(output_text(cell) for cell in cells)
+    assert "you> " in everything and "bot> " in everything and "push_to_hub is False" in everything
