@@ -212,12 +212,13 @@ def check_positive(name: str, value: int | None) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .training import train
+    from .training import is_main_process, train
 
     config = config_from_args(args)
     result = train(config)
-    if result.output_dir is not None:
-        print(f"model saved to {result.output_dir}", file=sys.stderr)
+    if not is_main_process():
+        return 0  # under torchrun/accelerate every process runs this; only the main one saved and reports
+    print(f"model saved to {result.output_dir}", file=sys.stderr)
     print(f"metrics written to {Path(config.logs_dir) / 'metrics.json'}", file=sys.stderr)
     print_json(result.metrics)
     return 0

@@ -19,6 +19,7 @@ tokenisation time, never by masking a token id: GPT-2's pad token *is* its EOS, 
 from __future__ import annotations
 
 import io
+import os
 import re
 import urllib.request
 import zipfile
@@ -299,7 +300,7 @@ def download_zip(cache_dir: Path, url: str = ZIP_URL) -> Path:
     if target.is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".zip.part")
+    partial = target.with_suffix(f".zip.part-{os.getpid()}")  # one per process: ranks may download at once
     with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
         out.write(response.read())
     partial.replace(target)
@@ -651,7 +652,6 @@ def tokenize_splits_cached(
     """
     if cache_dir is None:
         return tokenize_splits(dialogs, tokenizer, max_length, loss_on)
-    import os
     import shutil
 
     folder = Path(cache_dir) / "tokenized" / tokenization_key(dialogs, tokenizer, max_length, loss_on)

@@ -492,8 +492,9 @@ def train(
     check_output_dir(output_dir, config.overwrite)
     hardware = detect_hardware()
     config, preset_notes = choose_presets(config, hardware)
-    for note in preset_notes:
-        print(f"gpt2ft: {note}", flush=True)
+    if is_main_process():
+        for note in preset_notes:
+            print(f"gpt2ft: {note}", file=sys.stderr, flush=True)
     precision, precision_reason = choose_precision(config.precision, hardware)
     check_optimizer(resolve_optim(config, hardware), hardware)
     # Everything that can be checked cheaply is checked before the data loads and before any folder is written.
@@ -550,8 +551,10 @@ def train(
     finally:
         if monitor:
             monitor.stop()
+    # The Trainer adds the loss of the steps after its last log from this process only: average over processes.
+    train_loss = trainer.accelerator.reduce(torch.tensor(train_output.training_loss, device=trainer.args.device), "mean").item()
     metrics = {
-        "train_loss": train_output.training_loss,
+        "train_loss": train_loss,
         "eval_loss": eval_metrics["eval_loss"],
         "eval_perplexity": eval_metrics["eval_perplexity"],
         "eval_tokens": eval_metrics["eval_tokens"],

@@ -1,0 +1,237 @@
+"""LoRA, the optimizer check and the T4 presets (gpt2ft/scale.py), on the tiny fixture model, offline, on CPU.
+
+    python -m pytest tests/test_scale.py -q
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import train_argv
+
+from gpt2ft import cli
+from gpt2ft.config import ConfigError, TrainConfig
+from gpt2ft.modeling import Hardware
+from gpt2ft.scale import (
+    EIGHT_BIT_OPTIM,
+    apply_method,
+    bitsandbytes_installed,
+    check_optimizer,
+    choose_presets,
+    merge_for_saving,
+    model_size,
+)
+
+CPU = Hardware("cpu", "CPU", None, None)
+T4 = Hardware("cuda", "Tesla T4", (7, 5), 15.0)
+A100 = Hardware("cuda", "NVIDIA A100-SXM4-80GB", (8, 0), 79.2)
+
+
+def batch_from(tokenizer, texts):
+    ids = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
+    width = max(len(row) for row in ids)
+    input_ids = torch.tensor([row + [tokenizer.eos_token_id] * (width - len(row)) for row in ids])
+    labels = torch.tensor([row + [-100] * (width - len(row)) for row in ids])
+    return input_ids, labels
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA end to end through the CLI
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_run_saves_a_plain_merged_model_equal_to_base_plus_adapter(tiny_model_dir, dailydialog_dir, run_dirs, capsys):
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+    # A high learning rate so the adapters move well away from their zero start (B = 0 makes base == base+adapter).
+    argv = train_argv(tiny_model_dir, dailydialog_dir, run_dirs, "--method", "lora", "--lora-r", "4", "--max-steps", "4",
+                      "--learning-rate", "5e-2")
+    assert cli.main(argv) == 0
+    out = Path(run_dirs["output"])
+    metrics = json.loads((Path(run_dirs["logs"]) / "metrics.json").read_text())
+    assert metrics["method"] == "lora"
+    assert 0 < metrics["trainable_parameters"] < metrics["total_parameters"] / 5
+    assert "trainable of" in capsys.readouterr().out
+
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["fan_in_fan_out"] is True and adapter_config["r"] == 4
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        assert not [key for key in weights.keys() if "lora" in key], "the merged model must be plain GPT-2"
+
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(merged) is GPT2LMHeadModel
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with_adapter = PeftModel.from_pretrained(base, out / "adapter").eval()
+    input_ids = torch.arange(2, 40).reshape(2, 19)
+    with torch.no_grad():
+        merged_logits = merged(input_ids).logits
+        adapter_logits = with_adapter(input_ids).logits
+        with with_adapter.disable_adapter():
+            base_logits = with_adapter(input_ids).logits
+    torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-5, rtol=0)
+    assert (merged_logits - base_logits).abs().max() > 1e-3, "training left the adapters at zero"
+
+    assert cli.main(["generate", "--model", str(out), "--greedy", "--max-new-tokens", "5", "Hi"]) == 0
+
+
+def test_lora_step_changes_only_the_adapters(tiny_model, tiny_tokenizer):
+    config = TrainConfig(method="lora", lora_r=4, lora_targets="c_attn,c_fc", gradient_checkpointing=True)
+    model, counts = apply_method(tiny_model, config)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    assert counts["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counts["total_parameters"] == sum(p.numel() for p in model.parameters())
+    assert any(".c_fc." in name for name in trainable) and not any("c_proj" in name for name in trainable)
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    # Reentrant checkpointing is the case that needs the input-grad hook apply_method installs: without it no
+    # gradient reaches the adapters of a checkpointed block.
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    input_ids, labels = batch_from(tiny_tokenizer, ["Hello , how are you ?", "Do you like tea ?"])
+    model(input_ids=input_ids, labels=labels).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for name, p in model.named_parameters() if "lora_B" in name)
+    optimizer.step()
+    after = dict(model.named_parameters())
+    changed = {name for name in before if not torch.equal(before[name], after[name].detach())}
+    assert changed and changed <= trainable
+    assert any("lora_B" in name for name in changed)
+
+
+def test_merge_for_saving_full_is_a_no_op(tiny_model):
+    model, adapter = merge_for_saving(tiny_model, TrainConfig())
+    assert model is tiny_model and adapter is None
+
+
+def test_unknown_lora_target_names_the_flag(tiny_model):
+    with pytest.raises(ConfigError, match=r"^--lora-targets c_attn,q_proj: q_proj .*c_attn, c_fc, c_proj"):
+        apply_method(tiny_model, TrainConfig(method="lora", lora_targets="c_attn,q_proj"))
+    with pytest.raises(ConfigError, match="^--lora-targets"):
+        apply_method(tiny_model, TrainConfig(method="lora", lora_targets=" , "))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimizer check
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_optim_exits_2_with_one_line(tiny_model_dir, dailydialog_dir, run_dirs, capsys):
+    argv = train_argv(tiny_model_dir, dailydialog_dir, run_dirs, "--optim", "adamw_nonsense", "--max-steps", "1")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --optim adamw_nonsense:")
+    assert "adamw_torch" in err
+    assert not Path(run_dirs["output"]).exists(), "the check runs before anything is written"
+
+
+def test_eight_bit_optimizer_steps_or_fails_clearly(tiny_model_dir, dailydialog_dir, run_dirs, capsys):
+    try:
+        check_optimizer(EIGHT_BIT_OPTIM, CPU)
+    except ConfigError as error:  # bitsandbytes missing or unable to run here: the CLI must say so in one line
+        argv = train_argv(tiny_model_dir, dailydialog_dir, run_dirs, "--optim", EIGHT_BIT_OPTIM, "--max-steps", "1")
+        assert cli.main(argv) == 2
+        assert str(error).startswith(f"--optim {EIGHT_BIT_OPTIM}:")
+        assert capsys.readouterr().err.strip() == f"error: {error}"
+        return
+    argv = train_argv(tiny_model_dir, dailydialog_dir, run_dirs, "--optim", EIGHT_BIT_OPTIM, "--max-steps", "2",
+                      "--learning-rate", "1e-2", "--keep-checkpoints")
+    assert cli.main(argv) == 0
+    from safetensors.torch import load_file
+
+    trained = load_file(str(Path(run_dirs["output"]) / "model.safetensors"))
+    initial = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+    # The Trainer really used bitsandbytes' 8-bit states: its checkpointed optimizer holds uint8 moments (bitsandbytes
+    # nests them one level down; embeddings and tensors under 4096 elements stay 32-bit).
+    checkpoint = sorted((Path(run_dirs["output"]) / "checkpoints").glob("checkpoint-*"))[-1]
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=False)["state"]
+
+    def tensors(entry):
+        for value in entry.values():
+            yield from tensors(value) if isinstance(value, dict) else [value]
+
+    assert any(torch.is_tensor(value) and value.dtype == torch.uint8 for entry in state.values() for value in tensors(entry))
+
+
+def test_optimizer_check_messages(monkeypatch):
+    import gpt2ft.scale as scale
+
+    check_optimizer("auto", CPU)
+    check_optimizer("adamw_torch", CPU)
+    with pytest.raises(ConfigError, match=r"^--optim sgdx: not an optimizer"):
+        check_optimizer("sgdx", CPU)
+    monkeypatch.setattr(scale, "bitsandbytes_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"^--optim adamw_bnb_8bit: needs bitsandbytes"):
+        check_optimizer("adamw_bnb_8bit", CPU)
+    monkeypatch.setattr(scale, "bitsandbytes_installed", lambda: True)
+
+    def broken(optim, device):
+        raise RuntimeError("no kernel for this device\nsecond line")
+
+    monkeypatch.setattr(scale, "probe_bitsandbytes", broken)
+    with pytest.raises(ConfigError) as caught:
+        check_optimizer("paged_adamw_8bit", CPU)
+    assert str(caught.value).startswith("--optim paged_adamw_8bit: bitsandbytes cannot run it on CPU")
+    assert "\n" not in str(caught.value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# T4 presets
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gpt2-xl", "openai-community/gpt2-xl"])
+def test_xl_on_a_t4_gets_lora_8bit_and_checkpointing(name):
+    config, notes = choose_presets(TrainConfig(model=name), T4)
+    assert config.method == "lora" and config.gradient_checkpointing
+    assert config.optim == (EIGHT_BIT_OPTIM if bitsandbytes_installed() else "auto")
+    assert config.batch_size * config.gradient_accumulation_steps == 16
+    assert notes and any("gpt2-xl" in note for note in notes) and any("--no-t4-presets" in note for note in notes)
+
+
+def test_medium_and_large_presets():
+    medium, notes = choose_presets(TrainConfig(model="gpt2-medium"), T4)
+    assert medium.method == "full" and medium.gradient_checkpointing and medium.optim == "auto"
+    assert (medium.batch_size, medium.gradient_accumulation_steps) == (8, 2) and notes
+    large, notes = choose_presets(TrainConfig(model="gpt2-large"), T4)
+    assert large.gradient_checkpointing and notes
+    if bitsandbytes_installed():
+        assert large.method == "full" and large.optim == EIGHT_BIT_OPTIM
+    else:
+        assert large.method == "lora"
+
+
+def test_no_presets_for_small_cpu_big_gpus_or_when_disabled():
+    for config, hardware in [
+        (TrainConfig(model="gpt2"), T4),
+        (TrainConfig(model="openai-community/gpt2"), T4),
+        (TrainConfig(model="gpt2-xl"), CPU),
+        (TrainConfig(model="gpt2-xl"), A100),
+        (TrainConfig(model="gpt2-xl", t4_presets=False), T4),
+        (TrainConfig(model="someone/other-model"), T4),
+    ]:
+        assert choose_presets(config, hardware) == (config, [])
+
+
+def test_presets_keep_non_default_settings():
+    config, notes = choose_presets(TrainConfig(model="gpt2-xl", batch_size=2, optim="adamw_torch"), T4)
+    assert config.batch_size == 2 and config.gradient_accumulation_steps == 1 and config.optim == "adamw_torch"
+    assert config.method == "lora" and config.gradient_checkpointing
+    assert any("--optim adamw_torch" in note for note in notes)
+
+
+def test_local_folder_size_from_config(tmp_path, tiny_model_dir):
+    large = tmp_path / "my-large"
+    large.mkdir()
+    (large / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 1280, "n_layer": 36}))
+    assert model_size(str(large)) == ("gpt2-large", 774030080.0)
+    assert choose_presets(TrainConfig(model=str(large)), T4)[0].gradient_checkpointing
+    assert model_size(str(tiny_model_dir))[0] == "gpt2"
