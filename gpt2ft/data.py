@@ -604,22 +604,41 @@ class DialogueCollator:
       position restarts into a block-diagonal mask, so no token attends across a dialogue boundary.
     """
 
-    def __init__(self, tokenizer: Any, batching: str = "pack", pad_to_multiple_of: int | None = 8):
+    def __init__(self, tokenizer: Any, batching: str = "pack", pad_to_multiple_of: int | None = 8, bucket: int | None = None):
+        """
+        Args:
+            tokenizer: supplies the pad id (GPT-2's EOS; labels, not ids, keep padding out of the loss).
+            batching: "pack" or "pad".
+            pad_to_multiple_of: padded batches are rounded up to this many tokens.
+            bucket: round every batch's length up to a multiple of this (e.g. 128) so `torch.compile` sees a few
+                shapes instead of a new one each step. Packed rows get a trailing padding segment whose positions
+                restart at 0, so it forms its own block in the attention mask and no real token attends to it.
+        """
         from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
         if batching not in ("pack", "pad"):
             raise ValueError(f"batching must be 'pack' or 'pad', got {batching!r}")
         self.batching = batching
+        self.bucket = bucket
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad = DataCollatorForSeq2Seq(
-            tokenizer, padding="longest", pad_to_multiple_of=pad_to_multiple_of, label_pad_token_id=IGNORE_INDEX
+            tokenizer, padding="longest", pad_to_multiple_of=bucket or pad_to_multiple_of, label_pad_token_id=IGNORE_INDEX
         )
         self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
 
     def __call__(self, features: list[dict]) -> dict:
         rows = [{"input_ids": list(f["input_ids"]), "labels": list(f["labels"])} for f in features]
-        if self.batching == "pack":
-            return self.flatten(rows)
-        return self.pad(rows)
+        if self.batching == "pad":
+            return self.pad(rows)
+        batch = self.flatten(rows)
+        extra = (-batch["input_ids"].shape[1]) % self.bucket if self.bucket else 0
+        if extra:
+            import torch
+
+            batch["input_ids"] = torch.cat([batch["input_ids"], torch.full((1, extra), self.pad_id)], dim=1)
+            batch["labels"] = torch.cat([batch["labels"], torch.full((1, extra), IGNORE_INDEX)], dim=1)
+            batch["position_ids"] = torch.cat([batch["position_ids"], torch.arange(extra).unsqueeze(0)], dim=1)
+        return batch
 
 
 TOKENIZED_FORMAT_VERSION = 1  # bump when the format or labels change, so old caches are not reused

@@ -378,7 +378,8 @@ def build_trainer(
     trainer = DialogueTrainer(
         model=model,
         args=args,
-        data_collator=DialogueCollator(tokenizer, config.batching),
+        # Under torch.compile, batch lengths are bucketed to multiples of 128 so it compiles a few shapes, not one a step.
+        data_collator=DialogueCollator(tokenizer, config.batching, bucket=128 if config.compile else None),
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         processing_class=tokenizer,

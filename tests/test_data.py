@@ -261,3 +261,20 @@ def test_real_data_token_counts(shared_data):
     rows = tokenize_dialogs(prepared.dialogs["train"], tokenizer, 1024)
     assert len(rows) == 500  # no dialogue needs a second window at GPT-2's context
     assert 100 < sum(rows["length"]) / len(rows) < 150
+
+
+def test_bucketed_batches_round_lengths_up_without_changing_the_loss(tiny_model, tiny_tokenizer):
+    from gpt2ft.evaluation import evaluate_loss
+
+    eos = tiny_tokenizer.eos_token_id
+    rows = [{"input_ids": [eos, 5, 6, 7, eos], "labels": [IGNORE_INDEX, 5, 6, 7, eos]}, {"input_ids": [eos, 8, eos], "labels": [IGNORE_INDEX, 8, eos]}]
+    for batching in ("pack", "pad"):
+        plain = DialogueCollator(tiny_tokenizer, batching)
+        bucketed = DialogueCollator(tiny_tokenizer, batching, bucket=16)
+        batch = bucketed(rows)
+        assert batch["input_ids"].shape[1] == 16 and (batch["labels"] != IGNORE_INDEX).sum() == 6
+        if batching == "pack":
+            assert batch["position_ids"][0, 8:].tolist() == list(range(8))  # the padding is its own segment
+        expected = evaluate_loss(tiny_model, rows, plain, batch_size=2)
+        got = evaluate_loss(tiny_model, rows, bucketed, batch_size=2)
+        assert got["tokens"] == expected["tokens"] and got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
