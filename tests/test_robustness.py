@@ -254,7 +254,7 @@ def test_resume_never_and_explicit_path(tmp_path):
 
 def test_resume_after_sigkill(tmp_path, tiny_model_dir, dailydialog_dir):
     dirs = {name: str(tmp_path / name) for name in ("output", "logs", "images", "cache")}
-    flags = ("--max-steps", "90", "--eval-steps", "3", "--save-total-limit", "1")
+    flags = ("--max-steps", "40", "--eval-steps", "10", "--save-total-limit", "1")
     argv = train_argv(tiny_model_dir, dailydialog_dir, dirs, *flags)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "gpt2ft", *argv], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -270,14 +270,14 @@ def test_resume_after_sigkill(tmp_path, tiny_model_dir, dailydialog_dir):
         process.wait()
     assert not Path(dirs["output"], "model.safetensors").exists()
     # Half-written leftovers are possible after SIGKILL; make sure one is there and gets skipped.
-    (checkpoints / "checkpoint-89").mkdir(exist_ok=True)
+    (checkpoints / "checkpoint-39").mkdir(exist_ok=True)
     killed_at = max(int(p.name.split("-")[1]) for p in complete_checkpoints(checkpoints))
 
     result = train(config_for(tiny_model_dir, dailydialog_dir, dirs, *flags))
     assert result.resumed_from.endswith(f"checkpoint-{killed_at}")
-    assert result.metrics["steps"] == 90  # the same end as an uninterrupted run
+    assert result.metrics["steps"] == 40  # the same end as an uninterrupted run
     assert (Path(dirs["output"]) / "model.safetensors").is_file()
-    assert loss_steps(Path(dirs["logs"], "train_log.jsonl")) == list(range(1, 91))
+    assert loss_steps(Path(dirs["logs"], "train_log.jsonl")) == list(range(1, 41))
 
 
 # --------------------------------------------------------------------------------------------------------------
