@@ -212,7 +212,8 @@ def check_positive(name: str, value: int | None) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .training import is_main_process, train
+    from .modeling import is_main_process
+    from .training import train
 
     config = config_from_args(args)
     result = train(config)

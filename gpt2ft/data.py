@@ -673,6 +673,8 @@ def tokenize_splits_cached(
         return tokenize_splits(dialogs, tokenizer, max_length, loss_on)
     import shutil
 
+    from .modeling import is_main_process
+
     folder = Path(cache_dir) / "tokenized" / tokenization_key(dialogs, tokenizer, max_length, loss_on)
     with quiet_datasets():
         if (folder / "dataset_dict.json").is_file():
@@ -681,7 +683,7 @@ def tokenize_splits_cached(
             except Exception:  # a damaged cache is rebuilt, never trusted
                 shutil.rmtree(folder, ignore_errors=True)
         rows = tokenize_splits(dialogs, tokenizer, max_length, loss_on)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_main_process():
             partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
             try:
                 rows.save_to_disk(str(partial))

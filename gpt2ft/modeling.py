@@ -7,6 +7,7 @@ Weights are loaded from safetensors only (never a pickle), with no remote code. 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,11 @@ def first_line(error: BaseException) -> str:
 
 def model_context(model: Any) -> int:
     return int(getattr(model.config, "n_positions", 1024))
+
+
+def is_main_process() -> bool:
+    """True on the process that writes files: the only one, or rank 0 under torchrun/accelerate."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainConfig
-from .modeling import GPT2_SIZES, Hardware
+from .modeling import GPT2_SIZES, Hardware, is_main_process
 
 # Hub ids are also published under this organisation; `openai-community/gpt2-xl` is the same model as `gpt2-xl`.
 HUB_PREFIX = "openai-community/"
@@ -36,10 +36,6 @@ LORA_LEARNING_RATE = 2e-4
 # bitsandbytes keeps 8-bit states only for tensors of at least this many elements (its `min_8bit_size`); the probe
 # uses one so it exercises the 8-bit kernels, not the 32-bit fallback.
 BNB_PROBE_SIZE = 4096
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ from .config import TrainConfig
 from .data import DialogueCollator, prepare_dialogs, token_stats, tokenize_splits_cached, PreparedDialogs
 from .evaluation import evaluate_loss, perplexity
 from .generate import build_generation_config
-from .modeling import Hardware, ModelError, choose_precision, detect_hardware, load_model_and_tokenizer, load_model_config
+from .modeling import (
+    Hardware, ModelError, choose_precision, detect_hardware, is_main_process, load_model_and_tokenizer, load_model_config,
+)
 
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "gpt2ft_checkpoint_complete"
@@ -430,10 +432,6 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
         for record in records:
             out.write(json.dumps(record, default=str) + "\n")
     return path
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def remove_incomplete_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
