@@ -19,6 +19,7 @@ tokenisation time, never by masking a token id: GPT-2's pad token *is* its EOS, 
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import urllib.request
@@ -594,35 +595,81 @@ def iter_dump_records(rows: Dataset) -> Iterable[dict[str, list[int]]]:
         yield {"input_ids": list(input_ids), "labels": list(labels)}
 
 
+def balance_rows(lengths: Sequence[int], row_tokens: int, max_row_tokens: int) -> list[list[int]]:
+    """Group sequences into packed rows of about `row_tokens` tokens each.
+
+    ceil(total / row_tokens) rows; sequences go longest first into the row with the fewest tokens (the LPT rule),
+    so rows end up nearly equal and padding them to one width costs little. If that would make a row longer than
+    `max_row_tokens` (the model's context), first-fit-decreasing into rows of at most `max_row_tokens` instead.
+
+    Returns:
+        Lists of indices into `lengths`, one list a row.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    count = max(1, math.ceil(sum(lengths) / row_tokens))
+    rows: list[list[int]] = [[] for _ in range(count)]
+    sizes = [0] * count
+    for index in order:
+        emptiest = sizes.index(min(sizes))
+        rows[emptiest].append(index)
+        sizes[emptiest] += lengths[index]
+    if max(sizes) > max_row_tokens:
+        rows, sizes = [], []
+        for index in order:
+            fit = next((r for r, size in enumerate(sizes) if size + lengths[index] <= max_row_tokens), None)
+            if fit is None:
+                rows.append([index])
+                sizes.append(lengths[index])
+            else:
+                rows[fit].append(index)
+                sizes[fit] += lengths[index]
+    return [row for row in rows if row]
+
+
 class DialogueCollator:
     """Batches tokenised rows for training and evaluation.
 
-    - "pad": dynamic padding to the longest row, rounded up to a multiple of 8 (tensor-core friendly); labels are
-      padded with -100 so padding is never a target, whatever its token id.
-    - "pack": the rows of a batch are concatenated into one row with `position_ids` restarting at 0 for each
-      dialogue (transformers' DataCollatorWithFlattening): no padding at all, and GPT-2's SDPA attention turns the
-      position restarts into a block-diagonal mask, so no token attends across a dialogue boundary.
+    - "pack" (default): the dialogues of a batch are packed into a few rows of about `row_tokens` tokens
+      (`balance_rows`), each row flattened by transformers' DataCollatorWithFlattening: `position_ids` restart at
+      0 for every dialogue, and GPT-2's SDPA attention turns the restarts into a block-diagonal mask, so no token
+      attends across a dialogue boundary. Rows are padded to one width with a padding segment of its own (positions
+      from 0, labels -100). Rows of ~512 tokens rather than one row per batch: SDPA with a mask computes the whole
+      row-by-row attention matrix, so one 2,000-token row would spend most of its attention on masked-out pairs.
+    - "pad": dynamic padding to the longest row, labels padded with -100 (never masked by token id: GPT-2's pad
+      *is* its EOS).
+    Both round the width up to a multiple of 8 (tensor cores), or of `bucket` under torch.compile.
     """
 
-    def __init__(self, tokenizer: Any, batching: str = "pack", pad_to_multiple_of: int | None = 8, bucket: int | None = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        batching: str = "pack",
+        pad_to_multiple_of: int = 8,
+        bucket: int | None = None,
+        row_tokens: int = 512,
+        max_row_tokens: int = 1024,
+    ):
         """
         Args:
-            tokenizer: supplies the pad id (GPT-2's EOS; labels, not ids, keep padding out of the loss).
+            tokenizer: supplies the pad id.
             batching: "pack" or "pad".
-            pad_to_multiple_of: padded batches are rounded up to this many tokens.
-            bucket: round every batch's length up to a multiple of this (e.g. 128) so `torch.compile` sees a few
-                shapes instead of a new one each step. Packed rows get a trailing padding segment whose positions
-                restart at 0, so it forms its own block in the attention mask and no real token attends to it.
+            pad_to_multiple_of: batch widths are rounded up to this many tokens.
+            bucket: round widths up to a multiple of this (e.g. 128) instead, so `torch.compile` sees a few shapes
+                rather than a new one each step.
+            row_tokens: target length of a packed row.
+            max_row_tokens: longest packed row allowed (the model's context).
         """
         from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
         if batching not in ("pack", "pad"):
             raise ValueError(f"batching must be 'pack' or 'pad', got {batching!r}")
         self.batching = batching
-        self.bucket = bucket
+        self.multiple = bucket or pad_to_multiple_of
+        self.row_tokens = row_tokens
+        self.max_row_tokens = max_row_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad = DataCollatorForSeq2Seq(
-            tokenizer, padding="longest", pad_to_multiple_of=bucket or pad_to_multiple_of, label_pad_token_id=IGNORE_INDEX
+            tokenizer, padding="longest", pad_to_multiple_of=self.multiple, label_pad_token_id=IGNORE_INDEX
         )
         self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
 
@@ -630,15 +677,19 @@ class DialogueCollator:
         rows = [{"input_ids": list(f["input_ids"]), "labels": list(f["labels"])} for f in features]
         if self.batching == "pad":
             return self.pad(rows)
-        batch = self.flatten(rows)
-        extra = (-batch["input_ids"].shape[1]) % self.bucket if self.bucket else 0
-        if extra:
-            import torch
+        import torch
 
-            batch["input_ids"] = torch.cat([batch["input_ids"], torch.full((1, extra), self.pad_id)], dim=1)
-            batch["labels"] = torch.cat([batch["labels"], torch.full((1, extra), IGNORE_INDEX)], dim=1)
-            batch["position_ids"] = torch.cat([batch["position_ids"], torch.arange(extra).unsqueeze(0)], dim=1)
-        return batch
+        groups = balance_rows([len(r["input_ids"]) for r in rows], self.row_tokens, self.max_row_tokens)
+        packed = [self.flatten([rows[i] for i in group]) for group in groups]
+        width = max(p["input_ids"].shape[1] for p in packed)
+        width = math.ceil(width / self.multiple) * self.multiple
+        columns: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+        for p in packed:
+            extra = width - p["input_ids"].shape[1]
+            columns["input_ids"].append(torch.cat([p["input_ids"][0], torch.full((extra,), self.pad_id)]))
+            columns["labels"].append(torch.cat([p["labels"][0], torch.full((extra,), IGNORE_INDEX)]))
+            columns["position_ids"].append(torch.cat([p["position_ids"][0], torch.arange(extra)]))
+        return {key: torch.stack(values) for key, values in columns.items()}
 
 
 TOKENIZED_FORMAT_VERSION = 1  # bump when the format or labels change, so old caches are not reused

@@ -235,9 +235,29 @@ def test_pad_collator_pads_labels_with_ignore_index_not_by_token_id(tiny_tokeniz
 def test_pack_collator_restarts_positions_per_dialogue(tiny_tokenizer):
     rows = [{"input_ids": [0, 5, 0], "labels": [IGNORE_INDEX, 5, 0]}, {"input_ids": [0, 7, 8, 0], "labels": [IGNORE_INDEX, 7, 8, 0]}]
     batch = DialogueCollator(tiny_tokenizer, "pack")(rows)
-    assert batch["input_ids"].tolist() == [[0, 5, 0, 0, 7, 8, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3]]
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, 5, 0, IGNORE_INDEX, 7, 8, 0]]
+    pad = tiny_tokenizer.pad_token_id
+    assert batch["input_ids"].tolist() == [[0, 7, 8, 0, 0, 5, 0, pad]]  # longest first, width a multiple of 8
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0]]  # the padding is a segment of its own
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 7, 8, 0, IGNORE_INDEX, 5, 0, IGNORE_INDEX]]
+
+
+def test_pack_collator_fills_balanced_rows(tiny_tokenizer):
+    rows = [{"input_ids": [0] + [5] * (n - 1), "labels": [IGNORE_INDEX] + [5] * (n - 1)} for n in (30, 20, 20, 10, 10, 10)]
+    batch = DialogueCollator(tiny_tokenizer, "pack", row_tokens=50)(rows)
+    assert batch["input_ids"].shape == (2, 56)  # 100 tokens -> 2 rows of 50, rounded up to a multiple of 8
+    assert (batch["labels"] != IGNORE_INDEX).sum() == 100 - 6
+    assert (batch["position_ids"] == 0).sum(dim=1).tolist() == [4, 4]  # 3 dialogues + 1 padding segment a row
+
+
+def test_balance_rows_never_exceeds_the_context():
+    from gpt2ft.data import balance_rows
+
+    rows = balance_rows([10, 10, 10, 10], row_tokens=20, max_row_tokens=20)
+    assert sorted(map(sorted, rows)) == [[0, 1], [2, 3]]
+    rows = balance_rows([900, 900, 100], row_tokens=512, max_row_tokens=1024)  # LPT would put 900 + 100 + ... fine
+    assert all(sum([900, 900, 100][i] for i in row) <= 1024 for row in rows)
+    rows = balance_rows([600, 500, 500], row_tokens=1000, max_row_tokens=1024)  # 2 rows by LPT: 600 + 500 + 500 > 1024
+    assert all(sum([600, 500, 500][i] for i in row) <= 1024 for row in rows) and len(rows) == 3
 
 
 def test_tokenisation_cache_is_reused_and_keyed_by_settings(tmp_path, dailydialog_dir, tiny_tokenizer):
