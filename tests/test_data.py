@@ -254,10 +254,11 @@ def test_balance_rows_never_exceeds_the_context():
 
     rows = balance_rows([10, 10, 10, 10], row_tokens=20, max_row_tokens=20)
     assert len(rows) == 2 and all(len(row) == 2 for row in rows) and sorted(sum(rows, [])) == [0, 1, 2, 3]
-    rows = balance_rows([900, 900, 100], row_tokens=512, max_row_tokens=1024)  # LPT would put 900 + 100 + ... fine
+    rows = balance_rows([900, 900, 100], row_tokens=512, max_row_tokens=1024)
     assert all(sum([900, 900, 100][i] for i in row) <= 1024 for row in rows)
-    rows = balance_rows([600, 500, 500], row_tokens=1000, max_row_tokens=1024)  # 2 rows by LPT: 600 + 500 + 500 > 1024
-    assert all(sum([600, 500, 500][i] for i in row) <= 1024 for row in rows) and len(rows) == 3
+    # Two rows by LPT would put 1000 + 40 in one row, over the 1024-token context: first-fit-decreasing instead.
+    rows = balance_rows([1000, 1000, 40], row_tokens=1020, max_row_tokens=1024)
+    assert len(rows) == 3 and all(sum([1000, 1000, 40][i] for i in row) <= 1024 for row in rows)
 
 
 def test_tokenisation_cache_is_reused_and_keyed_by_settings(tmp_path, dailydialog_dir, tiny_tokenizer):
