@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -361,6 +362,7 @@ def apply_method(model: Any, config: TrainConfig) -> tuple[Any, dict[str, int]]:
         print(
             f"gpt2ft: {describe}: {counts['trainable_parameters']:,} trainable of {counts['total_parameters']:,} "
             f"parameters ({share:.2%})",
+            file=sys.stderr,  # stdout carries the run's one JSON line of metrics
             flush=True,
         )
     return model, counts

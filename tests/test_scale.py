@@ -57,7 +57,7 @@ def test_lora_run_saves_a_plain_merged_model_equal_to_base_plus_adapter(tiny_mod
     metrics = json.loads((Path(run_dirs["logs"]) / "metrics.json").read_text())
     assert metrics["method"] == "lora"
     assert 0 < metrics["trainable_parameters"] < metrics["total_parameters"] / 5
-    assert "trainable of" in capsys.readouterr().out
+    assert "trainable of" in capsys.readouterr().err
 
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
