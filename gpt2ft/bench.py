@@ -516,10 +516,10 @@ def bench_tokenization(model: str, data: str, cache_dir: str) -> dict[str, Any]:
     from transformers import AutoConfig
 
     from .data import tokenize_splits_cached
-    from .modeling import load_tokenizer
+    from .modeling import config_context, load_tokenizer
 
     tokenizer = load_tokenizer(model)
-    context = int(getattr(AutoConfig.from_pretrained(model), "n_positions", 1024))
+    context = config_context(AutoConfig.from_pretrained(model))
     started = time.perf_counter()
     train = prepare_dialogs(data, cache_dir).dialogs["train"]
     prepare_s = time.perf_counter() - started

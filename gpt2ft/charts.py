@@ -151,7 +151,9 @@ def _new_figure(rows: int, cols: int, title: str, width: float = 12.0, height: f
     return figure, axes
 
 
-def _no_data(axis: Any, message: str = "no data") -> None:
+def _no_data(axis: Any, message: str = "no data", title: str | None = None) -> None:
+    if title:
+        axis.set_title(title)
     axis.text(0.5, 0.5, message, ha="center", va="center", fontsize=13, color="0.35", transform=axis.transAxes, wrap=True)
     axis.set_xticks([])
     axis.set_yticks([])
@@ -260,8 +262,7 @@ def plot_training(records: Sequence[dict[str, Any]]) -> Figure:
             )
         _finish(loss_ax, "Loss", "step", "loss (nats per target token)")
     else:
-        _no_data(loss_ax)
-        loss_ax.set_title("Loss")
+        _no_data(loss_ax, title="Loss")
 
     lr_steps, lr = series_by_step(records, "learning_rate")
     if lr:
@@ -269,16 +270,14 @@ def plot_training(records: Sequence[dict[str, Any]]) -> Figure:
         lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         _finish(lr_ax, "Learning rate", "step", "learning rate")
     else:
-        _no_data(lr_ax)
-        lr_ax.set_title("Learning rate")
+        _no_data(lr_ax, title="Learning rate")
 
     grad_steps, grad = series_by_step(records, "grad_norm")
     if grad:
         grad_ax.plot(grad_steps, grad, color="tab:purple", linewidth=1.0, label="grad norm (before clipping)")
         _finish(grad_ax, "Gradient norm", "step", "L2 norm")
     else:
-        _no_data(grad_ax)
-        grad_ax.set_title("Gradient norm")
+        _no_data(grad_ax, title="Gradient norm")
 
     epoch_steps, epoch = series_by_step([r for r in records if "loss" in r or "eval_loss" in r], "epoch")
     speed_steps, speed = series_by_step([r for r in records if "loss" in r], "tokens_per_s")
@@ -298,8 +297,7 @@ def plot_training(records: Sequence[dict[str, Any]]) -> Figure:
         epoch_ax.grid(True, alpha=0.3)
         epoch_ax.legend(handles=handles, loc="lower right", fontsize=9)
     else:
-        _no_data(epoch_ax)
-        epoch_ax.set_title("Epoch and throughput")
+        _no_data(epoch_ax, title="Epoch and throughput")
     # Every panel spans the whole run (eval lines extend it past the last logged train step); steps are whole.
     _same_x([loss_ax, lr_ax, grad_ax, epoch_ax], [s for s in (as_float(r.get("step")) for r in records) if s is not None])
     for axis in (loss_ax, lr_ax, grad_ax, epoch_ax):

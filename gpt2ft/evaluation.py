@@ -141,8 +141,9 @@ def evaluate_dialogs(
     from pathlib import Path
 
     from .data import DialogueCollator, iter_dump_records, tokenize_dialogs
+    from .modeling import model_context
 
-    context = int(getattr(model.config, "n_positions", 1024))
+    context = model_context(model)
     rows = tokenize_dialogs(dialogs, tokenizer, min(max_length or context, context), loss_on)
     if dump_path:
         Path(dump_path).parent.mkdir(parents=True, exist_ok=True)

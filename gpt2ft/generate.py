@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from .modeling import model_context
+
 # Dialogue-friendly decoding, saved into every model's generation_config.json:
 # - sampling with temperature 0.8 and nucleus top-p 0.9: varied but on-topic replies (greedy GPT-2 loops);
 # - no_repeat_ngram_size 4 stops verbatim loops. A repetition_penalty is deliberately not set: it also penalises
@@ -103,7 +105,7 @@ def generate_reply(
         raise ValueError("history must hold at least one turn")
     overrides = decoding_overrides(greedy, **settings)
     max_new_tokens = overrides.get("max_new_tokens") or getattr(model.generation_config, "max_new_tokens", None) or 50
-    context = int(getattr(model.config, "n_positions", 1024))
+    context = model_context(model)
     prompt = build_prompt_ids(tokenizer, history, max(2, context - max_new_tokens))
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt], device=device)

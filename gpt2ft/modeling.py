@@ -132,8 +132,13 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def config_context(config: Any) -> int:
+    """The context length (tokens) of a GPT-2 config: `n_positions`, 1024 for every released size."""
+    return int(getattr(config, "n_positions", 1024))
+
+
 def model_context(model: Any) -> int:
-    return int(getattr(model.config, "n_positions", 1024))
+    return config_context(model.config)
 
 
 def is_main_process() -> bool:

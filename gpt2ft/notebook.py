@@ -264,10 +264,12 @@ def plot_token_lengths(lengths: Sequence[int], images_dir: str | Path, limit: in
 
 
 def context_length(config: TrainConfig) -> int:
-    """Longest training sequence: `config.max_length`, or the model's context (GPT-2: 1024) when that is 0."""
-    from transformers import AutoConfig
+    """Longest training sequence: `config.max_length`, or the model's context (GPT-2: 1024) when that is 0 — the
+    same value (and the same check) `train()` uses."""
+    from .modeling import load_model_config
+    from .training import resolve_max_length
 
-    return config.max_length or int(getattr(AutoConfig.from_pretrained(config.model), "n_positions", 1024))
+    return resolve_max_length(config, load_model_config(config.model))
 
 
 def label_table(turns: Sequence[str], tokenizer: Any, max_length: int, loss_on: str = "all", limit: int = 40) -> Any:

@@ -11,7 +11,6 @@ save model, tokenizer, generation config and training config -> metrics and logs
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -25,11 +24,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from . import __version__
 from .config import TrainConfig
-from .data import DialogueCollator, prepare_dialogs, token_stats, tokenize_splits_cached, PreparedDialogs
+from .data import DialogueCollator, PreparedDialogs, prepare_dialogs, tokenize_splits_cached
 from .evaluation import evaluate_loss, perplexity
 from .generate import build_generation_config
 from .modeling import (
-    Hardware, ModelError, choose_precision, detect_hardware, is_main_process, load_model_and_tokenizer, load_model_config,
+    Hardware, ModelError, choose_precision, config_context, detect_hardware, is_main_process, load_model_and_tokenizer, load_model_config,
 )
 
 CHECKPOINTS = "checkpoints"
@@ -414,7 +413,7 @@ def resolve_max_length(config: TrainConfig, model_config: Any) -> int:
     Raises:
         ModelError: --max-length is above the model's context.
     """
-    context = int(getattr(model_config, "n_positions", 1024))
+    context = config_context(model_config)
     if config.max_length > context:
         raise ModelError(f"--max-length {config.max_length}: exceeds the model's context of {context} tokens")
     return config.max_length or context

@@ -5,7 +5,7 @@ from __future__ import annotations
 import zipfile
 
 import pytest
-from conftest import default_splits, release_texts, write_layout
+from conftest import default_splits, write_layout
 
 from gpt2ft.data import (
     IGNORE_INDEX,
