@@ -3,18 +3,20 @@
     python -m gpt2ft generate --model gpt2_finetuned "Hi, how are you?"
     python -m gpt2ft chat --model gpt2_finetuned
 
-The prompt is the training format: EOS, then every turn followed by EOS; the model's reply is what it writes up
-to its next EOS. Only the most recent whole turns that fit the context (with room for the reply) are kept.
+The prompt is the conversation rendered by the model's chat template (gpt2ft's, `chat_format.CHAT_TEMPLATE`, when
+the model has none): the training format, EOS, then every turn followed by EOS. The model's reply is what it writes
+up to its next EOS. Only the most recent whole turns that fit the context (with room for the reply) are kept.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from .chat_format import as_messages, render_ids
 from .modeling import model_context
 
 # Dialogue-friendly decoding, saved into every model's generation_config.json:
@@ -40,27 +42,34 @@ def build_generation_config(tokenizer: Any, **overrides: Any) -> Any:
     return GenerationConfig(**{**GENERATION_DEFAULTS, **overrides}, eos_token_id=eos, pad_token_id=eos, bos_token_id=eos)
 
 
-def build_prompt_ids(tokenizer: Any, history: Sequence[str], max_prompt_tokens: int) -> list[int]:
-    """Token ids of the conversation so far, in the training format, keeping the most recent whole turns.
+def build_prompt_ids(tokenizer: Any, conversation: Sequence[str | Mapping[str, Any]], max_prompt_tokens: int) -> list[int]:
+    """Token ids of the conversation so far, keeping the most recent whole turns that fit in `max_prompt_tokens`.
 
-    Turns are dropped oldest first, never cut in half; only when the latest turn alone does not fit is it cut,
-    keeping its end (the words closest to the reply).
+    A leading system message is kept while it fits; other turns are dropped oldest first, never cut in half. Only
+    when the latest turn alone does not fit is it cut, keeping its end (the words closest to the reply) after an EOS.
 
     Args:
         tokenizer: the model's tokenizer.
-        history: the turns so far, oldest first; the last one is the turn being answered.
-        max_prompt_tokens: room for the prompt (context minus the reply's max_new_tokens).
+        conversation: turns (strings) or messages, oldest first; the last one is being answered.
+        max_prompt_tokens: room for the prompt (the context minus the reply's max_new_tokens).
     """
-    eos = tokenizer.eos_token_id
-    turns = [tokenizer(turn, add_special_tokens=False)["input_ids"] + [eos] for turn in history]
-    kept: list[int] = []
-    for ids in reversed(turns):
-        if 1 + len(ids) + len(kept) > max_prompt_tokens:
-            if not kept:
-                kept = ids[-(max_prompt_tokens - 1) :]
-            break
-        kept = ids + kept
-    return [eos] + kept
+    messages = as_messages(conversation)
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    for head in (system, []) if system else ([],):
+        # More turns render to more tokens, so the longest suffix that fits is found by bisection: a few renders
+        # (fast tokenizer passes) even for a long chat or a huge message.
+        low, high = 0, len(turns)  # invariant: turns[high:] fits (the empty suffix does)
+        while low < high:
+            middle = (low + high) // 2
+            if len(render_ids(tokenizer, head + turns[middle:])) <= max_prompt_tokens:
+                high = middle
+            else:
+                low = middle + 1
+        if high < len(turns):
+            return render_ids(tokenizer, head + turns[high:])
+    last = render_ids(tokenizer, turns[-1:] or system)
+    return [tokenizer.eos_token_id] + last[-(max_prompt_tokens - 1):]
 
 
 @dataclass
@@ -85,7 +94,7 @@ def decoding_overrides(greedy: bool = False, **settings: Any) -> dict[str, Any]:
 def generate_reply(
     model: Any,
     tokenizer: Any,
-    history: Sequence[str],
+    history: Sequence[str | Mapping[str, Any]],
     greedy: bool = False,
     seed: int | None = None,
     streamer: Any = None,
@@ -95,7 +104,8 @@ def generate_reply(
 
     Args:
         model, tokenizer: a causal LM and its tokenizer.
-        history: turns so far, oldest first.
+        history: turns so far, oldest first: strings (roles alternate, the last is the user's) or chat messages
+            ({"role": "system" | "user" | "assistant", "content": ...}).
         greedy: deterministic decoding instead of the saved sampling defaults.
         seed: makes sampling reproducible.
         streamer: a transformers streamer (e.g. TextStreamer) to print tokens as they come.
