@@ -22,6 +22,8 @@ from typing import Any, Iterable, Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .logs import as_float, percentile, read_jsonl
+
 TRAIN_LOG = "train_log.jsonl"
 SYSTEM_LOG = "system.jsonl"
 CHART_FILES = ("chart_train.png", "chart_gpu.png", "chart_gpu2.png", "chart_memory.png", "chart_cpu_disk.png")
@@ -36,35 +38,6 @@ MB_PER_GB = 1000.0  # the monitor logs MB of 10**6 bytes
 # --------------------------------------------------------------------------------------------------------------
 # Reading the logs
 # --------------------------------------------------------------------------------------------------------------
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSONL file; [] for a missing file. Lines that do not parse are skipped: the last line
-    of a log that is still being written (or was cut by a crash) is often incomplete."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return []
-    records = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def as_float(value: Any) -> float | None:
-    """A finite-or-infinite float from a log value; None for missing, null, NaN, booleans and text."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return None if math.isnan(value) else value
 
 
 def series_by_step(records: Iterable[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -413,12 +386,9 @@ def plot_length_histogram(
         return figure
     axis.hist(values, bins=min(bins, max(1, len(set(values)))), color="tab:blue", alpha=0.8, label=f"{len(values):,} dialogues")
 
-    def percentile(q: float) -> int:
-        return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
-
     for value, label, style in (
-        (percentile(0.5), "median", "--"),
-        (percentile(0.99), "99th percentile", ":"),
+        (percentile(values, 0.5), "median", "--"),
+        (percentile(values, 0.99), "99th percentile", ":"),
         (values[-1], "longest", "-."),
     ):
         axis.axvline(value, color="black", linestyle=style, linewidth=1.2, label=f"{label}: {value:,}")

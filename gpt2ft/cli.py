@@ -7,6 +7,9 @@
     python -m gpt2ft compare --base gpt2 --tuned gpt2_finetuned          before/after table
     python -m gpt2ft charts --logs-dir logs --images-dir images          rebuild the charts from the logs
     python -m gpt2ft bench --model DIR --data SRC                        throughput of gpt2ft vs the tutorial recipe
+    python -m gpt2ft export --model gpt2_finetuned --format gguf         GGUF for llama.cpp/Ollama/LM Studio + Modelfile
+    python -m gpt2ft serve --model gpt2_finetuned                        web page: chat + blind A/B votes (Gradio)
+    python -m gpt2ft votes --db logs/votes.sqlite                        the votes counted per pair, one JSON line
 
 Each command calls the same functions as the notebook. Bad input ends with one line on stderr and exit code 2.
 """
@@ -24,14 +27,6 @@ from typing import Any, Callable, Sequence
 from .config import ConfigError, TrainConfig, build_config, config_fields, flag_name, load_config_file
 
 EXIT_USAGE = 2
-
-# Allowed values of the TrainConfig fields that take one of a few words.
-CHOICES = {
-    "loss_on": ("all", "responses"),
-    "batching": ("pack", "pad"),
-    "precision": ("auto", "fp16", "bf16", "fp32"),
-    "method": ("full", "lora"),
-}
 
 
 class UsageError(Exception):
@@ -68,15 +63,16 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 parser.add_argument(flag_name(field.name), dest=field.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
         parser.add_argument(
-            flag_name(field.name), dest=field.name, type=field_type(field), choices=CHOICES.get(field.name),
+            flag_name(field.name), dest=field.name, type=field_type(field), choices=field.metadata.get("choices"),
             default=argparse.SUPPRESS, help=f"{help_text} (default: {field.default})",
         )
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
+    """The TrainConfig of `train`'s flags (over --config), and the names of the settings the user set."""
     file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
-    flags = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
-    return build_config(file_values, **flags)
+    flags = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}  # typed flags only
+    return build_config(file_values, **flags), set(file_values) | set(flags)
 
 
 def build_parser() -> Parser:
@@ -134,6 +130,27 @@ def build_parser() -> Parser:
     bench.add_argument("--batch-size", type=int, default=8)
     bench.add_argument("--variants", default="default", help="comma-separated variants, or 'default' / 'all'")
     bench.add_argument("--cache-dir", default="data")
+
+    export = commands.add_parser("export", help="write the model as GGUF (llama.cpp, Ollama, LM Studio) + an Ollama Modelfile")
+    export.add_argument("--model", default="gpt2_finetuned", help="the model folder (a LoRA run's holds the merged model)")
+    export.add_argument("--format", default="gguf", choices=("gguf",))
+    export.add_argument("--outtype", default="f16", choices=("f32", "f16", "q8_0"), help="weight type (default: f16)")
+    export.add_argument("--output", metavar="FILE.gguf", help="default: <model folder>-<outtype>.gguf beside the folder")
+    export.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+    serve = commands.add_parser("serve", help="a web page: chat with the model, and blind A/B votes against another")
+    serve.add_argument("--model", default="gpt2_finetuned", help="the model folder to serve")
+    serve.add_argument("--compare-with", metavar="MODEL", help="model for the blind comparison (default: the base model in --model's training_config.json)")
+    serve.add_argument("--votes-db", default="logs/votes.sqlite", metavar="PATH", help="SQLite file the votes go to")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--share", action="store_true", help="also create a public gradio.live link (needs internet)")
+    serve.add_argument("--auth", metavar="USER:PASSWORD", help="ask for this user name and password")
+    serve.add_argument("--time-limit", type=float, default=60.0, metavar="SECONDS", help="longest time a reply may take")
+    serve.add_argument("--concurrency", type=int, default=4, help="replies generated at once; more requests wait in the queue")
+
+    votes = commands.add_parser("votes", help="the blind votes counted per pair of models, as one JSON line")
+    votes.add_argument("--db", default="logs/votes.sqlite", metavar="PATH", help="the votes database written by serve")
     return parser
 
 
@@ -215,8 +232,8 @@ def run_train(args: argparse.Namespace) -> int:
     from .modeling import is_main_process
     from .training import train
 
-    config = config_from_args(args)
-    result = train(config)
+    config, explicit = config_from_args(args)
+    result = train(config, explicit=explicit)
     if not is_main_process():
         return 0  # under torchrun/accelerate every process runs this; only the main one saved and reports
     print(f"model saved to {result.output_dir}", file=sys.stderr)
@@ -309,6 +326,55 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeError, check_port_free, launch_app, parse_auth, share_warning, start_server
+    from .votes import VotesError
+
+    check_positive("concurrency", args.concurrency)
+    if not args.time_limit > 0:
+        raise UsageError(f"--time-limit: must be > 0, got {args.time_limit}")
+    try:
+        auth = parse_auth(args.auth)
+        check_port_free(args.host, args.port)  # before loading models: a taken port is an error in a second
+        app = start_server(args.model, args.compare_with, args.votes_db, args.time_limit, args.concurrency)
+    except ServeError as error:
+        raise UsageError(str(error)) from None
+    except VotesError as error:
+        raise UsageError(f"--votes-db: {error}") from None
+    if args.share:
+        print(share_warning(auth), file=sys.stderr)
+    print(f"votes are stored in {args.votes_db}", file=sys.stderr)
+    launch_app(app, host=args.host, port=args.port, share=args.share, auth=auth)
+    return 0
+
+
+def run_votes(args: argparse.Namespace) -> int:
+    from .votes import VotesError, summarize_votes
+
+    try:
+        print_json(summarize_votes(args.db))
+    except VotesError as error:
+        raise UsageError(f"--db: {error}") from None
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .export import ExportError, export_gguf
+
+    try:
+        result = export_gguf(args.model, args.outtype, args.output, args.overwrite)
+    except ExportError as error:
+        raise UsageError(str(error)) from None
+    print(result.gguf_path)
+    print(result.modelfile_path)
+    print(
+        f"{result.outtype}: {result.size_bytes / 2**20:.1f} MiB, {result.tensors} tensors, {result.seconds:.1f} s; "
+        f"ollama create gpt2ft -f {result.modelfile_path} && ollama run gpt2ft",
+        file=sys.stderr,
+    )
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": run_train,
     "eval": run_eval,
@@ -317,16 +383,20 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "compare": run_compare,
     "charts": run_charts,
     "bench": run_bench,
+    "export": run_export,
+    "serve": run_serve,
+    "votes": run_votes,
 }
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input: reported in one line, exit code 2."""
+    from .bench import BenchError
     from .data import DataError
     from .modeling import ModelError
     from .training import TrainingError
 
-    return (UsageError, ConfigError, DataError, ModelError, TrainingError)
+    return (UsageError, ConfigError, DataError, ModelError, TrainingError, BenchError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,42 +33,49 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+def render_flag(field_name: str, value: Any) -> str:
+    """A setting as it is typed on the command line: `--batch-size 8`, `--gradient-checkpointing`, `--no-clean-text`."""
+    if isinstance(value, bool):
+        return flag_name(field_name) if value else "--no-" + field_name.replace("_", "-")
+    return f"{flag_name(field_name)} {shlex.quote(str(value))}"
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a fine-tuning run. Defaults target GPT-2 small (124M) on a free Colab T4 (15 GB)."""
 
     # --- what to train on -------------------------------------------------------------------------------------
-    model: str = field(default="gpt2", metadata={"help": "Hub id (gpt2, gpt2-medium, ...) or a local save_pretrained folder."})
-    data: str = field(default="hub", metadata={"help": "'hub', the DailyDialog zip, a folder of split zips, extracted files or Hub parquet files."})
+    model: str = field(default="gpt2", metadata={"help": "Hub id (gpt2, gpt2-medium, ...) or a local save_pretrained folder.", "run": True})
+    data: str = field(default="hub", metadata={"help": "'hub', the DailyDialog zip, a folder of split zips, extracted files or Hub parquet files.", "run": True})
     output_dir: str = field(default=OUTPUT_DIR, metadata={"help": "Where the final model, tokenizer and configs are written."})
     logs_dir: str = field(default=LOGS_DIR, metadata={"help": "Where metrics.json and the JSONL logs are written."})
     images_dir: str = field(default=IMAGES_DIR, metadata={"help": "Where the charts are written."})
     cache_dir: str = field(default=DATA_DIR, metadata={"help": "Where downloads and the tokenised-data cache live."})
 
     # --- data preparation ---------------------------------------------------------------------------------------
-    max_length: int = field(default=0, metadata={"help": "Longest training sequence in tokens; 0 = the model's context (1024 for GPT-2)."})
-    max_train_dialogs: int | None = field(default=None, metadata={"help": "Use only the first N training dialogues (debugging)."})
-    max_eval_dialogs: int | None = field(default=None, metadata={"help": "Use only the first N validation dialogues (debugging)."})
-    keep_overlap: bool = field(default=False, metadata={"help": "Keep the release splits: no de-duplication of train, no removal of train dialogues from validation/test."})
-    clean_text: bool = field(default=True, metadata={"help": "Detokenise the release text into natural text (--no-clean-text keeps it as released)."})
-    loss_on: str = field(default="all", metadata={"help": "'all': every turn is a target; 'responses': no loss on each dialogue's first turn."})
-    batching: str = field(default="pack", metadata={"help": "'pack': several dialogues a row, attention kept inside each; 'pad': dynamic padding with length-grouped batches."})
+    max_length: int = field(default=0, metadata={"help": "Longest training sequence in tokens; 0 = the model's context (1024 for GPT-2).", "run": True})
+    max_train_dialogs: int | None = field(default=None, metadata={"help": "Use only the first N training dialogues (debugging).", "run": True})
+    max_eval_dialogs: int | None = field(default=None, metadata={"help": "Use only the first N validation dialogues (debugging).", "run": True})
+    keep_overlap: bool = field(default=False, metadata={"help": "Keep the release splits: no de-duplication of train, no removal of train dialogues from validation/test.", "run": True})
+    clean_text: bool = field(default=True, metadata={"help": "Detokenise the release text into natural text (--no-clean-text keeps it as released).", "run": True})
+    loss_on: str = field(default="all", metadata={"help": "'all': every turn is a target; 'responses': no loss on each dialogue's first turn.", "choices": ("all", "responses"), "run": True})
+    batching: str = field(default="pack", metadata={"help": "'pack': several dialogues a row, attention kept inside each; 'pad': dynamic padding with length-grouped batches.", "choices": ("pack", "pad"), "run": True})
 
     # --- optimisation -------------------------------------------------------------------------------------------
-    epochs: float = field(default=3.0, metadata={"help": "Passes over the training data."})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimiser steps (overrides --epochs when > 0)."})
+    epochs: float = field(default=3.0, metadata={"help": "Passes over the training data.", "run": True})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimiser steps (overrides --epochs when > 0).", "run": True})
     # 16 dialogues of ~123 tokens (~2k tokens a step) keep GPT-2 small's activations at a few GB in fp16, far below
-    # a T4's 15 GB even for the longest (~900-token) dialogues; auto_find_batch_size halves it on out-of-memory.
-    batch_size: int = field(default=16, metadata={"help": "Dialogues per device per step (before gradient accumulation)."})
+    # a T4's 15 GB even for the longest (~900-token) dialogues. Out of memory stops the run with settings that fit.
+    batch_size: int = field(default=16, metadata={"help": "Dialogues per device per step (before gradient accumulation).", "run": True})
     eval_batch_size: int = field(default=32, metadata={"help": "Dialogues per device per evaluation batch."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches accumulated into one optimiser step."})
-    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (AdamW), reached after warmup, then linear decay to 0."})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of the steps spent warming the learning rate up."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    optim: str = field(default="auto", metadata={"help": "Trainer optimiser name (adamw_torch_fused, adamw_bnb_8bit, ...); 'auto' = fused AdamW on CUDA, AdamW elsewhere."})
-    precision: str = field(default="auto", metadata={"help": "'auto' (fp16 below compute capability 8.0, bf16 from 8.0, fp32 on CPU), 'fp16', 'bf16' or 'fp32'."})
-    seed: int = field(default=42, metadata={"help": "Seed for initialisation, shuffling and dropout."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches accumulated into one optimiser step.", "run": True})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (AdamW), reached after warmup, then linear decay to 0.", "run": True})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of the steps spent warming the learning rate up.", "run": True})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay.", "run": True})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm.", "run": True})
+    optim: str = field(default="auto", metadata={"help": "Trainer optimiser name (adamw_torch_fused, adamw_bnb_8bit, ...); 'auto' = fused AdamW on CUDA, AdamW elsewhere.", "run": True})
+    precision: str = field(default="auto", metadata={"help": "'auto' (fp16 below compute capability 8.0, bf16 from 8.0, fp32 on CPU), 'fp16', 'bf16' or 'fp32'.", "choices": ("auto", "fp16", "bf16", "fp32")})
+    seed: int = field(default=42, metadata={"help": "Seed for initialisation, shuffling and dropout.", "run": True})
 
     # --- evaluation, logging, checkpoints ---------------------------------------------------------------------------
     eval_steps: int = field(default=0, metadata={"help": "Evaluate (and checkpoint) every N steps; 0 = once an epoch."})
@@ -83,11 +91,11 @@ class TrainConfig:
     # --- speed and scale ----------------------------------------------------------------------------------------
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (pays a warm-up; sequence lengths are bucketed to limit recompiles)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass to save memory."})
-    method: str = field(default="full", metadata={"help": "'full' fine-tuning or 'lora' (PEFT adapters, merged into the saved model)."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling (alpha / r multiplies the update)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    lora_targets: str = field(default="c_attn,c_proj", metadata={"help": "Comma-separated GPT-2 Conv1D modules that get adapters (c_attn, c_proj, c_fc)."})
+    method: str = field(default="full", metadata={"help": "'full' fine-tuning or 'lora' (PEFT adapters, merged into the saved model).", "choices": ("full", "lora"), "run": True})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank.", "run": True})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling (alpha / r multiplies the update).", "run": True})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input.", "run": True})
+    lora_targets: str = field(default="c_attn,c_proj", metadata={"help": "Comma-separated GPT-2 Conv1D modules that get adapters (c_attn, c_proj, c_fc).", "run": True})
     t4_presets: bool = field(default=True, metadata={"help": "On a ~15 GB GPU, switch large GPT-2 sizes to settings that fit (LoRA, 8-bit optimiser, checkpointing)."})
 
     def __post_init__(self) -> None:
@@ -121,15 +129,10 @@ class TrainConfig:
             raise bad("system_interval_s", f"must be > 0, got {self.system_interval_s}")
         if not 0 <= self.lora_dropout < 1:
             raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        choices = {
-            "loss_on": ("all", "responses"),
-            "batching": ("pack", "pad"),
-            "precision": ("auto", "fp16", "bf16", "fp32"),
-            "method": ("full", "lora"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise bad(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for item in config_fields():
+            allowed = item.metadata.get("choices")
+            if allowed and getattr(self, item.name) not in allowed:
+                raise bad(item.name, f"must be one of {', '.join(allowed)}, got {getattr(self, item.name)!r}")
         for name in ("model", "data", "output_dir", "logs_dir", "images_dir", "cache_dir"):
             if not str(getattr(self, name)).strip():
                 raise bad(name, "must not be empty")
@@ -144,6 +147,17 @@ class TrainConfig:
 
 def config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(TrainConfig))
+
+
+def run_defining_fields() -> list[str]:
+    """The settings that define a run (marked `run` above): a checkpoint resumes only under the same values."""
+    return [item.name for item in config_fields() if item.metadata.get("run")]
+
+
+def changed_fields(config: TrainConfig) -> set[str]:
+    """The settings that differ from their defaults: what a caller that cannot say which it typed has chosen."""
+    defaults = TrainConfig()
+    return {item.name for item in config_fields() if getattr(config, item.name) != getattr(defaults, item.name)}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

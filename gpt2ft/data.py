@@ -36,6 +36,10 @@ HUB_REPO = "li2017dailydialog/daily_dialog"
 HUB_REVISION = "refs/convert/parquet"
 ZIP_URL = "http://yanran.li/files/ijcnlp_dailydialog.zip"
 ZIP_NAME = "ijcnlp_dailydialog.zip"
+# The release zip's size and SHA-256, as recorded by the datasets library's daily_dialog loader
+# (huggingface/datasets, datasets/daily_dialog/dataset_infos.json, "download_checksums").
+ZIP_SIZE = 4_475_921
+ZIP_SHA256 = "c641e88cbf21fd7c1b57289387f9107d33fe8685a2b37fe8066b82776535ea89"
 DATA_LICENSE = "CC BY-NC-SA 4.0 (non-commercial)"
 EOU = "__eou__"
 IGNORE_INDEX = -100
@@ -295,16 +299,39 @@ def download_hub_parquet(cache_dir: Path) -> Path:
     return target
 
 
-def download_zip(cache_dir: Path, url: str = ZIP_URL) -> Path:
-    """Download the official zip into `cache_dir` (written under a temporary name, then renamed)."""
+def download_zip(cache_dir: Path, url: str = ZIP_URL, size: int = ZIP_SIZE, sha256: str = ZIP_SHA256) -> Path:
+    """Download the official zip into `cache_dir`, streamed to disk and checked against its known size and SHA-256.
+
+    The zip comes over plain http (the only address it has), so its bytes are trusted only when they are the
+    release's. Written under a temporary name and renamed when complete and checked.
+
+    Raises:
+        DataError: the download's size or checksum is not the release's (nothing is kept).
+    """
+    import hashlib
+
     target = cache_dir / ZIP_NAME
     if target.is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(f".zip.part-{os.getpid()}")  # one per process: ranks may download at once
-    with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-        out.write(response.read())
-    partial.replace(target)
+    digest, received = hashlib.sha256(), 0
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            while chunk := response.read(1 << 20):
+                received += len(chunk)
+                if received > size:
+                    raise DataError(f"{url}: more than the release's {size:,} bytes; not the DailyDialog zip")
+                digest.update(chunk)
+                out.write(chunk)
+        if received != size or digest.hexdigest() != sha256:
+            raise DataError(
+                f"{url}: got {received:,} bytes with SHA-256 {digest.hexdigest()[:16]}..., but the release has {size:,} "
+                f"bytes and SHA-256 {sha256[:16]}...; not the DailyDialog zip (download it by hand and pass --data)"
+            )
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
     return target
 
 

@@ -9,13 +9,17 @@ training each process scores its own share of the rows and the sums are added ac
 
 from __future__ import annotations
 
-import contextlib
+import json
 import math
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+
+from .logs import write_jsonl
+from .modeling import autocast_context, device_precision, without_kv_cache
 
 
 def perplexity(loss: float) -> float:
@@ -29,12 +33,12 @@ def perplexity(loss: float) -> float:
 def batch_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token NLLs over the labelled positions of one batch, and how many there are.
 
-    `use_cache=False` matters for packed rows: GPT-2 with SDPA builds the per-dialogue (block-diagonal) mask from
-    `position_ids` only when no KV cache is in play.
+    Call it inside `modeling.without_kv_cache(model)` (evaluate_loss does): packed rows stay apart only without a KV
+    cache.
     """
     labels = batch["labels"]
     inputs = {key: value for key, value in batch.items() if key in ("input_ids", "attention_mask", "position_ids")}
-    logits = model(**inputs, use_cache=False).logits
+    logits = model(**inputs).logits
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     total = F.cross_entropy(
@@ -50,7 +54,7 @@ def evaluate_loss(
     collator: Callable[[list[dict]], dict[str, torch.Tensor]],
     batch_size: int,
     device: torch.device | str | None = None,
-    autocast_dtype: torch.dtype | None = None,
+    precision: str = "fp32",
     rank: int = 0,
     world_size: int = 1,
 ) -> dict[str, float]:
@@ -62,7 +66,7 @@ def evaluate_loss(
         collator: turns a list of rows into a batch (padding or packing).
         batch_size: rows per batch.
         device: where to run; defaults to the model's device.
-        autocast_dtype: fp16/bf16 autocast on CUDA, None for full precision.
+        precision: "fp16"/"bf16" (autocast on CUDA) or "fp32": training's precision, so the numbers agree.
         rank, world_size: under data parallelism, this process scores rows rank, rank + world_size, ...; the sums
             are all-reduced so every process returns the loss of the whole split.
 
@@ -77,12 +81,7 @@ def evaluate_loss(
     loader = DataLoader(features, batch_size=batch_size, shuffle=False, collate_fn=collator)
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
-    amp = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None and device.type == "cuda"
-        else contextlib.nullcontext()
-    )
-    with amp:
+    with autocast_context(precision, device), without_kv_cache(model):
         for batch in loader:
             batch = {key: value.to(device) for key, value in batch.items() if isinstance(value, torch.Tensor)}
             total, tokens = batch_nll(model, batch)
@@ -127,32 +126,28 @@ def evaluate_dialogs(
     batch_size: int = 16,
     batching: str = "pack",
     dump_path: str | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Loss and perplexity of `model` on a split of dialogues (column `dialog`), formatted as in training.
 
     Args:
         dump_path: if given, write each scored sequence as {"input_ids", "labels"} (one JSON line each, unpadded)
             so the loss can be recomputed independently.
+        precision: None = the precision training uses on the model's device (modeling.device_precision).
 
     Returns:
         {"dialogs", "tokens", "loss", "perplexity"}
     """
-    import json
-    from pathlib import Path
-
     from .data import DialogueCollator, iter_dump_records, tokenize_dialogs
     from .modeling import model_context
 
     context = model_context(model)
     rows = tokenize_dialogs(dialogs, tokenizer, min(max_length or context, context), loss_on)
     if dump_path:
-        Path(dump_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(dump_path, "w", encoding="utf-8") as out:
-            for record in iter_dump_records(rows):
-                out.write(json.dumps(record) + "\n")
+        write_jsonl(dump_path, list(iter_dump_records(rows)))
     device = next(model.parameters()).device
-    autocast = torch.float16 if device.type == "cuda" else None
-    result = evaluate_loss(model, rows, DialogueCollator(tokenizer, batching), batch_size, device, autocast)
+    precision = precision or device_precision(device)
+    result = evaluate_loss(model, rows, DialogueCollator(tokenizer, batching), batch_size, device, precision)
     return {"dialogs": len(dialogs), "tokens": result["tokens"], "loss": result["loss"], "perplexity": result["perplexity"]}
 
 
@@ -181,70 +176,80 @@ def has_repeated_ngram(text: str, n: int = 3) -> bool:
     return len(grams) != len(set(grams))
 
 
-def reply_metrics(replies: Sequence[Any]) -> dict[str, float]:
-    """eos_rate, mean_reply_tokens, distinct_1, distinct_2 and repeat_rate of generated replies (gpt2ft Reply)."""
-    count = len(replies)
-    texts = [reply.text for reply in replies]
+def reply_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """eos_rate, mean_reply_tokens, distinct_1, distinct_2 and repeat_rate of `sample_replies` records."""
+    count = len(records)
+    texts = [record["reply"] for record in records]
     return {
         "samples": count,
-        "eos_rate": sum(reply.ended_with_eos for reply in replies) / count if count else 0.0,
-        "mean_reply_tokens": sum(reply.tokens for reply in replies) / count if count else 0.0,
+        "eos_rate": sum(record["ended_with_eos"] for record in records) / count if count else 0.0,
+        "mean_reply_tokens": sum(record["tokens"] for record in records) / count if count else 0.0,
         "distinct_1": distinct_n(texts, 1),
         "distinct_2": distinct_n(texts, 2),
         "repeat_rate": sum(has_repeated_ngram(text, 3) for text in texts) / count if count else 0.0,
     }
 
 
-def cut_point(turns: Sequence[str]) -> int:
+def cut_point(turns: Sequence[Any]) -> int:
     """Where a held-out dialogue is cut: the first half of its turns (at least one) is context, the next turn is
     the reference reply. Deterministic, so every model is asked the same questions."""
     return max(1, len(turns) // 2)
 
 
-def evaluate_replies(
+def sample_replies(
     model: Any,
     tokenizer: Any,
     dialogs: Any,
-    samples: int,
-    samples_out: str | None = None,
+    count: int,
     greedy: bool = False,
     seed: int | None = 0,
+    before_each: Callable[[dict[str, Any]], None] | None = None,
+    streamer: Any = None,
     **settings: Any,
-) -> dict[str, float]:
-    """Generate the next turn for `samples` held-out dialogues and measure the replies.
+) -> list[dict[str, Any]]:
+    """The model's next turn for the first `count` held-out dialogues of at least two turns: the one way gpt2ft
+    samples replies (the model card, the notebook, `eval --samples` and `compare` all use it).
 
-    Each dialogue (with at least two turns) is cut by `cut_point`; the model answers the context with the same
-    decoding settings for every model. Sampling is seeded once, so a run is reproducible.
+    Each dialogue is cut by `cut_point`; the model answers the context with the same decoding settings for every
+    model. Sampling is seeded once, so a run is reproducible.
+
+    Args:
+        before_each: called with each record (context and reference, no reply yet) before its reply is generated,
+            e.g. to print the context ahead of a streamed reply.
+        streamer: a transformers streamer that shows each reply as it is written.
+        settings: decoding overrides (greedy, max_new_tokens, temperature, ...), see generate.generate_reply.
 
     Returns:
-        {"samples", "eos_rate", "mean_reply_tokens", "distinct_1", "distinct_2", "repeat_rate"}; the (context,
-        reference, reply) triples go to `samples_out` as JSON lines when given.
+        [{"context", "reference", "reply", "ended_with_eos", "tokens"}]
     """
-    import json
-    from pathlib import Path
-
     from .generate import generate_reply
 
     if seed is not None:
         torch.manual_seed(seed)
-    replies, records = [], []
+    records: list[dict[str, Any]] = []
     for turns in dialogs["dialog"]:
-        if len(replies) >= samples:
+        if len(records) >= count:
             break
         if len(turns) < 2:
             continue
         cut = cut_point(turns)
-        reply = generate_reply(model, tokenizer, turns[:cut], greedy=greedy, **settings)
-        replies.append(reply)
-        records.append(
-            {"context": list(turns[:cut]), "reference": turns[cut], "reply": reply.text, "ended_with_eos": reply.ended_with_eos, "tokens": reply.tokens}
-        )
+        record: dict[str, Any] = {"context": list(turns[:cut]), "reference": turns[cut]}
+        if before_each is not None:
+            before_each(record)
+        reply = generate_reply(model, tokenizer, record["context"], greedy=greedy, streamer=streamer, **settings)
+        record.update(reply=reply.text, ended_with_eos=reply.ended_with_eos, tokens=reply.tokens)
+        records.append(record)
+    return records
+
+
+def evaluate_replies(
+    model: Any, tokenizer: Any, dialogs: Any, samples: int, samples_out: str | None = None, **decoding: Any
+) -> dict[str, float]:
+    """`sample_replies` for `samples` dialogues, measured by `reply_metrics`; the records go to `samples_out`."""
+    records = sample_replies(model, tokenizer, dialogs, samples, **decoding)
     if samples_out:
-        Path(samples_out).parent.mkdir(parents=True, exist_ok=True)
-        with open(samples_out, "w", encoding="utf-8") as out:
-            for record in records:
-                out.write(json.dumps(record) + "\n")
-    return reply_metrics(replies)
+        write_jsonl(samples_out, records)
+    return reply_metrics(records)
 
 
 def compare_models(

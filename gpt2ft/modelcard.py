@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .data import DATA_LICENSE, HUB_REPO
+from .logs import as_float
 
 NA = "n/a"
 DATA_LICENSE_URL = "https://creativecommons.org/licenses/by-nc-sa/4.0/"
@@ -39,15 +40,9 @@ DAILYDIALOG_BIBTEX = """@inproceedings{li-etal-2017-dailydialog,
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return None if math.isnan(value) else float(value)
-
-
 def format_float(value: Any, digits: int = 4) -> str:
     """`value` with `digits` decimals ("inf" for infinity, "n/a" for missing or not a number)."""
-    number = _number(value)
+    number = as_float(value)
     if number is None:
         return NA
     if math.isinf(number):
@@ -62,13 +57,13 @@ def format_loss(value: Any) -> str:
 
 def format_perplexity(value: Any) -> str:
     """A perplexity as the card shows it: 2 decimals, thousands separated (an untrained model scores ~50,000)."""
-    number = _number(value)
+    number = as_float(value)
     return f"{number:,.2f}" if number is not None and math.isfinite(number) else format_float(value, 2)
 
 
 def format_int(value: Any) -> str:
     """A count with thousands separators: 1,360,000."""
-    number = _number(value)
+    number = as_float(value)
     if number is None or math.isinf(number):
         return NA
     return f"{round(number):,}"
@@ -78,7 +73,7 @@ def format_short(value: Any) -> str:
     """A setting as written (5e-05, 0.01, 16, 2.5); True/False as yes/no."""
     if isinstance(value, bool):
         return "yes" if value else "no"
-    number = _number(value)
+    number = as_float(value)
     if number is None:
         return NA if value is None or isinstance(value, (int, float)) else str(value)
     if number.is_integer() and abs(number) < 1e15:
@@ -88,7 +83,7 @@ def format_short(value: Any) -> str:
 
 def format_duration(seconds: Any) -> str:
     """"42.0 s", "12 min 05 s" or "2 h 03 min 10 s"."""
-    number = _number(seconds)
+    number = as_float(seconds)
     if number is None or math.isinf(number) or number < 0:
         return NA
     if number < 60:
@@ -225,9 +220,9 @@ def _data(metrics: Mapping[str, Any], training_config: Mapping[str, Any], settin
 def _settings(
     metrics: Mapping[str, Any], training_config: Mapping[str, Any], settings: Mapping[str, Any], base_model: str
 ) -> str:
-    batch = _number(settings.get("batch_size"))
-    accumulation = _number(settings.get("gradient_accumulation_steps"))
-    world = _number(metrics.get("world_size")) or 1
+    batch = as_float(settings.get("batch_size"))
+    accumulation = as_float(settings.get("gradient_accumulation_steps"))
+    world = as_float(metrics.get("world_size")) or 1
     effective = format_int(batch * accumulation * world) if batch is not None and accumulation is not None else NA
     max_steps = settings.get("max_steps")
     method = metrics.get("method") or settings.get("method") or NA
@@ -244,7 +239,7 @@ def _settings(
         ("trainable / total parameters",
          f"{format_int(metrics.get('trainable_parameters'))} / {format_int(metrics.get('total_parameters'))}"),
         ("epochs", f"{format_float(metrics.get('epochs'), 2)} completed ({format_short(settings.get('epochs'))} configured"
-         + (f", stopped at --max-steps {format_short(max_steps)})" if (_number(max_steps) or 0) > 0 else ")")),
+         + (f", stopped at --max-steps {format_short(max_steps)})" if (as_float(max_steps) or 0) > 0 else ")")),
         ("optimiser steps", format_int(metrics.get("steps"))),
         ("batch size per device x accumulation x devices", f"{format_short(settings.get('batch_size'))} x "
          f"{format_short(settings.get('gradient_accumulation_steps'))} x {format_int(world)} = {effective} dialogues"),

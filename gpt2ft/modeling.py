@@ -6,6 +6,7 @@ Weights are loaded from safetensors only (never a pickle), with no remote code. 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 
+# The autocast dtype of each precision: the one map training, evaluation and the benchmark use.
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 GPT2_SIZES = {"gpt2": 124e6, "gpt2-medium": 355e6, "gpt2-large": 774e6, "gpt2-xl": 1558e6}
@@ -59,8 +62,11 @@ def check_model_source(name: str) -> None:
 
 
 def load_tokenizer(name: str) -> Any:
-    """GPT-2's fast tokenizer, with pad = EOS (GPT-2 has no pad token; labels, not ids, mark padding here)."""
+    """GPT-2's fast tokenizer, with pad = EOS (GPT-2 has no pad token; labels, not ids, mark padding here) and a
+    chat template: its own, or gpt2ft's (chat_format.CHAT_TEMPLATE) when it has none."""
     from transformers import AutoTokenizer
+
+    from .chat_format import ensure_chat_template
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
@@ -70,7 +76,7 @@ def load_tokenizer(name: str) -> Any:
         raise ModelError(f"--model {name}: the tokenizer has no EOS token")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return ensure_chat_template(tokenizer)
 
 
 def load_model(name: str, dtype: torch.dtype | None = None) -> Any:
@@ -194,3 +200,38 @@ def choose_precision(requested: str, hardware: Hardware) -> tuple[str, str]:
     if hardware.capability >= (8, 0):
         return "bf16", f"{hardware.name} has compute capability {major}.{minor} >= 8.0: bf16 units (no loss scaling needed)"
     return "fp16", f"{hardware.name} has compute capability {major}.{minor} < 8.0: fp16 with loss scaling (no bf16 units)"
+
+
+def autocast_context(precision: str, device: torch.device | str) -> Any:
+    """torch.autocast for `precision` on a CUDA device; a no-op for fp32 or off CUDA."""
+    dtype = AUTOCAST_DTYPES[precision]
+    device = torch.device(device)
+    if dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def device_precision(device: torch.device | str) -> str:
+    """The precision gpt2ft trains in on `device` (choose_precision's automatic rule), for evaluation outside training."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "fp32"
+    props = torch.cuda.get_device_properties(device)
+    return choose_precision("auto", Hardware("cuda", props.name, (props.major, props.minor), props.total_memory / 2**30))[0]
+
+
+@contextlib.contextmanager
+def without_kv_cache(model: Any):
+    """Run forward passes with the model's KV cache off, whatever the caller passes.
+
+    Packed rows rely on it: GPT-2's SDPA attention turns restarting `position_ids` into a block-diagonal mask (so no
+    token attends across a dialogue boundary) only when no cache is in play. Setting it on the config makes every
+    forward -- the Trainer's, the library's own prediction_step, gpt2ft's evaluation -- safe by construction.
+    """
+    config = model.config
+    was = getattr(config, "use_cache", True)
+    config.use_cache = False
+    try:
+        yield model
+    finally:
+        config.use_cache = was

@@ -49,25 +49,30 @@ class SystemMonitor:
             trainer.train()
 
     Args:
-        path: the JSONL file to append to (its folder is created).
+        path: the JSONL file to append to (its folder is created); None keeps no file, only `peak_rss_mb` (the
+            benchmark and `prepare` measure peak memory this way).
         interval_s: seconds between samples.
         step_getter: returns the current training step, recorded with each sample.
         gpu: sample the GPU; None = when torch is imported and CUDA is available.
         device_index: the CUDA device to sample; None = the current device (LOCAL_RANK before CUDA starts).
+        only: read only these field groups (of "step", "cpu", "memory", "disk", "network", "nvml", "torch_cuda").
     """
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | None,
         interval_s: float,
         step_getter: Callable[[], int] | None = None,
         *,
         gpu: bool | None = None,
         device_index: int | None = None,
+        only: tuple[str, ...] | None = None,
     ) -> None:
         if not interval_s > 0:
             raise ValueError(f"interval_s must be positive, got {interval_s}")
-        self.path = Path(path)
+        self.path = Path(path) if path is not None else None
+        self.only = only
+        self.peak_rss_mb = 0.0
         self.interval_s = float(interval_s)
         self.step_getter = step_getter
         self.samples = 0
@@ -130,6 +135,10 @@ class SystemMonitor:
         self._write(self.sample())
 
     def _write(self, record: dict[str, Any]) -> None:
+        self.peak_rss_mb = max(self.peak_rss_mb, record.get("process_rss_mb", 0.0))
+        if self.path is None:
+            self.samples += 1
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as out:
@@ -182,6 +191,8 @@ class SystemMonitor:
                    ("network", self._read_network)]
         if self._gpu_wanted:
             readers += [("nvml", self._read_nvml), ("torch_cuda", self._read_torch_cuda)]
+        if self.only is not None:
+            readers = [(name, reader) for name, reader in readers if name in self.only]
         for name, reader in readers:
             try:
                 record.update(reader())

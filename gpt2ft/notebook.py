@@ -15,12 +15,11 @@ import gc
 import math
 import os
 import platform
-import shlex
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from .config import TrainConfig, build_config, config_fields, flag_name
+from .config import TrainConfig, build_config, config_fields, render_flag
 
 DRIVE_MOUNT = "/content/drive"
 DRIVE_FOLDER = "gpt2ft"
@@ -81,35 +80,35 @@ def make_config(
     num_train_epochs: float,
     drive_root: str | Path | None = None,
     **settings: Any,
-) -> TrainConfig:
-    """One TrainConfig from the notebook's parameters (the same dataclass the CLI builds from its flags).
+) -> tuple[TrainConfig, set[str]]:
+    """One TrainConfig from the notebook's parameters (the same dataclass the CLI builds from its flags), and the
+    names of the settings the notebook set.
 
     Args:
         model_name, data_source, num_train_epochs: TrainConfig's `model`, `data` and `epochs`; the notebook uses
             the longer names because a learner meets them before knowing the config.
         drive_root: from `mount_drive`; output, logs and images then live on Google Drive.
-        settings: any other TrainConfig field by its own name (max_steps, batch_size, learning_rate, seed, ...).
+        settings: any other TrainConfig field by its own name (max_steps, batch_size, learning_rate, seed, ...);
+            None leaves a setting to gpt2ft (its default, or the T4 preset for a large model).
 
     Raises:
         ConfigError: a value has the wrong type or is out of range; the message names the setting.
     """
     paths = resolve_paths(output_dir, logs_dir, images_dir, drive_root)
-    return build_config(model=model_name, data=data_source, cache_dir=cache_dir, epochs=num_train_epochs, **paths, **settings)
+    chosen = {name: value for name, value in settings.items() if value is not None}
+    values = dict(model=model_name, data=data_source, cache_dir=cache_dir, epochs=num_train_epochs, **paths, **chosen)
+    return build_config(**values), set(values)
 
 
 def equivalent_command(config: TrainConfig) -> str:
     """The `python -m gpt2ft train ...` command that runs the same training outside the notebook."""
     defaults = TrainConfig()
-    parts = ["python", "-m", "gpt2ft", "train"]
-    for field in config_fields():
-        value, default = getattr(config, field.name), getattr(defaults, field.name)
-        if value == default or value is None:
-            continue
-        if isinstance(value, bool):
-            parts.append(flag_name(field.name) if value else "--no-" + field.name.replace("_", "-"))
-        else:
-            parts += [flag_name(field.name), shlex.quote(str(value))]
-    return " ".join(parts)
+    flags = [
+        render_flag(field.name, getattr(config, field.name))
+        for field in config_fields()
+        if getattr(config, field.name) != getattr(defaults, field.name) and getattr(config, field.name) is not None
+    ]
+    return " ".join(["python -m gpt2ft train", *flags])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -117,21 +116,16 @@ def equivalent_command(config: TrainConfig) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def environment_report(config: TrainConfig) -> dict[str, Any]:
-    """Print and return the library versions, the device, its memory and the precision training will use.
-
-    Raises:
-        ModelError: `config.precision` asks for something this machine cannot do (fp16 without a GPU, ...).
-    """
+def environment_report(plan: Any) -> dict[str, Any]:
+    """Print and return the library versions, the device, its memory and the precision training will use
+    (`plan`: training.plan_run's RunPlan, which settled them)."""
     import datasets
     import torch
     import transformers
 
     from . import __version__
-    from .modeling import choose_precision, detect_hardware
 
-    hardware = detect_hardware()
-    precision, reason = choose_precision(config.precision, hardware)
+    hardware, precision, reason = plan.hardware, plan.precision, plan.precision_reason
     report: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -226,17 +220,6 @@ def format_turns(turns: Sequence[str]) -> str:
     return "\n".join(f"{'AB'[index % 2]}: {turn}" for index, turn in enumerate(turns))
 
 
-def dialog_token_lengths(dialogs: Any, tokenizer: Any) -> list[int]:
-    """Tokens each dialogue takes in the training format: a leading EOS, then every turn followed by EOS."""
-    all_turns = [turn for turns in dialogs["dialog"] for turn in turns]
-    encoded = tokenizer(all_turns, add_special_tokens=False)["input_ids"] if all_turns else []
-    lengths, position = [], 0
-    for turns in dialogs["dialog"]:
-        lengths.append(1 + sum(len(ids) + 1 for ids in encoded[position : position + len(turns)]))
-        position += len(turns)
-    return lengths
-
-
 def plot_token_lengths(lengths: Sequence[int], images_dir: str | Path, limit: int | None = None, title: str = "Tokens per training dialogue") -> Path:
     """Draw the token-length histogram, save it as `<images_dir>/token_lengths.png`, show it, and print its summary.
 
@@ -247,12 +230,12 @@ def plot_token_lengths(lengths: Sequence[int], images_dir: str | Path, limit: in
         The PNG's path.
     """
     from .charts import plot_length_histogram, save_figure
+    from .logs import percentile
 
     path = save_figure(plot_length_histogram(lengths, title=title, limit=limit), Path(images_dir) / LENGTH_CHART)
     values = sorted(lengths)
     if values:
-        # The same percentile definition as the chart's marks, so the printed numbers match the picture.
-        median, p99 = (values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))] for q in (0.5, 0.99))
+        median, p99 = percentile(values, 0.5), percentile(values, 0.99)  # the chart's marks
         over = sum(value > limit for value in values) if limit else 0
         print(
             f"{len(values):,} dialogues, {sum(values):,} tokens: mean {sum(values) / len(values):.1f}, "
@@ -263,33 +246,34 @@ def plot_token_lengths(lengths: Sequence[int], images_dir: str | Path, limit: in
     return path
 
 
-def context_length(config: TrainConfig) -> int:
-    """Longest training sequence: `config.max_length`, or the model's context (GPT-2: 1024) when that is 0 — the
-    same value (and the same check) `train()` uses."""
-    from .modeling import load_model_config
-    from .training import resolve_max_length
+def show_chat_format(turns: Sequence[str], tokenizer: Any) -> str:
+    """Print and return a dialogue as the model is trained on it: rendered by the model's chat template."""
+    from .chat_format import as_messages
 
-    return resolve_max_length(config, load_model_config(config.model))
+    text = tokenizer.apply_chat_template(as_messages(turns), tokenize=False)
+    print(text)
+    return text
 
 
-def label_table(turns: Sequence[str], tokenizer: Any, max_length: int, loss_on: str = "all", limit: int = 40) -> Any:
-    """The first tokens of one dialogue as the model sees them in training, and which ones it learns to predict.
+def label_table(row: dict[str, Any], tokenizer: Any, limit: int = 40) -> Any:
+    """The first tokens of one training row as the model sees them, and which ones it learns to predict.
 
     A token with label -100 is context only: the loss ignores it. Every other token is a target, predicted from
     the tokens before it (the model shifts the labels by one internally).
+
+    Args:
+        row: a tokenised row (data.tokenize_dialogs: input_ids, labels).
 
     Returns:
         A table with one row a token: token (as text), id, label, trained (yes/no).
     """
     import pandas as pd
 
-    from .data import IGNORE_INDEX, window_dialog
+    from .data import IGNORE_INDEX
 
-    turn_ids = [tokenizer(turn, add_special_tokens=False)["input_ids"] for turn in turns]
-    input_ids, labels = window_dialog(turn_ids, tokenizer.eos_token_id, max_length, loss_on)[0]
     rows = [
         {"token": repr(tokenizer.decode([token])), "id": token, "label": label, "trained": "no" if label == IGNORE_INDEX else "yes"}
-        for token, label in zip(input_ids[:limit], labels[:limit])
+        for token, label in zip(row["input_ids"][:limit], row["labels"][:limit])
     ]
     return pd.DataFrame(rows)
 
@@ -308,32 +292,31 @@ def token_stats_table(rows: Any) -> Any:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def score_splits(
-    model: Any, tokenizer: Any, dialogs: Any, config: TrainConfig, splits: Sequence[str] = ("validation", "test"), label: str = ""
-) -> dict[str, dict[str, Any]]:
-    """Loss and perplexity of `model` on held-out splits, formatted and scored exactly as training evaluates.
+def score_splits(model: Any, tokenizer: Any, rows: Any, plan: Any, splits: Sequence[str] = ("validation", "test"), label: str = "") -> dict[str, dict[str, Any]]:
+    """Loss and perplexity of `model` on the tokenised held-out splits, scored exactly as training evaluates them
+    (same rows, collator, batch size and precision), on the training device.
 
     Returns:
-        split -> evaluation.evaluate_dialogs result ({"dialogs", "tokens", "loss", "perplexity"}).
+        split -> {"loss", "perplexity", "tokens"} (evaluation.evaluate_loss).
     """
-    from .evaluation import evaluate_dialogs
+    from .data import DialogueCollator
+    from .evaluation import evaluate_loss
 
+    model.to(plan.args.device)
+    collator = DialogueCollator(tokenizer, plan.config.batching)
     results = {}
     for split in splits:
-        result = evaluate_dialogs(
-            model, tokenizer, dialogs[split], max_length=config.max_length or None, loss_on=config.loss_on,
-            batch_size=config.eval_batch_size, batching=config.batching,
-        )
+        result = evaluate_loss(model, rows[split], collator, plan.config.eval_batch_size, plan.args.device, plan.precision)
         results[split] = result
         print(
             f"{split}{' ' + label if label else ''}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
-            f"({result['tokens']:,} target tokens in {result['dialogs']:,} dialogues)"
+            f"({result['tokens']:,} target tokens in {len(rows[split]):,} rows)"
         )
     return results
 
 
 def before_after_table(before: dict[str, dict[str, Any]], metrics: dict[str, Any]) -> Any:
-    """Validation and test loss and perplexity before fine-tuning (`score_splits`) and after (train()'s metrics).
+    """Validation and test loss and perplexity before fine-tuning (`score_splits`) and after (the run's metrics).
 
     Returns:
         A table with one row a split: loss and perplexity before and after, and how many times lower the perplexity is.
@@ -356,22 +339,34 @@ def before_after_table(before: dict[str, dict[str, Any]], metrics: dict[str, Any
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-def compare_replies(
-    base_model: str, tuned_model: str, dialogs: Any, config: TrainConfig, samples: int, seed: int | None = 0
-) -> list[dict[str, Any]]:
-    """Print and return evaluation.compare_models' table: perplexity and reply statistics of both models.
+def score_replies(model: Any, tokenizer: Any, dialogs: Any, samples: int, seed: int | None = 0) -> dict[str, Any]:
+    """The model's replies to `samples` held-out contexts (evaluation.sample_replies) and their statistics
+    (evaluation.reply_metrics). Called once before training on the base model and once after on the tuned one.
 
-    Both models answer the same held-out contexts with the same decoding settings; see evaluation.reply_metrics
+    Returns:
+        reply_metrics' fields plus "records" (context, reference, reply of each sample).
+    """
+    from .evaluation import reply_metrics, sample_replies
+
+    records = sample_replies(model, tokenizer, dialogs, samples, seed=seed)
+    return {**reply_metrics(records), "records": records}
+
+
+def comparison_table(before: dict[str, Any], before_replies: dict[str, Any], metrics: dict[str, Any], after_replies: dict[str, Any]) -> str:
+    """Print and return the before/after table of test perplexity and reply statistics (evaluation.format_comparison).
+
+    Both models answered the same held-out contexts with the same decoding settings; see evaluation.reply_metrics
     for what each column means.
     """
-    from .evaluation import compare_models, format_comparison
+    from .evaluation import format_comparison
 
-    rows = compare_models(
-        {"before (base)": base_model, "after (fine-tuned)": tuned_model}, dialogs, samples=samples,
-        loss_on=config.loss_on, max_length=config.max_length or None, seed=seed,
-    )
-    print(format_comparison(rows))
-    return rows
+    rows = [
+        {"label": "before (base)", "perplexity": before["test"]["perplexity"], **before_replies},
+        {"label": "after (fine-tuned)", "perplexity": metrics["test_perplexity"], **after_replies},
+    ]
+    table = format_comparison(rows)
+    print(table)
+    return table
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -379,26 +374,29 @@ def compare_replies(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def describe_resume(config: TrainConfig) -> str | None:
-    """Say whether train() will resume from a checkpoint left in the output folder (a Colab disconnect) or start fresh.
+def describe_resume(plan: Any, prepared: Any) -> str | None:
+    """Say whether training resumes from a checkpoint of this run (left by a Colab disconnect) or starts fresh.
 
     Returns:
-        The checkpoint train() will resume from, or None.
-    """
-    from .training import CHECKPOINTS, complete_checkpoints, find_resume_checkpoint
+        The checkpoint training resumes from (training.resume_point), or None.
 
-    checkpoint_dir = Path(config.output_dir) / CHECKPOINTS
-    resume_from = find_resume_checkpoint(checkpoint_dir, config.resume)
+    Raises:
+        TrainingError: the checkpoint belongs to a run with other settings (the message says what to do).
+    """
+    from .checkpoints import complete_checkpoints
+    from .training import resume_point
+
+    resume_from = resume_point(plan, prepared)
     if resume_from:
-        found = complete_checkpoints(checkpoint_dir)
+        found = complete_checkpoints(plan.checkpoint_dir)
         print(
-            f"Found {len(found)} complete checkpoint(s) in {checkpoint_dir}: training resumes from {resume_from} "
-            "(model, optimizer, learning-rate schedule and data order), instead of starting over."
+            f"Found {len(found)} complete checkpoint(s) in {plan.checkpoint_dir}: training resumes from {resume_from} "
+            "(model, optimizer, learning-rate schedule, data order and the run's totals), instead of starting over."
         )
-    elif config.resume == "never":
+    elif plan.config.resume == "never":
         print("resume='never': training starts from scratch.")
     else:
-        print(f"No checkpoint in {checkpoint_dir}: training starts from scratch.")
+        print(f"No checkpoint in {plan.checkpoint_dir}: training starts from scratch.")
     return resume_from
 
 
@@ -409,17 +407,15 @@ def show_image(path: str | Path) -> None:
     display(Image(filename=str(path)))
 
 
-def show_charts(logs_dir: str | Path, images_dir: str | Path) -> list[Path]:
-    """Draw the training charts from the logs into `images_dir` (charts.write_charts), and show each one.
+def show_charts(paths: Sequence[str | Path]) -> list[Path]:
+    """Show the charts a run drew (training.publish_run's `charts`); rebuild them any time with `python -m gpt2ft charts`.
 
     Returns:
-        The PNG paths (empty when there is nothing to draw).
+        The PNG paths.
     """
-    from .charts import write_charts
-
-    paths = [Path(path) for path in write_charts(logs_dir, images_dir)]
+    paths = [Path(path) for path in paths]
     if not paths:
-        print(f"No charts were written (nothing to draw from {logs_dir}).")
+        print("No charts were written (see the messages of the publish step).")
     for path in paths:
         print(path)
         show_image(path)
@@ -438,30 +434,23 @@ def make_streamer(tokenizer: Any) -> Any:
     return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def sample_replies(
-    model: Any, tokenizer: Any, dialogs: Any, count: int, seed: int | None = None, stream: bool = True, **decoding: Any
-) -> list[dict[str, str]]:
-    """The model's reply to the opening turn of the first `count` held-out dialogues, next to the real reply.
+def show_replies(model: Any, tokenizer: Any, dialogs: Any, count: int, seed: int | None = None, **decoding: Any) -> list[dict[str, Any]]:
+    """The model's reply to a few held-out conversations, streamed as it is written, next to the real reply
+    (evaluation.sample_replies: the first half of each conversation is the context).
 
     Returns:
-        [{"opening", "reference", "reply"}] in dialogue order.
+        sample_replies' records.
     """
-    from .generate import generate_reply
+    from .evaluation import sample_replies
 
-    samples = []
-    for index, turns in enumerate(dialogs["dialog"][:count]):
-        print(f"opening:   {turns[0]}")
-        print(f"real:      {turns[1] if len(turns) > 1 else '(the dialogue ends here)'}")
-        print("model:     ", end="", flush=True)
-        streamer = make_streamer(tokenizer) if stream else None
-        reply = generate_reply(
-            model, tokenizer, [turns[0]], seed=None if seed is None else seed + index, streamer=streamer, **decoding
-        )
-        if streamer is None:
-            print(reply.text)
-        print()
-        samples.append({"opening": turns[0], "reference": turns[1] if len(turns) > 1 else "", "reply": reply.text})
-    return samples
+    def show_context(record: dict[str, Any]) -> None:
+        print(format_turns(record["context"]))
+        print(f"real:  {record['reference']}")
+        print("model: ", end="", flush=True)
+
+    records = sample_replies(model, tokenizer, dialogs, count, seed=seed, before_each=show_context, streamer=make_streamer(tokenizer), **decoding)
+    print()
+    return records
 
 
 def expects_reply(line: str) -> bool:
@@ -523,30 +512,13 @@ def describe_saved_model(output_dir: str | Path) -> list[dict[str, Any]]:
     files = [
         {"file": path.relative_to(folder).as_posix(), "mb": path.stat().st_size / 2**20}
         for path in sorted(folder.rglob("*"))
-        if path.is_file() and not path.relative_to(folder).as_posix().startswith("checkpoints/")
+        if path.is_file()
     ]
     print(f"The fine-tuned model is in {folder}:")
     for entry in files:
         print(f"  {entry['file']:<28} {entry['mb']:10.2f} MB")
     print(f"  {'total':<28} {sum(entry['mb'] for entry in files):10.2f} MB")
     return files
-
-
-def hf_token() -> str | None:
-    """A Hugging Face token from Colab's Secrets (key icon, name HF_TOKEN) or the HF_TOKEN environment variable.
-
-    Read at run time only, so no token is ever written into the notebook or its outputs.
-    """
-    if in_colab():
-        try:
-            from google.colab import userdata  # type: ignore[import-not-found]
-
-            token = userdata.get("HF_TOKEN")
-            if token:
-                return token
-        except Exception:  # secret missing or notebook not granted access: fall back to the environment
-            pass
-    return os.environ.get("HF_TOKEN") or None
 
 
 def push_model_to_hub(output_dir: str | Path, repo_id: str | None, enabled: bool, private: bool = True) -> str | None:
@@ -567,17 +539,17 @@ def push_model_to_hub(output_dir: str | Path, repo_id: str | None, enabled: bool
         return None
     if not repo_id:
         raise ValueError("push_to_hub=True needs hub_repo_id, e.g. 'your-hf-name/gpt2-dailydialog'")
-    token = hf_token()
+    from huggingface_hub import HfApi, get_token
+
+    token = get_token()  # Colab's Secrets (HF_TOKEN), the HF_TOKEN variable, or a `hf auth login`
     if not token:
         raise RuntimeError(
             "push_to_hub=True needs a Hugging Face write token: in Colab add it under Secrets (key icon) as HF_TOKEN, "
             "elsewhere set the HF_TOKEN environment variable"
         )
-    from huggingface_hub import HfApi
-
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=["checkpoints/*", "checkpoints/**"])
+    api.upload_folder(repo_id=repo_id, folder_path=str(output_dir))
     url = f"https://huggingface.co/{repo_id}"
     print(f"uploaded {output_dir} to {url}")
     return url

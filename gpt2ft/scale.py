@@ -23,10 +23,10 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .config import ConfigError, TrainConfig
-from .modeling import GPT2_SIZES, Hardware, is_main_process
+from .config import ConfigError, TrainConfig, render_flag
+from .modeling import GPT2_SIZES, Hardware
 
 # Hub ids are also published under this organisation; `openai-community/gpt2-xl` is the same model as `gpt2-xl`.
 HUB_PREFIX = "openai-community/"
@@ -125,21 +125,13 @@ def preset_changes(size: str, eight_bit: bool) -> tuple[dict[str, Any], str]:
     return {}, ""
 
 
-def as_flag(name: str, value: Any) -> str:
-    """How a setting is typed on the command line: `--batch-size 8`, `--gradient-checkpointing`."""
-    flag = "--" + name.replace("_", "-")
-    if isinstance(value, bool):
-        return flag if value else "--no-" + flag[2:]
-    return f"{flag} {value}"
-
-
-def choose_presets(config: TrainConfig, hardware: Hardware) -> tuple[TrainConfig, list[str]]:
+def choose_presets(config: TrainConfig, hardware: Hardware, explicit: set[str]) -> tuple[TrainConfig, list[str]]:
     """On a ~15 GB GPU (a Colab T4), switch GPT-2 medium/large/xl to settings that fit; return the notes saying what
     changed and why.
 
-    Only settings still at their defaults are changed (a flag given with a non-default value wins; one given with
-    the default value cannot be told apart from the default). `--no-t4-presets` turns all of this off. GPT-2 small,
-    CPU/MPS, GPUs of 20 GB or more and unknown models are left alone, with no notes.
+    Only settings the user did not set are changed: `explicit` names those they typed (the CLI knows; a value typed
+    equal to the default counts as typed). `--no-t4-presets` turns all of this off. GPT-2 small, CPU/MPS, GPUs of
+    20 GB or more and unknown models are left alone, with no notes.
     """
     if not config.t4_presets or hardware.device != "cuda" or not hardware.is_t4_sized:
         return config, []
@@ -148,15 +140,8 @@ def choose_presets(config: TrainConfig, hardware: Hardware) -> tuple[TrainConfig
         return config, []
     size, _ = found
     changes, reason = preset_changes(size, bitsandbytes_installed())
-    defaults = TrainConfig()
-    applied, kept = {}, []
-    for name, value in changes.items():
-        current = getattr(config, name)
-        if current == getattr(defaults, name):
-            if current != value:
-                applied[name] = value
-        elif current != value:
-            kept.append(as_flag(name, current))
+    applied = {name: value for name, value in changes.items() if name not in explicit and getattr(config, name) != value}
+    kept = [render_flag(name, getattr(config, name)) for name, value in changes.items() if name in explicit and getattr(config, name) != value]
     # Batch size and accumulation go together (their product is the effective batch): change both or neither.
     if ("batch_size" in applied) != ("gradient_accumulation_steps" in applied):
         applied.pop("batch_size", None)
@@ -165,7 +150,7 @@ def choose_presets(config: TrainConfig, hardware: Hardware) -> tuple[TrainConfig
         return config, [f"t4 presets: {size} on {hardware.name}: your settings kept ({', '.join(kept)})"] if kept else []
     notes = [
         f"t4 presets for {size} on {hardware.name} ({hardware.memory_gb:.1f} GiB): "
-        + " ".join(as_flag(name, value) for name, value in applied.items()),
+        + " ".join(render_flag(name, value) for name, value in applied.items()),
         f"why: {reason}" + (f"; kept your {', '.join(kept)}" if kept else "") + " (turn off with --no-t4-presets)",
     ]
     return config.replace(**applied), notes
@@ -175,41 +160,6 @@ def choose_presets(config: TrainConfig, hardware: Hardware) -> tuple[TrainConfig
 # Optimizer check
 # --------------------------------------------------------------------------------------------------------------
 
-# Optimizers the Trainer imports from another package, by name prefix -> that package (bitsandbytes is probed
-# separately, because it can be installed yet unable to run on this device).
-OPTIONAL_PACKAGES = {
-    "galore_": "galore_torch",
-    "apollo_": "apollo_torch",
-    "adamw_torch_4bit": "torchao",
-    "adamw_torch_8bit": "torchao",
-    "schedule_free_": "schedulefree",
-    "lomo": "lomo_optim",
-    "adalomo": "lomo_optim",
-    "grokadamw": "grokadamw",
-    "adamw_anyprecision": "torchdistx",
-    "adamw_torch_xla": "torch_xla",
-    "adamw_torch_npu_fused": "torch_npu",
-}
-
-
-def trainer_optimizer_names() -> list[str]:
-    from transformers.training_args import OptimizerNames
-
-    return [str(name.value) for name in OptimizerNames]
-
-
-def bitsandbytes_optimizer_names() -> set[str]:
-    """The names the Trainer builds with bitsandbytes (its own list when importable, else the same rule by name)."""
-    try:
-        from transformers.trainer_optimizer import _BITSANDBYTES_OPTIMIZERS
-
-        return {str(getattr(name, "value", name)) for name in _BITSANDBYTES_OPTIMIZERS}
-    except ImportError:
-        return {
-            name for name in trainer_optimizer_names()
-            if "bnb" in name or name.startswith(("paged_", "lion_", "ademamix", "adamw_8bit"))
-        }
-
 
 def quiet_bitsandbytes() -> None:
     # bitsandbytes warns on import, on CPUs with AVX512-BF16, that its optional 4-bit CPU kernel package is missing;
@@ -217,71 +167,66 @@ def quiet_bitsandbytes() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-def probe_bitsandbytes(optim: str, device: str) -> None:
-    """One step of the bitsandbytes optimizer `optim` on a small tensor on `device`; raises what bitsandbytes raises.
-
-    The optimizer class and its 8-bit/paged flags are chosen as the Trainer chooses them (by name).
-    """
+def probe_optimizer(optimizer_cls: Any, optimizer_kwargs: dict[str, Any], device: str) -> None:
+    """One step of the optimizer the Trainer would build, on a small tensor on `device`; raises what it raises."""
     import torch
 
-    quiet_bitsandbytes()
-    import bitsandbytes.optim as bnb_optim
-
-    if "lion" in optim:
-        cls = bnb_optim.Lion
-    elif "rmsprop" in optim:
-        cls = bnb_optim.RMSprop
-    elif "ademamix" in optim:
-        cls = bnb_optim.AdEMAMix
-    else:
-        cls = bnb_optim.AdamW
-    kwargs: dict[str, Any] = {"lr": 1e-3, "optim_bits": 8 if "8bit" in optim else 32}
-    if "rmsprop" not in optim:
-        kwargs["is_paged"] = "paged" in optim
+    kwargs = {**optimizer_kwargs, "lr": 1e-3}
     param = torch.nn.Parameter(torch.ones(BNB_PROBE_SIZE, device=device))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "paged optimizers are not supported on CPU, falling back": still runs
-        optimizer = cls([param], **kwargs)
+        optimizer = optimizer_cls([param], **kwargs)
         param.grad = torch.ones_like(param)
         optimizer.step()
     if not bool(torch.isfinite(param).all()) or bool((param == 1).all()):
         raise RuntimeError("the probe step left the weights unchanged or not finite")
 
 
-def check_optimizer(optim: str, hardware: Hardware) -> None:
-    """Fail fast, in one line, when the Trainer's optimizer `optim` cannot run on this machine.
+def check_optimizer(optim: str, build_args: Callable[[], Any], hardware: Hardware) -> Any:
+    """Build the run's TrainingArguments and fail fast, in one line, when its optimizer cannot run on this machine.
 
-    Checks the name against transformers' OptimizerNames, that the package an optimizer needs is installed, and
-    for bitsandbytes optimizers that one step actually runs on this device (bitsandbytes 0.50's 8-bit AdamW does
-    step on CPU tensors, so it is allowed there).
+    The Trainer itself says which optimizer a name means and what it needs (`Trainer.get_optimizer_cls_and_kwargs`):
+    an unknown name or a missing package is refused here instead of at the first step. A bitsandbytes optimizer is
+    also stepped once on this device (bitsandbytes 0.50's 8-bit AdamW does step on CPU tensors, so it is allowed).
+
+    Returns:
+        The TrainingArguments.
 
     Raises:
         ConfigError: a message starting with "--optim NAME:".
     """
-    if optim == "auto":
-        return
-    names = trainer_optimizer_names()
-    if optim not in names:
-        raise ConfigError(f"--optim {optim}: not an optimizer the Trainer knows; use auto or one of: {', '.join(names)}")
-    if optim in bitsandbytes_optimizer_names():
-        if not bitsandbytes_installed():
-            raise ConfigError(f"--optim {optim}: needs bitsandbytes, which is not installed (pip install bitsandbytes), or use --optim auto")
+    from transformers import Trainer
+    from transformers.training_args import OptimizerNames
+
+    try:
+        OptimizerNames(optim)
+    except ValueError:
+        names = ", ".join(str(name.value) for name in OptimizerNames)
+        raise ConfigError(f"--optim {optim}: not an optimizer the Trainer knows; use auto or one of: {names}") from None
+    args = build_args()
+    quiet_bitsandbytes()
+    try:
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    except ImportError as error:
+        raise ConfigError(f"--optim {optim}: {str(error).strip().splitlines()[0]}; or use --optim auto") from None
+    except ValueError as error:
+        if "model" in str(error):
+            return args  # optimizers built around the model (GaLore, LOMO, ...) are checked when training starts
+        raise ConfigError(f"--optim {optim}: {str(error).strip().splitlines()[0]}") from None
+    if getattr(optimizer_cls, "__module__", "").startswith("bitsandbytes"):
         device = hardware.device if hardware.device in ("cuda", "mps") else "cpu"
         if device == "cuda":
             # Under torchrun each process owns GPU LOCAL_RANK; probing on the default device would open a CUDA
             # context (~0.5 GB) on GPU 0 from every process.
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         try:
-            probe_bitsandbytes(optim, device)
+            probe_optimizer(optimizer_cls, optimizer_kwargs, device)
         except Exception as error:  # any failure here would stop the run at its first step
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ConfigError(
                 f"--optim {optim}: bitsandbytes cannot run it on {hardware.name} ({type(error).__name__}: {first}); use --optim auto"
             ) from None
-        return
-    for prefix, package in OPTIONAL_PACKAGES.items():
-        if optim.startswith(prefix) and importlib.util.find_spec(package) is None:
-            raise ConfigError(f"--optim {optim}: needs the {package} package, which is not installed; use --optim auto")
+    return args
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -323,7 +268,7 @@ def parameter_counts(model: Any) -> dict[str, int]:
     }
 
 
-def apply_method(model: Any, config: TrainConfig) -> tuple[Any, dict[str, int]]:
+def apply_method(model: Any, config: TrainConfig, report: bool = True) -> tuple[Any, dict[str, int]]:
     """`full`: the model as it is. `lora`: the model wrapped by PEFT with LoRA adapters on `--lora-targets`, the
     base weights frozen. Prints (on the main process) and returns the trainable vs total parameter counts.
 
@@ -357,7 +302,7 @@ def apply_method(model: Any, config: TrainConfig) -> tuple[Any, dict[str, int]]:
         # wrapper, runs enable_input_require_grads itself (tests/test_scale.py checks the adapters get gradients).
         counts = parameter_counts(model)
         describe = f"LoRA r={config.lora_r} alpha={config.lora_alpha} on {', '.join(targets)}"
-    if is_main_process():
+    if report:
         share = counts["trainable_parameters"] / max(counts["total_parameters"], 1)
         print(
             f"gpt2ft: {describe}: {counts['trainable_parameters']:,} trainable of {counts['total_parameters']:,} "

@@ -1,18 +1,20 @@
-"""Fine-tune GPT-2 on DailyDialog with transformers' Trainer, and save the result atomically.
+"""Fine-tune GPT-2 on conversations with transformers' Trainer: the stages of a run, and `train()` over them.
 
     python -m gpt2ft train                       # GPT-2 small, DailyDialog from the Hub, defaults for a Colab T4
     python -m gpt2ft train --model ./tiny --data ../shared/data/dailydialog --max-train-dialogs 300 --epochs 1
 
-`train(config)` runs the stages in order: check the output folder -> load and prepare the dialogues -> load the
-model -> tokenise -> Trainer.train (resuming from a checkpoint when one exists) -> token-weighted evaluation ->
-save model, tokenizer, generation config and training config -> metrics and logs.
+A run is ten stages, each a function with explicit inputs and outputs; `train()` calls them in order and the
+notebook calls them one cell each, passing each result on:
+
+    plan_run -> prepare_data -> resume_point -> load_model_for_training -> tokenize_data -> fit -> evaluate_run
+             -> save_run -> publish_run -> finish_run
+
+Every number of a run (tokens, steps, losses, training time) is kept in the Trainer's state, which each checkpoint
+stores and a resume restores, so the numbers cover the whole run however often it was interrupted.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,240 +23,112 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from . import __version__
-from .config import TrainConfig
-from .data import DialogueCollator, PreparedDialogs, prepare_dialogs, tokenize_splits_cached
+from .checkpoints import (
+    CheckpointMarkerCallback, TrainingError, check_output_dir, checkpoint_dir, clean_stale_folders, complete_checkpoints,
+    find_resume_checkpoint, remove_incomplete_checkpoints, save_final_model,
+)
+from .config import TrainConfig, changed_fields, run_defining_fields
+from .data import IGNORE_INDEX, DialogueCollator, PreparedDialogs, prepare_dialogs, tokenize_splits_cached
 from .evaluation import evaluate_loss, perplexity
 from .generate import build_generation_config
-from .modeling import (
-    Hardware, ModelError, choose_precision, config_context, detect_hardware, is_main_process, load_model_and_tokenizer, load_model_config,
-)
+from .logs import append_jsonl, write_json, write_jsonl, write_text_atomic
+from .modeling import Hardware, ModelError, choose_precision, config_context, detect_hardware, load_model_and_tokenizer, load_model_config
 
-CHECKPOINTS = "checkpoints"
-COMPLETE_MARKER = "gpt2ft_checkpoint_complete"
-TRAINING_CONFIG = "training_config.json"
-AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+TRAIN_LOG = "train_log.jsonl"
+SYSTEM_LOG = "system.jsonl"
+METRICS = "metrics.json"
 
 
-class TrainingError(RuntimeError):
-    """Training cannot start or had to stop; the message says why and what to do."""
+def say(message: str) -> None:
+    """A progress note on stderr (stdout carries the run's one JSON line of metrics)."""
+    print(f"gpt2ft: {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Output folder: refuse to clobber, write atomically
+# Whole-run totals, kept in the Trainer's state
 # --------------------------------------------------------------------------------------------------------------
 
 
-def is_gpt2ft_output(path: Path) -> bool:
-    """True if `path` holds a model written by gpt2ft (or only gpt2ft checkpoints from an interrupted run)."""
-    marker = path / TRAINING_CONFIG
-    if marker.is_file():
-        try:
-            return "gpt2ft_version" in json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return False
-    # An interrupted run leaves only its checkpoints; the repository's empty artifact folder holds a .gitkeep.
-    entries = {entry.name for entry in path.iterdir()}
-    return entries <= {CHECKPOINTS, ".gitkeep"}
+class RunTotals(TrainerCallback, ExportableState):
+    """Target tokens, the sum of step losses and training seconds of the whole run, across resumes.
 
-
-def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
-    """Refuse an output folder that holds something other than a previous gpt2ft model, unless `overwrite`.
-
-    Raises:
-        TrainingError: the path is a file, or a folder with foreign content.
+    The Trainer writes `state()` into each checkpoint's trainer_state.json and, on resume, builds a new RunTotals
+    from it (`restore_callback_states_from_checkpoint`), so the totals continue from the checkpoint's step instead of
+    restarting with the process. Per micro-batch the counts stay on the device; they are summed over processes and
+    read once an optimiser step, in the same copy that checks the loss is finite.
     """
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise TrainingError(f"--output-dir {path}: is a file, not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite and not is_gpt2ft_output(path):
-        raise TrainingError(
-            f"--output-dir {path}: exists and holds files that gpt2ft did not write; choose another folder or pass --overwrite"
-        )
 
+    def __init__(self, target_tokens: int = 0, loss_sum: float = 0.0, seconds: float = 0.0) -> None:
+        self.target_tokens = int(target_tokens)
+        self.loss_sum = float(loss_sum)  # sum of the optimiser steps' losses (each the mean over processes)
+        self.seconds = float(seconds)  # training time to the last step's end, evaluations excluded
+        self.bad_step: int | None = None
+        self._pending: torch.Tensor | None = None
+        self._segment_start = time.perf_counter()
+        self._segment_base = self.seconds
+        self._excluded = 0.0
 
-def save_final_model(
-    model: Any,
-    tokenizer: Any,
-    generation_config: Any,
-    training_config: dict[str, Any],
-    output_dir: str | Path,
-    extra_text: dict[str, str] | None = None,
-    extra_files: list[Path] | None = None,
-    adapter: Any = None,
-) -> Path:
-    """Write model (safetensors), tokenizer, generation_config.json and training_config.json, atomically.
+    def state(self) -> dict[str, Any]:
+        return {"args": {"target_tokens": self.target_tokens, "loss_sum": self.loss_sum, "seconds": self.seconds}, "attributes": {}}
 
-    Everything goes into a hidden sibling folder first; only when all files are written is it swapped in, so an
-    interrupted run never leaves a half-written final folder. Checkpoints of the run (in `checkpoints/`) carry over.
+    def add(self, labels: torch.Tensor, loss: torch.Tensor) -> None:
+        """Count one micro-batch: its target tokens (labels that are not -100 after the shift) and its loss."""
+        loss = loss.detach().float()
+        values = torch.stack([(~torch.isfinite(loss)).float(), (labels[:, 1:] != IGNORE_INDEX).sum().float(), loss])
+        self._pending = values if self._pending is None else self._pending + values
 
-    Args:
-        extra_text: more files to write, name -> text (the model card README.md).
-        extra_files: files to copy in (the training chart the card shows).
-        adapter: a PEFT model whose adapter is also saved, under `adapter/`.
-    """
-    output = Path(output_dir).resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
-        model.generation_config = generation_config
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / TRAINING_CONFIG).write_text(json.dumps(training_config, indent=2, default=str) + "\n", encoding="utf-8")
-        for name, text in (extra_text or {}).items():
-            (staging / name).write_text(text, encoding="utf-8")
-        for path in extra_files or []:
-            shutil.copy2(path, staging / Path(path).name)
-        if adapter is not None:
-            adapter.save_pretrained(staging / "adapter")
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        if output.exists():
-            if (output / CHECKPOINTS).is_dir():
-                (output / CHECKPOINTS).rename(staging / CHECKPOINTS)
-            output.rename(old)
-        staging.rename(output)
-        if old.exists():
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output
+    def exclude(self, seconds: float) -> None:
+        """Leave out time spent evaluating during training."""
+        self._excluded += seconds
 
+    def mean_loss(self, steps: int) -> float:
+        return self.loss_sum / steps if steps else float("nan")
 
-# --------------------------------------------------------------------------------------------------------------
-# Checkpoints and resuming
-# --------------------------------------------------------------------------------------------------------------
-
-
-def complete_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
-    """Checkpoints that finished saving (they carry gpt2ft's completion marker), oldest first."""
-    folder = Path(checkpoint_dir)
-    if not folder.is_dir():
-        return []
-    found = []
-    for candidate in folder.glob("checkpoint-*"):
-        step = candidate.name.rsplit("-", 1)[-1]
-        if step.isdigit() and (candidate / COMPLETE_MARKER).is_file() and (candidate / "trainer_state.json").is_file():
-            found.append((int(step), candidate))
-    return [path for _, path in sorted(found)]
-
-
-def find_resume_checkpoint(checkpoint_dir: str | Path, resume: str) -> str | None:
-    """The checkpoint to resume from: None for 'never', the latest complete one for 'auto', or the given path.
-
-    Raises:
-        TrainingError: an explicit path that is not a complete checkpoint.
-    """
-    if resume == "never":
-        return None
-    if resume == "auto":
-        found = complete_checkpoints(checkpoint_dir)
-        return str(found[-1]) if found else None
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise TrainingError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json)")
-    return str(path)
-
-
-class CheckpointMarkerCallback(TrainerCallback):
-    """Marks a checkpoint complete once the Trainer has written all of it (model, optimizer, RNG, state)."""
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                (folder / COMPLETE_MARKER).write_text(f"{state.global_step}\n", encoding="utf-8")
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._segment_start, self._segment_base, self._excluded = time.perf_counter(), self.seconds, 0.0
         return control
 
-
-class LossGuard:
-    """Notices a NaN or infinite training loss. The flag stays on the device until the step ends, and checking it
-    once a step costs what the Trainer's own NaN filter costs (one scalar copy)."""
-
-    def __init__(self) -> None:
-        self.flag: torch.Tensor | None = None
-        self.bad_step: int | None = None
-
-    def observe(self, loss: torch.Tensor) -> None:
-        bad = ~torch.isfinite(loss.detach()).all()
-        self.flag = bad if self.flag is None else self.flag | bad
-
-    def tripped(self) -> bool:
-        if self.flag is None:
-            return False
-        value = self.flag.int()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(value)  # every process stops together
-        return bool(value.item())
-
-
-class NonFiniteLossCallback(TrainerCallback):
-    """Stops training at the end of the first step whose loss is NaN or infinite (fp16 overflow, too high a
-    learning rate). Nothing is evaluated or saved after it, so the last good checkpoint stays the latest."""
-
-    def __init__(self, guard: LossGuard) -> None:
-        self.guard = guard
-
-    @property
-    def bad_step(self) -> int | None:
-        return self.guard.bad_step
-
     def on_step_end(self, args, state, control, **kwargs):
-        if self.guard.bad_step is None and self.guard.tripped():
-            self.guard.bad_step = state.global_step
-        if self.guard.bad_step is not None:
+        values = self._pending if self._pending is not None else torch.zeros(3, device=args.device)
+        self._pending = None
+        if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(values)  # every process stops together on a bad loss, and counts alike
+        bad, tokens, loss = values.tolist()
+        self.target_tokens += int(round(tokens))
+        self.loss_sum += loss / args.world_size
+        self.seconds = self._segment_base + time.perf_counter() - self._segment_start - self._excluded
+        if bad and self.bad_step is None:
+            self.bad_step = state.global_step
+        if self.bad_step is not None:
+            # Stop at the end of the first step whose loss is NaN or infinite (fp16 overflow, too high a learning
+            # rate); nothing is evaluated or saved after it, so the last good checkpoint stays the latest.
             control.should_save = False
             control.should_evaluate = False
             control.should_training_stop = True
         return control
 
 
-@dataclass
-class TokenCounter:
-    """Target tokens (labels != -100) and token slots (padding included) seen in training on this process."""
-
-    target_tokens: torch.Tensor | None = None
-    slot_tokens: int = 0
-    started: float = field(default_factory=time.time)
-
-    def add(self, labels: torch.Tensor) -> None:
-        count = (labels[:, 1:] != -100).sum()  # stays on the device: no sync in the training loop
-        self.target_tokens = count if self.target_tokens is None else self.target_tokens + count
-        self.slot_tokens += labels.numel()
-
-    def total(self) -> int:
-        if self.target_tokens is None:
-            return 0
-        value = self.target_tokens.detach().clone()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(value)
-        return int(value.item())
-
-
 class JsonlLogCallback(TrainerCallback):
-    """Appends each Trainer log (loss, learning rate, grad norm, eval loss) to `train_log.jsonl` with tokens seen,
-    tokens/s and wall time, on the main process."""
+    """Mirrors the Trainer's log history into `train_log.jsonl` as it grows, on the main process.
 
-    def __init__(self, path: Path, counter: TokenCounter) -> None:
+    The log history lives in the Trainer's state, so a resumed run gets it back from the checkpoint: the file is
+    rewritten from it when training starts, and every step appears once.
+    """
+
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.counter = counter
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_jsonl(self.path, state.log_history)
+        return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        tokens = self.counter.total()  # every process must join the all-reduce
-        if not state.is_world_process_zero or not logs:
-            return control
-        elapsed = time.time() - self.counter.started
-        record = {"step": state.global_step, "epoch": state.epoch, **logs}
-        if "eval_loss" in logs and "eval_perplexity" not in logs:
-            record["eval_perplexity"] = perplexity(logs["eval_loss"])
-        record.update({"tokens_seen": tokens, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0, "wall_time_s": elapsed})
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as out:
-            out.write(json.dumps(record) + "\n")
+        if state.is_world_process_zero and state.log_history:
+            append_jsonl(self.path, state.log_history[-1])
         return control
 
 
@@ -264,40 +138,51 @@ class JsonlLogCallback(TrainerCallback):
 
 
 class DialogueTrainer(Trainer):
-    """Trainer with token-weighted evaluation and a count of the target tokens trained on."""
+    """Trainer with token-weighted evaluation and whole-run totals (target tokens, loss, time) in its state."""
 
-    def __init__(self, *args: Any, autocast_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, precision: str = "fp32", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.autocast_dtype = autocast_dtype
-        self.token_counter = TokenCounter()
-        self.loss_guard = LossGuard()
+        self.precision = precision
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.token_counter.add(inputs["labels"])
-        inputs = {**inputs, "use_cache": False}
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        self.loss_guard.observe(result[0] if return_outputs else result)
-        return result
+    @property
+    def run_totals(self) -> RunTotals:
+        # Looked up each time: a resume replaces the callback with one rebuilt from the checkpoint.
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, RunTotals))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.run_totals.add(inputs["labels"], loss)
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        totals = self.run_totals
+        logs = dict(logs)
+        if "train_runtime" in logs:
+            # The Trainer's closing summary covers this process's segment only; a resumed run needs the whole run's.
+            for key in ("train_samples_per_second", "train_steps_per_second"):
+                logs.pop(key, None)
+            logs.update(train_loss=totals.mean_loss(self.state.global_step), train_runtime=totals.seconds)
+        seconds = totals.seconds
+        logs.update(tokens_seen=totals.target_tokens, train_seconds=round(seconds, 3),
+                    tokens_per_s=totals.target_tokens / seconds if seconds > 0 else 0.0)
+        super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Mean NLL per target token over the whole split (not a mean of batch means); reduced across processes."""
+        """Mean NLL per target token over the whole split (not a mean of batch means), in training's precision;
+        reduced across processes."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        started = time.time()
+        started = time.perf_counter()
         result = evaluate_loss(
-            self.model,
-            dataset,
-            self.data_collator,
-            batch_size=self.args.per_device_eval_batch_size,
-            device=self.args.device,
-            autocast_dtype=self.autocast_dtype,
-            rank=self.args.process_index,
-            world_size=self.args.world_size,
+            self.model, dataset, self.data_collator, batch_size=self.args.per_device_eval_batch_size, device=self.args.device,
+            precision=self.precision, rank=self.args.process_index, world_size=self.args.world_size,
         )
+        runtime = time.perf_counter() - started
+        self.run_totals.exclude(runtime)
         metrics = {
             f"{metric_key_prefix}_loss": result["loss"],
             f"{metric_key_prefix}_perplexity": result["perplexity"],
             f"{metric_key_prefix}_tokens": result["tokens"],
-            f"{metric_key_prefix}_runtime": round(time.time() - started, 4),
+            f"{metric_key_prefix}_runtime": round(runtime, 4),
         }
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -310,14 +195,18 @@ def resolve_optim(config: TrainConfig, hardware: Hardware) -> str:
     return "adamw_torch_fused" if hardware.device == "cuda" else "adamw_torch"
 
 
-def build_training_args(config: TrainConfig, precision: str, hardware: Hardware, checkpoint_dir: str | Path) -> TrainingArguments:
+def build_training_args(config: TrainConfig, precision: str, hardware: Hardware, output_dir: str | Path) -> TrainingArguments:
     """TrainingArguments for a run: evaluation and checkpoints each epoch (or every `eval_steps`), the best model
-    kept, warmup then linear decay, precision and optimizer from the hardware."""
+    kept, warmup then linear decay, precision and optimizer from the hardware.
+
+    Raises:
+        ValueError: the Trainer rejects a setting (an unknown --optim).
+    """
     strategy = "steps" if config.eval_steps > 0 else "epoch"
     num_workers = config.num_workers if config.num_workers >= 0 else (2 if hardware.device == "cuda" else 0)
     report_to = [] if config.report_to in ("", "none") else [p.strip() for p in config.report_to.split(",") if p.strip()]
     return TrainingArguments(
-        output_dir=str(checkpoint_dir),
+        output_dir=str(output_dir),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
@@ -339,7 +228,7 @@ def build_training_args(config: TrainConfig, precision: str, hardware: Hardware,
         logging_strategy="steps",
         logging_steps=config.logging_steps,
         logging_first_step=True,
-        logging_nan_inf_filter=False,  # a NaN must reach NonFiniteLossCallback, not be averaged away
+        logging_nan_inf_filter=False,  # a NaN must reach RunTotals, not be averaged away
         save_total_limit=config.save_total_limit,
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
@@ -357,54 +246,46 @@ def build_training_args(config: TrainConfig, precision: str, hardware: Hardware,
         activation_checkpointing=config.gradient_checkpointing,
         torch_compile=config.compile,
         report_to=report_to,
-        auto_find_batch_size=hardware.device == "cuda",
+        # Halving the batch on out-of-memory would silently change the effective batch and the schedule, and under
+        # DDP one process's retry hangs the others: gpt2ft stops instead and says which settings fit (fit()).
+        auto_find_batch_size=False,
+        restore_callback_states_from_checkpoint=True,  # RunTotals continues from the checkpoint
         ddp_find_unused_parameters=False,
     )
 
 
-def build_trainer(
-    config: TrainConfig,
-    model: Any,
-    tokenizer: Any,
-    train_rows: Any,
-    eval_rows: Any,
-    precision: str,
-    hardware: Hardware,
-    checkpoint_dir: str | Path,
-    log_path: Path | None = None,
-    extra_callbacks: list[TrainerCallback] | None = None,
-) -> DialogueTrainer:
-    """The Trainer for a run, with gpt2ft's collator, evaluation and callbacks."""
-    args = build_training_args(config, precision, hardware, checkpoint_dir)
-    trainer = DialogueTrainer(
-        model=model,
-        args=args,
-        # Under torch.compile, batch lengths are bucketed to multiples of 128 so it compiles a few shapes, not one a step.
-        data_collator=DialogueCollator(tokenizer, config.batching, bucket=128 if config.compile else None),
-        train_dataset=train_rows,
-        eval_dataset=eval_rows,
-        processing_class=tokenizer,
-        autocast_dtype=AUTOCAST[precision],
-        callbacks=[CheckpointMarkerCallback(), *(extra_callbacks or [])],
-    )
-    trainer.add_callback(NonFiniteLossCallback(trainer.loss_guard))
-    if log_path is not None:
-        trainer.add_callback(JsonlLogCallback(log_path, trainer.token_counter))
-    return trainer
-
-
 # --------------------------------------------------------------------------------------------------------------
-# The whole run
+# Stage 1: plan the run (every cheap check, before anything is loaded or written)
 # --------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class TrainResult:
-    metrics: dict[str, Any]
-    output_dir: Path
-    logs_dir: Path
-    resumed_from: str | None
-    data: PreparedDialogs
+class RunPlan:
+    """The settled settings of a run and what follows from them."""
+
+    config: TrainConfig  # after the T4 presets
+    hardware: Hardware
+    precision: str
+    precision_reason: str
+    preset_notes: list[str]
+    max_length: int
+    args: TrainingArguments
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+    @property
+    def logs_dir(self) -> Path:
+        return Path(self.config.logs_dir)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return checkpoint_dir(self.config.output_dir)
+
+    @property
+    def is_main(self) -> bool:
+        return self.args.process_index == 0
 
 
 def resolve_max_length(config: TrainConfig, model_config: Any) -> int:
@@ -419,61 +300,375 @@ def resolve_max_length(config: TrainConfig, model_config: Any) -> int:
     return config.max_length or context
 
 
-def write_json(path: Path, payload: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    return path
+def plan_run(config: TrainConfig, explicit: set[str] | None = None) -> RunPlan:
+    """Settle the run's settings and check everything that can be checked cheaply, before the data loads.
+
+    Args:
+        config: the settings as given.
+        explicit: the settings the user typed (the CLI knows); the T4 presets change only the others. None: the
+            settings that differ from the defaults.
+
+    Raises:
+        TrainingError, ModelError, ConfigError: with a message naming the setting.
+    """
+    from .scale import check_optimizer, choose_presets
+
+    check_output_dir(config.output_dir, config.overwrite)
+    hardware = detect_hardware()
+    config, notes = choose_presets(config, hardware, changed_fields(config) if explicit is None else explicit)
+    precision, reason = choose_precision(config.precision, hardware)
+    args = check_optimizer(
+        resolve_optim(config, hardware), lambda: build_training_args(config, precision, hardware, checkpoint_dir(config.output_dir)), hardware
+    )
+    max_length = resolve_max_length(config, load_model_config(config.model))
+    plan = RunPlan(config, hardware, precision, reason, notes, max_length, args)
+    if plan.is_main:
+        clean_stale_folders(config.output_dir)
+        for note in notes:
+            say(note)
+    return plan
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as out:
-        for record in records:
-            out.write(json.dumps(record, default=str) + "\n")
-    return path
+# --------------------------------------------------------------------------------------------------------------
+# Stages 2-4: data, model, tokens
+# --------------------------------------------------------------------------------------------------------------
 
 
-def remove_incomplete_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
-    """Delete checkpoint folders that never finished saving (killed mid-save): they must not be resumed from, and
-    the Trainer's checkpoint rotation would otherwise count them."""
-    folder = Path(checkpoint_dir)
-    complete = set(complete_checkpoints(folder))
-    removed = [path for path in folder.glob("checkpoint-*") if path.is_dir() and path not in complete]
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    return removed
+def prepare_data(plan: RunPlan) -> PreparedDialogs:
+    """Load, clean, de-duplicate and (for debugging) truncate the dialogues; report skipped lines."""
+    config = plan.config
+    prepared = prepare_dialogs(
+        config.data, config.cache_dir, config.clean_text, config.keep_overlap, config.max_train_dialogs, config.max_eval_dialogs
+    )
+    if plan.is_main and prepared.skipped:
+        say(f"skipped {len(prepared.skipped)} dialogue(s) whose labels do not match their turns:")
+        for line in prepared.skipped:
+            print(f"  {line}", file=sys.stderr)
+    return prepared
 
 
-def trim_jsonl(path: Path, last_step: int) -> None:
-    """Drop records after `last_step` (written by the interrupted run past its last checkpoint), so a resumed
-    run's log has no repeated steps."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+@dataclass
+class LoadedModel:
+    model: Any  # GPT-2, or GPT-2 wrapped in LoRA adapters
+    tokenizer: Any
+    parameter_counts: dict[str, int]
+
+
+def load_model_for_training(plan: RunPlan) -> LoadedModel:
+    """The base model and tokenizer, with LoRA adapters when `--method lora`. The tokenizer gets gpt2ft's chat
+    template (the format it trains in), which the saved model then carries."""
+    from .chat_format import CHAT_TEMPLATE
+    from .scale import apply_method
+
+    model, tokenizer = load_model_and_tokenizer(plan.config.model)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model, counts = apply_method(model, plan.config, report=plan.is_main)
+    return LoadedModel(model, tokenizer, counts)
+
+
+def tokenize_data(plan: RunPlan, prepared: PreparedDialogs, tokenizer: Any) -> Any:
+    """Training rows of every split (cached under the cache folder; built once, by the main process)."""
+    with plan.args.main_process_first(desc="tokenising"):
+        return tokenize_splits_cached(prepared.dialogs, tokenizer, plan.max_length, plan.config.loss_on, plan.config.cache_dir)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage 5: fit
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_settings(plan: RunPlan, prepared: PreparedDialogs) -> dict[str, Any]:
+    """What makes a run this run: the run-defining settings (config.py marks them), the optimizer as resolved, the
+    training window and how many dialogues each split holds. A checkpoint resumes only under the same values."""
+    settings = {name: getattr(plan.config, name) for name in run_defining_fields()}
+    settings.update(
+        optim=plan.args.optim.value if hasattr(plan.args.optim, "value") else str(plan.args.optim),
+        max_length=plan.max_length,
+        data_dialogs={split: len(prepared.dialogs[split]) for split in prepared.dialogs},
+    )
+    return settings
+
+
+@dataclass
+class FitResult:
+    trainer: DialogueTrainer
+    resumed_from: str | None
+    monitor: Any = None
+
+    @property
+    def totals(self) -> RunTotals:
+        return self.trainer.run_totals
+
+    def stop_monitor(self) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
+
+
+def oom_message(plan: RunPlan) -> str:
+    config = plan.config
+    smaller = max(1, config.batch_size // 2)
+    return (
+        f"out of GPU memory on {plan.hardware.name} with --batch-size {config.batch_size} x --gradient-accumulation-steps "
+        f"{config.gradient_accumulation_steps}. The same effective batch in smaller pieces usually fits: --batch-size "
+        f"{smaller} --gradient-accumulation-steps {config.gradient_accumulation_steps * config.batch_size // smaller}; "
+        "--gradient-checkpointing and --method lora save more. Changed batch settings make a new run (add --resume never)"
+    )
+
+
+def build_trainer(
+    plan: RunPlan, loaded: LoadedModel, rows: Any, settings: dict[str, Any], callbacks: list[TrainerCallback] | None = None
+) -> DialogueTrainer:
+    """The run's Trainer: gpt2ft's collator, token-weighted evaluation, whole-run totals, checkpoint markers and the
+    JSONL log. The model's KV cache is switched off: packed rows stay apart only without it (see
+    modeling.without_kv_cache), for every forward the Trainer or the library makes; save_run turns it back on."""
+    loaded.model.config.use_cache = False
+    return DialogueTrainer(
+        model=loaded.model,
+        args=plan.args,
+        # Under torch.compile, batch lengths are bucketed to multiples of 128 so it compiles a few shapes, not one a step.
+        data_collator=DialogueCollator(loaded.tokenizer, plan.config.batching, bucket=128 if plan.config.compile else None),
+        train_dataset=rows["train"],
+        eval_dataset=rows["validation"],
+        processing_class=loaded.tokenizer,
+        precision=plan.precision,
+        callbacks=[RunTotals(), CheckpointMarkerCallback(settings), JsonlLogCallback(plan.logs_dir / TRAIN_LOG), *(callbacks or [])],
+    )
+
+
+def resume_point(plan: RunPlan, prepared: PreparedDialogs) -> str | None:
+    """The checkpoint this run continues from (`--resume`), checked to belong to the same run; None to start fresh.
+
+    Raises:
+        TrainingError: the checkpoint was made with other settings (the message lists them and the ways out).
+    """
+    if plan.is_main:
+        remove_incomplete_checkpoints(plan.checkpoint_dir)
+    return find_resume_checkpoint(plan.checkpoint_dir, plan.config.resume, run_settings(plan, prepared))
+
+
+def fit(
+    plan: RunPlan,
+    loaded: LoadedModel,
+    rows: Any,
+    prepared: PreparedDialogs,
+    resume_from: str | None,
+    callbacks: list[TrainerCallback] | None = None,
+) -> FitResult:
+    """Train, continuing from `resume_from` (see resume_point) when given.
+
+    The system monitor keeps sampling until `save_run` stops it, so the charts cover the final evaluation.
+
+    Raises:
+        TrainingError: out of GPU memory, or a NaN/infinite loss.
+    """
+    from .monitor import SystemMonitor
+
+    settings = run_settings(plan, prepared)
+    system_log = plan.logs_dir / SYSTEM_LOG
+    if plan.is_main:
+        if resume_from:
+            say(f"resuming from {resume_from}")  # the system log goes on: the charts show each session apart
+        elif system_log.exists():
+            system_log.unlink()  # a fresh run starts a fresh system log
+    trainer = build_trainer(plan, loaded, rows, settings, callbacks)
+    monitor = None
+    if plan.is_main:
+        monitor = SystemMonitor(system_log, plan.config.system_interval_s, step_getter=lambda: trainer.state.global_step)
+        monitor.start()
+    fitted = FitResult(trainer, resume_from, monitor)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except torch.cuda.OutOfMemoryError:
+        fitted.stop_monitor()
+        raise TrainingError(oom_message(plan)) from None
+    except BaseException:
+        fitted.stop_monitor()
+        raise
+    bad_step = fitted.totals.bad_step
+    if bad_step is not None:
+        fitted.stop_monitor()
+        kept = complete_checkpoints(plan.checkpoint_dir)
+        raise TrainingError(
+            f"training stopped at step {bad_step}: the loss became NaN or infinite "
+            f"({'fp16 overflow is the usual cause; ' if plan.precision == 'fp16' else ''}"
+            "try a lower --learning-rate, or --precision fp32/bf16). "
+            + (f"Last good checkpoint: {kept[-1]} (resume with --resume auto)." if kept else "No checkpoint was written.")
+        )
+    return fitted
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stages 6-8: evaluate, save, publish
+# --------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_run(plan: RunPlan, fitted: FitResult, loaded: LoadedModel, prepared: PreparedDialogs, rows: Any) -> dict[str, Any]:
+    """Token-weighted loss and perplexity of the trained (best) model on validation and test, with the run's
+    whole-run totals from the Trainer's state: the metrics as metrics.json holds them."""
+    trainer = fitted.trainer
+    evaluation = {**trainer.evaluate(rows["validation"], metric_key_prefix="eval"), **trainer.evaluate(rows["test"], metric_key_prefix="test")}
+    state, totals = trainer.state, fitted.totals
+    return {
+        "train_loss": totals.mean_loss(state.global_step),
+        **{key: evaluation[key] for key in ("eval_loss", "eval_perplexity", "eval_tokens", "test_loss", "test_perplexity")},
+        "train_runtime_s": totals.seconds,
+        "train_tokens": totals.target_tokens,
+        "train_tokens_per_s": totals.target_tokens / totals.seconds if totals.seconds > 0 else 0.0,
+        "epochs": state.epoch,
+        "steps": state.global_step,
+        "train_dialogs": len(prepared.dialogs["train"]),
+        "eval_dialogs": len(prepared.dialogs["validation"]),
+        "test_dialogs": len(prepared.dialogs["test"]),
+        "train_rows": len(rows["train"]),
+        "max_length": plan.max_length,
+        "method": plan.config.method,
+        **loaded.parameter_counts,
+        "precision": plan.precision,
+        "precision_reason": plan.precision_reason,
+        "device": plan.hardware.name,
+        "world_size": plan.args.world_size,
+        "resumed_from": fitted.resumed_from,
+        "presets": plan.preset_notes,
+        "data_counts": prepared.counts,
+        "skipped_lines": prepared.skipped,
+        "model": plan.config.model,
+    }
+
+
+def save_run(plan: RunPlan, fitted: FitResult, metrics: dict[str, Any], tokenizer: Any, prepared: PreparedDialogs) -> Path:
+    """Write the model folder atomically (merged, for LoRA), metrics.json and the final train_log.jsonl; free the
+    Trainer's optimizer. Only the main process writes; the others wait until it has."""
+    from .scale import merge_for_saving
+
+    fitted.stop_monitor()
+    trainer = fitted.trainer
+    if plan.is_main:
+        write_json(plan.logs_dir / METRICS, metrics)
+        write_jsonl(plan.logs_dir / TRAIN_LOG, trainer.state.log_history)
+        model, adapter = merge_for_saving(trainer.model, plan.config)
+        model.config.use_cache = True  # generation wants its KV cache back
+        model.config.n_ctx = model.config.n_positions  # llama.cpp's converter reads n_ctx
+        training_config = {
+            "gpt2ft_version": __version__,
+            "config": plan.config.to_dict(),
+            "max_length": plan.max_length,
+            "precision": plan.precision,
+            "data_source": prepared.source,
+            "data_counts": prepared.counts,
+            "metrics": {k: metrics[k] for k in ("train_loss", "eval_loss", "eval_perplexity", "test_loss", "test_perplexity")},
+        }
+        save_final_model(model, tokenizer, build_generation_config(tokenizer), training_config, plan.output_dir, adapter=adapter)
+    trainer.accelerator.wait_for_everyone()  # every process returns only once the main one has saved the model
+    release_trainer(trainer)
+    return plan.output_dir
+
+
+def release_trainer(trainer: DialogueTrainer) -> None:
+    """Free the optimizer state and move the trained weights off the GPU: the saved model is what is used next."""
+    import gc
+
+    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.model.to("cpu")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class Published:
+    """What publish_run made from the saved run; `model` and `tokenizer` are the saved model, loaded from disk."""
+
+    model: Any = None
+    tokenizer: Any = None
+    charts: list[Path] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    card: Path | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def publish_run(plan: RunPlan, prepared: PreparedDialogs, samples: int = 3) -> Published:
+    """Charts, sample replies and the model card, made from what is on disk after the model is safely saved.
+
+    Each step that fails is reported on stderr and skipped: a plotting or card bug never costs a finished run.
+    """
+    import json
+
+    from .charts import write_charts
+    from .evaluation import sample_replies
+    from .generate import load_for_generation
+    from .modelcard import render_model_card
+
+    published = Published()
+    if not plan.is_main:
+        return published
+
+    def attempt(what: str, step: Any) -> Any:
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by the kill
-        if record.get("step", 0) <= last_step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            return step()
+        except Exception as error:  # noqa: BLE001 - any failure here must not cost the saved run
+            problem = f"{what} failed ({type(error).__name__}: {error}); the model in {plan.output_dir} is saved and complete"
+            published.problems.append(problem)
+            say(problem)
+            return None
+
+    published.charts = attempt("drawing the charts", lambda: write_charts(plan.logs_dir, plan.config.images_dir)) or []
+    loaded = attempt("loading the saved model", lambda: load_for_generation(str(plan.output_dir)))
+    if loaded is not None:
+        published.model, published.tokenizer = loaded
+        published.samples = attempt(
+            "sampling replies", lambda: sample_replies(published.model, published.tokenizer, prepared.dialogs["validation"], samples, greedy=True, max_new_tokens=40)
+        ) or []
+
+    def write_card() -> Path:
+        import shutil
+
+        metrics = json.loads((plan.logs_dir / METRICS).read_text(encoding="utf-8"))
+        training_config = json.loads((plan.output_dir / "training_config.json").read_text(encoding="utf-8"))
+        chart = next((path for path in published.charts if Path(path).name == "chart_train.png"), None)
+        if chart is not None:
+            shutil.copy2(chart, plan.output_dir / Path(chart).name)
+        return write_text_atomic(plan.output_dir / "README.md", render_model_card(metrics, training_config, published.samples, plan.hardware.name))
+
+    published.card = attempt("writing the model card", write_card)
+    return published
 
 
-def checkpoint_step(checkpoint: str) -> int:
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
-    return int(state.get("global_step", 0))
+def finish_run(plan: RunPlan) -> None:
+    """Delete the run's checkpoints once its model is saved and published (unless --keep-checkpoints)."""
+    import shutil
+
+    if plan.is_main and not plan.config.keep_checkpoints:
+        shutil.rmtree(plan.checkpoint_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, Any]
+    output_dir: Path
+    logs_dir: Path
+    resumed_from: str | None
+    data: PreparedDialogs
+    published: Published
 
 
 def train(
-    config: TrainConfig, prepared: PreparedDialogs | None = None, callbacks: list[TrainerCallback] | None = None
+    config: TrainConfig,
+    prepared: PreparedDialogs | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    explicit: set[str] | None = None,
 ) -> TrainResult:
-    """Fine-tune, evaluate and save: the whole run.
+    """Fine-tune, evaluate, save and publish: the whole run, stage by stage.
 
     Args:
         config: the run's settings.
-        prepared: dialogues already loaded (the notebook passes them to avoid loading twice).
+        prepared: dialogues already loaded.
         callbacks: extra Trainer callbacks (tests use them to interrupt a run).
+        explicit: the settings the user typed (see plan_run).
 
     Returns:
         TrainResult with the final metrics (also written to `logs/metrics.json`).
@@ -481,139 +676,17 @@ def train(
     Raises:
         DataError, ModelError, ConfigError, TrainingError: bad input or a stopped run, with a clear message.
     """
-    from .charts import write_charts
-    from .modelcard import render_model_card
-    from .monitor import SystemMonitor
-    from .scale import apply_method, check_optimizer, choose_presets, merge_for_saving
-
-    output_dir, logs_dir, images_dir = Path(config.output_dir), Path(config.logs_dir), Path(config.images_dir)
-    check_output_dir(output_dir, config.overwrite)
-    hardware = detect_hardware()
-    config, preset_notes = choose_presets(config, hardware)
-    if is_main_process():
-        for note in preset_notes:
-            print(f"gpt2ft: {note}", file=sys.stderr, flush=True)
-    precision, precision_reason = choose_precision(config.precision, hardware)
-    check_optimizer(resolve_optim(config, hardware), hardware)
-    # Everything that can be checked cheaply is checked before the data loads and before any folder is written.
-    max_length = resolve_max_length(config, load_model_config(config.model))
-    checkpoint_dir = output_dir / CHECKPOINTS
-    main = is_main_process()
-    if prepared is None:
-        prepared = prepare_dialogs(
-            config.data, config.cache_dir, config.clean_text, config.keep_overlap, config.max_train_dialogs, config.max_eval_dialogs
-        )
-    if main and prepared.skipped:
-        print(f"gpt2ft: skipped {len(prepared.skipped)} dialogue(s) whose labels do not match their turns:", file=sys.stderr)
-        for line in prepared.skipped:
-            print(f"  {line}", file=sys.stderr)
-    model, tokenizer = load_model_and_tokenizer(config.model)
-    rows = tokenize_splits_cached(prepared.dialogs, tokenizer, max_length, config.loss_on, config.cache_dir)
-    model, parameter_counts = apply_method(model, config)
-    if main:
-        remove_incomplete_checkpoints(checkpoint_dir)
-    resume_from = find_resume_checkpoint(checkpoint_dir, config.resume)
-    log_path = logs_dir / "train_log.jsonl"
-    system_path = logs_dir / "system.jsonl"
-    if main:
-        for log in (log_path, system_path):
-            if resume_from is None and log.exists():
-                log.unlink()  # a fresh run starts fresh logs
-            elif resume_from is not None:
-                trim_jsonl(log, checkpoint_step(resume_from))  # a resumed one continues where its checkpoint was
-    if main and resume_from:
-        print(f"gpt2ft: resuming from {resume_from}", file=sys.stderr)
-    trainer = build_trainer(
-        config, model, tokenizer, rows["train"], rows["validation"], precision, hardware, checkpoint_dir, log_path=log_path,
-        extra_callbacks=callbacks,
-    )
-    monitor = SystemMonitor(system_path, config.system_interval_s, step_getter=lambda: trainer.state.global_step) if main else None
-    started = time.time()
-    if monitor:
-        monitor.start()
+    plan = plan_run(config, explicit)
+    prepared = prepared or prepare_data(plan)
+    resume_from = resume_point(plan, prepared)
+    loaded = load_model_for_training(plan)
+    rows = tokenize_data(plan, prepared, loaded.tokenizer)
+    fitted = fit(plan, loaded, rows, prepared, resume_from, callbacks)
     try:
-        train_output = trainer.train(resume_from_checkpoint=resume_from)
-        runtime = time.time() - started
-        if trainer.loss_guard.bad_step is not None:
-            kept = complete_checkpoints(checkpoint_dir)
-            raise TrainingError(
-                f"training stopped at step {trainer.loss_guard.bad_step}: the loss became NaN or infinite "
-                f"({'fp16 overflow is the usual cause; ' if precision == 'fp16' else ''}"
-                f"try a lower --learning-rate, or --precision fp32/bf16). "
-                + (f"Last good checkpoint: {kept[-1]} (resume with --resume auto)." if kept else "No checkpoint was written.")
-            )
-        train_tokens = trainer.token_counter.total()
-        # Inside the monitored window, so the system log covers the final evaluation too.
-        eval_metrics = trainer.evaluate(rows["validation"], metric_key_prefix="eval")
-        test_metrics = trainer.evaluate(rows["test"], metric_key_prefix="test")
+        metrics = evaluate_run(plan, fitted, loaded, prepared, rows)
     finally:
-        if monitor:
-            monitor.stop()
-    # The Trainer adds the loss of the steps after its last log from this process only: average over processes.
-    train_loss = trainer.accelerator.reduce(torch.tensor(train_output.training_loss, device=trainer.args.device), "mean").item()
-    metrics = {
-        "train_loss": train_loss,
-        "eval_loss": eval_metrics["eval_loss"],
-        "eval_perplexity": eval_metrics["eval_perplexity"],
-        "eval_tokens": eval_metrics["eval_tokens"],
-        "test_loss": test_metrics["test_loss"],
-        "test_perplexity": test_metrics["test_perplexity"],
-        "train_runtime_s": runtime,
-        "train_tokens": train_tokens,
-        "train_tokens_per_s": train_tokens / runtime if runtime > 0 else 0.0,
-        "epochs": trainer.state.epoch,
-        "steps": trainer.state.global_step,
-        "train_dialogs": len(prepared.dialogs["train"]),
-        "eval_dialogs": len(prepared.dialogs["validation"]),
-        "test_dialogs": len(prepared.dialogs["test"]),
-        "train_rows": len(rows["train"]),
-        "max_length": max_length,
-        "method": config.method,
-        **parameter_counts,
-        "precision": precision,
-        "precision_reason": precision_reason,
-        "device": hardware.name,
-        "world_size": trainer.args.world_size,
-        "resumed_from": resume_from,
-        "presets": preset_notes,
-        "data_counts": prepared.counts,
-        "skipped_lines": prepared.skipped,
-        "model": config.model,
-    }
-    if main:
-        write_json(logs_dir / "metrics.json", metrics)
-        write_jsonl(logs_dir / "log_history.jsonl", trainer.state.log_history)
-        charts = write_charts(logs_dir, images_dir)
-        final_model, adapter = merge_for_saving(trainer.model, config)
-        samples = sample_replies_for_card(final_model, tokenizer, prepared.dialogs["validation"])
-        training_config = {
-            "gpt2ft_version": __version__,
-            "config": config.to_dict(),
-            "max_length": max_length,
-            "precision": precision,
-            "data_source": prepared.source,
-            "data_counts": prepared.counts,
-            "metrics": {k: metrics[k] for k in ("train_loss", "eval_loss", "eval_perplexity", "test_loss", "test_perplexity")},
-        }
-        card = render_model_card(metrics, training_config, samples, hardware_name=hardware.name)
-        train_chart = next((path for path in charts if path.name == "chart_train.png"), None)
-        save_final_model(
-            final_model, tokenizer, build_generation_config(tokenizer), training_config, output_dir,
-            extra_text={"README.md": card}, extra_files=[train_chart] if train_chart else [], adapter=adapter,
-        )
-        if not config.keep_checkpoints:
-            shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()  # every process returns only once the main one has saved the model
-    return TrainResult(metrics=metrics, output_dir=output_dir, logs_dir=logs_dir, resumed_from=resume_from, data=prepared)
-
-
-def sample_replies_for_card(model: Any, tokenizer: Any, dialogs: Any, count: int = 3) -> list[dict[str, Any]]:
-    """A few greedy replies to held-out openings, for the model card."""
-    from .generate import generate_reply
-
-    samples = []
-    for turns in dialogs["dialog"][:count]:
-        context = list(turns[:1])
-        reply = generate_reply(model, tokenizer, context, greedy=True, max_new_tokens=40)
-        samples.append({"context": context, "reference": turns[1] if len(turns) > 1 else "", "reply": reply.text})
-    return samples
+        fitted.stop_monitor()
+    save_run(plan, fitted, metrics, loaded.tokenizer, prepared)
+    published = publish_run(plan, prepared)
+    finish_run(plan)
+    return TrainResult(metrics, plan.output_dir, plan.logs_dir, fitted.resumed_from, prepared, published)

@@ -40,6 +40,18 @@ EXCHANGES = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: they skip cleanly without it (CI, this CPU machine) and run on a lent GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def make_dialog(rng: random.Random) -> list[str]:
     turns: list[str] = []
     for _ in range(rng.randint(1, 3)):
@@ -199,6 +211,35 @@ def train_argv(model_dir, data, dirs, *extra: str) -> list[str]:
         "--cache-dir", dirs["cache"], "--batch-size", "8", "--eval-batch-size", "16", "--logging-steps", "1",
         "--system-interval-s", "0.2", *extra,
     ]
+
+
+def config_for(model_dir, data, dirs, *flags):
+    """The TrainConfig that `python -m gpt2ft` builds from train_argv(...) (what a user would type)."""
+    from gpt2ft.cli import build_parser, config_from_args
+
+    return config_from_args(build_parser().parse_args(train_argv(model_dir, data, dirs, *flags)))[0]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model_dir, dailydialog_dir):
+    """One finished training run shared by every test that only reads its artifacts: 3 epochs on the synthetic
+    dialogues through `python -m gpt2ft train` (main), with the metrics line it printed. Do not modify its folders.
+
+    Returns:
+        (dirs, printed metrics)
+    """
+    import contextlib
+
+    from gpt2ft.cli import main
+
+    root = tmp_path_factory.mktemp("trained_run")
+    dirs = {name: str(root / name) for name in ("output", "logs", "images", "cache")}
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(train_argv(tiny_model_dir, dailydialog_dir, dirs, "--epochs", "3", "--learning-rate", "3e-3"))
+    assert code == 0
+    printed = json.loads([line for line in stdout.getvalue().splitlines() if line.startswith("{")][-1])
+    return dirs, printed
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ def train_records(steps: int = 40) -> list[dict]:
         records.append({
             "step": step, "epoch": step / 20, "loss": 4.0 * math.exp(-step / 15) + 1.5, "grad_norm": 1.0 + (step % 5) / 5,
             "learning_rate": 5e-5 * (1 - step / steps), "tokens_seen": step * 2000, "tokens_per_s": 1800.0 + step,
-            "wall_time_s": step * 1.1,
+            "train_seconds": step * 1.1,
         })
         if step % 20 == 0:
             records.append({"step": step, "epoch": step / 20, "eval_loss": 2.0 - step / 100, "eval_perplexity": math.exp(2.0 - step / 100)})

@@ -27,9 +27,29 @@ def test_train_has_the_documented_flags():
     assert set(REQUIRED_FLAGS) <= flags
 
 
-def test_parser_defaults_agree_with_the_dataclass():
+def test_no_flags_means_the_dataclass_defaults_and_nothing_typed():
     args = build_parser().parse_args(["train"])
-    assert config_from_args(args) == TrainConfig()
+    assert config_from_args(args) == (TrainConfig(), set())
+
+
+def test_typed_flags_are_known_even_when_equal_to_the_default():
+    args = build_parser().parse_args(["train", "--learning-rate", "5e-5", "--no-clean-text", "--batch-size", "16"])
+    config, typed = config_from_args(args)
+    assert typed == {"learning_rate", "clean_text", "batch_size"}
+    assert config == TrainConfig(clean_text=False)
+
+
+def test_choices_come_from_the_dataclass(capsys):
+    for field in dataclasses.fields(TrainConfig):
+        allowed = field.metadata.get("choices")
+        if not allowed:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        assert build_parser().parse_args(["train", flag, allowed[-1]]).__dict__[field.name] == allowed[-1]
+        with pytest.raises(Exception, match="invalid choice"):
+            build_parser().parse_args(["train", flag, "no-such-choice"])
+        with pytest.raises(ConfigError, match=f"^{flag}: must be one of"):
+            TrainConfig(**{field.name: "no-such-choice"})
 
 
 def test_every_field_has_a_flag_and_help():
@@ -49,7 +69,8 @@ def test_flags_override_the_config_file(tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"epochs": 5, "learning-rate": 1e-4, "keep_overlap": True}))
     args = build_parser().parse_args(["train", "--config", str(path), "--epochs", "2", "--no-clean-text"])
-    config = config_from_args(args)
+    config, typed = config_from_args(args)
+    assert typed == {"epochs", "learning_rate", "keep_overlap", "clean_text"}
     assert config.epochs == 2 and config.learning_rate == 1e-4 and config.keep_overlap and not config.clean_text
 
 

@@ -299,3 +299,39 @@ def test_bucketed_batches_round_lengths_up_without_changing_the_loss(tiny_model,
         expected = evaluate_loss(tiny_model, rows, plain, batch_size=2)
         got = evaluate_loss(tiny_model, rows, bucketed, batch_size=2)
         assert got["tokens"] == expected["tokens"] and got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
+def test_the_zip_fallback_is_streamed_and_checked_against_the_release(tmp_path, monkeypatch):
+    """The official zip is fetched over plain http: only the release's exact bytes are kept, read in chunks."""
+    import hashlib
+    import io
+    import urllib.request
+
+    import gpt2ft.data as data
+
+    good = write_layout(tmp_path / "release", "outer_zip").read_bytes()
+    reads = []
+
+    class Response(io.BytesIO):
+        def read(self, size=-1):
+            assert size and size > 0, "the download must be streamed in chunks, not read whole"
+            reads.append(size)
+            return super().read(size)
+
+    def serve(payload):
+        monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: Response(payload))
+
+    monkeypatch.setattr(data, "ZIP_SIZE", len(good))
+    monkeypatch.setattr(data, "ZIP_SHA256", hashlib.sha256(good).hexdigest())
+    cache = tmp_path / "cache"
+    serve(good[:-10] + b"x" * 10)  # right size, wrong bytes
+    with pytest.raises(DataError, match="SHA-256"):
+        data.download_zip(cache, "http://example.invalid/z.zip", data.ZIP_SIZE, data.ZIP_SHA256)
+    serve(good + b"trailing")
+    with pytest.raises(DataError, match="more than the release"):
+        data.download_zip(cache, "http://example.invalid/z.zip", data.ZIP_SIZE, data.ZIP_SHA256)
+    assert not list(cache.iterdir())  # nothing kept from a bad download
+    serve(good)
+    path = data.download_zip(cache, "http://example.invalid/z.zip", data.ZIP_SIZE, data.ZIP_SHA256)
+    assert path.read_bytes() == good and sorted(p.name for p in cache.iterdir()) == [data.ZIP_NAME] and reads
+    assert data.ZIP_URL.startswith("http://") and len(data.ZIP_SHA256) == 64

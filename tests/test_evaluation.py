@@ -10,7 +10,6 @@ import torch
 from gpt2ft.cli import main
 from gpt2ft.data import DialogueCollator
 from gpt2ft.evaluation import distinct_n, evaluate_loss, has_repeated_ngram, perplexity, reply_metrics
-from gpt2ft.generate import Reply
 
 
 def test_padded_batches_give_the_token_weighted_loss_of_the_unpadded_sequences(tiny_model, tiny_tokenizer):
@@ -47,10 +46,10 @@ def test_distinct_n_on_hand_made_replies():
 
 def test_repeat_rate_and_eos_rate_on_hand_made_replies():
     replies = [
-        Reply("yes yes yes yes", 4, True),  # "yes yes yes" occurs twice
-        Reply("I think I think I think so", 7, False),
-        Reply("sounds good to me", 4, True),
-        Reply("", 0, True),
+        {"reply": "yes yes yes yes", "tokens": 4, "ended_with_eos": True},  # "yes yes yes" occurs twice
+        {"reply": "I think I think I think so", "tokens": 7, "ended_with_eos": False},
+        {"reply": "sounds good to me", "tokens": 4, "ended_with_eos": True},
+        {"reply": "", "tokens": 0, "ended_with_eos": True},
     ]
     assert has_repeated_ngram("a b c a b c") and not has_repeated_ngram("a b c d a b")
     metrics = reply_metrics(replies)

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, read_jsonl, train_argv
+from conftest import ROOT, read_jsonl
 from gpt2ft.monitor import SystemMonitor
 
 BASE_FIELDS = {"timestamp", "elapsed_s", "step"}
 CPU_FIELDS = {"cpu_count", "process_cpu_percent", "system_cpu_percent"}
 MEMORY_FIELDS = {"process_rss_mb", "system_ram_used_mb", "system_ram_total_mb", "system_ram_percent"}
-TRAIN_LINE_FIELDS = {"step", "epoch", "loss", "grad_norm", "learning_rate", "tokens_seen", "tokens_per_s", "wall_time_s"}
+TRAIN_LINE_FIELDS = {"step", "epoch", "loss", "grad_norm", "learning_rate", "tokens_seen", "tokens_per_s", "train_seconds"}
 CHARTS = {"chart_train.png", "chart_gpu.png", "chart_gpu2.png", "chart_memory.png", "chart_cpu_disk.png"}
 
 
@@ -205,7 +205,7 @@ def test_no_gpu_fields_without_cuda(tmp_path):
         assert not any(key.startswith(("gpu_", "torch_")) for key in record)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_gpu_fields_on_cuda(tmp_path):
     pytest.importorskip("pynvml")
     block = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")  # initialises CUDA and holds 64 MiB
@@ -232,68 +232,70 @@ def test_sampling_does_not_import_torch(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# End to end: one short CPU training run through the CLI
+# End to end: the shared training run (conftest.trained_run)
 # --------------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_model_dir, dailydialog_dir) -> dict[str, Path]:
-    from gpt2ft.cli import main
-
-    root = tmp_path_factory.mktemp("see_the_run")
-    dirs = {name: str(root / name) for name in ("output", "logs", "images", "cache")}
-    assert main(train_argv(tiny_model_dir, dailydialog_dir, dirs, "--max-steps", "3")) == 0
-    return {name: Path(path) for name, path in dirs.items()}
+def run(trained_run) -> tuple[dict[str, Path], dict]:
+    dirs, printed = trained_run
+    return {name: Path(path) for name, path in dirs.items()}, printed
 
 
-def test_run_writes_system_log(trained_run):
-    records = read_jsonl(trained_run["logs"] / "system.jsonl")
+def test_run_writes_system_log(run):
+    dirs, printed = run
+    records = read_jsonl(dirs["logs"] / "system.jsonl")
     assert len(records) >= 2  # the first sample at start, the last at stop
     for record in records:
         assert isinstance(record["step"], int)
         assert CPU_FIELDS | MEMORY_FIELDS <= record.keys()
     assert records[0]["step"] == 0
-    assert records[-1]["step"] == 3
+    assert records[-1]["step"] == printed["steps"]
 
 
-def test_run_writes_train_log(trained_run):
-    records = read_jsonl(trained_run["logs"] / "train_log.jsonl")
+def test_run_writes_train_log(run):
+    dirs, printed = run
+    records = read_jsonl(dirs["logs"] / "train_log.jsonl")
     train_lines = [record for record in records if "loss" in record]
-    assert [record["step"] for record in train_lines] == [1, 2, 3]
+    assert [record["step"] for record in train_lines] == list(range(1, printed["steps"] + 1))
     for record in train_lines:
         assert TRAIN_LINE_FIELDS <= record.keys(), record
+    assert train_lines[-1]["tokens_seen"] == printed["train_tokens"]
     eval_lines = [record for record in records if "eval_loss" in record]
     assert eval_lines and all({"eval_loss", "eval_perplexity"} <= record.keys() for record in eval_lines)
     assert any("test_loss" in record for record in records)
 
 
-def test_run_writes_the_five_charts(trained_run):
+def test_run_writes_the_five_charts(run):
     from PIL import Image
 
-    assert {path.name for path in trained_run["images"].iterdir()} == CHARTS
+    dirs, _ = run
+    assert {path.name for path in dirs["images"].iterdir()} == CHARTS
     for name in CHARTS:
-        with Image.open(trained_run["images"] / name) as image:
+        with Image.open(dirs["images"] / name) as image:
             assert image.format == "PNG"
             assert len(image.convert("RGB").getcolors(1 << 20)) > 20
 
 
-def test_run_model_card_shows_the_metrics(trained_run):
+def test_run_model_card_shows_the_metrics(run):
     from gpt2ft.modelcard import format_loss, format_perplexity
 
-    metrics = json.loads((trained_run["logs"] / "metrics.json").read_text(encoding="utf-8"))
-    card = (trained_run["output"] / "README.md").read_text(encoding="utf-8")
+    dirs, _ = run
+    metrics = json.loads((dirs["logs"] / "metrics.json").read_text(encoding="utf-8"))
+    card = (dirs["output"] / "README.md").read_text(encoding="utf-8")
     assert f"| validation | {format_loss(metrics['eval_loss'])} | {format_perplexity(metrics['eval_perplexity'])} |" in card
     assert f"| test | {format_loss(metrics['test_loss'])} | {format_perplexity(metrics['test_perplexity'])} |" in card
     assert format_loss(metrics["train_loss"]) in card
     assert "![training](chart_train.png)" in card
-    assert (trained_run["output"] / "chart_train.png").is_file()
+    assert (dirs["output"] / "chart_train.png").is_file()
 
 
-def test_charts_command_rebuilds_from_the_run_logs(trained_run, tmp_path):
+def test_charts_command_rebuilds_from_the_run_logs(run, tmp_path):
     from gpt2ft.cli import main
 
+    dirs, _ = run
     images = tmp_path / "rebuilt"
-    assert main(["charts", "--logs-dir", str(trained_run["logs"]), "--images-dir", str(images)]) == 0
+    assert main(["charts", "--logs-dir", str(dirs["logs"]), "--images-dir", str(images)]) == 0
     assert {path.name for path in images.iterdir()} == CHARTS
     # The same logs give the same training chart, byte for byte: nothing in it depends on when it was drawn.
-    assert (images / "chart_train.png").read_bytes() == (trained_run["images"] / "chart_train.png").read_bytes()
+    assert (images / "chart_train.png").read_bytes() == (dirs["images"] / "chart_train.png").read_bytes()

@@ -20,10 +20,10 @@ import torch
 
 from gpt2ft.config import ConfigError, TrainConfig
 from gpt2ft.notebook import (
-    before_after_table, chat_in_notebook, describe_resume, describe_saved_model, dialog_token_lengths,
-    environment_report, equivalent_command, format_turns, gpu_memory_report, hf_token, in_colab, label_table,
-    make_config, mount_drive, plot_token_lengths, push_model_to_hub, resolve_paths, sample_replies, score_splits,
-    show_charts, split_counts_table,
+    before_after_table, chat_in_notebook, comparison_table, describe_resume, describe_saved_model, environment_report,
+    equivalent_command, format_turns, gpu_memory_report, in_colab, label_table, make_config, mount_drive,
+    plot_token_lengths, push_model_to_hub, resolve_paths, score_replies, score_splits, show_charts, show_chat_format,
+    show_replies, split_counts_table,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +44,10 @@ PARAMETER_FIELDS = {
     "max_train_dialogs": "max_train_dialogs", "max_eval_dialogs": "max_eval_dialogs", "batch_size": "batch_size",
     "learning_rate": "learning_rate", "logging_steps": "logging_steps", "seed": "seed", "overwrite": "overwrite",
 }
+
+
+# Parameters that are None by default, so the T4 presets may tune them for a large model.
+LEFT_TO_GPT2FT = ("batch_size", "learning_rate")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -110,7 +114,14 @@ def test_parameters_cell_has_the_issue_names_and_defaults(notebook):
 def test_parameter_defaults_agree_with_train_config(notebook):
     values, defaults = parameter_values(notebook), TrainConfig()
     for name, field in PARAMETER_FIELDS.items():
+        if values[name] is None and name in LEFT_TO_GPT2FT:
+            continue  # None: gpt2ft's default (or a T4 preset), not a second copy of it
         assert values[name] == getattr(defaults, field), f"{name} = {values[name]!r} but TrainConfig.{field} = {getattr(defaults, field)!r}"
+
+
+def test_settings_the_presets_tune_are_left_to_gpt2ft_by_default(notebook):
+    values = parameter_values(notebook)
+    assert {name: values[name] for name in LEFT_TO_GPT2FT} == {"batch_size": None, "learning_rate": None}
 
 
 def test_every_parameter_is_used_by_a_later_cell(notebook):
@@ -161,9 +172,11 @@ def test_resolve_paths_moves_relative_folders_to_drive(tmp_path):
 
 
 def test_make_config_maps_the_notebook_names(tmp_path):
-    config = make_config("gpt2", "hub", "out", "logs", "images", "data", 2, drive_root=tmp_path, max_train_dialogs=10, seed=7)
+    config, chosen = make_config("gpt2", "hub", "out", "logs", "images", "data", 2, drive_root=tmp_path, max_train_dialogs=10, seed=7, batch_size=None)
     assert (config.model, config.data, config.epochs, config.max_train_dialogs, config.seed) == ("gpt2", "hub", 2.0, 10, 7)
     assert config.output_dir == str(tmp_path / "out") and config.cache_dir == "data"
+    assert config.batch_size == TrainConfig().batch_size and "batch_size" not in chosen  # None: left to gpt2ft
+    assert {"max_train_dialogs", "seed", "epochs", "model"} <= chosen
     with pytest.raises(ConfigError, match="--epochs"):
         make_config("gpt2", "hub", "out", "logs", "images", "data", 0)
 
@@ -171,20 +184,18 @@ def test_make_config_maps_the_notebook_names(tmp_path):
 def test_equivalent_command_rebuilds_the_same_config():
     from gpt2ft.cli import build_parser, config_from_args
 
-    config = make_config("./my model", "hub", "out", "logs", "images", "data", 1, max_train_dialogs=5, overwrite=True)
+    config, _ = make_config("./my model", "hub", "out", "logs", "images", "data", 1, max_train_dialogs=5, overwrite=True)
     config = config.replace(clean_text=False)
     command = equivalent_command(config)
     assert command.startswith("python -m gpt2ft train ")
-    assert config_from_args(build_parser().parse_args(shlex.split(command)[3:])) == config
+    assert config_from_args(build_parser().parse_args(shlex.split(command)[3:]))[0] == config
     assert equivalent_command(TrainConfig()) == "python -m gpt2ft train"
 
 
-def test_colab_helpers_outside_colab(monkeypatch):
+def test_colab_helpers_outside_colab():
     assert in_colab() is False
     with pytest.raises(RuntimeError, match="Colab"):
         mount_drive()
-    monkeypatch.setenv("HF_TOKEN", "secret-from-env")
-    assert hf_token() == "secret-from-env"
 
 
 def test_push_to_hub_is_opt_in(monkeypatch, tmp_path, capsys):
@@ -193,13 +204,24 @@ def test_push_to_hub_is_opt_in(monkeypatch, tmp_path, capsys):
     with pytest.raises(ValueError, match="hub_repo_id"):
         push_model_to_hub(tmp_path, None, enabled=True)
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no_login"))  # no token saved by `hf auth login` either
     with pytest.raises(RuntimeError, match="HF_TOKEN"):
         push_model_to_hub(tmp_path, "me/model", enabled=True)
 
 
-def test_environment_and_memory_reports_on_this_machine(capsys):
-    report = environment_report(TrainConfig())
+@pytest.fixture
+def plan(tiny_model_dir, dailydialog_dir, run_dirs):
+    from conftest import config_for
+
+    from gpt2ft.training import plan_run
+
+    return plan_run(config_for(tiny_model_dir, dailydialog_dir, run_dirs, "--max-steps", "2", "--eval-batch-size", "4"))
+
+
+def test_environment_and_memory_reports_on_this_machine(capsys, plan):
+    report = environment_report(plan)
     assert {"torch", "transformers", "datasets", "device", "precision", "precision_reason"} <= set(report)
+    assert report["precision"] == plan.precision
     memory = gpu_memory_report("after training", train_seconds=12.5)
     out = capsys.readouterr().out
     assert "precision" in out and "training time: 12.5 s" in out
@@ -207,7 +229,7 @@ def test_environment_and_memory_reports_on_this_machine(capsys):
         assert report["precision"] == "fp32" and memory["device"] == "cpu" and "no GPU" in out
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_gpu_memory_report_on_a_gpu():
     gpu_memory_report("before", reset_peak=True)
     block = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
@@ -216,81 +238,91 @@ def test_gpu_memory_report_on_a_gpu():
     assert report["peak_reserved_gb"] >= 64 / 1024 and 0 < report["peak_share"] < 1 and report["total_gb"] > 1
 
 
-def test_data_views(tiny_tokenizer, tmp_path):
-    from datasets import Dataset
-
-    from gpt2ft.data import tokenize_dialogs
-
+def test_data_views(tiny_tokenizer, tmp_path, capsys):
     counts = {"train": {"release": 10, "removed": 2, "kept": 8, "used": 5}, "validation": {"release": 3, "removed": 1, "kept": 2, "used": 2}}
     table = split_counts_table(counts)
     assert list(table.columns) == ["release", "removed", "kept", "used"] and table.loc["train", "removed"] == 2
     assert format_turns(["Hi.", "Hello.", "Bye."]) == "A: Hi.\nB: Hello.\nA: Bye."
-
-    dialogs = Dataset.from_dict({"dialog": [["Hello, how are you?", "I am fine."], ["What time is it?", "Ten.", "Thanks!"]]})
-    assert dialog_token_lengths(dialogs, tiny_tokenizer) == tokenize_dialogs(dialogs, tiny_tokenizer, 256)["length"]
+    assert show_chat_format(["Hi.", "Hello."], tiny_tokenizer) == "<|endoftext|>Hi.<|endoftext|>Hello.<|endoftext|>"
     chart = plot_token_lengths([5, 9, 12, 30], tmp_path / "images", limit=256)
     assert chart == tmp_path / "images" / "token_lengths.png" and chart.stat().st_size > 0
+    assert "median 9, 99th percentile 30, longest 30" in capsys.readouterr().out
 
 
 def test_label_table_marks_the_trained_tokens(tiny_tokenizer):
+    from datasets import Dataset
+
+    from gpt2ft.data import tokenize_dialogs
+
     turns = ["Hello, how are you?", "I am fine."]
-    table = label_table(turns, tiny_tokenizer, 256)
+    row = tokenize_dialogs(Dataset.from_dict({"dialog": [turns]}), tiny_tokenizer, 256)[0]
+    table = label_table(row, tiny_tokenizer)
     assert list(table.columns) == ["token", "id", "label", "trained"]
     assert table["trained"].tolist() == ["no"] + ["yes"] * (len(table) - 1)
     assert (table.loc[table.trained == "yes", "label"] == table.loc[table.trained == "yes", "id"]).all()
     first_turn = len(tiny_tokenizer(turns[0], add_special_tokens=False)["input_ids"]) + 1
-    responses = label_table(turns, tiny_tokenizer, 256, loss_on="responses")
+    responses = label_table(tokenize_dialogs(Dataset.from_dict({"dialog": [turns]}), tiny_tokenizer, 256, loss_on="responses")[0], tiny_tokenizer)
     assert responses["trained"].tolist() == ["no"] * (1 + first_turn) + ["yes"] * (len(responses) - 1 - first_turn)
-    assert len(label_table(turns, tiny_tokenizer, 256, limit=3)) == 3
+    assert len(label_table(row, tiny_tokenizer, limit=3)) == 3
 
 
-def test_before_after_table():
+def test_before_after_and_comparison_tables(capsys):
     before = {"validation": {"loss": 4.0, "perplexity": math.exp(4.0)}, "test": {"loss": 4.1, "perplexity": math.exp(4.1)}}
     metrics = {"eval_loss": 2.0, "eval_perplexity": math.exp(2.0), "test_loss": 2.1, "test_perplexity": math.exp(2.1)}
     table = before_after_table(before, metrics)
     assert list(table.index) == ["validation", "test"]
     assert table.loc["test", "perplexity after"] == round(math.exp(2.1), 2)
     assert table.loc["validation", "times lower"] == round(math.exp(2.0), 2)
+    replies = {"samples": 2, "eos_rate": 0.5, "mean_reply_tokens": 7.0, "distinct_1": 0.9, "distinct_2": 1.0, "repeat_rate": 0.0}
+    text = comparison_table(before, replies, metrics, {**replies, "eos_rate": 1.0})
+    lines = text.splitlines()
+    assert lines[2].startswith(f"| before (base) | {math.exp(4.1):.2f} | 0.50 |") and lines[3].startswith(f"| after (fine-tuned) | {math.exp(2.1):.2f} | 1.00 |")
 
 
-def test_describe_resume_finds_a_complete_checkpoint(tmp_path, capsys):
-    from gpt2ft.training import CHECKPOINTS, COMPLETE_MARKER
+def test_describe_resume_finds_a_complete_checkpoint_of_this_run(plan, capsys):
+    from gpt2ft.checkpoints import COMPLETE_MARKER
+    from gpt2ft.training import prepare_data, run_settings
 
-    config = TrainConfig(output_dir=str(tmp_path / "out"))
-    assert describe_resume(config) is None and "from scratch" in capsys.readouterr().out
-    checkpoint = tmp_path / "out" / CHECKPOINTS / "checkpoint-4"
+    prepared = prepare_data(plan)
+    assert describe_resume(plan, prepared) is None and "from scratch" in capsys.readouterr().out
+    checkpoint = plan.checkpoint_dir / "checkpoint-4"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text("{}")
-    (checkpoint / COMPLETE_MARKER).write_text("4\n")
-    assert describe_resume(config) == str(checkpoint) and "resumes from" in capsys.readouterr().out
-    assert describe_resume(config.replace(resume="never")) is None
+    (checkpoint / COMPLETE_MARKER).write_text(json.dumps({"step": 4, "run": run_settings(plan, prepared)}))
+    assert describe_resume(plan, prepared) == str(checkpoint) and "resumes from" in capsys.readouterr().out
 
 
-def test_describe_saved_model_skips_checkpoints(tmp_path):
-    (tmp_path / "checkpoints" / "checkpoint-1").mkdir(parents=True)
-    (tmp_path / "checkpoints" / "checkpoint-1" / "model.safetensors").write_bytes(b"x")
+def test_describe_saved_model_lists_every_file(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
     (tmp_path / "model.safetensors").write_bytes(b"x" * 2048)
-    assert [entry["file"] for entry in describe_saved_model(tmp_path)] == ["model.safetensors"]
+    assert [entry["file"] for entry in describe_saved_model(tmp_path)] == ["adapter/adapter_model.safetensors", "model.safetensors"]
 
 
-def test_show_charts_returns_the_written_pngs(tmp_path):
-    paths = show_charts(tmp_path / "logs", tmp_path / "images")
-    assert all(path.is_file() for path in paths)
+def test_show_charts_shows_what_it_is_given(tmp_path, capsys):
+    from gpt2ft.charts import write_charts
+
+    paths = show_charts(write_charts(tmp_path / "logs", tmp_path / "images"))
+    assert len(paths) == 5 and all(path.is_file() for path in paths)
+    assert show_charts([]) == [] and "No charts" in capsys.readouterr().out
 
 
-def test_scoring_and_talking_with_a_tiny_model(tiny_model, tiny_tokenizer, dailydialog_dir, tmp_path, capsys):
-    from gpt2ft.data import prepare_dialogs
+def test_scoring_and_talking_with_a_tiny_model(plan, tiny_model, tiny_tokenizer, capsys):
     from gpt2ft.evaluation import evaluate_dialogs
+    from gpt2ft.training import prepare_data, tokenize_data
 
-    prepared = prepare_dialogs(str(dailydialog_dir), cache_dir=tmp_path, max_eval_dialogs=5)
-    scores = score_splits(tiny_model, tiny_tokenizer, prepared.dialogs, TrainConfig(), label="before")
+    prepared = prepare_data(plan)
+    rows = tokenize_data(plan, prepared, tiny_tokenizer)
+    scores = score_splits(tiny_model, tiny_tokenizer, rows, plan, label="before")
     direct = evaluate_dialogs(tiny_model, tiny_tokenizer, prepared.dialogs["test"])
     assert scores["test"]["loss"] == pytest.approx(direct["loss"]) and "validation before: loss" in capsys.readouterr().out
 
-    samples = sample_replies(tiny_model, tiny_tokenizer, prepared.dialogs["test"], count=2, seed=0, max_new_tokens=5)
-    assert [sample["opening"] for sample in samples] == [turns[0] for turns in prepared.dialogs["test"]["dialog"][:2]]
-    assert all(isinstance(sample["reply"], str) for sample in samples)
-    capsys.readouterr()
+    replies = score_replies(tiny_model, tiny_tokenizer, prepared.dialogs["test"], samples=3, seed=0)
+    assert replies["samples"] == 3 and len(replies["records"]) == 3 and 0 <= replies["eos_rate"] <= 1
+    shown = show_replies(tiny_model, tiny_tokenizer, prepared.dialogs["test"], count=2, seed=0, max_new_tokens=5)
+    out = capsys.readouterr().out
+    assert [record["context"] for record in shown] == [record["context"] for record in replies["records"][:2]]
+    assert out.count("real:  ") == 2 and out.count("model: ") == 2
 
     replies = chat_in_notebook(tiny_model, tiny_tokenizer, lines=["Hello , how are you ?", "/reset", "What time is it ?", "/quit", "never read"], seed=0, max_new_tokens=5)
     out = capsys.readouterr().out
@@ -348,7 +380,9 @@ def test_notebook_runs_end_to_end_with_papermill(tiny_model_dir, dailydialog_dir
     assert not [output for cell in cells for output in cell.outputs if output.output_type == "error"]
     assert all(cell.execution_count is not None for cell in cells), "every code cell ran"
     assert (dirs["output"] / "model.safetensors").is_file() and (dirs["output"] / "tokenizer.json").is_file()
-    assert not (dirs["output"] / "checkpoints").exists()
+    from gpt2ft.checkpoints import checkpoint_dir
+
+    assert not checkpoint_dir(dirs["output"]).exists()
     metrics = json.loads((dirs["logs"] / "metrics.json").read_text())
     prepared = prepare_dialogs(str(dailydialog_dir), cache_dir=dirs["cache"], max_train_dialogs=96, max_eval_dialogs=20)
     assert metrics["train_dialogs"] == prepared.counts["train"]["used"] > 0

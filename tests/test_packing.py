@@ -188,3 +188,36 @@ def test_evaluate_loss_is_token_weighted(model, rows, tiny_tokenizer, batching):
     assert abs(sum(batch_means) / len(batch_means) - total / count) > 1e-4
     assert abs(sum(per_sequence) / len(per_sequence) - total / count) > 1e-4
 
+
+
+def test_the_trainers_own_forward_passes_keep_packed_dialogues_apart(model, rows, tiny_tokenizer, tiny_model_dir, dailydialog_dir, run_dirs):
+    """Through the Trainer gpt2ft builds, not a hand-made model call: its compute_loss (training) and the library's
+    own prediction_step (which passes no use_cache) both give the packed batch the unpacked token-weighted loss."""
+    from conftest import config_for
+
+    from gpt2ft.training import LoadedModel, build_trainer, plan_run
+
+    plan = plan_run(config_for(tiny_model_dir, dailydialog_dir, run_dirs, "--max-steps", "1"))
+    rows_by_split = {"train": rows, "validation": rows}
+    trainer = build_trainer(plan, LoadedModel(model, tiny_tokenizer, {}), rows_by_split, settings={})
+    reference = [alone(model, row) for row in rows]
+    expected = sum(n[m].double().sum() for n, m in reference) / sum(int(m.sum()) for _, m in reference)
+    packed = DialogueCollator(tiny_tokenizer, "pack", row_tokens=10_000)(rows)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed  # all five dialogues in one row
+    model.eval()
+    with torch.no_grad():
+        training_loss = trainer.compute_loss(model, dict(packed))
+    prediction_loss, _, _ = trainer.prediction_step(model, dict(packed), prediction_loss_only=True)
+    torch.testing.assert_close(training_loss.double(), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(prediction_loss.double(), expected, atol=ATOL, rtol=0)
+
+
+def test_evaluation_keeps_packed_dialogues_apart_even_when_the_model_config_wants_a_cache(model, rows, tiny_tokenizer):
+    model.config.use_cache = True  # as a model fresh from from_pretrained has it
+    reference = [alone(model, row) for row in rows]
+    expected = float(sum(n[m].double().sum() for n, m in reference) / sum(int(m.sum()) for _, m in reference))
+    collator = DialogueCollator(tiny_tokenizer, "pack", row_tokens=10_000)
+    assert collator(rows)["input_ids"].shape[0] == 1  # every dialogue in one row: each but the first has neighbours
+    result = evaluate_loss(model, rows, collator, batch_size=len(rows))
+    assert result["loss"] == pytest.approx(expected, abs=ATOL)
+    assert model.config.use_cache is True  # switched off only while scoring

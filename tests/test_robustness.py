@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, default_splits, read_jsonl, train_argv, write_layout
+from conftest import ROOT, config_for, default_splits, read_jsonl, train_argv, write_layout
 from transformers import TrainerCallback
 
-from gpt2ft.cli import build_parser, config_from_args, main
-from gpt2ft.training import COMPLETE_MARKER, TrainingError, complete_checkpoints, find_resume_checkpoint, train
+from gpt2ft.checkpoints import COMPLETE_MARKER, checkpoint_dir, complete_checkpoints, find_resume_checkpoint
+from gpt2ft.cli import main
+from gpt2ft.training import TrainingError, train
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -177,17 +178,13 @@ class PoisonWeights(TrainerCallback):
         return control
 
 
-def config_for(model, data, dirs, *flags):
-    return config_from_args(build_parser().parse_args(train_argv(model, data, dirs, *flags)))
-
-
 def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tiny_model_dir, dailydialog_dir, run_dirs):
     config = config_for(tiny_model_dir, dailydialog_dir, run_dirs, "--max-steps", "12", "--eval-steps", "2")
     with pytest.raises(TrainingError) as raised:
         train(config, callbacks=[PoisonWeights(at=5)])
     message = str(raised.value)
     assert "step 6" in message and "NaN" in message and "--learning-rate" in message
-    checkpoints = complete_checkpoints(Path(run_dirs["output"], "checkpoints"))
+    checkpoints = complete_checkpoints(checkpoint_dir(run_dirs["output"]))
     assert checkpoints[-1].name == "checkpoint-4"  # nothing saved from the poisoned steps
     assert checkpoints[-1].as_posix() in message
     assert not Path(run_dirs["output"], "model.safetensors").exists()  # no final model from a broken run
@@ -218,47 +215,94 @@ def loss_steps(log_path: Path) -> list[int]:
     return [record["step"] for record in read_jsonl(log_path) if "loss" in record]
 
 
+WHOLE_RUN_EXACT = ("train_tokens", "steps", "epochs", "train_dialogs", "train_rows")
+WHOLE_RUN_CLOSE = ("train_loss", "eval_loss", "test_loss")
+
+
+def dirs_in(root: Path) -> dict[str, str]:
+    return {name: str(root / name) for name in ("output", "logs", "images", "cache")}
+
+
+def assert_same_run(resumed: dict, reference: dict) -> None:
+    for key in WHOLE_RUN_EXACT:
+        assert resumed[key] == reference[key], key
+    for key in WHOLE_RUN_CLOSE:
+        assert resumed[key] == pytest.approx(reference[key], rel=1e-3), key
+
+
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, dailydialog_dir):
     flags = ("--max-steps", "12", "--eval-steps", "4", "--keep-checkpoints")
-    straight = {name: str(tmp_path / "straight" / name) for name in ("output", "logs", "images", "cache")}
-    reference = train(config_for(tiny_model_dir, dailydialog_dir, straight, *flags))
+    reference = train(config_for(tiny_model_dir, dailydialog_dir, dirs_in(tmp_path / "straight"), *flags))
 
-    dirs = {name: str(tmp_path / "resumed" / name) for name in ("output", "logs", "images", "cache")}
+    dirs = dirs_in(tmp_path / "resumed")
     with pytest.raises(Crash):
         train(config_for(tiny_model_dir, dailydialog_dir, dirs, *flags), callbacks=[CrashAt(at=6)])
-    assert [p.name for p in complete_checkpoints(Path(dirs["output"], "checkpoints"))] == ["checkpoint-4"]
+    assert [p.name for p in complete_checkpoints(checkpoint_dir(dirs["output"]))] == ["checkpoint-4"]
     resumed = train(config_for(tiny_model_dir, dailydialog_dir, dirs, *flags))
 
     assert resumed.resumed_from.endswith("checkpoint-4")
-    assert resumed.metrics["steps"] == reference.metrics["steps"] == 12
-    steps = loss_steps(Path(dirs["logs"], "train_log.jsonl"))
-    assert steps == list(range(1, 13))  # no gap, no repeat
-    assert resumed.metrics["eval_loss"] == pytest.approx(reference.metrics["eval_loss"], rel=1e-4)
-    assert (Path(dirs["output"]) / "model.safetensors").is_file()
+    assert resumed.metrics["steps"] == 12
+    assert_same_run(resumed.metrics, reference.metrics)
+    assert loss_steps(Path(dirs["logs"], "train_log.jsonl")) == list(range(1, 13))  # no gap, no repeat
+    assert resumed.metrics["train_runtime_s"] > 0
+    saved = json.loads(Path(dirs["logs"], "metrics.json").read_text())
+    assert saved["train_tokens"] == reference.metrics["train_tokens"]  # what metrics.json says, too
+    card = Path(dirs["output"], "README.md").read_text()
+    assert f"{reference.metrics['train_tokens']:,}" in card  # and the model card
+
+
+def write_checkpoint(folder: Path, step: int, complete: bool, run: dict | None = None) -> Path:
+    checkpoint = folder / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    if complete:
+        (checkpoint / COMPLETE_MARKER).write_text(json.dumps({"step": step, "run": run or {"learning_rate": 5e-5}}))
+    return checkpoint
 
 
 def test_resume_never_and_explicit_path(tmp_path):
     folder = tmp_path / "checkpoints"
     for step, complete in ((2, True), (4, True), (6, False)):
-        checkpoint = folder / f"checkpoint-{step}"
-        checkpoint.mkdir(parents=True)
-        (checkpoint / "trainer_state.json").write_text("{}")
-        if complete:
-            (checkpoint / COMPLETE_MARKER).write_text(str(step))
-    assert find_resume_checkpoint(folder, "never") is None
-    assert find_resume_checkpoint(folder, "auto") == str(folder / "checkpoint-4")  # the half-written 6 is skipped
-    assert find_resume_checkpoint(folder, str(folder / "checkpoint-2")) == str(folder / "checkpoint-2")
+        write_checkpoint(folder, step, complete)
+    settings = {"learning_rate": 5e-5}
+    assert find_resume_checkpoint(folder, "never", settings) is None
+    assert find_resume_checkpoint(folder, "auto", settings) == str(folder / "checkpoint-4")  # the half-written 6 is skipped
+    assert find_resume_checkpoint(folder, str(folder / "checkpoint-2"), settings) == str(folder / "checkpoint-2")
     with pytest.raises(TrainingError, match="--resume"):
-        find_resume_checkpoint(folder, str(tmp_path))
+        find_resume_checkpoint(folder, str(tmp_path), settings)
 
 
-def test_resume_after_sigkill(tmp_path, tiny_model_dir, dailydialog_dir):
-    dirs = {name: str(tmp_path / name) for name in ("output", "logs", "images", "cache")}
+def test_a_checkpoint_of_other_settings_is_refused_with_each_difference_and_the_ways_out(tmp_path):
+    folder = tmp_path / "checkpoints"
+    write_checkpoint(folder, 4, True, {"learning_rate": 5e-5, "batch_size": 16, "seed": 42, "data_dialogs": {"train": 100}})
+    new = {"learning_rate": 1e-4, "batch_size": 8, "seed": 42, "data_dialogs": {"train": 90}}
+    with pytest.raises(TrainingError) as raised:
+        find_resume_checkpoint(folder, "auto", new)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "learning_rate 5e-05 -> 0.0001" in message and "batch_size 16 -> 8" in message and "data_dialogs" in message
+    assert "seed" not in message  # unchanged settings are not listed
+    assert "--learning-rate 5e-05" in message and "--batch-size 16" in message and "--resume never" in message
+
+
+def test_settings_that_may_change_on_resume_are_allowed(tmp_path, tiny_model_dir, dailydialog_dir):
+    dirs = dirs_in(tmp_path)
+    flags = ("--max-steps", "8", "--eval-steps", "4")
+    with pytest.raises(Crash):
+        train(config_for(tiny_model_dir, dailydialog_dir, dirs, *flags), callbacks=[CrashAt(at=5)])
+    changed = ("--logging-steps", "3", "--eval-batch-size", "4", "--report-to", "none", "--system-interval-s", "1")
+    result = train(config_for(tiny_model_dir, dailydialog_dir, dirs, *flags, *changed))
+    assert result.resumed_from.endswith("checkpoint-4") and result.metrics["steps"] == 8
+
+
+def test_resume_after_sigkill(tmp_path, tiny_model_dir, dailydialog_dir, capsys):
     flags = ("--max-steps", "40", "--eval-steps", "10", "--save-total-limit", "1")
+    reference = train(config_for(tiny_model_dir, dailydialog_dir, dirs_in(tmp_path / "straight"), *flags))
+    dirs = dirs_in(tmp_path / "killed")
     argv = train_argv(tiny_model_dir, dailydialog_dir, dirs, *flags)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "gpt2ft", *argv], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = Path(dirs["output"], "checkpoints")
+    checkpoints = checkpoint_dir(dirs["output"])
     try:
         deadline = time.monotonic() + 120
         while not complete_checkpoints(checkpoints) and process.poll() is None and time.monotonic() < deadline:
@@ -273,9 +317,18 @@ def test_resume_after_sigkill(tmp_path, tiny_model_dir, dailydialog_dir):
     (checkpoints / "checkpoint-39").mkdir(exist_ok=True)
     killed_at = max(int(p.name.split("-")[1]) for p in complete_checkpoints(checkpoints))
 
-    result = train(config_for(tiny_model_dir, dailydialog_dir, dirs, *flags))
-    assert result.resumed_from.endswith(f"checkpoint-{killed_at}")
-    assert result.metrics["steps"] == 40  # the same end as an uninterrupted run
+    # The same command again, but with another learning rate: refused, naming the setting, nothing lost.
+    capsys.readouterr()
+    assert main([*argv, "--learning-rate", "1e-3"]) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(error) == 1 and "learning_rate" in error[0] and "--resume never" in error[0]
+    assert complete_checkpoints(checkpoints)[-1].name == f"checkpoint-{killed_at}"
+
+    # The same command: it continues, and the whole run's numbers are the uninterrupted run's.
+    assert main(argv) == 0
+    printed = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
+    assert printed["resumed_from"].endswith(f"checkpoint-{killed_at}")
+    assert_same_run(printed, reference.metrics)
     assert (Path(dirs["output"]) / "model.safetensors").is_file()
     assert loss_steps(Path(dirs["logs"], "train_log.jsonl")) == list(range(1, 41))
 

@@ -132,9 +132,16 @@ def test_unknown_optim_exits_2_with_one_line(tiny_model_dir, dailydialog_dir, ru
     assert not Path(run_dirs["output"]).exists(), "the check runs before anything is written"
 
 
-def test_eight_bit_optimizer_steps_or_fails_clearly(tiny_model_dir, dailydialog_dir, run_dirs, capsys):
+def check(optim: str, tmp_path: Path) -> object:
+    """check_optimizer as plan_run calls it, on this CPU."""
+    from gpt2ft.training import build_training_args
+
+    return check_optimizer(optim, lambda: build_training_args(TrainConfig(optim=optim), "fp32", CPU, tmp_path), CPU)
+
+
+def test_eight_bit_optimizer_steps_or_fails_clearly(tiny_model_dir, dailydialog_dir, run_dirs, capsys, tmp_path):
     try:
-        check_optimizer(EIGHT_BIT_OPTIM, CPU)
+        check(EIGHT_BIT_OPTIM, tmp_path)
     except ConfigError as error:  # bitsandbytes missing or unable to run here: the CLI must say so in one line
         argv = train_argv(tiny_model_dir, dailydialog_dir, run_dirs, "--optim", EIGHT_BIT_OPTIM, "--max-steps", "1")
         assert cli.main(argv) == 2
@@ -146,12 +153,14 @@ def test_eight_bit_optimizer_steps_or_fails_clearly(tiny_model_dir, dailydialog_
     assert cli.main(argv) == 0
     from safetensors.torch import load_file
 
+    from gpt2ft.checkpoints import checkpoint_dir
+
     trained = load_file(str(Path(run_dirs["output"]) / "model.safetensors"))
     initial = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)
     # The Trainer really used bitsandbytes' 8-bit states: its checkpointed optimizer holds uint8 moments (bitsandbytes
     # nests them one level down; embeddings and tensors under 4096 elements stay 32-bit).
-    checkpoint = sorted((Path(run_dirs["output"]) / "checkpoints").glob("checkpoint-*"))[-1]
+    checkpoint = sorted(checkpoint_dir(run_dirs["output"]).glob("checkpoint-*"))[-1]
     state = torch.load(checkpoint / "optimizer.pt", weights_only=False)["state"]
 
     def tensors(entry):
@@ -161,26 +170,41 @@ def test_eight_bit_optimizer_steps_or_fails_clearly(tiny_model_dir, dailydialog_
     assert any(torch.is_tensor(value) and value.dtype == torch.uint8 for entry in state.values() for value in tensors(entry))
 
 
-def test_optimizer_check_messages(monkeypatch):
+def test_optimizer_check_messages(monkeypatch, tmp_path):
+    import transformers.trainer_optimizer
+
     import gpt2ft.scale as scale
 
-    check_optimizer("auto", CPU)
-    check_optimizer("adamw_torch", CPU)
+    assert check("adamw_torch", tmp_path).optim == "adamw_torch"
     with pytest.raises(ConfigError, match=r"^--optim sgdx: not an optimizer"):
-        check_optimizer("sgdx", CPU)
-    monkeypatch.setattr(scale, "bitsandbytes_installed", lambda: False)
-    with pytest.raises(ConfigError, match=r"^--optim adamw_bnb_8bit: needs bitsandbytes"):
-        check_optimizer("adamw_bnb_8bit", CPU)
-    monkeypatch.setattr(scale, "bitsandbytes_installed", lambda: True)
+        check("sgdx", tmp_path)
+    # What an optimizer needs comes from the Trainer itself, e.g. bitsandbytes for the 8-bit ones.
+    monkeypatch.setattr(transformers.trainer_optimizer, "is_bitsandbytes_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^--optim adamw_bnb_8bit: You need to install `bitsandbytes`"):
+        check("adamw_bnb_8bit", tmp_path)
+    monkeypatch.undo()
 
-    def broken(optim, device):
+    def broken(optimizer_cls, optimizer_kwargs, device):
         raise RuntimeError("no kernel for this device\nsecond line")
 
-    monkeypatch.setattr(scale, "probe_bitsandbytes", broken)
+    monkeypatch.setattr(scale, "probe_optimizer", broken)
     with pytest.raises(ConfigError) as caught:
-        check_optimizer("paged_adamw_8bit", CPU)
+        check("paged_adamw_8bit", tmp_path)
     assert str(caught.value).startswith("--optim paged_adamw_8bit: bitsandbytes cannot run it on CPU")
     assert "\n" not in str(caught.value)
+
+
+def test_the_probe_steps_the_optimizer_class_the_trainer_builds(monkeypatch, tmp_path):
+    import gpt2ft.scale as scale
+
+    probed = {}
+    monkeypatch.setattr(scale, "probe_optimizer", lambda cls, kwargs, device: probed.update(cls=cls, kwargs=kwargs, device=device))
+    check("paged_adamw_8bit", tmp_path)
+    assert probed["cls"].__module__.startswith("bitsandbytes") and probed["device"] == "cpu"
+    assert probed["kwargs"].get("optim_bits") == 8 and probed["kwargs"].get("is_paged") is True
+    probed.clear()
+    check("adamw_torch", tmp_path)
+    assert not probed  # only bitsandbytes optimizers are stepped
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -190,7 +214,7 @@ def test_optimizer_check_messages(monkeypatch):
 
 @pytest.mark.parametrize("name", ["gpt2-xl", "openai-community/gpt2-xl"])
 def test_xl_on_a_t4_gets_lora_8bit_and_checkpointing(name):
-    config, notes = choose_presets(TrainConfig(model=name), T4)
+    config, notes = choose_presets(TrainConfig(model=name), T4, set())
     assert config.method == "lora" and config.gradient_checkpointing
     assert config.optim == (EIGHT_BIT_OPTIM if bitsandbytes_installed() else "auto")
     assert config.batch_size * config.gradient_accumulation_steps == 16
@@ -198,10 +222,10 @@ def test_xl_on_a_t4_gets_lora_8bit_and_checkpointing(name):
 
 
 def test_medium_and_large_presets():
-    medium, notes = choose_presets(TrainConfig(model="gpt2-medium"), T4)
+    medium, notes = choose_presets(TrainConfig(model="gpt2-medium"), T4, set())
     assert medium.method == "full" and medium.gradient_checkpointing and medium.optim == "auto"
     assert (medium.batch_size, medium.gradient_accumulation_steps) == (8, 2) and notes
-    large, notes = choose_presets(TrainConfig(model="gpt2-large"), T4)
+    large, notes = choose_presets(TrainConfig(model="gpt2-large"), T4, set())
     assert large.gradient_checkpointing and notes
     if bitsandbytes_installed():
         assert large.method == "full" and large.optim == EIGHT_BIT_OPTIM
@@ -218,14 +242,28 @@ def test_no_presets_for_small_cpu_big_gpus_or_when_disabled():
         (TrainConfig(model="gpt2-xl", t4_presets=False), T4),
         (TrainConfig(model="someone/other-model"), T4),
     ]:
-        assert choose_presets(config, hardware) == (config, [])
+        assert choose_presets(config, hardware, set()) == (config, [])
 
 
-def test_presets_keep_non_default_settings():
-    config, notes = choose_presets(TrainConfig(model="gpt2-xl", batch_size=2, optim="adamw_torch"), T4)
+def test_presets_keep_the_settings_the_user_typed():
+    config, notes = choose_presets(TrainConfig(model="gpt2-xl", batch_size=2, optim="adamw_torch"), T4, {"batch_size", "optim"})
     assert config.batch_size == 2 and config.gradient_accumulation_steps == 1 and config.optim == "adamw_torch"
     assert config.method == "lora" and config.gradient_checkpointing
     assert any("--optim adamw_torch" in note for note in notes)
+
+
+def test_a_typed_value_equal_to_the_default_is_kept_too(tiny_model_dir, dailydialog_dir, run_dirs):
+    """`--learning-rate 5e-5` with gpt2-xl on a T4 stays 5e-5 (the preset's 2e-4 is only for a rate left unset)."""
+    from conftest import train_argv as argv_for
+
+    args = cli.build_parser().parse_args(argv_for("gpt2-xl", dailydialog_dir, run_dirs, "--learning-rate", "5e-5"))
+    config, explicit = cli.config_from_args(args)
+    assert "learning_rate" in explicit and "batch_size" in explicit  # train_argv types --batch-size 8 too
+    settled, notes = choose_presets(config, T4, explicit)
+    assert settled.learning_rate == 5e-5 and settled.batch_size == 8
+    assert settled.method == "lora"  # what was not typed still gets the preset
+    unset, _ = choose_presets(config, T4, explicit - {"learning_rate"})
+    assert unset.learning_rate == 2e-4
 
 
 def test_local_folder_size_from_config(tmp_path, tiny_model_dir):
@@ -233,5 +271,5 @@ def test_local_folder_size_from_config(tmp_path, tiny_model_dir):
     large.mkdir()
     (large / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 1280, "n_layer": 36}))
     assert model_size(str(large)) == ("gpt2-large", 774030080.0)
-    assert choose_presets(TrainConfig(model=str(large)), T4)[0].gradient_checkpointing
+    assert choose_presets(TrainConfig(model=str(large)), T4, set())[0].gradient_checkpointing
     assert model_size(str(tiny_model_dir))[0] == "gpt2"

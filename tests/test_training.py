@@ -1,19 +1,26 @@
-"""gpt2ft.training and the train/eval/generate commands end to end, on a tiny GPT-2 and synthetic dialogues."""
+"""gpt2ft.training and gpt2ft.checkpoints: the stages of a run, its numbers, its saves; train/eval/generate end to end
+on a tiny GPT-2 and synthetic dialogues."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from conftest import read_jsonl, train_argv
+import torch
+from conftest import config_for, read_jsonl, train_argv
+from transformers import TrainerCallback
 
+from gpt2ft.checkpoints import COMPLETE_MARKER, checkpoint_dir, clean_stale_folders, save_final_model
 from gpt2ft.cli import main
 from gpt2ft.config import TrainConfig
 from gpt2ft.evaluation import evaluate_dialogs, recompute_loss_from_dump
-from gpt2ft.modeling import Hardware, choose_precision
-from gpt2ft.training import build_training_args, check_output_dir, save_final_model, TrainingError
+from gpt2ft.generate import build_generation_config
+from gpt2ft.modeling import Hardware, choose_precision, device_precision
+from gpt2ft.training import TrainingError, build_training_args, check_output_dir
 
 METRIC_KEYS = {
     "train_loss", "eval_loss", "eval_perplexity", "train_runtime_s", "train_tokens", "train_tokens_per_s", "epochs",
@@ -26,19 +33,8 @@ def last_json_line(text: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir, dailydialog_dir):
-    """One short training run shared by the tests below: 3 epochs on the synthetic dialogues."""
-    root = tmp_path_factory.mktemp("trained")
-    dirs = {name: str(root / name) for name in ("output", "logs", "images", "cache")}
-    argv = train_argv(tiny_model_dir, dailydialog_dir, dirs, "--epochs", "3", "--learning-rate", "3e-3")
-    import contextlib
-    import io
-
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        code = main(argv)
-    assert code == 0
-    return dirs, last_json_line(stdout.getvalue())
+def trained(trained_run):
+    return trained_run
 
 
 def test_train_prints_and_writes_the_metrics(trained):
@@ -47,9 +43,22 @@ def test_train_prints_and_writes_the_metrics(trained):
     saved = json.loads(Path(dirs["logs"], "metrics.json").read_text())
     assert saved["eval_loss"] == printed["eval_loss"]
     assert math.isclose(saved["eval_perplexity"], math.exp(saved["eval_loss"]))
-    assert saved["epochs"] == 3 and saved["steps"] > 0 and saved["train_tokens"] > 0
-    history = read_jsonl(Path(dirs["logs"], "log_history.jsonl"))
-    assert any("eval_loss" in record for record in history) and any("loss" in record for record in history)
+    assert saved["epochs"] == 3 and saved["steps"] == 3 * math.ceil(saved["train_rows"] / 8) and saved["train_tokens"] > 0
+    assert saved["train_tokens_per_s"] == pytest.approx(saved["train_tokens"] / saved["train_runtime_s"])
+
+
+def test_one_log_holds_each_step_once_and_the_train_loss_is_their_mean(trained):
+    dirs, printed = trained
+    assert not Path(dirs["logs"], "log_history.jsonl").exists()  # one log, not two copies of the same records
+    records = read_jsonl(Path(dirs["logs"], "train_log.jsonl"))
+    steps = [record["step"] for record in records if "loss" in record]
+    assert steps == list(range(1, printed["steps"] + 1))
+    # --logging-steps 1: each logged loss is one step's loss, so the run's train_loss is exactly their mean.
+    losses = [record["loss"] for record in records if "loss" in record]
+    assert printed["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    summary = [record for record in records if "train_runtime" in record]
+    assert len(summary) == 1 and summary[0]["train_loss"] == pytest.approx(printed["train_loss"])
+    assert summary[0]["tokens_seen"] == printed["train_tokens"]
 
 
 def test_train_tokens_count_targets_not_padding(trained, tiny_tokenizer):
@@ -65,12 +74,12 @@ def test_train_tokens_count_targets_not_padding(trained, tiny_tokenizer):
 
 def test_saved_folder_loads_with_plain_transformers(trained):
     dirs, _ = trained
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     output = Path(dirs["output"])
     assert (output / "model.safetensors").is_file()
     assert not list(output.glob("*.bin"))
-    assert not (output / "checkpoints").exists()  # removed after a successful run
+    assert not checkpoint_dir(output).exists()  # removed after a successful run
     model = AutoModelForCausalLM.from_pretrained(output)
     tokenizer = AutoTokenizer.from_pretrained(output)
     generation = GenerationConfig.from_pretrained(output)
@@ -79,6 +88,10 @@ def test_saved_folder_loads_with_plain_transformers(trained):
     saved = json.loads((output / "training_config.json").read_text())
     assert saved["config"]["epochs"] == 3 and "gpt2ft_version" in saved
     assert model.config.model_type == "gpt2"
+    # llama.cpp's converter reads n_ctx; transformers still loads the config, with its KV cache on for generation.
+    raw = json.loads((output / "config.json").read_text())
+    assert raw["n_ctx"] == raw["n_positions"] == 256
+    assert AutoConfig.from_pretrained(output).use_cache is True
 
 
 def test_eval_matches_training_and_dump_reproduces_the_loss(trained, dailydialog_dir, tmp_path, capsys):
@@ -129,25 +142,122 @@ def test_rerun_into_own_output_is_allowed_but_foreign_folder_is_refused(trained,
     check_output_dir(foreign, overwrite=True)
 
 
-def test_final_save_is_atomic(tmp_path, tiny_model, tiny_tokenizer):
-    from gpt2ft.generate import build_generation_config
+def fresh_save(output: Path, tiny_model, tiny_tokenizer, version: str) -> None:
+    save_final_model(tiny_model, tiny_tokenizer, build_generation_config(tiny_tokenizer), {"gpt2ft_version": version}, output)
 
-    class Boom(RuntimeError):
-        pass
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def fail_rename_number(monkeypatch, number: int, error: type[BaseException]) -> None:
+    """Make the `number`-th Path.rename from now on raise `error` (the swap's renames: 1 = old aside, 2 = new in)."""
+    real = Path.rename
+    calls = {"n": 0}
+
+    def rename(self, target):
+        calls["n"] += 1
+        if calls["n"] == number:
+            raise error("injected")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+
+
+SAVE_FAILURES = {
+    "writing the model": lambda m, model, tok: m.setattr(model, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(Boom("disk full"))),
+    "writing the tokenizer": lambda m, model, tok: m.setattr(tok, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(Boom("disk full"))),
+    "writing training_config.json": lambda m, model, tok: m.setattr("gpt2ft.checkpoints.write_json", lambda *a, **k: (_ for _ in ()).throw(Boom("disk full"))),
+    "moving the old model aside": lambda m, model, tok: fail_rename_number(m, 1, Boom),
+    "moving the new model in": lambda m, model, tok: fail_rename_number(m, 2, Boom),
+    "Ctrl-C between the renames": lambda m, model, tok: fail_rename_number(m, 2, KeyboardInterrupt),
+}
+
+
+@pytest.mark.parametrize("step", list(SAVE_FAILURES))
+def test_a_failure_at_each_step_of_the_final_save_keeps_the_old_model_and_every_checkpoint(step, tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
     output = tmp_path / "model"
-    save_final_model(tiny_model, tiny_tokenizer, build_generation_config(tiny_tokenizer), {"gpt2ft_version": "x"}, output)
-    before = sorted(p.name for p in output.iterdir())
+    fresh_save(output, tiny_model, tiny_tokenizer, "old")
+    before = snapshot(output)
+    checkpoints = checkpoint_dir(output)
+    (checkpoints / "checkpoint-4").mkdir(parents=True)
+    (checkpoints / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (checkpoints / "checkpoint-4" / COMPLETE_MARKER).write_text("{}")
+    kept_checkpoints = snapshot(checkpoints)
 
-    class BrokenTokenizer:
-        def save_pretrained(self, path):
-            raise Boom("disk full")
-
-    with pytest.raises(Boom):
-        save_final_model(tiny_model, BrokenTokenizer(), build_generation_config(tiny_tokenizer), {"gpt2ft_version": "y"}, output)
-    assert sorted(p.name for p in output.iterdir()) == before  # the previous model is untouched
-    assert json.loads((output / "training_config.json").read_text())["gpt2ft_version"] == "x"
+    with monkeypatch.context() as patch:
+        SAVE_FAILURES[step](patch, tiny_model, tiny_tokenizer)
+        with pytest.raises((Boom, KeyboardInterrupt)):
+            fresh_save(output, tiny_model, tiny_tokenizer, "new")
+    assert snapshot(output) == before  # the previous model, byte for byte
+    assert snapshot(checkpoints) == kept_checkpoints  # every checkpoint
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    fresh_save(output, tiny_model, tiny_tokenizer, "new")  # and the next save works
+    assert json.loads((output / "training_config.json").read_text())["gpt2ft_version"] == "new"
+
+
+def test_a_killed_save_is_tidied_at_the_next_start(tmp_path, tiny_model, tiny_tokenizer):
+    output = tmp_path / "model"
+    fresh_save(output, tiny_model, tiny_tokenizer, "old")
+    before = snapshot(output)
+    # SIGKILL between the two renames: the old model aside, a complete new one still in staging, no output folder.
+    output.rename(tmp_path / ".model.old-999")
+    (tmp_path / ".model.partial-999").mkdir()
+    (tmp_path / ".model.partial-999" / "config.json").write_text("{}")
+    (tmp_path / ".model.partial-123").mkdir()
+    removed = clean_stale_folders(output)
+    assert snapshot(output) == before  # the previous model is back
+    assert {p.name for p in removed} == {".model.partial-999", ".model.partial-123"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_evaluation_outside_training_follows_the_training_precision_rule(monkeypatch, tiny_model, tiny_tokenizer):
+    import gpt2ft.evaluation as evaluation
+
+    def gpu(name, major, minor):
+        return lambda device=None: SimpleNamespace(name=name, major=major, minor=minor, total_memory=16 * 2**30)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", gpu("NVIDIA A100", 8, 0))
+    assert device_precision("cuda") == "bf16"  # not fp16: the same rule as training (choose_precision)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", gpu("Tesla T4", 7, 5))
+    assert device_precision("cuda") == "fp16"
+    assert device_precision("cpu") == "fp32"
+    # eval, compare and the notebook score through evaluate_dialogs, which asks that rule for the model's device.
+    seen = {}
+    monkeypatch.setattr(evaluation, "device_precision", lambda device: "bf16")
+    monkeypatch.setattr(evaluation, "evaluate_loss", lambda *args, **kwargs: seen.update(precision=args[5]) or {"loss": 1.0, "perplexity": math.e, "tokens": 1})
+    from datasets import Dataset
+
+    evaluate_dialogs(tiny_model, tiny_tokenizer, Dataset.from_dict({"dialog": [["Hi.", "Hello."]]}))
+    assert seen["precision"] == "bf16"
+
+
+def test_training_args_never_halve_the_batch_behind_the_users_back(tmp_path):
+    args = build_training_args(TrainConfig(), "fp16", Hardware("cuda", "Tesla T4", (7, 5), 15.0), tmp_path)
+    assert args.auto_find_batch_size is False
+    assert args.restore_callback_states_from_checkpoint is True  # the run totals come back with a checkpoint
+
+
+class OutOfMemoryAt(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return control
+
+
+def test_out_of_memory_stops_with_the_settings_that_fit(tiny_model_dir, dailydialog_dir, run_dirs):
+    from gpt2ft.training import train
+
+    config = config_for(tiny_model_dir, dailydialog_dir, run_dirs, "--max-steps", "3", "--gradient-accumulation-steps", "2")
+    with pytest.raises(TrainingError) as raised:
+        train(config, callbacks=[OutOfMemoryAt()])
+    message = str(raised.value)
+    assert "out of GPU memory" in message and "--batch-size 4 --gradient-accumulation-steps 4" in message
+    assert not Path(run_dirs["output"], "model.safetensors").exists()
 
 
 @pytest.mark.parametrize(
