@@ -1,0 +1,890 @@
+"""A web page to talk to a fine-tuned model and to judge it blind against another one (Gradio).
+
+    python -m gpt2ft serve --model gpt2_finetuned                     # http://127.0.0.1:7860
+    python -m gpt2ft serve --model gpt2_finetuned --share --auth me:secret   # a public link, with a password
+    python -m gpt2ft votes --db logs/votes.sqlite                     # the blind votes, counted
+
+Three tabs:
+- **Chat**: replies streamed token by token from `generate.generate_reply` (the model's chat template, its saved
+  decoding settings as defaults, the context cut to the most recent whole turns that fit).
+- **Compare**: the same conversation goes to both models; the replies are shown as "Reply A" and "Reply B" in a
+  random order that only the server knows (it lives in server-side session state) until the vote is cast. Votes
+  go to SQLite (`gpt2ft.votes`).
+- **Results**: wins, losses, ties and win rate per pair of models, with a 95% Wilson interval.
+
+Generation runs in worker threads with a time limit; Gradio's queue runs at most `concurrency` generations at once
+and queues the rest, while the page's other events (votes, resets) are never held behind them. The notebook calls
+`serve_in_notebook`, which shows the same page inline (with a public share link on Colab).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import random
+import re
+import socket
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from .votes import DEFAULT_VOTES_DB, VotesError, init_votes_db, read_votes, record_vote, tally_votes
+
+# The page must not phone home: no usage analytics, no version check (it may run offline, and on a shared link
+# nobody agreed to it). Set before gradio is imported; a value the user set is kept.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+LOGGER = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+DEFAULT_TIME_LIMIT_S = 60.0
+# Generations at once. Each holds one model forward pass at a time; more than a few on one CPU or GPU only makes
+# every reply slower, while the queue keeps the page itself responsive.
+DEFAULT_CONCURRENCY = 4
+# GPT-2 reads at most 1,024 tokens (~4,000 characters of English), so a longer message is kept by its end: the
+# model would only see the end anyway, and the page stays light (a 200,000-character message would otherwise be
+# sent back and forth with every update).
+MAX_MESSAGE_CHARS = 8_000
+EXAMPLE_OPENINGS = (
+    "Hi! How was your weekend?",
+    "Excuse me, could you tell me the way to the train station?",
+    "I'm looking for a birthday present for my sister. Any ideas?",
+    "What would you like to have for dinner tonight?",
+)
+WINNER_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
+EMPTY_REPLY = "(no reply: the model ended its turn at once)"
+RESULT_HEADERS = ["model", "opponent", "votes", "wins", "losses", "ties", "both bad", "win rate", "95% interval"]
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+CSS = """
+.gradio-container { max-width: 1180px !important; margin: 0 auto !important; }
+#title h1 { margin-bottom: 0.1em; }
+#model-line { color: var(--body-text-color-subdued); }
+.reply-box textarea { font-size: 1.02em; }
+#reveal { min-height: 1.5em; }
+"""
+
+
+class ServeError(ValueError):
+    """The page cannot start (port in use, bad --auth, ...); the message names the flag."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models and what the page says about them
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServedModel:
+    """A loaded model with the names the page and the votes use.
+
+    name: the model as given (`--model`/`--compare-with`: a folder or Hub id), stored with each vote.
+    title: the short name shown on the page (the folder's name).
+    info: base model and perplexities read from the folder (describe_model).
+    """
+
+    name: str
+    model: Any
+    tokenizer: Any
+    title: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def display_name(name: str) -> str:
+    """A model's short name: a folder's last part (`runs/gpt2_finetuned/` -> `gpt2_finetuned`), a Hub id as is."""
+    path = Path(name).expanduser()
+    return path.name if path.is_dir() and path.name else name
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def describe_model(name: str) -> dict[str, Any]:
+    """Base model and validation/test perplexity of a saved model, for the page's header.
+
+    From the folder's `training_config.json` ({"config": {"model": base, "logs_dir": ...}, "metrics": {...}}),
+    else from the run's `metrics.json` in its logs folder; a Hub id or a folder without them gives None values.
+    """
+    saved = read_json(Path(name).expanduser() / "training_config.json")
+    config = saved.get("config") if isinstance(saved.get("config"), dict) else {}
+    metrics = saved.get("metrics") if isinstance(saved.get("metrics"), dict) else {}
+    if not metrics and config.get("logs_dir"):
+        metrics = read_json(Path(str(config["logs_dir"])) / "metrics.json")
+    info: dict[str, Any] = {"base_model": config.get("model")}
+    for key in ("eval_perplexity", "test_perplexity"):
+        value = metrics.get(key)
+        info[key] = float(value) if isinstance(value, (int, float)) else None
+    return info
+
+
+def default_opponent(model_dir: str) -> str | None:
+    """The base model recorded in a fine-tuned folder's training_config.json (e.g. `gpt2`), or None."""
+    return describe_model(model_dir).get("base_model") or None
+
+
+def load_served_model(name: str, model: Any = None, tokenizer: Any = None) -> ServedModel:
+    """Load a model for the page (safetensors only, via generate.load_for_generation), or wrap one already loaded.
+
+    Raises:
+        ModelError: the folder is missing, unreadable or not a GPT-2 model.
+    """
+    if model is None or tokenizer is None:
+        from .generate import load_for_generation
+
+        model, tokenizer = load_for_generation(name)
+    return ServedModel(name=name, model=model, tokenizer=tokenizer, title=display_name(name), info=describe_model(name))
+
+
+def format_model_line(served: ServedModel) -> str:
+    """One markdown line: base model and perplexities (or that there are none)."""
+    info = served.info
+    parts = []
+    if info.get("base_model"):
+        parts.append(f"fine-tuned from `{display_name(str(info['base_model']))}`")
+    for key, label in (("eval_perplexity", "validation perplexity"), ("test_perplexity", "test perplexity")):
+        if info.get(key) is not None:
+            parts.append(f"{label} **{info[key]:.2f}**")
+    if not any(info.get(key) is not None for key in ("eval_perplexity", "test_perplexity")):
+        parts.append("no perplexity recorded (no `training_config.json` or `metrics.json` metrics)")
+    return " · ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoding settings and input
+# --------------------------------------------------------------------------------------------------------------
+
+
+def saved_decoding(model: Any) -> dict[str, Any]:
+    """The model's saved decoding settings (generation_config.json), as the page's controls and fixed extras.
+
+    gpt2ft saves sampling at temperature 0.8, top-p 0.9, top-k 0, no_repeat_ngram_size 4, 50 new tokens; a model
+    saved elsewhere (the base `gpt2`) may say greedy, and the page then starts greedy too.
+    """
+    config = model.generation_config
+    return {
+        "greedy": not bool(getattr(config, "do_sample", False)),
+        "temperature": float(getattr(config, "temperature", None) or 1.0),
+        "top_p": float(getattr(config, "top_p", None) or 1.0),
+        "max_new_tokens": int(getattr(config, "max_new_tokens", None) or 50),
+        "top_k": getattr(config, "top_k", None),
+        "no_repeat_ngram_size": getattr(config, "no_repeat_ngram_size", None),
+        "repetition_penalty": getattr(config, "repetition_penalty", None),
+    }
+
+
+def max_tokens_limit(served: Sequence[ServedModel]) -> int:
+    """The most new tokens the page offers: half the smallest context, at most 512."""
+    from .modeling import model_context
+
+    return max(1, min(512, min(model_context(item.model) for item in served) // 2))
+
+
+def clamp(value: Any, low: float, high: float, default: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return default
+    if number != number:  # NaN
+        return default
+    return min(high, max(low, number))
+
+
+def decoding_settings(
+    defaults: Mapping[str, Any], temperature: Any, top_p: Any, max_new_tokens: Any, greedy: Any, token_limit: int
+) -> dict[str, Any]:
+    """The settings one generation uses: the page's controls (clamped to their ranges, since the HTTP API can send
+    anything) over the served model's saved extras (top_k, no_repeat_ngram_size, repetition_penalty).
+
+    Both models of a comparison get the same settings, so the vote compares models, not decoding.
+    """
+    settings = {
+        "greedy": bool(greedy),
+        "temperature": round(clamp(temperature, 0.05, 2.0, defaults["temperature"]), 3),
+        "top_p": round(clamp(top_p, 0.05, 1.0, defaults["top_p"]), 3),
+        "max_new_tokens": int(clamp(max_new_tokens, 1, token_limit, min(defaults["max_new_tokens"], token_limit))),
+    }
+    for key in ("top_k", "no_repeat_ngram_size", "repetition_penalty"):
+        if defaults.get(key) is not None:
+            settings[key] = defaults[key]
+    return settings
+
+
+def generation_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """decoding_settings as generate_reply's keyword arguments (do_sample is set either way: a base model's
+    saved config may be greedy, and the page's choice must win)."""
+    kwargs = {key: value for key, value in settings.items() if key != "greedy"}
+    greedy = bool(settings.get("greedy"))
+    kwargs["do_sample"] = not greedy
+    return {"greedy": greedy, **kwargs}
+
+
+def clean_message(
+    text: Any, special_tokens: Sequence[str] = (), max_chars: int = MAX_MESSAGE_CHARS
+) -> tuple[str, str | None]:
+    """A typed message made safe for the model: text that cannot be encoded (lone surrogates from a broken client)
+    replaced, control characters and the tokenizer's special tokens (a typed `<|endoftext|>` would end the turn
+    early) removed, and at most `max_chars` characters, keeping the end.
+
+    Returns:
+        (the cleaned message, a notice for the user or None); an empty message means there is nothing to send.
+    """
+    text = "" if text is None else str(text)
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    text = CONTROL_CHARACTERS.sub("", text)
+    for token in special_tokens:
+        if token:
+            text = text.replace(token, " ")
+    text = text.strip()
+    notice = None
+    if len(text) > max_chars:
+        notice = (
+            f"Your message has {len(text):,} characters; the model reads at most about 1,000 tokens, so only its last "
+            f"{max_chars:,} characters were sent."
+        )
+        text = "…" + text[-max_chars:].lstrip()
+    return text, notice
+
+
+def display_messages(history: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+    """The conversation as the Chatbot shows it: an empty reply gets a visible note instead of an empty bubble."""
+    shown = []
+    for message in history:
+        empty_reply = message["role"] == "assistant" and not message["content"]
+        shown.append({"role": message["role"], "content": EMPTY_REPLY if empty_reply else message["content"]})
+    return shown
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Streaming generation
+# --------------------------------------------------------------------------------------------------------------
+
+
+class GenerationTimeout(RuntimeError):
+    """No token and no end arrived within the time limit."""
+
+
+def stream_replies(
+    models: Mapping[str, ServedModel],
+    history: Sequence[Mapping[str, str]],
+    settings: Mapping[str, Any],
+    time_limit: float,
+    grace_s: float = 30.0,
+) -> Iterator[dict[str, str]]:
+    """Generate every model's reply to `history` at once, each in its own thread; yield {key: text so far} as
+    tokens arrive, and last the finished replies (generate_reply's text: stopped at EOS, stripped).
+
+    The time limit is passed to generate (`max_time`: the reply is cut there); when no token arrives for
+    `time_limit + grace_s` seconds (a generation stuck before its first token), GenerationTimeout is raised.
+    Leaving the iterator early (a cancelled request: the user pressed "New conversation" or closed the page) stops
+    the threads at their next token.
+
+    Raises:
+        GenerationTimeout, or the first error a generation raised.
+    """
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    from .generate import generate_reply
+
+    events: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    class QueueStreamer(BaseStreamer):
+        """TextIteratorStreamer's idea, token by token and for several replies at once: each new token's text goes
+        to one shared queue, tagged with its reply.
+
+        transformers' TextStreamer waits for a space before showing a word; here a token shows as soon as the reply
+        decoded so far only grows (no half-written UTF-8 character at its end, no earlier text changed by it). The
+        finished reply replaces the streamed text anyway, so whatever is held back is never lost.
+        """
+
+        def __init__(self, tokenizer: Any, key: str) -> None:
+            self.tokenizer, self.key = tokenizer, key
+            self.tokens: list[int] = []
+            self.shown = ""
+            self.prompt_seen = False
+
+        def put(self, value: Any) -> None:
+            if not self.prompt_seen:  # generate() hands over the prompt first
+                self.prompt_seen = True
+                return
+            self.tokens.extend(int(token) for token in value.reshape(-1).tolist())
+            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            if len(text) > len(self.shown) and text.startswith(self.shown) and not text.endswith("\ufffd"):
+                events.put((self.key, "text", text[len(self.shown):]))
+                self.shown = text
+
+        def end(self) -> None:
+            pass
+
+    class StopWhenAsked(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+            return stop.is_set()
+
+    kwargs = generation_kwargs(settings)
+
+    def work(key: str, served: ServedModel) -> None:
+        try:
+            reply = generate_reply(
+                served.model, served.tokenizer, list(history), streamer=QueueStreamer(served.tokenizer, key),
+                stopping_criteria=StoppingCriteriaList([StopWhenAsked()]), max_time=float(time_limit), **kwargs,
+            )
+            events.put((key, "done", reply.text))
+        except BaseException as error:  # reported to the page by the consumer, never lost in the thread
+            events.put((key, "error", error))
+
+    texts = {key: "" for key in models}
+    pending = set(models)
+    for key, served in models.items():
+        threading.Thread(target=work, args=(key, served), name=f"gpt2ft-generate-{key}", daemon=True).start()
+    try:
+        while pending:
+            try:
+                key, kind, value = events.get(timeout=float(time_limit) + grace_s)
+            except queue.Empty:
+                raise GenerationTimeout(f"no reply within the {time_limit:.0f} s time limit") from None
+            if kind == "error":
+                raise value
+            if kind == "done":
+                pending.discard(key)
+                texts[key] = value
+            else:
+                texts[key] += value
+            yield dict(texts)
+    finally:
+        stop.set()
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for the page: what went wrong, never a stack trace."""
+    if isinstance(error, GenerationTimeout):
+        return f"The model took too long: {error}."
+    text = str(error).strip().splitlines()
+    return f"The model could not reply ({type(error).__name__}: {text[0] if text else 'no details'})."
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------------------------
+
+
+def results_rows(votes_db: str | Path, titles: Mapping[str, str]) -> list[list[Any]]:
+    """The Results table: one row per pair, win rate and its interval as percentages."""
+    try:
+        pairs = tally_votes(read_votes(votes_db))
+    except ValueError:
+        return []
+    return [
+        [
+            titles.get(pair["model"], pair["model"]), titles.get(pair["opponent"], pair["opponent"]), pair["votes"],
+            pair["wins"], pair["losses"], pair["ties"], pair["both_bad"], f"{pair['win_rate']:.0%}",
+            f"{pair['ci95_low']:.0%} – {pair['ci95_high']:.0%}",
+        ]
+        for pair in pairs
+    ]
+
+
+def reveal_text(
+    round_: Mapping[str, Any],
+    winner: str,
+    titles: Mapping[str, str],
+    served_name: str,
+    tally: Sequence[Mapping[str, Any]],
+) -> str:
+    """What the page says after a vote: which model wrote which reply, and the pair's running score."""
+    model_a, model_b = round_["models"]["a"], round_["models"]["b"]
+
+    def label(name: str) -> str:
+        return f"**{titles.get(name, name)}**" + (" (yours)" if name == served_name else "")
+
+    lines = [
+        f"You voted **{WINNER_LABELS[winner]}**. Reply A was written by {label(model_a)}, "
+        f"Reply B by {label(model_b)}."
+    ]
+    for pair in tally:
+        if {pair["model"], pair["opponent"]} == {model_a, model_b}:
+            lines.append(
+                f"So far {titles.get(pair['model'], pair['model'])} wins {pair['win_rate']:.0%} of {pair['votes']} "
+                f"vote{'s' if pair['votes'] != 1 else ''} against {titles.get(pair['opponent'], pair['opponent'])} "
+                f"(95% interval {pair['ci95_low']:.0%}–{pair['ci95_high']:.0%})."
+            )
+    lines.append("Continue the conversation from either reply, or start over.")
+    return "\n\n".join(lines)
+
+
+def build_app(
+    served: ServedModel,
+    opponent: ServedModel | None,
+    votes_db: str | Path = DEFAULT_VOTES_DB,
+    time_limit: float = DEFAULT_TIME_LIMIT_S,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    rng: random.Random | None = None,
+) -> Any:
+    """The Gradio app (not launched): tabs Chat, Compare and Results.
+
+    Args:
+        served: the model the page is about (`--model`).
+        opponent: the model it is compared with (`--compare-with`), or None to leave Compare disabled.
+        votes_db: the SQLite file the votes go to (created by init_votes_db before this).
+        time_limit: seconds a reply may take.
+        concurrency: generations at once; more requests wait in Gradio's queue.
+        rng: the A/B shuffle (the operating system's randomness by default).
+
+    Returns:
+        gradio.Blocks with its queue configured; launch it with launch_app.
+    """
+    import gradio as gr
+
+    rng = rng or random.SystemRandom()
+    models = {"model": served, "opponent": opponent} if opponent is not None else {"model": served}
+    titles = {item.name: item.title for item in models.values()}
+    if opponent is not None and opponent.title == served.title and opponent.name != served.name:
+        titles[opponent.name] = opponent.name  # two folders with the same last part: show the paths
+    defaults = saved_decoding(served.model)
+    token_limit = max_tokens_limit(list(models.values()))
+    specials = sorted({token for item in models.values() for token in item.tokenizer.all_special_tokens})
+
+    def settings_from(temperature: Any, top_p: Any, max_new_tokens: Any, greedy: Any) -> dict[str, Any]:
+        return decoding_settings(defaults, temperature, top_p, max_new_tokens, greedy, token_limit)
+
+    # ---------------------------------------------------------------- Chat
+    def chat_send(message: str, history: list, temperature: float, top_p: float, max_new_tokens: float, greedy: bool):
+        # Outputs: conversation (shown), history, message box, send button. The box is cleared once, when the message
+        # is taken (what the user types during the reply is left alone); Send is off until the reply is complete.
+        history = list(history or [])
+        text, notice = clean_message(message, specials)
+        if not text:
+            gr.Warning("Type a message first.")
+            yield display_messages(history), history, gr.skip(), gr.skip()
+            return
+        if notice:
+            gr.Warning(notice)
+        conversation = history + [{"role": "user", "content": text}]
+        settings = settings_from(temperature, top_p, max_new_tokens, greedy)
+        thinking = [{"role": "assistant", "content": "…"}]
+        yield display_messages(conversation) + thinking, history, "", gr.Button(interactive=False)
+        reply = ""
+        try:
+            for texts in stream_replies({"model": served}, conversation, settings, time_limit):
+                reply = texts["model"]
+                partial = [{"role": "assistant", "content": reply or "…"}]
+                yield display_messages(conversation) + partial, gr.skip(), gr.skip(), gr.skip()
+        except Exception as error:
+            LOGGER.exception("chat generation failed")
+            # The message comes back into the box, to send again.
+            yield display_messages(history), history, message, gr.Button(interactive=True)
+            raise gr.Error(describe_error(error), print_exception=False) from None
+        history = conversation + [{"role": "assistant", "content": reply}]
+        yield display_messages(history), history, gr.skip(), gr.Button(interactive=True)
+
+    def chat_reset():
+        return [], [], "", gr.Button(interactive=True)
+
+    # ---------------------------------------------------------------- Compare
+    # Every Compare handler returns the same outputs, in the order of `compare_out` below: conversation (shown),
+    # history, round, Reply A, Reply B, the reveal line, the four vote buttons, the continue row, message box, send.
+    def compare_outputs(chatbot_value, history_value, round_value, text_a, text_b, reveal_value, controls) -> list[Any]:
+        return [chatbot_value, history_value, round_value, text_a, text_b, reveal_value, *controls]
+
+    def compare_controls(voting: bool, voted: bool, typing: bool, clear_box: bool = False) -> list[Any]:
+        """Vote buttons, the continue row, the message box and its button, for the moments of a round: typing,
+        waiting for the replies, voting, and choosing how to go on."""
+        box = gr.Textbox(value="", interactive=typing) if clear_box else gr.Textbox(interactive=typing)
+        votes = [gr.Button(interactive=voting) for _ in WINNER_LABELS]
+        return [*votes, gr.Row(visible=voted), box, gr.Button(interactive=typing)]
+
+    def reply_boxes(text_a: str, text_b: str, names: Mapping[str, str] | None = None) -> list[Any]:
+        """The two reply boxes with their labels: "Reply A"/"Reply B", and after the vote the models' names."""
+        def label(side: str) -> str:
+            if not names:
+                return f"Reply {side.upper()}"
+            name = names[side]
+            return f"Reply {side.upper()} · {titles.get(name, name)}" + (" (yours)" if name == served.name else "")
+
+        return [gr.Textbox(value=text_a, label=label("a")), gr.Textbox(value=text_b, label=label("b"))]
+
+    unchanged = [gr.skip()] * 13
+
+    def compare_send(message: str, history: list, round_: dict | None, temperature: float, top_p: float,
+                     max_new_tokens: float, greedy: bool):
+        history = list(history or [])
+        if opponent is None:
+            gr.Warning("Start the page with --compare-with MODEL to compare two models.")
+            yield unchanged
+            return
+        if round_ and not round_.get("voted"):
+            gr.Warning("Vote on the two replies first (or press Start over).")
+            yield unchanged
+            return
+        text, notice = clean_message(message, specials)
+        if not text:
+            gr.Warning("Type a message first.")
+            yield unchanged
+            return
+        if notice:
+            gr.Warning(notice)
+        conversation = history + [{"role": "user", "content": text}]
+        settings = settings_from(temperature, top_p, max_new_tokens, greedy)
+        # The shuffle: which model is "A" is decided here and kept in server-side state until the vote.
+        order = ["model", "opponent"] if rng.random() < 0.5 else ["opponent", "model"]
+        shown = {"a": models[order[0]], "b": models[order[1]]}
+        busy = compare_controls(voting=False, voted=False, typing=False, clear_box=True)
+        yield compare_outputs(display_messages(conversation), history, None, *reply_boxes("…", "…"), "", busy)
+        texts = {"a": "", "b": ""}
+        try:
+            for texts in stream_replies(shown, conversation, settings, time_limit):
+                streamed = [texts["a"] or "…", texts["b"] or "…"]
+                yield compare_outputs(*[gr.skip()] * 3, *streamed, gr.skip(), [gr.skip()] * 7)
+        except Exception as error:
+            LOGGER.exception("compare generation failed")
+            idle = compare_controls(voting=False, voted=False, typing=True)
+            idle[-2] = gr.Textbox(value=message, interactive=True)  # the message comes back, to send again
+            yield compare_outputs(display_messages(history), history, None, *reply_boxes("", ""), "", idle)
+            raise gr.Error(describe_error(error), print_exception=False) from None
+        new_round = {
+            "conversation": conversation, "replies": {"a": texts["a"], "b": texts["b"]},
+            "models": {"a": shown["a"].name, "b": shown["b"].name}, "settings": settings, "voted": False,
+        }
+        voting = compare_controls(voting=True, voted=False, typing=False)
+        yield compare_outputs(
+            gr.skip(), history, new_round, texts["a"] or EMPTY_REPLY, texts["b"] or EMPTY_REPLY,
+            "Which reply is better? The models' names are shown after your vote.", voting,
+        )
+
+    def make_vote(winner: str) -> Callable[[dict | None], list[Any]]:
+        def cast_vote(round_: dict | None) -> list[Any]:
+            if not round_ or round_.get("voted"):
+                gr.Warning("You already voted on these replies." if round_ else "Send a message first.")
+                return [gr.skip()] * 12
+            settings = {**round_["settings"], "model": served.name}  # whose side the results are counted from
+            replies, shown = round_["replies"], round_["models"]
+            try:
+                record_vote(
+                    votes_db, round_["conversation"], replies["a"], replies["b"], shown["a"], shown["b"], winner, settings
+                )
+                tally = tally_votes(read_votes(votes_db))
+            except VotesError as error:
+                LOGGER.exception("vote not stored")
+                raise gr.Error(f"Your vote could not be stored: {error}", print_exception=False) from None
+            round_ = {**round_, "voted": True}
+            revealed = reply_boxes(replies["a"] or EMPTY_REPLY, replies["b"] or EMPTY_REPLY, shown)
+            line = reveal_text(round_, winner, titles, served.name, tally)
+            chosen = compare_controls(voting=False, voted=True, typing=False)
+            return [round_, *revealed, line, *chosen, results_rows(votes_db, titles)]
+
+        return cast_vote
+
+    def make_continue(side: str) -> Callable[[dict | None], list[Any]]:
+        def continue_with(round_: dict | None) -> list[Any]:
+            if not round_ or not round_.get("voted"):
+                gr.Warning("Vote first; then the conversation goes on from the reply you choose.")
+                return unchanged
+            history = round_["conversation"] + [{"role": "assistant", "content": round_["replies"][side]}]
+            idle = compare_controls(voting=False, voted=False, typing=True)
+            return compare_outputs(display_messages(history), history, None, *reply_boxes("", ""), "", idle)
+
+        return continue_with
+
+    def compare_reset() -> list[Any]:
+        idle = compare_controls(voting=False, voted=False, typing=True, clear_box=True)
+        return compare_outputs([], [], None, *reply_boxes("", ""), "", idle)
+
+    # ---------------------------------------------------------------- Layout
+    with gr.Blocks(title=f"gpt2ft · {served.title}", analytics_enabled=False) as app:
+        gr.Markdown(f"# Talk to {served.title}", elem_id="title")
+        gr.Markdown(format_model_line(served), elem_id="model-line")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=480):
+                with gr.Tabs():
+                    with gr.Tab("Chat", id="chat"):
+                        chatbot = gr.Chatbot(
+                            label=f"Conversation with {served.title}", height=430, elem_id="chat-bot",
+                            placeholder="Type a message below, or pick an example opening.", feedback_options=None,
+                            buttons=["copy", "copy_all"],
+                        )
+                        with gr.Row(equal_height=True):
+                            chat_box = gr.Textbox(
+                                placeholder="Your message (Enter sends)", show_label=False, scale=5, autofocus=True,
+                                elem_id="chat-input", max_lines=6,
+                            )
+                            chat_send_button = gr.Button(
+                                "Send", variant="primary", scale=1, min_width=90, elem_id="chat-send"
+                            )
+                        chat_new = gr.Button("New conversation", size="sm", elem_id="chat-new")
+                        gr.Examples(
+                            examples=[[opening] for opening in EXAMPLE_OPENINGS], inputs=[chat_box],
+                            label="Example openings",
+                        )
+                        chat_history = gr.State([])
+                    with gr.Tab("Compare (blind)", id="compare"):
+                        if opponent is None:
+                            gr.Markdown(
+                                "No model to compare with: the model folder records no base model. Start the page "
+                                "with `--compare-with MODEL` (a folder or a Hub id such as `gpt2`)."
+                            )
+                        else:
+                            gr.Markdown(
+                                f"Your message goes to **{titles[served.name]}** and **{titles[opponent.name]}**. "
+                                "Their replies appear as **Reply A** and **Reply B**, in a random order. Vote for "
+                                "the better one; the page then tells you which model wrote which."
+                            )
+                        compare_bot = gr.Chatbot(
+                            label="Conversation so far", height=250, elem_id="compare-bot", feedback_options=None,
+                            placeholder="Both models will answer your message.", buttons=["copy", "copy_all"],
+                        )
+                        with gr.Row(equal_height=True):
+                            compare_box = gr.Textbox(
+                                placeholder="Your message (Enter sends)", show_label=False, scale=5,
+                                elem_id="compare-input", max_lines=6, interactive=opponent is not None,
+                            )
+                            compare_send_button = gr.Button(
+                                "Send to both", variant="primary", scale=1, min_width=110, elem_id="compare-send",
+                                interactive=opponent is not None,
+                            )
+                        with gr.Row(equal_height=True):
+                            reply_a, reply_b = (
+                                gr.Textbox(label=f"Reply {side}", lines=4, max_lines=12, interactive=False,
+                                           elem_id=f"reply-{side.lower()}", elem_classes="reply-box")
+                                for side in "AB"
+                            )
+                        with gr.Row():
+                            vote_buttons = {
+                                winner: gr.Button(label, interactive=False, elem_id=f"vote-{winner.replace('_', '-')}",
+                                                  variant="primary" if winner in ("a", "b") else "secondary")
+                                for winner, label in WINNER_LABELS.items()
+                            }
+                        reveal = gr.Markdown("", elem_id="reveal")
+                        with gr.Row(visible=False) as continue_row:
+                            continue_a = gr.Button("Continue with Reply A", elem_id="continue-a")
+                            continue_b = gr.Button("Continue with Reply B", elem_id="continue-b")
+                        compare_new = gr.Button("Start over", size="sm", elem_id="compare-new")
+                        compare_history = gr.State([])
+                        compare_round = gr.State(None)
+                    with gr.Tab("Results", id="results"):
+                        gr.Markdown(
+                            "Blind votes so far, counted from the side of the model this page serves. Win rate = "
+                            "(wins + half the ties and both-bad votes) / votes; the interval is the 95% Wilson "
+                            f"interval. Stored in `{votes_db}`; `python -m gpt2ft votes --db {votes_db}` prints them "
+                            "as JSON."
+                        )
+                        results = gr.Dataframe(
+                            value=results_rows(votes_db, titles), headers=RESULT_HEADERS, interactive=False,
+                            elem_id="results-table", wrap=True,
+                        )
+                        refresh = gr.Button("Refresh", size="sm", elem_id="results-refresh")
+            with gr.Column(scale=1, min_width=250):
+                with gr.Column(variant="panel"):
+                    gr.Markdown(
+                        f"### Decoding settings\nDefaults from `{served.title}`'s saved generation config. Compare "
+                        "gives both models the same settings."
+                    )
+                    greedy = gr.Checkbox(
+                        value=defaults["greedy"], label="Greedy (always the likeliest token)", elem_id="greedy"
+                    )
+                    temperature = gr.Slider(
+                        0.05, 2.0, value=defaults["temperature"], step=0.05, label="Temperature",
+                        info="Higher: more varied, less focused.",
+                    )
+                    top_p = gr.Slider(
+                        0.05, 1.0, value=defaults["top_p"], step=0.05, label="Top-p",
+                        info="Sample from the likeliest tokens covering this share of probability.",
+                    )
+                    max_new = gr.Slider(
+                        1, token_limit, value=min(defaults["max_new_tokens"], token_limit), step=1,
+                        label="Max new tokens",
+                    )
+                gr.Markdown(
+                    f"Replies stop at the model's end-of-turn token, at the token limit, or after {time_limit:.0f} s. "
+                    "Long conversations keep only their most recent turns that fit the model's context.",
+                    elem_id="notes",
+                )
+
+        decoding = [temperature, top_p, max_new, greedy]
+        generation = {"concurrency_limit": concurrency, "concurrency_id": "generate"}
+        # Votes, resets and the results table run outside the generation limit (concurrency_limit=None): they take
+        # milliseconds and must never wait behind other users' replies.
+        instant = {"concurrency_limit": None}
+        chat_out = [chatbot, chat_history, chat_box, chat_send_button]
+        chat_event = gr.on(
+            [chat_send_button.click, chat_box.submit], chat_send, [chat_box, chat_history, *decoding], chat_out,
+            api_name="chat", show_progress="hidden", **generation,
+        )
+        chat_new.click(chat_reset, None, chat_out, cancels=[chat_event], api_name="chat_reset", **instant)
+        # The Chatbot's own trash button must clear the conversation the model sees, not only what is shown.
+        chatbot.clear(chat_reset, None, chat_out, cancels=[chat_event], api_visibility="private", **instant)
+
+        compare_out = [compare_bot, compare_history, compare_round, reply_a, reply_b, reveal, *vote_buttons.values(),
+                       continue_row, compare_box, compare_send_button]
+        compare_event = gr.on(
+            [compare_send_button.click, compare_box.submit], compare_send,
+            [compare_box, compare_history, compare_round, *decoding], compare_out, api_name="compare",
+            show_progress="hidden", **generation,
+        )
+        vote_out = [compare_round, reply_a, reply_b, reveal, *vote_buttons.values(), continue_row, compare_box,
+                    compare_send_button, results]
+        for winner, button in vote_buttons.items():
+            button.click(make_vote(winner), [compare_round], vote_out, api_name=f"vote_{winner}", **instant)
+        for side, button in (("a", continue_a), ("b", continue_b)):
+            button.click(make_continue(side), [compare_round], compare_out, api_name=f"continue_{side}", **instant)
+        reset = {"fn": compare_reset, "inputs": None, "outputs": compare_out, "cancels": [compare_event], **instant}
+        compare_new.click(api_name="compare_reset", **reset)
+        compare_bot.clear(api_visibility="private", **reset)
+        refresh.click(lambda: results_rows(votes_db, titles), None, results, api_name="results", **instant)
+        app.load(lambda: results_rows(votes_db, titles), None, results, api_visibility="private", **instant)
+    app.queue(default_concurrency_limit=concurrency)
+    return app
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launching: command line and notebook
+# --------------------------------------------------------------------------------------------------------------
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """`USER:PASSWORD` -> (user, password); the password may itself hold colons.
+
+    Raises:
+        ServeError: no colon, or an empty user or password.
+    """
+    if text is None:
+        return None
+    user, colon, password = text.partition(":")
+    if not colon or not user or not password:
+        raise ServeError("--auth: expected USER:PASSWORD")
+    return user, password
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail before loading anything when the port is taken (Gradio would only say so after the models load).
+
+    Raises:
+        ServeError: the port is out of range, in use, or the host cannot be bound.
+    """
+    if not 1 <= port <= 65535:
+        raise ServeError(f"--port {port}: must be between 1 and 65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as error:
+        raise ServeError(f"--host {host}: cannot be resolved ({error})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # SO_REUSEADDR as the server itself sets it: a port left in TIME_WAIT by a previous run is free to use,
+        # while one with a live listener still fails to bind.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            reason = "already in use" if error.errno in (98, 48, 10048) else (error.strerror or str(error))
+            raise ServeError(f"--port {port}: cannot listen on {host}:{port} ({reason})") from None
+
+
+def share_warning(auth: tuple[str, str] | None) -> str:
+    text = "warning: --share creates a public gradio.live link: anyone who has it can use this page and its models"
+    return text + ("." if auth else "; add --auth USER:PASSWORD to ask for a password.")
+
+
+def launch_app(
+    app: Any,
+    host: str = DEFAULT_HOST,
+    port: int | None = DEFAULT_PORT,
+    share: bool = False,
+    auth: tuple[str, str] | None = None,
+    inline: bool | None = False,
+    block: bool = True,
+    quiet: bool = False,
+) -> str:
+    """Start the page's server; returns its local URL.
+
+    Args:
+        host: the interface to listen on: 127.0.0.1 (this machine only) unless told otherwise.
+        port: the port; None picks a free one.
+        share: also create a public gradio.live link (needs internet).
+        inline: show the page inside a notebook cell.
+        block: wait until the server is stopped (Ctrl-C), as the command line does; False returns at once.
+    """
+    import gradio as gr
+
+    theme = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")
+    _, local_url, _ = app.launch(
+        server_name=host, server_port=port, share=share, auth=auth, inline=inline, prevent_thread_lock=not block,
+        quiet=quiet, show_error=False, ssr_mode=False, theme=theme, css=CSS, footer_links=["api", "gradio"],
+        height=950,  # of the notebook's inline frame: the whole page without an inner scrollbar
+        auth_message="This page is password-protected." if auth else None,
+    )
+    return local_url
+
+
+def start_server(
+    model: str,
+    compare_with: str | None = None,
+    votes_db: str | Path = DEFAULT_VOTES_DB,
+    time_limit: float = DEFAULT_TIME_LIMIT_S,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    loaded: tuple[Any, Any] | None = None,
+) -> Any:
+    """Check the votes database, load the models and build the app (everything that can fail before the server
+    starts, so that a bad folder is an error before any port is opened).
+
+    Args:
+        model: the fine-tuned model's folder (or a Hub id).
+        compare_with: the model to compare with; None = the base model recorded in `model`'s training config
+            (no Compare when there is none).
+        loaded: (model, tokenizer) already in memory for `model` (the notebook's), instead of loading them again.
+
+    Raises:
+        ModelError, VotesError.
+    """
+    served = load_served_model(model, *(loaded or (None, None)))
+    opponent_name = compare_with or default_opponent(model)
+    opponent = None
+    if opponent_name:
+        opponent = served if opponent_name == model else load_served_model(opponent_name)
+    init_votes_db(votes_db)  # after the models: a bad model folder must leave no file behind
+    return build_app(served, opponent, votes_db=votes_db, time_limit=time_limit, concurrency=concurrency)
+
+
+def serve_in_notebook(
+    model_dir: str,
+    enabled: bool,
+    compare_with: str | None = None,
+    votes_db: str | Path = DEFAULT_VOTES_DB,
+    model: Any = None,
+    tokenizer: Any = None,
+    share: bool | None = None,
+    auth: tuple[str, str] | None = None,
+    port: int | None = None,
+) -> Any:
+    """The notebook's web demo: the `serve` page shown inside the cell; on Colab also through a public share link
+    (Colab's own machine is not reachable from your browser otherwise).
+
+    Args:
+        model_dir: the fine-tuned model's folder.
+        enabled: the notebook's `launch_web_demo` parameter; False (the default) does nothing, so "Run all" and
+            papermill never start a server.
+        model, tokenizer: the model already loaded in the notebook (no second copy in memory).
+        share: None = only on Colab.
+        port: None = the first free port from 7860.
+
+    Returns:
+        The running app (`.close()` stops it), or None when not enabled.
+    """
+    if not enabled:
+        print("Web demo off: set launch_web_demo = True in the parameters cell to open it here.")
+        return None
+    in_colab = "google.colab" in sys.modules
+    share = in_colab if share is None else share
+    if share:
+        print(share_warning(auth))
+    app = start_server(model_dir, compare_with, votes_db, loaded=(model, tokenizer) if model is not None else None)
+    launch_app(app, port=port, share=share, auth=auth, inline=True, block=False)
+    return app
