@@ -263,7 +263,10 @@ def run_variant(variant: Variant, base: Any, tokenizer: Any, rows: Any, config: 
     from .monitor import SystemMonitor
     from .training import LoadedModel, build_trainer, plan_run
 
-    config = config.replace(batching=variant.batching, precision=variant.precision, compile=variant.compile, output_dir=output_dir)
+    config = config.replace(
+        batching=variant.batching, precision=variant.precision, compile=variant.compile, output_dir=os.path.join(output_dir, "model"),
+        logs_dir=os.path.join(output_dir, "logs"), images_dir=os.path.join(output_dir, "images"),
+    )
     plan = plan_run(config, explicit=set())
     # Timing only: no evaluation, no checkpoints, the main process collates (so every batch's tokens are counted).
     plan.args = dataclasses.replace(
@@ -333,34 +336,33 @@ def run_variant(variant: Variant, base: Any, tokenizer: Any, rows: Any, config: 
 
 
 def bench_tokenization(model: str, data: str, cache_dir: str) -> dict[str, Any]:
-    """Seconds to prepare the whole train split, tokenise it, and tokenise it through the cache (cold, then warm)."""
-    from datasets import DatasetDict
+    """Seconds to prepare the whole data, tokenise the train split, and tokenise everything through the cache (cold,
+    then warm)."""
     from transformers import AutoConfig
 
-    from .data import tokenize_splits_cached
+    from .data import tokenize_prepared
     from .modeling import config_context, load_tokenizer
 
     tokenizer = load_tokenizer(model)
     context = config_context(AutoConfig.from_pretrained(model))
     started = time.perf_counter()
-    train = prepare_dialogs(data, cache_dir).dialogs["train"]
+    prepared = prepare_dialogs(data, cache_dir)
     prepare_s = time.perf_counter() - started
     started = time.perf_counter()
-    rows = tokenize_dialogs(train, tokenizer, context)
+    rows = tokenize_dialogs(prepared.dialogs["train"], tokenizer, context, prepared.loss_on)
     tokenize_s = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as folder:  # a fresh cache: the first call writes it, the second reads it
-        splits = DatasetDict({"train": train})
         started = time.perf_counter()
-        tokenize_splits_cached(splits, tokenizer, context, cache_dir=folder)
+        tokenize_prepared(prepared, tokenizer, context, cache_dir=folder)
         cold_s = time.perf_counter() - started
         started = time.perf_counter()
-        cached = tokenize_splits_cached(splits, tokenizer, context, cache_dir=folder)
+        cached = tokenize_prepared(prepared, tokenizer, context, cache_dir=folder)
         warm_s = time.perf_counter() - started
         if cached["train"]["input_ids"] != rows["input_ids"]:
             raise RuntimeError("the tokenisation cache returned other rows than tokenising gives")
     return {
         "variant": "tokenize",
-        "dialogs": len(train),
+        "dialogs": len(prepared.dialogs["train"]),
         "rows": len(rows),
         "tokens": int(sum(rows["length"])),
         "prepare_s": round(prepare_s, 3),

@@ -1,6 +1,7 @@
 """The command line: `python -m gpt2ft <command> [flags]`.
 
     python -m gpt2ft train [--model gpt2] [--data hub] [--epochs 3] ...   fine-tune (flags mirror TrainConfig)
+    python -m gpt2ft prepare --data chats.jsonl [--model gpt2]           prepare and tokenise the data (cached)
     python -m gpt2ft eval --model gpt2_finetuned --split test            loss and perplexity (+ --samples N)
     python -m gpt2ft generate --model gpt2_finetuned "Hi!" "Hello."      the next turn
     python -m gpt2ft chat --model gpt2_finetuned                         a conversation in the terminal
@@ -49,16 +50,29 @@ def field_type(field: dataclasses.Field) -> Callable[[str], Any]:
     return str
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; defaults are suppressed so only flags the user typed override --config."""
+# The settings `prepare` takes: those that decide the prepared and tokenised data (the cache `train` then reuses).
+PREPARE_FIELDS = (
+    "data", "model", "cache_dir", "max_length", "max_train_dialogs", "max_eval_dialogs", "keep_overlap", "clean_text",
+    "dialog_column", "validation_fraction", "test_fraction", "loss_on",
+)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """One flag per TrainConfig field (or per field in `only`); defaults are suppressed so only flags the user typed
+    override --config.
+
+    Booleans: `--no-X` for a default of True, `--X` for False, both for None (None = gpt2ft decides).
+    """
     for field in config_fields():
+        if only is not None and field.name not in only:
+            continue
         help_text = field.metadata.get("help", "")
         if str(field.type).startswith("bool"):
-            if field.default is True:
-                parser.add_argument(
-                    "--no-" + field.name.replace("_", "-"), dest=field.name, action="store_false",
-                    default=argparse.SUPPRESS, help=help_text,
-                )
+            dashed = field.name.replace("_", "-")
+            if field.default is None:
+                parser.add_argument(flag_name(field.name), dest=field.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            elif field.default is True:
+                parser.add_argument("--no-" + dashed, dest=field.name, action="store_false", default=argparse.SUPPRESS, help=help_text)
             else:
                 parser.add_argument(flag_name(field.name), dest=field.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
@@ -85,9 +99,11 @@ def build_parser() -> Parser:
     train.add_argument("--config", metavar="FILE.json", help="settings as a JSON object; flags override it")
     add_config_flags(train)
 
+    prepare = commands.add_parser("prepare", help="load, clean, split, de-duplicate and tokenise the data into the cache train uses")
+    add_config_flags(prepare, only=PREPARE_FIELDS)
+
     evaluate = commands.add_parser("eval", help="loss and perplexity on a held-out split")
     evaluate.add_argument("--model", default="gpt2_finetuned", help="saved model folder or Hub id")
-    evaluate.add_argument("--data", default="hub", help="DailyDialog source (as for train)")
     evaluate.add_argument("--split", default="validation", choices=("validation", "test"))
     evaluate.add_argument("--max-dialogs", type=int, default=None, help="score only the first N dialogues")
     evaluate.add_argument("--batch-size", type=int, default=16)
@@ -105,12 +121,12 @@ def build_parser() -> Parser:
 
     chat = commands.add_parser("chat", help="talk to the model (one turn a line; /reset, /quit)")
     chat.add_argument("--model", default="gpt2_finetuned")
+    chat.add_argument("--system", default=None, metavar="TEXT", help="a system message that starts the conversation")
     add_decoding_flags(chat)
 
     compare = commands.add_parser("compare", help="before/after table: base model vs fine-tuned model")
     compare.add_argument("--base", default="gpt2", help="the model before fine-tuning")
     compare.add_argument("--tuned", default="gpt2_finetuned", help="the fine-tuned model")
-    compare.add_argument("--data", default="hub")
     compare.add_argument("--split", default="test", choices=("validation", "test"))
     compare.add_argument("--max-dialogs", type=int, default=None)
     compare.add_argument("--samples", type=int, default=50, help="dialogues to generate replies for")
@@ -155,8 +171,10 @@ def build_parser() -> Parser:
 
 
 def add_data_override_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--keep-overlap", action="store_true", default=None, help="use the release splits as they are")
-    parser.add_argument("--no-clean-text", dest="clean_text", action="store_false", default=None, help="keep the release text")
+    """--data and the data settings; each left unset takes the value the model was trained with."""
+    parser.add_argument("--data", default=None, help="the data source (default: the one the model was trained on, else 'hub')")
+    parser.add_argument("--keep-overlap", action="store_true", default=None, help="use the source's splits as they are")
+    parser.add_argument("--clean-text", action=argparse.BooleanOptionalAction, default=None, help="detokenise the text (or not)")
 
 
 def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
@@ -193,29 +211,39 @@ def print_json(payload: dict[str, Any]) -> None:
     print(json.dumps(payload, default=str), flush=True)
 
 
-def saved_data_settings(model_dir: str) -> dict[str, Any]:
-    """The data settings a saved gpt2ft model was trained with, so evaluation formats data the same way."""
-    path = Path(model_dir) / "training_config.json"
+def saved_run_config(model_dir: str) -> tuple[TrainConfig, int | None]:
+    """The settings a saved gpt2ft model was trained with (and its training window), so evaluation prepares and
+    formats the data the same way; the defaults for a model gpt2ft did not train."""
+    from .config import config_fields
+
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        config = saved.get("config", {})
-        return {
-            "clean_text": config.get("clean_text", True),
-            "keep_overlap": config.get("keep_overlap", False),
-            "loss_on": config.get("loss_on", "all"),
-            "max_length": saved.get("max_length"),
-        }
-    except (OSError, ValueError, AttributeError):
-        return {"clean_text": True, "keep_overlap": False, "loss_on": "all", "max_length": None}
+        saved = json.loads((Path(model_dir) / "training_config.json").read_text(encoding="utf-8"))
+        known = {item.name for item in config_fields()}
+        values = {key: value for key, value in saved.get("config", {}).items() if key in known}
+        return build_config(values), saved.get("max_length")
+    except (OSError, ValueError, AttributeError, ConfigError):
+        return TrainConfig(), None
 
 
-def data_settings(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
-    settings = saved_data_settings(model_dir)
-    if args.clean_text is not None:
-        settings["clean_text"] = args.clean_text
-    if args.keep_overlap is not None:
-        settings["keep_overlap"] = args.keep_overlap
-    return settings
+def held_out_dialogs(args: argparse.Namespace, model_dir: str) -> tuple[Any, str, int | None]:
+    """The split `--split` of the data the model was trained on (or `--data`), prepared as in training.
+
+    Returns:
+        (dialogues, loss mode, training window)
+    """
+    from .data import prepare_dialogs
+    from .training import data_options
+
+    config, max_length = saved_run_config(model_dir)
+    changes: dict[str, Any] = {"cache_dir": args.cache_dir, "max_train_dialogs": None, "max_eval_dialogs": None}
+    for name in ("data", "keep_overlap", "clean_text"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    prepared = prepare_dialogs(**data_options(config.replace(**changes)))
+    dialogs = prepared.dialogs[args.split]
+    if args.max_dialogs is not None:
+        dialogs = dialogs.select(range(min(args.max_dialogs, len(dialogs))))
+    return dialogs, prepared.loss_on, max_length
 
 
 def check_positive(name: str, value: int | None) -> None:
@@ -242,8 +270,15 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_prepare(args: argparse.Namespace) -> int:
+    from .training import prepare_cache
+
+    config, _ = config_from_args(args)
+    print_json(prepare_cache(config))
+    return 0
+
+
 def run_eval(args: argparse.Namespace) -> int:
-    from .data import prepare_dialogs
     from .evaluation import evaluate_dialogs, evaluate_replies
     from .generate import load_for_generation
 
@@ -252,18 +287,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.samples < 0:
         raise UsageError(f"--samples: must be >= 0, got {args.samples}")
     decoding = decoding_from_args(args)
-    settings = data_settings(args, args.model)
     model, tokenizer = load_for_generation(args.model)
-    prepared = prepare_dialogs(args.data, args.cache_dir, settings["clean_text"], settings["keep_overlap"])
-    dialogs = prepared.dialogs[args.split]
-    if args.max_dialogs is not None:
-        dialogs = dialogs.select(range(min(args.max_dialogs, len(dialogs))))
+    dialogs, loss_on, max_length = held_out_dialogs(args, args.model)
     result = {"split": args.split, "model": args.model}
-    result.update(
-        evaluate_dialogs(
-            model, tokenizer, dialogs, settings["max_length"], settings["loss_on"], args.batch_size, dump_path=args.dump_tokens
-        )
-    )
+    result.update(evaluate_dialogs(model, tokenizer, dialogs, max_length, loss_on, args.batch_size, dump_path=args.dump_tokens))
     if args.samples:
         result.update(evaluate_replies(model, tokenizer, dialogs, args.samples, samples_out=args.samples_out, **decoding))
     if args.dump_tokens:
@@ -286,24 +313,18 @@ def run_chat(args: argparse.Namespace) -> int:
 
     decoding = decoding_from_args(args)
     model, tokenizer = load_for_generation(args.model)
-    chat_in_terminal(model, tokenizer, **decoding)
+    chat_in_terminal(model, tokenizer, system=args.system, **decoding)
     return 0
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from .data import prepare_dialogs
     from .evaluation import compare_models, format_comparison
 
     check_positive("max_dialogs", args.max_dialogs)
     decoding = decoding_from_args(args)
-    settings = data_settings(args, args.tuned)
-    prepared = prepare_dialogs(args.data, args.cache_dir, settings["clean_text"], settings["keep_overlap"])
-    dialogs = prepared.dialogs[args.split]
-    if args.max_dialogs is not None:
-        dialogs = dialogs.select(range(min(args.max_dialogs, len(dialogs))))
+    dialogs, loss_on, max_length = held_out_dialogs(args, args.tuned)
     rows = compare_models(
-        {"base": args.base, "fine-tuned": args.tuned}, dialogs, samples=args.samples, loss_on=settings["loss_on"],
-        max_length=settings["max_length"], **decoding,
+        {"base": args.base, "fine-tuned": args.tuned}, dialogs, samples=args.samples, loss_on=loss_on, max_length=max_length, **decoding
     )
     print(format_comparison(rows))
     return 0
@@ -377,6 +398,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": run_train,
+    "prepare": run_prepare,
     "eval": run_eval,
     "generate": run_generate,
     "chat": run_chat,

@@ -46,7 +46,7 @@ class TrainConfig:
 
     # --- what to train on -------------------------------------------------------------------------------------
     model: str = field(default="gpt2", metadata={"help": "Hub id (gpt2, gpt2-medium, ...) or a local save_pretrained folder.", "run": True})
-    data: str = field(default="hub", metadata={"help": "'hub', the DailyDialog zip, a folder of split zips, extracted files or Hub parquet files.", "run": True})
+    data: str = field(default="hub", metadata={"help": "'hub' (DailyDialog), a DailyDialog copy, a .jsonl/.json/.parquet file of conversations, a folder of train/validation/test files, or hub:OWNER/NAME[@REV][:CONFIG].", "run": True})
     output_dir: str = field(default=OUTPUT_DIR, metadata={"help": "Where the final model, tokenizer and configs are written."})
     logs_dir: str = field(default=LOGS_DIR, metadata={"help": "Where metrics.json and the JSONL logs are written."})
     images_dir: str = field(default=IMAGES_DIR, metadata={"help": "Where the charts are written."})
@@ -56,9 +56,12 @@ class TrainConfig:
     max_length: int = field(default=0, metadata={"help": "Longest training sequence in tokens; 0 = the model's context (1024 for GPT-2).", "run": True})
     max_train_dialogs: int | None = field(default=None, metadata={"help": "Use only the first N training dialogues (debugging).", "run": True})
     max_eval_dialogs: int | None = field(default=None, metadata={"help": "Use only the first N validation dialogues (debugging).", "run": True})
-    keep_overlap: bool = field(default=False, metadata={"help": "Keep the release splits: no de-duplication of train, no removal of train dialogues from validation/test.", "run": True})
-    clean_text: bool = field(default=True, metadata={"help": "Detokenise the release text into natural text (--no-clean-text keeps it as released).", "run": True})
-    loss_on: str = field(default="all", metadata={"help": "'all': every turn is a target; 'responses': no loss on each dialogue's first turn.", "choices": ("all", "responses"), "run": True})
+    keep_overlap: bool = field(default=False, metadata={"help": "Keep the splits as they are: no de-duplication of train, no removal of train dialogues from validation/test.", "run": True})
+    clean_text: bool | None = field(default=None, metadata={"help": "Detokenise the text ('it ' s' -> 'it's'): by default DailyDialog only; --clean-text for any source, --no-clean-text for none.", "run": True})
+    dialog_column: str | None = field(default=None, metadata={"help": "The column holding each conversation (messages, ShareGPT turns or a list of strings), when it is not detected.", "run": True})
+    validation_fraction: float = field(default=0.05, metadata={"help": "Share of a source without a validation split held out for it (chosen by a hash of each dialogue).", "run": True})
+    test_fraction: float = field(default=0.05, metadata={"help": "Share of a source without a test split held out for it (chosen by a hash of each dialogue).", "run": True})
+    loss_on: str = field(default="auto", metadata={"help": "'auto': 'assistant' for data with roles, else 'all'; 'all': every turn is a target; 'responses': all but the first; 'assistant': assistant turns only.", "choices": ("auto", "all", "responses", "assistant"), "run": True})
     batching: str = field(default="pack", metadata={"help": "'pack': several dialogues a row, attention kept inside each; 'pad': dynamic padding with length-grouped batches.", "choices": ("pack", "pad"), "run": True})
 
     # --- optimisation -------------------------------------------------------------------------------------------
@@ -127,6 +130,11 @@ class TrainConfig:
             raise bad("eval_steps", f"must be >= 0, got {self.eval_steps}")
         if self.system_interval_s <= 0:
             raise bad("system_interval_s", f"must be > 0, got {self.system_interval_s}")
+        for name in ("validation_fraction", "test_fraction"):
+            if not 0 < getattr(self, name) < 0.5:
+                raise bad(name, f"must be between 0 and 0.5, got {getattr(self, name)}")
+        if self.dialog_column is not None and not self.dialog_column.strip():
+            raise bad("dialog_column", "must not be empty")
         if not 0 <= self.lora_dropout < 1:
             raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         for item in config_fields():

@@ -18,12 +18,10 @@ tokenisation time, never by masking a token id: GPT-2's pad token *is* its EOS, 
 
 from __future__ import annotations
 
-import io
+import hashlib
 import math
 import os
 import re
-import urllib.request
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -31,367 +29,10 @@ from typing import Any, Iterable, Sequence
 import datasets
 from datasets import Dataset, DatasetDict
 
-SPLITS = ("train", "validation", "test")
-HUB_REPO = "li2017dailydialog/daily_dialog"
-HUB_REVISION = "refs/convert/parquet"
-ZIP_URL = "http://yanran.li/files/ijcnlp_dailydialog.zip"
-ZIP_NAME = "ijcnlp_dailydialog.zip"
-# The release zip's size and SHA-256, as recorded by the datasets library's daily_dialog loader
-# (huggingface/datasets, datasets/daily_dialog/dataset_infos.json, "download_checksums").
-ZIP_SIZE = 4_475_921
-ZIP_SHA256 = "c641e88cbf21fd7c1b57289387f9107d33fe8685a2b37fe8066b82776535ea89"
-DATA_LICENSE = "CC BY-NC-SA 4.0 (non-commercial)"
-EOU = "__eou__"
+from .sources import SPLITS, DataError
+
 IGNORE_INDEX = -100
-
-FEATURES = datasets.Features(
-    {
-        "dialog": datasets.List(datasets.Value("string")),
-        "act": datasets.List(datasets.Value("int64")),
-        "emotion": datasets.List(datasets.Value("int64")),
-    }
-)
-
-
-class DataError(ValueError):
-    """The data cannot be read; the message names the file (and line) and what is wrong."""
-
-
-@dataclass
-class LoadReport:
-    """What loading found: where the data came from and which lines were skipped (turn/label count mismatch)."""
-
-    source: str = ""
-    skipped: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Parsing the release text files
-# --------------------------------------------------------------------------------------------------------------
-
-
-def decode_utf8(raw: bytes, name: str) -> str:
-    """Decode bytes as UTF-8, or raise DataError naming the file and line of the first bad byte."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise DataError(f"{name}:{line}: not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start})") from None
-
-
-def split_lines(text: str) -> list[str]:
-    """Lines of a release file; the final newline does not make an extra line."""
-    lines = text.replace("\r\n", "\n").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return lines
-
-
-def parse_turns(line: str) -> list[str]:
-    """Turns of one dialogue line: split on `__eou__`, stripped, empty pieces dropped."""
-    return [turn.strip() for turn in line.split(EOU) if turn.strip()]
-
-
-def parse_labels(line: str, name: str, number: int) -> list[int]:
-    try:
-        return [int(value) for value in line.split()]
-    except ValueError:
-        raise DataError(f"{name}:{number}: expected whitespace-separated integer labels, got {line[:60]!r}") from None
-
-
-def parse_split(
-    dialog_text: str, act_text: str, emotion_text: str, names: Sequence[str], report: LoadReport | None = None
-) -> dict[str, list]:
-    """Parse one split's three line-aligned files into columns.
-
-    A dialogue whose turn count differs from its act or emotion label count is skipped and counted in `report`
-    (the release itself has one such line: train line 7852, 12 turns but 11 labels). Everything else that breaks
-    the format is an error.
-
-    Raises:
-        DataError: different line counts between the files, an empty line, a line without `__eou__`, or a
-            label line that is not integers; the message names the file and line.
-    """
-    dialog_name, act_name, emotion_name = names
-    dialog_lines, act_lines, emotion_lines = split_lines(dialog_text), split_lines(act_text), split_lines(emotion_text)
-    # Malformed dialogue lines first: an inserted empty line also shifts the line counts, and naming the line
-    # is the more useful message.
-    for number, line in enumerate(dialog_lines, start=1):
-        if not line.strip():
-            raise DataError(f"{dialog_name}:{number}: empty line (every line must be one dialogue)")
-        if EOU not in line:
-            raise DataError(f"{dialog_name}:{number}: no '{EOU}' turn separator in {line[:60]!r}")
-    for other_name, other_lines in ((act_name, act_lines), (emotion_name, emotion_lines)):
-        if len(other_lines) != len(dialog_lines):
-            raise DataError(
-                f"{other_name}: has {len(other_lines)} lines but {dialog_name} has {len(dialog_lines)}; "
-                "the files must be line-aligned"
-            )
-    columns: dict[str, list] = {"dialog": [], "act": [], "emotion": []}
-    for number, (line, act_line, emotion_line) in enumerate(zip(dialog_lines, act_lines, emotion_lines), start=1):
-        turns = parse_turns(line)
-        acts = parse_labels(act_line, act_name, number)
-        emotions = parse_labels(emotion_line, emotion_name, number)
-        if not (len(turns) == len(acts) == len(emotions)):
-            if report is not None:
-                report.skipped.append(
-                    f"{dialog_name}:{number}: {len(turns)} turns but {len(acts)} act and {len(emotions)} emotion labels"
-                )
-            continue
-        columns["dialog"].append(turns)
-        columns["act"].append(acts)
-        columns["emotion"].append(emotions)
-    return columns
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Finding the files in each layout
-# --------------------------------------------------------------------------------------------------------------
-
-
-def split_file_names(split: str) -> tuple[str, str, str]:
-    return (f"dialogues_{split}.txt", f"dialogues_act_{split}.txt", f"dialogues_emotion_{split}.txt")
-
-
-def read_split_from_zip(archive: zipfile.ZipFile, label: str, split: str, report: LoadReport) -> dict[str, list]:
-    """Read one split's three files from an open split zip (members may sit in any folder)."""
-    by_basename = {Path(name).name: name for name in archive.namelist() if not name.endswith("/")}
-    texts = []
-    for wanted in split_file_names(split):
-        if wanted not in by_basename:
-            raise DataError(f"{label}: missing member {split}/{wanted}")
-        member = by_basename[wanted]
-        texts.append(decode_utf8(archive.read(member), f"{label}:{member}"))
-    names = [f"{label}:{by_basename[wanted]}" for wanted in split_file_names(split)]
-    return parse_split(*texts, names=names, report=report)
-
-
-def open_zip(path: Path) -> zipfile.ZipFile:
-    try:
-        return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as error:
-        raise DataError(f"{path}: not a readable zip file ({error})") from None
-
-
-def read_outer_zip(path: Path, report: LoadReport) -> dict[str, dict[str, list]]:
-    """The official `ijcnlp_dailydialog.zip`: it nests `train.zip`, `validation.zip`, `test.zip`."""
-    with open_zip(path) as outer:
-        members = {Path(name).name: name for name in outer.namelist()}
-        splits = {}
-        for split in SPLITS:
-            inner_name = members.get(f"{split}.zip")
-            if inner_name is not None:
-                try:
-                    inner = zipfile.ZipFile(io.BytesIO(outer.read(inner_name)))
-                except zipfile.BadZipFile:
-                    raise DataError(f"{path}:{inner_name}: not a readable zip file") from None
-                with inner:
-                    splits[split] = read_split_from_zip(inner, f"{path}:{inner_name}", split, report)
-            elif f"dialogues_{split}.txt" in members:  # a zip of the extracted files
-                splits[split] = read_split_from_zip(outer, str(path), split, report)
-            else:
-                raise DataError(f"{path}: missing member {split}.zip (expected the official DailyDialog zip)")
-        return splits
-
-
-def read_extracted_split(folder: Path, split: str, report: LoadReport) -> dict[str, list]:
-    for base in (folder / split, folder):
-        if (base / f"dialogues_{split}.txt").exists():
-            paths = [base / name for name in split_file_names(split)]
-            texts = []
-            for file_path in paths:
-                try:
-                    texts.append(decode_utf8(file_path.read_bytes(), str(file_path)))
-                except FileNotFoundError:
-                    raise DataError(f"{file_path}: missing (each split needs its dialogues, act and emotion files)") from None
-                except OSError as error:
-                    raise DataError(f"{file_path}: cannot read ({error.strerror})") from None
-            return parse_split(*texts, names=[str(p) for p in paths], report=report)
-    raise DataError(f"{folder}: no {split}/dialogues_{split}.txt")
-
-
-def find_parquet(folder: Path, split: str) -> list[Path]:
-    for base in (folder / "default" / split, folder / split):
-        files = sorted(base.glob("*.parquet")) if base.is_dir() else []
-        if files:
-            return files
-    return []
-
-
-def read_parquet_split(files: Sequence[Path]) -> dict[str, list]:
-    """Read the Hub's parquet conversion (columns dialog, act, emotion), turns stripped as in the text release."""
-    import pyarrow.parquet as pq
-
-    columns: dict[str, list] = {"dialog": [], "act": [], "emotion": []}
-    for file_path in files:
-        try:
-            table = pq.read_table(file_path)
-        except Exception as error:  # pyarrow raises several unrelated types for corrupt files
-            raise DataError(f"{file_path}: not a readable parquet file ({error})") from None
-        missing = {"dialog", "act", "emotion"} - set(table.column_names)
-        if missing:
-            raise DataError(f"{file_path}: missing columns {', '.join(sorted(missing))}")
-        for row, (turns, acts, emotions) in enumerate(
-            zip(table.column("dialog").to_pylist(), table.column("act").to_pylist(), table.column("emotion").to_pylist())
-        ):
-            turns = [turn.strip() for turn in turns if turn and turn.strip()]
-            if not turns or len(turns) != len(acts) or len(turns) != len(emotions):
-                raise DataError(f"{file_path}: row {row}: {len(turns)} turns, {len(acts)} acts, {len(emotions)} emotions")
-            columns["dialog"].append(turns)
-            columns["act"].append([int(a) for a in acts])
-            columns["emotion"].append([int(e) for e in emotions])
-    return columns
-
-
-def read_folder(folder: Path, report: LoadReport) -> dict[str, dict[str, list]]:
-    """A folder holding the split zips, extracted split folders, the Hub parquet layout, or the official zip."""
-    present = {
-        "zip": [s for s in SPLITS if (folder / f"{s}.zip").is_file()],
-        "text": [s for s in SPLITS if (folder / s / f"dialogues_{s}.txt").exists() or (folder / f"dialogues_{s}.txt").exists()],
-        "parquet": [s for s in SPLITS if find_parquet(folder, s)],
-    }
-    for layout, found in present.items():
-        if len(found) == len(SPLITS):
-            if layout == "zip":
-                splits = {}
-                for split in SPLITS:
-                    with open_zip(folder / f"{split}.zip") as archive:
-                        splits[split] = read_split_from_zip(archive, str(folder / f"{split}.zip"), split, report)
-                return splits
-            if layout == "text":
-                return {split: read_extracted_split(folder, split, report) for split in SPLITS}
-            return {split: read_parquet_split(find_parquet(folder, split)) for split in SPLITS}
-    if (folder / ZIP_NAME).is_file():
-        return read_outer_zip(folder / ZIP_NAME, report)
-    partial = {layout: found for layout, found in present.items() if found}
-    if partial:
-        layout, found = max(partial.items(), key=lambda item: len(item[1]))
-        missing = [s for s in SPLITS if s not in found]
-        raise DataError(f"{folder}: has {', '.join(found)} but no {', '.join(missing)} ({layout} layout); all three splits are needed")
-    raise DataError(
-        f"{folder}: no DailyDialog files found (expected {ZIP_NAME}, train.zip/validation.zip/test.zip, "
-        "<split>/dialogues_<split>.txt, or <split>/*.parquet)"
-    )
-
-
-def to_dataset_dict(splits: dict[str, dict[str, list]]) -> DatasetDict:
-    return DatasetDict({split: Dataset.from_dict(splits[split], features=FEATURES) for split in SPLITS})
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The Hub, with the original zip as fallback
-# --------------------------------------------------------------------------------------------------------------
-
-
-def download_hub_parquet(cache_dir: Path) -> Path:
-    """Download the Hub's parquet conversion of DailyDialog; returns the folder in the Hub layout."""
-    from huggingface_hub import hf_hub_download
-
-    target = cache_dir / "daily_dialog_parquet"
-    for split in SPLITS:
-        hf_hub_download(
-            repo_id=HUB_REPO,
-            repo_type="dataset",
-            revision=HUB_REVISION,
-            filename=f"default/{split}/0000.parquet",
-            local_dir=target,
-        )
-    return target
-
-
-def download_zip(cache_dir: Path, url: str = ZIP_URL, size: int = ZIP_SIZE, sha256: str = ZIP_SHA256) -> Path:
-    """Download the official zip into `cache_dir`, streamed to disk and checked against its known size and SHA-256.
-
-    The zip comes over plain http (the only address it has), so its bytes are trusted only when they are the
-    release's. Written under a temporary name and renamed when complete and checked.
-
-    Raises:
-        DataError: the download's size or checksum is not the release's (nothing is kept).
-    """
-    import hashlib
-
-    target = cache_dir / ZIP_NAME
-    if target.is_file():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(f".zip.part-{os.getpid()}")  # one per process: ranks may download at once
-    digest, received = hashlib.sha256(), 0
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-            while chunk := response.read(1 << 20):
-                received += len(chunk)
-                if received > size:
-                    raise DataError(f"{url}: more than the release's {size:,} bytes; not the DailyDialog zip")
-                digest.update(chunk)
-                out.write(chunk)
-        if received != size or digest.hexdigest() != sha256:
-            raise DataError(
-                f"{url}: got {received:,} bytes with SHA-256 {digest.hexdigest()[:16]}..., but the release has {size:,} "
-                f"bytes and SHA-256 {sha256[:16]}...; not the DailyDialog zip (download it by hand and pass --data)"
-            )
-        partial.replace(target)
-    finally:
-        partial.unlink(missing_ok=True)
-    return target
-
-
-def load_from_hub(cache_dir: Path, report: LoadReport) -> dict[str, dict[str, list]]:
-    errors = []
-    try:
-        folder = download_hub_parquet(cache_dir)
-        report.source = f"hub:{HUB_REPO}@{HUB_REVISION}"
-        return {split: read_parquet_split(find_parquet(folder, split)) for split in SPLITS}
-    except DataError:
-        raise
-    except Exception as error:  # network, auth, missing repo: fall back to the original zip
-        errors.append(f"Hub ({HUB_REPO}): {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-    try:
-        path = download_zip(cache_dir)
-        report.source = str(path)
-        return read_outer_zip(path, report)
-    except DataError:
-        raise
-    except Exception as error:
-        errors.append(f"zip ({ZIP_URL}): {type(error).__name__}: {error}")
-    raise DataError(
-        "could not download DailyDialog (" + "; ".join(errors) + "). "
-        f"Download {ZIP_URL} by hand and pass its path: --data path/to/{ZIP_NAME}"
-    )
-
-
-def load_dailydialog(source: str = "hub", cache_dir: str | Path = "data", report: LoadReport | None = None) -> DatasetDict:
-    """Load DailyDialog as released (no cleaning, no de-duplication).
-
-    Args:
-        source: "hub" (the Hub's parquet conversion, falling back to the official zip), or a local path: the
-            official zip, a folder of the three split zips, a folder of extracted `<split>/dialogues_<split>.txt`
-            (+ act, emotion) files, or a folder in the Hub parquet layout (`[default/]<split>/*.parquet`).
-        cache_dir: where downloads are kept.
-        report: filled with the source and any skipped lines.
-
-    Returns:
-        DatasetDict with train/validation/test and columns dialog (list[str]), act (list[int]), emotion (list[int]).
-
-    Raises:
-        DataError: the source is missing, unreadable or not in a DailyDialog layout; the message names the file.
-    """
-    report = report if report is not None else LoadReport()
-    if source == "hub":
-        splits = load_from_hub(Path(cache_dir), report)
-    else:
-        path = Path(source).expanduser()
-        report.source = str(path)
-        if not path.exists():
-            raise DataError(f"{path}: no such file or folder (pass 'hub', the DailyDialog zip, or its folder)")
-        if path.is_dir():
-            splits = read_folder(path, report)
-        else:
-            splits = read_outer_zip(path, report)
-    for split in SPLITS:
-        if not splits[split]["dialog"]:
-            raise DataError(f"{report.source}: the {split} split has no dialogues")
-    return to_dataset_dict(splits)
-
+NORMALIZE_VERSION = 1  # bump when reading, cleaning or keying records changes, so old caches are not reused
 
 # --------------------------------------------------------------------------------------------------------------
 # Cleaning: the release is pre-tokenised ("Say , Jim , how about ... ?", "it ’ s", "right.But")
@@ -431,86 +72,217 @@ def clean_turn(text: str) -> str:
     return text.strip()
 
 
-def clean_dialogs(dialogs: DatasetDict) -> DatasetDict:
-    """Apply `clean_turn` to every turn of every split."""
-    cleaned = {}
-    for split, rows in dialogs.items():
-        columns = rows.to_dict()
-        columns["dialog"] = [[clean_turn(turn) for turn in turns] for turns in columns["dialog"]]
-        cleaned[split] = Dataset.from_dict(columns, features=rows.features)
-    return DatasetDict(cleaned)
+def normalise_dialog(turns: Sequence[str], roles: Sequence[str] = ()) -> str:
+    """The text used to find duplicates: cleaned, lower-cased, whitespace collapsed, turns joined by newlines (each
+    after its role, when the data has roles)."""
+    texts = (" ".join(clean_turn(turn).lower().split()) for turn in turns)
+    return "\n".join(f"{role}: {text}" if role else text for role, text in zip(list(roles) + [""] * len(turns), texts))
 
 
-def normalise_dialog(turns: Sequence[str]) -> str:
-    """The text used to find duplicates: cleaned, lower-cased, whitespace collapsed, turns joined by newlines."""
-    return "\n".join(" ".join(clean_turn(turn).lower().split()) for turn in turns)
+def dialog_key(turns: Sequence[str], roles: Sequence[str] = ()) -> str:
+    """A short fixed-size key of `normalise_dialog`: equal keys are duplicates (80 bits: no collision in 10**9)."""
+    return hashlib.blake2b(normalise_dialog(turns, roles).encode(), digest_size=10).hexdigest()
 
 
-def remove_overlap(dialogs: DatasetDict) -> tuple[DatasetDict, dict[str, dict[str, int]]]:
-    """Drop exact duplicates within train and every validation/test dialogue that also occurs in train.
+def key_share(key: str) -> float:
+    """Where a dialogue's key falls in [0, 1): the same on every machine and run, so held-out splits made from it
+    are too, and a dialogue and its duplicates always land in the same split."""
+    return int(key[:12], 16) / 16**12
 
-    Measured on the release: 11,118 train dialogues hold 10,515 distinct ones, and 77 validation and 106 test
-    dialogues occur verbatim in train (Wen et al. 2022). Training on the evaluation data would make the reported
-    perplexity dishonest.
 
-    Returns:
-        The filtered DatasetDict and per-split counts {"release", "removed", "kept"}.
+def resolve_loss_on(loss_on: str, has_roles: bool) -> str:
+    """`auto` -> "assistant" for data with roles, "all" for plain turns (DailyDialog).
+
+    Raises:
+        DataError: "assistant" on data without roles.
     """
-    seen: set[str] = set()
-    keep_train = []
-    for index, turns in enumerate(dialogs["train"]["dialog"]):
-        key = normalise_dialog(turns)
-        if key not in seen:
-            seen.add(key)
-            keep_train.append(index)
-    kept = {"train": dialogs["train"].select(keep_train)}
-    for split in ("validation", "test"):
-        keep = [i for i, turns in enumerate(dialogs[split]["dialog"]) if normalise_dialog(turns) not in seen]
-        kept[split] = dialogs[split].select(keep)
-    counts = {
-        split: {"release": len(dialogs[split]), "removed": len(dialogs[split]) - len(kept[split]), "kept": len(kept[split])}
-        for split in SPLITS
-    }
-    return DatasetDict(kept), counts
+    if loss_on == "auto":
+        return "assistant" if has_roles else "all"
+    if loss_on == "assistant" and not has_roles:
+        raise DataError("--loss-on assistant: the data has no roles (plain turns); use --loss-on all or responses")
+    return loss_on
+
+
+def turn_targets(roles: Sequence[str], loss_on: str) -> list[bool]:
+    """Which turns are training targets. System messages never are (context only); "all": every other turn;
+    "responses": all but the first non-system turn; "assistant": assistant turns only."""
+    if loss_on == "assistant":
+        return [role == "assistant" for role in roles]
+    first = next((index for index, role in enumerate(roles) if role != "system"), None)
+    return [role != "system" and not (loss_on == "responses" and index == first) for index, role in enumerate(roles)]
+
+
+def normalize_batch(
+    batch: dict[str, list], indices: list[int], layout: Any, origin: str, clean: bool, loss_on: str
+) -> dict[str, list]:
+    """Records of any layout -> dialog (turns), roles, key, and why a record is skipped ("" when kept).
+
+    Raises:
+        DataError: a malformed record, named by file and line (or record index).
+    """
+    from .sources import locate, read_record
+
+    out: dict[str, list] = {"dialog": [], "roles": [], "key": [], "skip": []}
+    records = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    for index, record in zip(indices, records):
+        try:
+            turns, roles = read_record(record, layout, "")
+        except DataError as error:
+            raise DataError(f"{locate(origin, index)}{error}") from None
+        if clean:
+            turns = [clean_turn(turn) for turn in turns]
+        skip = ""
+        if sum(role != "system" for role in roles) < 2:
+            skip = "fewer than two turns"
+        elif loss_on == "assistant" and "assistant" not in roles:
+            skip = "no assistant turn"
+        out["dialog"].append(turns)
+        out["roles"].append(roles)
+        out["key"].append(dialog_key(turns, roles))
+        out["skip"].append(skip)
+    return out
 
 
 @dataclass
 class PreparedDialogs:
-    """Dialogues ready to tokenise, with what was done to them."""
+    """Dialogues ready to tokenise (columns dialog, roles, key), with what was done to them."""
 
     dialogs: DatasetDict
     counts: dict[str, dict[str, int]]
     skipped: list[str]
     source: str
+    has_roles: bool = False
+    loss_on: str = "all"
+    is_dailydialog: bool = True
+    identity: str = ""  # changes whenever the prepared dialogues may differ (keys the tokenised cache)
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def parallel_workers(rows: int) -> int | None:
+    """Worker processes for a datasets map: none for small data (starting them costs more than they save)."""
+    return min(os.cpu_count() or 1, 8) if rows >= 20_000 else None
 
 
 def prepare_dialogs(
     source: str,
     cache_dir: str | Path = "data",
-    clean_text: bool = True,
+    clean_text: bool | None = None,
     keep_overlap: bool = False,
     max_train_dialogs: int | None = None,
     max_eval_dialogs: int | None = None,
+    loss_on: str = "auto",
+    dialog_column: str | None = None,
+    validation_fraction: float = 0.05,
+    test_fraction: float = 0.05,
 ) -> PreparedDialogs:
-    """Load, clean, de-duplicate and (for debugging) truncate the splits.
+    """Load a source, read each record's conversation, clean, split, de-duplicate and (for debugging) truncate.
 
-    `max_eval_dialogs` limits validation and test alike; truncation happens after de-duplication, so the first N
-    leakage-free dialogues are used.
+    - Records become turns and roles (sources.read_record); a malformed one is an error naming its file and line.
+      Conversations with fewer than two turns (system messages not counted), or with no assistant turn under
+      `--loss-on assistant`, are skipped, counted and reported.
+    - Text cleaning (CLEANING_RULES) applies to DailyDialog unless `clean_text` is False, to other sources only
+      when it is True.
+    - Splits: the source's own validation/test when it has them; otherwise held out from train by each
+      dialogue's key (`key_share`): `test_fraction` for test, `validation_fraction` for validation.
+    - Duplicates inside train and validation/test dialogues that also occur in train are removed (`keep_overlap`
+      keeps the splits as they are).
+    - `max_eval_dialogs` limits validation and test alike; limits apply after de-duplication.
+
+    Raises:
+        DataError: the source cannot be read, or a record is malformed.
     """
-    report = LoadReport()
-    dialogs = load_dailydialog(source, cache_dir=cache_dir, report=report)
-    if clean_text:
-        dialogs = clean_dialogs(dialogs)
-    if keep_overlap:
-        counts = {s: {"release": len(dialogs[s]), "removed": 0, "kept": len(dialogs[s])} for s in SPLITS}
-    else:
-        dialogs, counts = remove_overlap(dialogs)
+    from .sources import load_source, locate, quiet_datasets
+
+    raw = load_source(source, cache_dir, dialog_column)
+    clean = raw.is_dailydialog if clean_text is None else clean_text
+    loss_on = resolve_loss_on(loss_on, raw.layout.has_roles)
+    identity = fingerprint(raw.identity, raw.layout, clean, loss_on, NORMALIZE_VERSION)
+    normalized, skipped, skipped_count = {}, list(raw.skipped), {split: 0 for split in SPLITS}
+    with quiet_datasets():
+        for split, dataset in raw.splits.items():
+            rows = dataset.map(
+                normalize_batch, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                fn_kwargs={"layout": raw.layout, "origin": raw.origins[split], "clean": clean, "loss_on": loss_on},
+                num_proc=parallel_workers(len(dataset)), new_fingerprint=fingerprint(identity, split, "normalize"),
+                desc=f"reading {split}",
+            )
+            reasons = rows["skip"]
+            for reason in sorted(set(reasons) - {""}):
+                first = reasons.index(reason)
+                skipped.append(
+                    f"{split}: {reasons.count(reason):,} conversation(s) with {reason} skipped (first: {locate(raw.origins[split], first)})"
+                )
+            skipped_count[split] = sum(1 for reason in reasons if reason)
+            rows = rows.remove_columns("skip")
+            normalized[split] = rows.select([i for i, reason in enumerate(reasons) if not reason]) if skipped_count[split] else rows
+        held_out = hold_out_splits(normalized, validation_fraction, test_fraction)
+        kept = held_out if keep_overlap else remove_overlap(held_out)
+    # "release": what the source holds for a split (validation/test held out from train: what was moved there).
+    release = {split: len(raw.splits[split]) if split in raw.splits else len(held_out[split]) for split in SPLITS}
+    release["train"] -= sum(len(held_out[split]) for split in SPLITS if split not in raw.splits)
     limits = {"train": max_train_dialogs, "validation": max_eval_dialogs, "test": max_eval_dialogs}
-    for split, limit in limits.items():
-        if limit is not None and limit < len(dialogs[split]):
-            dialogs[split] = dialogs[split].select(range(limit))
-        counts[split]["used"] = len(dialogs[split])
-    return PreparedDialogs(dialogs=dialogs, counts=counts, skipped=report.skipped, source=report.source)
+    dialogs, counts = {}, {}
+    for split in SPLITS:
+        limit = limits[split]
+        dialogs[split] = kept[split].select(range(limit)) if limit is not None and limit < len(kept[split]) else kept[split]
+        counts[split] = {
+            "release": release[split],
+            **({"skipped": skipped_count[split]} if skipped_count[split] else {}),
+            "removed": len(held_out[split]) - len(kept[split]),
+            "kept": len(kept[split]),
+            "used": len(dialogs[split]),
+        }
+        if not len(dialogs[split]):
+            raise DataError(f"{raw.source}: the {split} split has no conversations left (after skipping and de-duplication)")
+    settings = (identity, keep_overlap, max_train_dialogs, max_eval_dialogs, validation_fraction, test_fraction)
+    return PreparedDialogs(
+        dialogs=DatasetDict(dialogs), counts=counts, skipped=skipped, source=raw.source, has_roles=raw.layout.has_roles,
+        loss_on=loss_on, is_dailydialog=raw.is_dailydialog, identity=fingerprint(*settings),
+    )
+
+
+def hold_out_splits(splits: dict[str, Dataset], validation_fraction: float, test_fraction: float) -> dict[str, Dataset]:
+    """Validation and test for a source without them: the train dialogues whose key share (`key_share`) falls in
+    [0, test_fraction) go to test and in [test_fraction, test_fraction + validation_fraction) to validation."""
+    missing = [split for split in ("test", "validation") if split not in splits]
+    if not missing:
+        return splits
+    shares = [key_share(key) for key in splits["train"]["key"]]
+    bounds = {"test": (0.0, test_fraction), "validation": (test_fraction, test_fraction + validation_fraction)}
+    held: dict[str, list[int]] = {split: [] for split in missing}
+    train: list[int] = []
+    for index, share in enumerate(shares):
+        target = next((split for split in missing if bounds[split][0] <= share < bounds[split][1]), None)
+        (held[target] if target else train).append(index)
+    result = dict(splits)
+    result["train"] = splits["train"].select(train)
+    for split in missing:
+        result[split] = splits["train"].select(held[split])
+    return result
+
+
+def remove_overlap(splits: dict[str, Dataset]) -> dict[str, Dataset]:
+    """Drop exact duplicates within train and every validation/test dialogue that also occurs in train (equal
+    `dialog_key`).
+
+    Measured on DailyDialog: 11,118 train dialogues hold 10,515 distinct ones, and 77 validation and 106 test
+    dialogues occur verbatim in train (Wen et al. 2022). Training on the evaluation data would make the reported
+    perplexity dishonest.
+    """
+    seen: set[str] = set()
+    keep_train = []
+    for index, key in enumerate(splits["train"]["key"]):
+        if key not in seen:
+            seen.add(key)
+            keep_train.append(index)
+    kept = {"train": splits["train"].select(keep_train) if len(keep_train) < len(splits["train"]) else splits["train"]}
+    for split in ("validation", "test"):
+        keep = [index for index, key in enumerate(splits[split]["key"]) if key not in seen]
+        kept[split] = splits[split].select(keep) if len(keep) < len(splits[split]) else splits[split]
+    return kept
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -518,25 +290,21 @@ def prepare_dialogs(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def format_dialog(turns: Sequence[str], eos_token: str) -> str:
-    """The training text of a dialogue: EOS first, then each turn followed by EOS."""
-    return eos_token + "".join(turn + eos_token for turn in turns)
-
-
 def window_dialog(
-    turn_ids: Sequence[Sequence[int]], eos_id: int, max_length: int, loss_on: str = "all"
+    turn_ids: Sequence[Sequence[int]], eos_id: int, max_length: int, targets: Sequence[bool]
 ) -> list[tuple[list[int], list[int]]]:
     """Token ids and labels of one dialogue, split into windows of at most `max_length` tokens at turn boundaries.
 
-    Each window starts with EOS; windows after the first repeat the most recent earlier turns that fit in half the
-    window as context (labels -100), so every target token is predicted exactly once and always with context. A
-    single turn longer than the window is cut into pieces so nothing is dropped.
+    The ids are the chat template's (chat_format.CHAT_TEMPLATE): EOS, then each turn followed by EOS. Each window
+    starts with EOS; windows after the first repeat the most recent earlier turns that fit in half the window as
+    context (labels -100), so every target token is predicted exactly once and always with context. A single turn
+    longer than the window is cut into pieces so nothing is dropped.
 
     Args:
         turn_ids: token ids of each turn, without EOS.
         eos_id: GPT-2's `<|endoftext|>` id.
         max_length: most tokens in one window.
-        loss_on: "all" (every turn is a target) or "responses" (the first turn is context only).
+        targets: per turn, whether its tokens and closing EOS are training targets (`turn_targets`).
 
     Returns:
         A list of (input_ids, labels) pairs.
@@ -544,9 +312,8 @@ def window_dialog(
     piece_limit = max(1, max_length // 2 - 1)
     pieces: list[list[int]] = []
     is_target: list[bool] = []
-    for index, ids in enumerate(turn_ids):
+    for ids, target in zip(turn_ids, targets):
         piece = list(ids) + [eos_id]
-        target = loss_on == "all" or index > 0
         if len(piece) > max_length - 1:  # a turn longer than the window: cut it so it fits with some context
             for start in range(0, len(piece), piece_limit):
                 pieces.append(piece[start : start + piece_limit])
@@ -577,32 +344,69 @@ def window_dialog(
     return windows
 
 
-def tokenize_dialogs(dialogs: Dataset, tokenizer: Any, max_length: int, loss_on: str = "all") -> Dataset:
-    """Tokenise dialogues into training rows (one per window), in one batched call of the fast tokenizer.
+ROW_FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+        "length": datasets.Value("int32"),
+        "n_targets": datasets.Value("int32"),
+        "dialog_index": datasets.Value("int64"),
+    }
+)
 
-    Returns:
-        Dataset with input_ids, labels (-100 where no loss), length (tokens), n_targets (tokens with a label) and
-        dialog_index (the source dialogue).
-    """
+
+def tokenize_batch(batch: dict[str, list], indices: list[int], tokenizer: Any, max_length: int, loss_on: str) -> dict[str, list]:
+    """Training rows (one a window) of a batch of dialogues: the turns in one call of the fast tokenizer."""
     eos_id = tokenizer.eos_token_id
-    all_turns = [turn for turns in dialogs["dialog"] for turn in turns]
+    all_turns = [turn for turns in batch["dialog"] for turn in turns]
     encoded = tokenizer(all_turns, add_special_tokens=False)["input_ids"] if all_turns else []
-    rows: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "n_targets": [], "dialog_index": []}
+    roles_column = batch.get("roles") or [[""] * len(turns) for turns in batch["dialog"]]
+    rows: dict[str, list] = {name: [] for name in ROW_FEATURES}
     position = 0
-    for index, turns in enumerate(dialogs["dialog"]):
+    for index, turns, roles in zip(indices, batch["dialog"], roles_column):
         turn_ids = encoded[position : position + len(turns)]
         position += len(turns)
-        for input_ids, labels in window_dialog(turn_ids, eos_id, max_length, loss_on):
+        for input_ids, labels in window_dialog(turn_ids, eos_id, max_length, turn_targets(roles, loss_on)):
             rows["input_ids"].append(input_ids)
             rows["labels"].append(labels)
             rows["length"].append(len(input_ids))
             rows["n_targets"].append(sum(label != IGNORE_INDEX for label in labels))
             rows["dialog_index"].append(index)
-    return Dataset.from_dict(rows)
+    return rows
 
 
-def tokenize_splits(dialogs: DatasetDict, tokenizer: Any, max_length: int, loss_on: str = "all") -> DatasetDict:
-    return DatasetDict({split: tokenize_dialogs(dialogs[split], tokenizer, max_length, loss_on) for split in dialogs})
+def tokenizer_hash(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return fingerprint(backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()), tokenizer.eos_token_id)
+
+
+def tokenize_dialogs(dialogs: Dataset, tokenizer: Any, max_length: int, loss_on: str = "all", key: str | None = None) -> Dataset:
+    """Tokenise dialogues into training rows (one per window), in the chat template's format, with a batched
+    `Dataset.map` (several processes for large data; cached by datasets when the dialogues are on disk).
+
+    Args:
+        dialogs: columns dialog (list of turns) and, optionally, roles.
+        loss_on: "all", "responses" or "assistant" (see turn_targets).
+        key: a fingerprint of the dialogues (PreparedDialogs.identity), naming the cached result.
+
+    Returns:
+        Dataset with input_ids, labels (-100 where no loss), length (tokens), n_targets (tokens with a label) and
+        dialog_index (the source dialogue).
+    """
+    from .sources import quiet_datasets
+
+    with quiet_datasets():
+        return dialogs.map(
+            tokenize_batch, batched=True, with_indices=True, remove_columns=dialogs.column_names, features=ROW_FEATURES,
+            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "loss_on": loss_on},
+            num_proc=parallel_workers(len(dialogs)),
+            new_fingerprint=fingerprint(key, tokenizer_hash(tokenizer), max_length, loss_on, TOKENIZED_FORMAT_VERSION) if key else None,
+            desc="tokenising",
+        )
+
+
+def tokenize_splits(dialogs: DatasetDict, tokenizer: Any, max_length: int, loss_on: str = "all", key: str | None = None) -> DatasetDict:
+    return DatasetDict({split: tokenize_dialogs(dialogs[split], tokenizer, max_length, loss_on, key and fingerprint(key, split)) for split in dialogs})
 
 
 def token_stats(rows: Dataset) -> dict[str, float]:
@@ -719,48 +523,33 @@ class DialogueCollator:
         return {key: torch.stack(values) for key, values in columns.items()}
 
 
-TOKENIZED_FORMAT_VERSION = 1  # bump when the format or labels change, so old caches are not reused
+TOKENIZED_FORMAT_VERSION = 2  # bump when the format or labels change, so old caches are not reused
 
 
-def tokenization_key(dialogs: DatasetDict, tokenizer: Any, max_length: int, loss_on: str) -> str:
-    """A key for the tokenised-data cache: everything that changes the token ids or labels."""
-    import hashlib
+def tokenize_prepared(prepared: PreparedDialogs, tokenizer: Any, max_length: int, cache_dir: str | Path | None = "data") -> DatasetDict:
+    """`tokenize_splits` of prepared dialogues, cached under `<cache_dir>/tokenized/<key>` (Arrow files, memory-mapped
+    when read back, no pickle), so a re-run and `train` after `prepare` skip it.
 
-    digest = hashlib.sha256()
-    digest.update(f"v{TOKENIZED_FORMAT_VERSION}|{max_length}|{loss_on}|".encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    digest.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
-    digest.update(str(tokenizer.eos_token_id).encode())
-    for split in sorted(dialogs):
-        digest.update(f"|{split}|".encode())
-        for turns in dialogs[split]["dialog"]:
-            digest.update("\x1e".join(turns).encode())
-            digest.update(b"\x1d")
-    return digest.hexdigest()[:16]
-
-
-def tokenize_splits_cached(
-    dialogs: DatasetDict, tokenizer: Any, max_length: int, loss_on: str = "all", cache_dir: str | Path | None = "data"
-) -> DatasetDict:
-    """`tokenize_splits`, cached under `<cache_dir>/tokenized/<key>` (Arrow files, no pickle), so a re-run skips it.
-
-    The key covers the dialogue text, the tokenizer, `max_length`, `loss_on` and the format version. Only the
-    main process writes the cache, under a temporary name that is renamed when complete.
+    The key covers the prepared dialogues (their identity: source, settings), the tokenizer, `max_length`, the loss
+    mode and the format version. Only the main process writes the cache, under a temporary name that is renamed
+    when complete (under torchrun the others wait: training.tokenize_data).
     """
-    if cache_dir is None:
-        return tokenize_splits(dialogs, tokenizer, max_length, loss_on)
     import shutil
 
     from .modeling import is_main_process
+    from .sources import quiet_datasets
 
-    folder = Path(cache_dir) / "tokenized" / tokenization_key(dialogs, tokenizer, max_length, loss_on)
+    key = fingerprint(prepared.identity, tokenizer_hash(tokenizer), max_length, prepared.loss_on, TOKENIZED_FORMAT_VERSION)
+    if cache_dir is None:
+        return tokenize_splits(prepared.dialogs, tokenizer, max_length, prepared.loss_on, key)
+    folder = Path(cache_dir) / "tokenized" / key
     with quiet_datasets():
         if (folder / "dataset_dict.json").is_file():
             try:
                 return datasets.load_from_disk(str(folder))
             except Exception:  # a damaged cache is rebuilt, never trusted
                 shutil.rmtree(folder, ignore_errors=True)
-        rows = tokenize_splits(dialogs, tokenizer, max_length, loss_on)
+        rows = tokenize_splits(prepared.dialogs, tokenizer, max_length, prepared.loss_on, key)
         if is_main_process():
             partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
             try:
@@ -770,19 +559,3 @@ def tokenize_splits_cached(
                 shutil.rmtree(partial, ignore_errors=True)
             rows = datasets.load_from_disk(str(folder)) if folder.is_dir() else rows
     return rows
-
-
-class quiet_datasets:
-    """Hide datasets' progress bars for quick internal steps (saving a cache), restoring the setting after."""
-
-    def __enter__(self) -> None:
-        from datasets.utils import logging as datasets_logging
-
-        self.was_enabled = datasets_logging.is_progress_bar_enabled()
-        datasets_logging.disable_progress_bar()
-
-    def __exit__(self, *exc: Any) -> None:
-        from datasets.utils import logging as datasets_logging
-
-        if self.was_enabled:
-            datasets_logging.enable_progress_bar()

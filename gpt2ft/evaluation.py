@@ -76,9 +76,10 @@ def evaluate_loss(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    indices = list(range(rank, len(rows), world_size))
-    features = [{"input_ids": rows[i]["input_ids"], "labels": rows[i]["labels"]} for i in indices]
-    loader = DataLoader(features, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    if world_size > 1:
+        rows = rows.select(range(rank, len(rows), world_size)) if hasattr(rows, "select") else rows[rank::world_size]
+    # Rows are read batch by batch (a datasets split stays memory-mapped), never copied into Python lists whole.
+    loader = DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collator)
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
     with autocast_context(precision, device), without_kv_cache(model):

@@ -154,18 +154,21 @@ def chat(
     write: Callable[[str], None],
     prompt: Callable[[], None] | None = None,
     reply_fn: Callable[..., Reply] = None,  # type: ignore[assignment]
+    system: str | None = None,
     **decoding: Any,
 ) -> int:
     """Hold a conversation: each line is a user turn and gets one reply line.
 
     `/reset` clears the history, `/quit` (or the end of the input) leaves; blank lines are ignored. Works the
-    same over a terminal and over piped stdin. `reply_fn` (default `generate_reply`) produces each reply.
+    same over a terminal and over piped stdin. `reply_fn` (default `generate_reply`) produces each reply;
+    `system` starts every conversation with a system message.
 
     Returns:
         The number of replies given.
     """
     reply_fn = reply_fn or generate_reply
-    history: list[str] = []
+    opening = [{"role": "system", "content": system}] if system and system.strip() else []
+    history: list[dict[str, str]] = list(opening)
     replies = 0
     if prompt:
         prompt()
@@ -174,12 +177,12 @@ def chat(
         if line == "/quit":
             break
         if line == "/reset":
-            history.clear()
+            history = list(opening)
             write("(conversation reset)")
         elif line:
-            history.append(line)
+            history.append({"role": "user", "content": line})
             reply = reply_fn(model, tokenizer, history, **decoding)
-            history.append(reply.text)
+            history.append({"role": "assistant", "content": reply.text})
             write(reply.text)
             replies += 1
         if prompt:
@@ -187,7 +190,7 @@ def chat(
     return replies
 
 
-def chat_in_terminal(model: Any, tokenizer: Any, **decoding: Any) -> int:
+def chat_in_terminal(model: Any, tokenizer: Any, system: str | None = None, **decoding: Any) -> int:
     """`chat` over stdin/stdout, with a `you> ` prompt only when a person is typing."""
     interactive = sys.stdin.isatty()
     if interactive:
@@ -199,4 +202,4 @@ def chat_in_terminal(model: Any, tokenizer: Any, **decoding: Any) -> int:
     def write(text: str) -> None:
         print(("bot> " if interactive else "") + text, flush=True)
 
-    return chat(model, tokenizer, sys.stdin, write, prompt=show_prompt if interactive else None, **decoding)
+    return chat(model, tokenizer, sys.stdin, write, prompt=show_prompt if interactive else None, system=system, **decoding)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .data import DATA_LICENSE, HUB_REPO
+from .sources import DATA_LICENSE, HUB_REPO
 from .logs import as_float
 
 NA = "n/a"
@@ -105,11 +106,6 @@ def code(text: Any) -> str:
     return "`" + " ".join(str(text).replace("`", "'").split()) + "`"
 
 
-def _yaml_string(value: str) -> str:
-    # A JSON string is a valid YAML double-quoted scalar: safe for any model id.
-    return json.dumps(value)
-
-
 def is_hub_id(name: Any) -> bool:
     """True for a Hugging Face Hub model id ("gpt2", "openai-community/gpt2"), False for a local folder."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) or ".." in name:
@@ -125,31 +121,38 @@ def is_hub_id(name: Any) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _front_matter(base_model: str) -> str:
-    lines = [
-        "---",
+def _front_matter(base_model: str, metrics: Mapping[str, Any], data: "DataFacts") -> str:
+    """The Hub's YAML metadata, built with huggingface_hub's ModelCardData: licence, tags, data, base model, and the
+    held-out perplexities as model-index eval results (what the Hub shows as the model's scores)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    results = [
+        EvalResult(
+            task_type="text-generation", dataset_type=HUB_REPO, dataset_name=data.name, dataset_split=split,
+            metric_type="perplexity", metric_name=f"{split} perplexity", metric_value=round(value, 4),
+        )
+        for split, key in (("validation", "eval_perplexity"), ("test", "test_perplexity"))
+        if (value := as_float(metrics.get(key))) is not None and math.isfinite(value)
+    ]
+    card_data = ModelCardData(
         # The code is MIT and GPT-2's weights are under OpenAI's modified MIT licence, but these weights are
         # trained on DailyDialog, whose CC BY-NC-SA 4.0 licence forbids commercial use: no single SPDX id fits.
-        "license: other",
-        "license_name: dailydialog-cc-by-nc-sa-4.0",
-        f"license_link: {DATA_LICENSE_URL}",
-        "language:",
-        "- en",
-        "library_name: transformers",
-        "pipeline_tag: text-generation",
-        "tags:",
-        "- gpt2",
-        "- dialogue",
-        "- text-generation",
-        "- conversational",
-        "- gpt2ft",
-        "datasets:",
-        f"- {HUB_REPO}",
-    ]
-    if is_hub_id(base_model):
-        lines.append(f"base_model: {_yaml_string(base_model)}")
-    lines.append("---")
-    return "\n".join(lines)
+        # For other data gpt2ft cannot know the licence: "other", until the owner sets it.
+        license="other",
+        license_name="dailydialog-cc-by-nc-sa-4.0" if data.is_dailydialog else "see-the-training-data",
+        license_link=DATA_LICENSE_URL if data.is_dailydialog else None,
+        language=["en"] if data.is_dailydialog else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["gpt2", "dialogue", "text-generation", "conversational", "gpt2ft"],
+        datasets=[data.hub_id] if data.hub_id else None,
+        base_model=base_model if is_hub_id(base_model) else None,
+        model_name="gpt2ft" if results else None,
+        eval_results=results or None,
+    )
+    for result in card_data.eval_results or []:
+        result.dataset_type, result.dataset_name = data.hub_id or data.source, data.name
+    return "---\n" + card_data.to_yaml() + "\n---"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numbers: bool = True) -> str:
@@ -183,37 +186,83 @@ def _results(metrics: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
     ])
 
 
-def _data(metrics: Mapping[str, Any], training_config: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
+@dataclass
+class DataFacts:
+    """What the card says about the training data, from training_config.json."""
+
+    source: str
+    is_dailydialog: bool
+    has_roles: bool
+    loss_on: str
+
+    @property
+    def name(self) -> str:
+        return "DailyDialog" if self.is_dailydialog else Path(self.source).name or self.source
+
+    @property
+    def hub_id(self) -> str | None:
+        if self.is_dailydialog:
+            return HUB_REPO
+        return self.source[len("hub:"):].split("@")[0].split(":")[0] if self.source.startswith("hub:") else None
+
+
+def data_facts(training_config: Mapping[str, Any], settings: Mapping[str, Any]) -> DataFacts:
+    return DataFacts(
+        source=str(training_config.get("data_source") or settings.get("data") or NA),
+        is_dailydialog=training_config.get("data_is_dailydialog", True) is not False,  # cards before other sources
+        has_roles=bool(training_config.get("has_roles", False)),
+        loss_on=str(training_config.get("loss_on") or settings.get("loss_on") or "all"),
+    )
+
+
+LOSS_ON_TEXT = {
+    "all": "every turn",
+    "responses": "every turn but the first",
+    "assistant": "the assistant's turns (system and user turns are context only)",
+}
+
+
+def _data(metrics: Mapping[str, Any], training_config: Mapping[str, Any], settings: Mapping[str, Any], data: DataFacts) -> str:
     counts = metrics.get("data_counts") or training_config.get("data_counts") or {}
     rows = []
     for split in SPLITS:
         split_counts = (counts.get(split) or {}) if isinstance(counts, Mapping) else {}
         rows.append([split] + [format_int(split_counts.get(key)) for key in ("release", "removed", "kept", "used")])
-    source = training_config.get("data_source") or settings.get("data") or NA
     overlap = settings.get("keep_overlap")
     leakage = (
-        "The release splits were kept as they are (`--keep-overlap`): validation and test share dialogues with "
-        "train, so their losses are optimistic."
+        "The splits were kept as they are (`--keep-overlap`): validation and test may share dialogues with "
+        "train, so their losses may be optimistic."
         if overlap is True
-        else "The release repeats dialogues: exact duplicates inside train were dropped, and every validation and "
-        "test dialogue that also occurs in train was removed, so the held-out numbers measure unseen dialogues."
+        else "Exact duplicates inside train were dropped, and every validation and test dialogue that also occurs in "
+        "train was removed, so the held-out numbers measure unseen dialogues."
     )
+    if data.is_dailydialog:
+        about = (
+            f"[DailyDialog]({DAILYDIALOG_PAPER}) (Li et al., 2017): about 13,000 written English dialogues about "
+            "daily life, split into train, validation and test. "
+            f"**Licence: {DATA_LICENSE}** ([licence text]({DATA_LICENSE_URL})), so this model may not be used "
+            "commercially, and what you derive from it must be shared under the same terms."
+        )
+    else:
+        about = (
+            f"Conversations from {code(data.source)}"
+            + (" with roles (system, user, assistant)" if data.has_roles else "")
+            + ". Splits the source did not have were held out from train by a hash of each conversation, so they are "
+            "the same on every run. **Licence: that of the training data**: check it before you share this model."
+        )
     return "\n".join([
         "## Data",
         "",
-        f"[DailyDialog]({DAILYDIALOG_PAPER}) (Li et al., 2017): about 13,000 written English dialogues about "
-        "daily life, split into train, validation and test. "
-        f"**Licence: {DATA_LICENSE}** ([licence text]({DATA_LICENSE_URL})), so this model may not be used "
-        "commercially, and what you derive from it must be shared under the same terms.",
+        about,
         "",
-        f"- Source: {code(source)}",
-        f"- Text cleaning (detokenised release text): {format_short(settings.get('clean_text'))}",
-        f"- Format: DialoGPT's, `<|endoftext|>turn 1<|endoftext|>turn 2<|endoftext|>...`; loss on "
-        f"{'every turn' if settings.get('loss_on', 'all') == 'all' else 'every turn but the first'}",
+        f"- Source: {code(data.source)}",
+        f"- Text cleaning (detokenised text): {format_short(settings.get('clean_text', data.is_dailydialog))}",
+        "- Format: DialoGPT's, `<|endoftext|>turn 1<|endoftext|>turn 2<|endoftext|>...` (a system message is the first "
+        f"turn), the model's chat template; loss on {LOSS_ON_TEXT.get(data.loss_on, data.loss_on)}",
         "",
         leakage,
         "",
-        _table(["split", "in the release", "removed (leakage / duplicates)", "kept", "used in this run"], rows),
+        _table(["split", "in the source", "removed (leakage / duplicates)", "kept", "used in this run"], rows),
     ])
 
 
@@ -299,26 +348,26 @@ def _usage(folder: str) -> str:
     return "\n".join([
         "## How to use",
         "",
-        "Prompts use the training format: `<|endoftext|>`, then every turn followed by `<|endoftext|>`; the reply is "
-        "what the model writes up to its next `<|endoftext|>`. `generation_config.json` holds the decoding defaults "
-        "(sampling, temperature 0.8, top-p 0.9) and stops at `<|endoftext|>`.",
+        "The tokenizer carries a chat template with the training format (`<|endoftext|>`, then every turn followed by "
+        "`<|endoftext|>`), so a list of chat messages is all a pipeline needs; the reply is what the model writes up to "
+        "its next `<|endoftext|>`. `generation_config.json` holds the decoding defaults (sampling, temperature 0.8, "
+        "top-p 0.9) and stops at `<|endoftext|>`.",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
         "",
         f"folder = {folder_literal}  # this folder",
+        'messages = [{"role": "user", "content": "Hi, how are you today?"}]',
+        "",
+        'chat = pipeline("text-generation", model=folder)',
+        'print(chat(messages, max_new_tokens=50)[0]["generated_text"][-1]["content"])',
+        "",
+        "# or step by step",
         "tokenizer = AutoTokenizer.from_pretrained(folder)",
         "model = AutoModelForCausalLM.from_pretrained(folder)",
-        "",
-        "eos = tokenizer.eos_token",
-        'prompt = eos + "Hi, how are you today?" + eos',
-        'inputs = tokenizer(prompt, return_tensors="pt")',
+        'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)',
         "output = model.generate(**inputs, max_new_tokens=50)",
         'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
-        "",
-        "# or with a pipeline",
-        'chat = pipeline("text-generation", model=folder)',
-        'print(chat(prompt, max_new_tokens=50, return_full_text=False)[0]["generated_text"])',
         "```",
         "",
         "With gpt2ft installed:",
@@ -326,6 +375,7 @@ def _usage(folder: str) -> str:
         "```bash",
         f"python -m gpt2ft chat --model {folder}",
         f'python -m gpt2ft generate --model {folder} "Hi, how are you today?"',
+        f"python -m gpt2ft serve --model {folder}      # a chat page in the browser",
         "```",
     ])
 
@@ -340,6 +390,16 @@ LIMITATIONS = """## Limitations
 - **Non-commercial only**: the training data is licensed CC BY-NC-SA 4.0, and so is what is derived from it.
 - Low perplexity on DailyDialog measures how well it predicts these dialogues, not how good a conversation
   partner it is."""
+
+GENERIC_LIMITATIONS = """## Limitations
+
+- **A small model**, in the register of its training conversations only. GPT-2 has no knowledge beyond its 2019 web
+  text and this fine-tuning; replies can contradict earlier turns and state wrong facts with confidence.
+- It **may produce wrong, biased, offensive or otherwise inappropriate text**, from GPT-2's web training data or
+  from the fine-tuning data. Do not use it where such output could cause harm, and do not rely on it for advice.
+- A system message is only the first turn of the conversation: GPT-2 was not trained to follow instructions.
+- Low perplexity on held-out conversations measures how well it predicts them, not how good a conversation partner
+  it is."""
 
 
 def render_model_card(
@@ -364,21 +424,22 @@ def render_model_card(
         settings = {}
     base_model = str(settings.get("model") or metrics.get("model") or "")
     folder = str(settings.get("output_dir") or "gpt2_finetuned")
+    data = data_facts(training_config, settings)
     if is_hub_id(base_model):
         base_text = f"[{code(base_model)}](https://huggingface.co/{base_model})"
     else:
         base_text = code(base_model) if base_model else "GPT-2"
     summary = (
-        f"{base_text} fine-tuned on DailyDialog to hold short everyday conversations in English, with "
-        f"gpt2ft {format_short(training_config.get('gpt2ft_version'))}. "
+        f"{base_text} fine-tuned on {'DailyDialog to hold short everyday conversations in English' if data.is_dailydialog else code(data.source)}, "
+        f"with gpt2ft {format_short(training_config.get('gpt2ft_version'))}. "
         f"Validation loss {format_loss(metrics.get('eval_loss'))} "
         f"(perplexity {format_perplexity(metrics.get('eval_perplexity'))}), "
         f"test loss {format_loss(metrics.get('test_loss'))} (perplexity {format_perplexity(metrics.get('test_perplexity'))})."
     )
     parts = [
-        _front_matter(base_model),
+        _front_matter(base_model, metrics, data),
         "",
-        "# GPT-2 fine-tuned on DailyDialog",
+        f"# GPT-2 fine-tuned on {data.name}",
         "",
         summary,
         "",
@@ -388,21 +449,14 @@ def render_model_card(
         "",
         _usage(folder),
         "",
-        _data(metrics, training_config, settings),
+        _data(metrics, training_config, settings, data),
         "",
         _settings(metrics, training_config, settings, base_model),
         "",
         _hardware(metrics, hardware_name),
         "",
-        LIMITATIONS,
+        LIMITATIONS if data.is_dailydialog else GENERIC_LIMITATIONS,
         "",
-        "## Citation",
-        "",
-        "The training data:",
-        "",
-        "```bibtex",
-        DAILYDIALOG_BIBTEX,
-        "```",
-        "",
+        *(["## Citation", "", "The training data:", "", "```bibtex", DAILYDIALOG_BIBTEX, "```", ""] if data.is_dailydialog else []),
     ]
     return "\n".join(parts)

@@ -31,7 +31,7 @@ from .checkpoints import (
     find_resume_checkpoint, remove_incomplete_checkpoints, save_final_model,
 )
 from .config import TrainConfig, changed_fields, run_defining_fields
-from .data import IGNORE_INDEX, DialogueCollator, PreparedDialogs, prepare_dialogs, tokenize_splits_cached
+from .data import IGNORE_INDEX, DialogueCollator, PreparedDialogs, prepare_dialogs, tokenize_prepared
 from .evaluation import evaluate_loss, perplexity
 from .generate import build_generation_config
 from .logs import append_jsonl, write_json, write_jsonl, write_text_atomic
@@ -336,15 +336,22 @@ def plan_run(config: TrainConfig, explicit: set[str] | None = None) -> RunPlan:
 
 def prepare_data(plan: RunPlan) -> PreparedDialogs:
     """Load, clean, de-duplicate and (for debugging) truncate the dialogues; report skipped lines."""
-    config = plan.config
-    prepared = prepare_dialogs(
-        config.data, config.cache_dir, config.clean_text, config.keep_overlap, config.max_train_dialogs, config.max_eval_dialogs
-    )
+    with plan.args.main_process_first(desc="preparing the data"):  # under torchrun the others reuse its caches
+        prepared = prepare_dialogs(**data_options(plan.config))
     if plan.is_main and prepared.skipped:
-        say(f"skipped {len(prepared.skipped)} dialogue(s) whose labels do not match their turns:")
+        say("skipped while reading the data:")
         for line in prepared.skipped:
             print(f"  {line}", file=sys.stderr)
     return prepared
+
+
+def data_options(config: TrainConfig) -> dict[str, Any]:
+    """prepare_dialogs' arguments from a run's settings (train, prepare, and eval/compare from a saved config)."""
+    return dict(
+        source=config.data, cache_dir=config.cache_dir, clean_text=config.clean_text, keep_overlap=config.keep_overlap,
+        max_train_dialogs=config.max_train_dialogs, max_eval_dialogs=config.max_eval_dialogs, loss_on=config.loss_on,
+        dialog_column=config.dialog_column, validation_fraction=config.validation_fraction, test_fraction=config.test_fraction,
+    )
 
 
 @dataclass
@@ -366,10 +373,39 @@ def load_model_for_training(plan: RunPlan) -> LoadedModel:
     return LoadedModel(model, tokenizer, counts)
 
 
+def prepare_cache(config: TrainConfig) -> dict[str, Any]:
+    """`python -m gpt2ft prepare`: load, clean, split, de-duplicate and tokenise the data into the cache that `train`
+    with the same settings reuses, and measure it.
+
+    Returns:
+        {"source", "loss_on", per split {"dialogs", "tokens"}, "removed" and "skipped" per split, "seconds",
+        "peak_rss_mb"}: what the JSON line holds.
+    """
+    from .modeling import load_model_config, load_tokenizer
+    from .monitor import SystemMonitor
+
+    started = time.perf_counter()
+    with SystemMonitor(None, 0.05, only=("memory",)) as memory:
+        max_length = resolve_max_length(config, load_model_config(config.model))
+        prepared = prepare_dialogs(**data_options(config))
+        rows = tokenize_prepared(prepared, load_tokenizer(config.model), max_length, config.cache_dir)
+        tokens = {split: int(sum(rows[split]["length"])) for split in rows}
+    return {
+        "source": prepared.source,
+        "loss_on": prepared.loss_on,
+        **{split: {"dialogs": len(prepared.dialogs[split]), "tokens": tokens[split], "rows": len(rows[split])} for split in rows},
+        "removed": {split: counts["removed"] for split, counts in prepared.counts.items()},
+        "skipped": {split: counts.get("skipped", 0) for split, counts in prepared.counts.items()},
+        "max_length": max_length,
+        "seconds": round(time.perf_counter() - started, 2),
+        "peak_rss_mb": round(memory.peak_rss_mb, 1),
+    }
+
+
 def tokenize_data(plan: RunPlan, prepared: PreparedDialogs, tokenizer: Any) -> Any:
     """Training rows of every split (cached under the cache folder; built once, by the main process)."""
     with plan.args.main_process_first(desc="tokenising"):
-        return tokenize_splits_cached(prepared.dialogs, tokenizer, plan.max_length, plan.config.loss_on, plan.config.cache_dir)
+        return tokenize_prepared(prepared, tokenizer, plan.max_length, plan.config.cache_dir)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -385,6 +421,7 @@ def run_settings(plan: RunPlan, prepared: PreparedDialogs) -> dict[str, Any]:
         optim=plan.args.optim.value if hasattr(plan.args.optim, "value") else str(plan.args.optim),
         max_length=plan.max_length,
         data_dialogs={split: len(prepared.dialogs[split]) for split in prepared.dialogs},
+        loss_on_resolved=prepared.loss_on,
     )
     return settings
 
@@ -538,6 +575,7 @@ def evaluate_run(plan: RunPlan, fitted: FitResult, loaded: LoadedModel, prepared
 def save_run(plan: RunPlan, fitted: FitResult, metrics: dict[str, Any], tokenizer: Any, prepared: PreparedDialogs) -> Path:
     """Write the model folder atomically (merged, for LoRA), metrics.json and the final train_log.jsonl; free the
     Trainer's optimizer. Only the main process writes; the others wait until it has."""
+    from .export import add_n_ctx
     from .scale import merge_for_saving
 
     fitted.stop_monitor()
@@ -547,7 +585,7 @@ def save_run(plan: RunPlan, fitted: FitResult, metrics: dict[str, Any], tokenize
         write_jsonl(plan.logs_dir / TRAIN_LOG, trainer.state.log_history)
         model, adapter = merge_for_saving(trainer.model, plan.config)
         model.config.use_cache = True  # generation wants its KV cache back
-        model.config.n_ctx = model.config.n_positions  # llama.cpp's converter reads n_ctx
+        add_n_ctx(model.config)  # so llama.cpp's own converter works on the folder too
         training_config = {
             "gpt2ft_version": __version__,
             "config": plan.config.to_dict(),
@@ -555,6 +593,9 @@ def save_run(plan: RunPlan, fitted: FitResult, metrics: dict[str, Any], tokenize
             "precision": plan.precision,
             "data_source": prepared.source,
             "data_counts": prepared.counts,
+            "data_is_dailydialog": prepared.is_dailydialog,
+            "has_roles": prepared.has_roles,
+            "loss_on": prepared.loss_on,
             "metrics": {k: metrics[k] for k in ("train_loss", "eval_loss", "eval_perplexity", "test_loss", "test_perplexity")},
         }
         save_final_model(model, tokenizer, build_generation_config(tokenizer), training_config, plan.output_dir, adapter=adapter)

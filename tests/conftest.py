@@ -52,6 +52,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+ARTIFACT_FOLDERS = ("data", "logs", "images", "gpt2_finetuned")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_artifact_folders_stay_empty():
+    """No test may write into the checkout's own artifact folders (every run goes to tmp_path)."""
+
+    def listing() -> dict[str, list[str]]:
+        return {name: sorted(p.name for p in (ROOT / name).iterdir()) for name in ARTIFACT_FOLDERS if (ROOT / name).is_dir()}
+
+    before = listing()
+    yield
+    assert listing() == before, "a test wrote into the checkout's artifact folders"
+
+
 def make_dialog(rng: random.Random) -> list[str]:
     turns: list[str] = []
     for _ in range(rng.randint(1, 3)):
@@ -131,6 +146,50 @@ def write_layout(root: Path, layout: str, splits: dict[str, list[list[str]]] | N
             pq.write_table(table, folder / "0000.parquet")
         return root
     raise ValueError(layout)
+
+
+SYSTEM_PROMPTS = ["You are a friendly shop assistant.", "Answer briefly."]
+
+
+def make_conversations(n: int, seed: int) -> list[list[dict[str, str]]]:
+    """Chat conversations in the `messages` layout: an optional system prompt, then user/assistant exchanges drawn
+    from EXCHANGES (question by the user, answer by the assistant), so the answers are learnable."""
+    rng = random.Random(seed)
+    conversations = []
+    for index in range(n):
+        messages = [{"role": "system", "content": SYSTEM_PROMPTS[index % 2]}] if index % 3 == 0 else []
+        for _ in range(rng.randint(1, 3)):
+            question, answer = rng.choice(EXCHANGES)
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        conversations.append(messages)
+    return conversations
+
+
+def as_sharegpt(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    return [{"from": names[m["role"]], "value": m["content"]} for m in messages]
+
+
+def write_conversations(path: Path, conversations: list, layout: str = "messages") -> Path:
+    """Conversations as a file: layout "messages" or "sharegpt" (records with those keys) or "dialogue" (plain turns);
+    the file type follows the suffix: .jsonl (JSON Lines), .json (an array) or .parquet."""
+    if layout == "messages":
+        records = [{"messages": conversation} for conversation in conversations]
+    elif layout == "sharegpt":
+        records = [{"conversations": as_sharegpt(conversation)} for conversation in conversations]
+    else:
+        records = [{"dialogue": [m["content"] for m in conversation if m["role"] != "system"]} for conversation in conversations]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(records, indent=1), encoding="utf-8")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), path)
+    return path
 
 
 def build_tokenizer(folder: Path):

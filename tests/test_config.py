@@ -62,7 +62,8 @@ def test_every_field_has_a_flag_and_help():
 def test_defaults_target_gpt2_small_on_a_t4():
     config = TrainConfig()
     assert (config.model, config.data, config.output_dir, config.logs_dir, config.images_dir) == ("gpt2", "hub", "gpt2_finetuned", "logs", "images")
-    assert config.clean_text and not config.keep_overlap and config.loss_on == "all" and config.precision == "auto"
+    assert config.clean_text is None and not config.keep_overlap and config.loss_on == "auto" and config.precision == "auto"
+    assert (config.validation_fraction, config.test_fraction, config.dialog_column) == (0.05, 0.05, None)
 
 
 def test_flags_override_the_config_file(tmp_path):

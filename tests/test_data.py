@@ -9,21 +9,16 @@ from conftest import default_splits, write_layout
 
 from gpt2ft.data import (
     IGNORE_INDEX,
-    DataError,
     DialogueCollator,
-    LoadReport,
     clean_turn,
-    format_dialog,
-    load_dailydialog,
     normalise_dialog,
-    parse_split,
     prepare_dialogs,
-    remove_overlap,
-    tokenization_key,
     tokenize_dialogs,
-    tokenize_splits_cached,
+    tokenize_prepared,
+    turn_targets,
     window_dialog,
 )
+from gpt2ft.sources import DataError, LoadReport, load_dailydialog, parse_split
 
 NAMES = ("d.txt", "a.txt", "e.txt")
 
@@ -138,18 +133,20 @@ def test_cleaning_can_be_turned_off(dailydialog_dir):
 def test_remove_overlap_drops_train_duplicates_and_eval_dialogues_seen_in_train(tmp_path):
     a, b, c, d = ["Hi .", "Hello ."], ["How are you ?", "Fine ."], ["Bye .", "See you ."], ["New one .", "Yes ."]
     splits = {"train": [a, b, ["hi .", "hello ."], a], "validation": [["Hi  .", "Hello ."], c], "test": [b, d, d]}
-    dialogs = load_dailydialog(str(write_layout(tmp_path / "d", "extracted", splits)))
-    kept, counts = remove_overlap(dialogs)
+    prepared = prepare_dialogs(str(write_layout(tmp_path / "d", "extracted", splits)), cache_dir=tmp_path, clean_text=False)
+    kept, counts = prepared.dialogs, prepared.counts
     assert kept["train"]["dialog"] == [a, b]  # case and spacing differences count as duplicates
     assert kept["validation"]["dialog"] == [c]
     assert kept["test"]["dialog"] == [d, d]  # only overlap with train is removed from test
-    assert counts["train"] == {"release": 4, "removed": 2, "kept": 2}
+    assert counts["train"] == {"release": 4, "removed": 2, "kept": 2, "used": 2}
     assert counts["validation"]["removed"] == 1 and counts["test"]["removed"] == 1
 
 
 def test_normalise_dialog_ignores_release_spacing():
     assert normalise_dialog(["It ' s fine , right.But no ."]) == normalise_dialog(["it's fine, right. But no."])
     assert normalise_dialog(["A .", "B ."]) != normalise_dialog(["A . B ."])
+    # With roles, the same words said by someone else are another conversation.
+    assert normalise_dialog(["Hi.", "Yo."], ["user", "assistant"]) != normalise_dialog(["Hi.", "Yo."], ["assistant", "user"])
 
 
 def test_keep_overlap_restores_release_splits(dailydialog_dir):
@@ -176,8 +173,12 @@ def test_max_dialog_limits_apply_after_deduplication(dailydialog_dir):
 # --- format, labels, windows ----------------------------------------------------------------------------------
 
 
-def test_format_puts_eos_before_and_after_every_turn():
-    assert format_dialog(["Hi.", "Hello."], "<E>") == "<E>Hi.<E>Hello.<E>"
+def test_turn_targets_follow_the_loss_mode():
+    roles = ["system", "user", "assistant", "user", "assistant"]
+    assert turn_targets(roles, "all") == [False, True, True, True, True]  # a system message is never a target
+    assert turn_targets(roles, "responses") == [False, False, True, True, True]
+    assert turn_targets(roles, "assistant") == [False, False, True, False, True]
+    assert turn_targets(["", "", ""], "responses") == [False, True, True]
 
 
 def test_tokenised_rows_have_eos_after_each_turn_and_label_every_real_token(tiny_tokenizer):
@@ -205,7 +206,7 @@ def test_loss_on_responses_masks_the_first_turn(tiny_tokenizer):
 
 def test_windows_split_at_turn_boundaries_and_predict_every_target_once():
     turns = [[10 + t] * (5 + t) for t in range(8)]  # turn t is 5 + t copies of token 10 + t
-    windows = window_dialog(turns, eos_id=0, max_length=24)
+    windows = window_dialog(turns, eos_id=0, max_length=24, targets=[True] * len(turns))
     assert len(windows) > 1 and all(len(ids) <= 24 for ids, _ in windows)
     targets = [label for _, labels in windows for label in labels if label != IGNORE_INDEX]
     assert targets == [tok for turn in turns for tok in turn + [0]]  # nothing dropped, nothing repeated
@@ -216,7 +217,7 @@ def test_windows_split_at_turn_boundaries_and_predict_every_target_once():
 
 
 def test_a_turn_longer_than_the_window_is_cut_not_dropped():
-    windows = window_dialog([[7] * 50], eos_id=0, max_length=16)
+    windows = window_dialog([[7] * 50], eos_id=0, max_length=16, targets=[True])
     targets = [label for _, labels in windows for label in labels if label != IGNORE_INDEX]
     assert targets == [7] * 50 + [0]
     assert all(len(ids) <= 16 for ids, _ in windows)
@@ -262,15 +263,18 @@ def test_balance_rows_never_exceeds_the_context():
 
 
 def test_tokenisation_cache_is_reused_and_keyed_by_settings(tmp_path, dailydialog_dir, tiny_tokenizer):
-    dialogs = prepare_dialogs(str(dailydialog_dir)).dialogs
-    first = tokenize_splits_cached(dialogs, tiny_tokenizer, 256, "all", tmp_path)
+    prepared = prepare_dialogs(str(dailydialog_dir), cache_dir=tmp_path)
+    first = tokenize_prepared(prepared, tiny_tokenizer, 256, tmp_path)
     folders = list((tmp_path / "tokenized").iterdir())
     assert len(folders) == 1
-    second = tokenize_splits_cached(dialogs, tiny_tokenizer, 256, "all", tmp_path)
+    again = prepare_dialogs(str(dailydialog_dir), cache_dir=tmp_path)  # a new process would prepare it again
+    second = tokenize_prepared(again, tiny_tokenizer, 256, tmp_path)
     assert second["train"]["input_ids"] == first["train"]["input_ids"]
     assert len(list((tmp_path / "tokenized").iterdir())) == 1  # reused, not rebuilt
-    assert tokenization_key(dialogs, tiny_tokenizer, 128, "all") != tokenization_key(dialogs, tiny_tokenizer, 256, "all")
-    assert tokenization_key(dialogs, tiny_tokenizer, 256, "responses") != tokenization_key(dialogs, tiny_tokenizer, 256, "all")
+    tokenize_prepared(again, tiny_tokenizer, 128, tmp_path)
+    tokenize_prepared(prepare_dialogs(str(dailydialog_dir), cache_dir=tmp_path, loss_on="responses"), tiny_tokenizer, 256, tmp_path)
+    tokenize_prepared(prepare_dialogs(str(dailydialog_dir), cache_dir=tmp_path, max_train_dialogs=5), tiny_tokenizer, 256, tmp_path)
+    assert len(list((tmp_path / "tokenized").iterdir())) == 4  # each setting has its own entry
 
 
 def test_real_data_token_counts(shared_data):
@@ -307,7 +311,7 @@ def test_the_zip_fallback_is_streamed_and_checked_against_the_release(tmp_path, 
     import io
     import urllib.request
 
-    import gpt2ft.data as data
+    import gpt2ft.sources as data
 
     good = write_layout(tmp_path / "release", "outer_zip").read_bytes()
     reads = []

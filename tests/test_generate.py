@@ -93,13 +93,15 @@ def test_chat_answers_each_line_and_honours_reset_and_quit():
     count = chat(None, None, lines, written.append, reply_fn=fake_reply)
     assert count == 3
     assert written == ["reply 1", "reply 2", "(conversation reset)", "reply 3"]
-    assert seen_histories == [["Hi"], ["Hi", "reply 1", "How are you?"], ["Again"]]
+    turns = [[message["content"] for message in history] for history in seen_histories]
+    assert turns == [["Hi"], ["Hi", "reply 1", "How are you?"], ["Again"]]
+    assert [message["role"] for message in seen_histories[1]] == ["user", "assistant", "user"]
 
 
 def test_chat_command_over_piped_stdin(forced_model_dir):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "gpt2ft", "chat", "--model", str(forced_model_dir), "--greedy", "--max-new-tokens", "3"],
+        [sys.executable, "-m", "gpt2ft", "chat", "--model", str(forced_model_dir), "--greedy", "--max-new-tokens", "3", "--system", "Be brief."],
         input="Hi, how are you?\nWhat do you do for a living?\n/quit\n", capture_output=True, text=True, env=env,
         cwd=ROOT, timeout=120,
     )
@@ -126,3 +128,27 @@ def test_saved_model_works_with_pipeline_and_the_original_example(forced_model_d
 def test_generate_command_rejects_bad_decoding_flags(forced_model_dir, capsys):
     assert main(["generate", "--model", str(forced_model_dir), "--max-new-tokens", "0", "Hi"]) == 2
     assert "--max-new-tokens" in capsys.readouterr().err
+
+
+def test_a_system_message_starts_every_conversation():
+    seen = []
+
+    def fake_reply(model, tokenizer, history, **decoding):
+        seen.append(list(history))
+        return Reply("ok", 1, True)
+
+    chat(None, None, io.StringIO("Hi\n/reset\nAgain\n"), lambda text: None, reply_fn=fake_reply, system="Be brief.")
+    assert [history[0] for history in seen] == [{"role": "system", "content": "Be brief."}] * 2
+    assert [message["content"] for message in seen[1]] == ["Be brief.", "Again"]  # /reset keeps the system message
+
+
+def test_the_system_message_is_the_first_turn_of_the_prompt(tiny_tokenizer):
+    ids = build_prompt_ids(tiny_tokenizer, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], 100)
+    assert tiny_tokenizer.decode(ids) == "<|endoftext|>Be brief.<|endoftext|>Hi<|endoftext|>"
+    # When the window is short, older turns go first; the system message stays while it fits.
+    from gpt2ft.chat_format import render_ids
+
+    long = [{"role": "system", "content": "Be brief."}] + [{"role": "user", "content": f"turn {i} " * 5} for i in range(6)]
+    budget = len(render_ids(tiny_tokenizer, long[:1] + long[-2:]))  # room for the system message and two turns
+    cut = tiny_tokenizer.decode(build_prompt_ids(tiny_tokenizer, long, budget))
+    assert cut.startswith("<|endoftext|>Be brief.<|endoftext|>turn 4") and "turn 5" in cut and "turn 3" not in cut

@@ -158,12 +158,24 @@ def test_hub_id_detection(tmp_path):
     assert not is_hub_id("./model") and not is_hub_id("a/b/c") and not is_hub_id("") and not is_hub_id(None)
 
 
-def test_card_usage_code_runs(tiny_model_dir, tmp_path):
+def test_card_usage_code_runs(tiny_model, tiny_tokenizer, tmp_path):
     """The Python block of the card loads a saved folder and generates, as a reader would run it."""
+    from gpt2ft.checkpoints import save_final_model
+    from gpt2ft.generate import build_generation_config
+
     folder = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, folder)
+    save_final_model(tiny_model, tiny_tokenizer, build_generation_config(tiny_tokenizer, max_new_tokens=5), {"gpt2ft_version": "t"}, folder)
     card = render_model_card(METRICS, training_config(output_dir=str(folder)), SAMPLES)
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     printed = []
     exec(compile(code, "model-card", "exec"), {"print": printed.append})
     assert len(printed) == 2 and all(isinstance(text, str) for text in printed)
+
+
+def test_card_metadata_is_read_by_huggingface_hub_with_the_eval_results():
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(render_model_card(METRICS, training_config(), SAMPLES))
+    assert card.data.base_model == "gpt2" and card.data.license == "other"
+    scores = {result.dataset_split: result.metric_value for result in card.data.eval_results}
+    assert scores == {"validation": round(METRICS["eval_perplexity"], 4), "test": round(METRICS["test_perplexity"], 4)}
