@@ -13,7 +13,6 @@ backend, nothing to close.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path

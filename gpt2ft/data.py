@@ -155,6 +155,14 @@ class PreparedDialogs:
     loss_on: str = "all"
     is_dailydialog: bool = True
     identity: str = ""  # changes whenever the prepared dialogues may differ (keys the tokenised cache)
+    unlimited_identity: str = ""  # the same without --max-*-dialogs: a cache of all the data serves any limit
+    limits: dict[str, int | None] = field(default_factory=dict)
+
+
+def column(dataset: Dataset, name: str) -> list:
+    """A whole column as a Python list, read column-wise (datasets >= 5 returns a lazy Column that iterating reads
+    row by row: a hundred times slower on a million rows)."""
+    return dataset[name][:]
 
 
 def fingerprint(*parts: Any) -> str:
@@ -209,7 +217,7 @@ def prepare_dialogs(
                 num_proc=parallel_workers(len(dataset)), new_fingerprint=fingerprint(identity, split, "normalize"),
                 desc=f"reading {split}",
             )
-            reasons = rows["skip"]
+            reasons = column(rows, "skip")
             for reason in sorted(set(reasons) - {""}):
                 first = reasons.index(reason)
                 skipped.append(
@@ -237,10 +245,12 @@ def prepare_dialogs(
         }
         if not len(dialogs[split]):
             raise DataError(f"{raw.source}: the {split} split has no conversations left (after skipping and de-duplication)")
-    settings = (identity, keep_overlap, max_train_dialogs, max_eval_dialogs, validation_fraction, test_fraction)
+    unlimited = fingerprint(identity, keep_overlap, validation_fraction, test_fraction)
+    cut = {split: limit for split, limit in limits.items() if limit is not None and limit < len(kept[split])}
     return PreparedDialogs(
         dialogs=DatasetDict(dialogs), counts=counts, skipped=skipped, source=raw.source, has_roles=raw.layout.has_roles,
-        loss_on=loss_on, is_dailydialog=raw.is_dailydialog, identity=fingerprint(*settings),
+        loss_on=loss_on, is_dailydialog=raw.is_dailydialog, identity=fingerprint(unlimited, sorted(cut.items())) if cut else unlimited,
+        unlimited_identity=unlimited, limits=cut,
     )
 
 
@@ -250,7 +260,7 @@ def hold_out_splits(splits: dict[str, Dataset], validation_fraction: float, test
     missing = [split for split in ("test", "validation") if split not in splits]
     if not missing:
         return splits
-    shares = [key_share(key) for key in splits["train"]["key"]]
+    shares = [key_share(key) for key in column(splits["train"], "key")]
     bounds = {"test": (0.0, test_fraction), "validation": (test_fraction, test_fraction + validation_fraction)}
     held: dict[str, list[int]] = {split: [] for split in missing}
     train: list[int] = []
@@ -274,13 +284,13 @@ def remove_overlap(splits: dict[str, Dataset]) -> dict[str, Dataset]:
     """
     seen: set[str] = set()
     keep_train = []
-    for index, key in enumerate(splits["train"]["key"]):
+    for index, key in enumerate(column(splits["train"], "key")):
         if key not in seen:
             seen.add(key)
             keep_train.append(index)
     kept = {"train": splits["train"].select(keep_train) if len(keep_train) < len(splits["train"]) else splits["train"]}
     for split in ("validation", "test"):
-        keep = [index for index, key in enumerate(splits[split]["key"]) if key not in seen]
+        keep = [index for index, key in enumerate(column(splits[split], "key")) if key not in seen]
         kept[split] = splits[split].select(keep) if len(keep) < len(splits[split]) else splits[split]
     return kept
 
@@ -411,11 +421,11 @@ def tokenize_splits(dialogs: DatasetDict, tokenizer: Any, max_length: int, loss_
 
 def token_stats(rows: Dataset) -> dict[str, float]:
     """Sizes of a tokenised split: rows, tokens, target tokens, mean and max row length."""
-    lengths = rows["length"]
+    lengths = column(rows, "length")
     return {
         "rows": len(rows),
         "tokens": int(sum(lengths)),
-        "target_tokens": int(sum(rows["n_targets"])),
+        "target_tokens": int(sum(column(rows, "n_targets"))),
         "mean_length": float(sum(lengths) / max(1, len(lengths))),
         "max_length": int(max(lengths, default=0)),
     }
@@ -527,35 +537,65 @@ TOKENIZED_FORMAT_VERSION = 2  # bump when the format or labels change, so old ca
 
 
 def tokenize_prepared(prepared: PreparedDialogs, tokenizer: Any, max_length: int, cache_dir: str | Path | None = "data") -> DatasetDict:
-    """`tokenize_splits` of prepared dialogues, cached under `<cache_dir>/tokenized/<key>` (Arrow files, memory-mapped
+    """`tokenize_splits` of prepared dialogues, cached under `<cache_dir>/tokenized/<key>/` (Arrow files, memory-mapped
     when read back, no pickle), so a re-run and `train` after `prepare` skip it.
 
     The key covers the prepared dialogues (their identity: source, settings), the tokenizer, `max_length`, the loss
-    mode and the format version. Only the main process writes the cache, under a temporary name that is renamed
-    when complete (under torchrun the others wait: training.tokenize_data).
+    mode and the format version. The map writes its Arrow files straight into the folder (no second copy); a
+    `complete` marker, written last by the main process, says they are all there (under torchrun the others wait:
+    training.tokenize_data).
     """
     import shutil
 
     from .modeling import is_main_process
     from .sources import quiet_datasets
 
-    key = fingerprint(prepared.identity, tokenizer_hash(tokenizer), max_length, prepared.loss_on, TOKENIZED_FORMAT_VERSION)
+    def key_of(identity: str) -> str:
+        return fingerprint(identity, tokenizer_hash(tokenizer), max_length, prepared.loss_on, TOKENIZED_FORMAT_VERSION)
+
+    key = key_of(prepared.identity)
     if cache_dir is None:
         return tokenize_splits(prepared.dialogs, tokenizer, max_length, prepared.loss_on, key)
     folder = Path(cache_dir) / "tokenized" / key
+    unlimited = Path(cache_dir) / "tokenized" / key_of(prepared.unlimited_identity)
     with quiet_datasets():
-        if (folder / "dataset_dict.json").is_file():
-            try:
-                return datasets.load_from_disk(str(folder))
-            except Exception:  # a damaged cache is rebuilt, never trusted
-                shutil.rmtree(folder, ignore_errors=True)
-        rows = tokenize_splits(prepared.dialogs, tokenizer, max_length, prepared.loss_on, key)
+        for found in (folder, unlimited):
+            if (found / "complete").is_file():
+                try:
+                    rows = DatasetDict({split: read_rows(found, split) for split in prepared.dialogs})
+                except Exception:  # a damaged cache is rebuilt, never trusted
+                    shutil.rmtree(found, ignore_errors=True)
+                    continue
+                # All the data is cached (`prepare` without limits): the first N dialogues' rows come first.
+                return limit_rows(rows, prepared.limits) if found == unlimited and found != folder else rows
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = DatasetDict()
+        for split, dialogs in prepared.dialogs.items():
+            rows[split] = dialogs.map(
+                tokenize_batch, batched=True, with_indices=True, remove_columns=dialogs.column_names, features=ROW_FEATURES,
+                fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "loss_on": prepared.loss_on},
+                num_proc=parallel_workers(len(dialogs)), cache_file_name=str(folder / f"{split}.arrow"),
+                load_from_cache_file=False, new_fingerprint=fingerprint(key, split), desc=f"tokenising {split}",
+            )
         if is_main_process():
-            partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
-            try:
-                rows.save_to_disk(str(partial))
-                partial.replace(folder)
-            except OSError:
-                shutil.rmtree(partial, ignore_errors=True)
-            rows = datasets.load_from_disk(str(folder)) if folder.is_dir() else rows
+            (folder / "complete").write_text(key + "\n", encoding="utf-8")
     return rows
+
+
+def limit_rows(rows: DatasetDict, limits: dict[str, int]) -> DatasetDict:
+    """The rows of the first `limits[split]` dialogues of each split (rows are in dialogue order)."""
+    import bisect
+
+    limited = DatasetDict(rows)
+    for split, limit in limits.items():
+        limited[split] = rows[split].select(range(bisect.bisect_left(column(rows[split], "dialog_index"), limit)))
+    return limited
+
+
+def read_rows(folder: Path, split: str) -> Dataset:
+    """A tokenised split from its Arrow file(s), memory-mapped (a map on several processes writes one per process)."""
+    files = sorted(folder.glob(f"{split}.arrow")) or sorted(folder.glob(f"{split}_*_of_*.arrow"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no rows for {split}")
+    parts = [Dataset.from_file(str(path)) for path in files]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)

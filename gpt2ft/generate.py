@@ -21,17 +21,43 @@ from .modeling import model_context
 
 # Dialogue-friendly decoding, saved into every model's generation_config.json:
 # - sampling with temperature 0.8 and nucleus top-p 0.9: varied but on-topic replies (greedy GPT-2 loops);
-# - no_repeat_ngram_size 4 stops verbatim loops. A repetition_penalty is deliberately not set: it also penalises
-#   the EOS tokens in the prompt, which makes the model less likely to stop its turn;
-# - 50 new tokens is ~2.5x DailyDialog's mean turn (~14 tokens) and above its p99 turn length.
+# - 50 new tokens is ~2.5x DailyDialog's mean turn (~14 tokens) and above its p99 turn length;
+# - no repetition guard that looks at the prompt: transformers' no_repeat_ngram_size bans every n-gram already in
+#   the prompt, EOS included, so a reply that ends like an earlier turn ("Thank you.<EOS>" twice) cannot end, and a
+#   repetition_penalty penalises the prompt's EOS tokens the same way. gpt2ft's own replies use REPLY_NO_REPEAT_NGRAM
+#   instead, which looks at the reply only (README "Decoding" has the measurements).
 GENERATION_DEFAULTS: dict[str, Any] = {
     "do_sample": True,
     "temperature": 0.8,
     "top_p": 0.9,
     "top_k": 0,
-    "no_repeat_ngram_size": 4,
     "max_new_tokens": 50,
 }
+# No 4-gram twice within one reply: stops verbatim loops without touching what the conversation already said.
+REPLY_NO_REPEAT_NGRAM = 4
+
+
+class ReplyNoRepeatNGram:
+    """A logits processor that bans, at each step, the tokens that would repeat an n-gram of the reply so far
+    (the tokens after `prompt_length`), never an n-gram of the prompt."""
+
+    def __init__(self, size: int, prompt_length: int) -> None:
+        self.size, self.prompt_length = size, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        reply = input_ids[:, self.prompt_length :]
+        if self.size < 1 or reply.shape[1] < self.size - 1:
+            return scores
+        for row, tokens in enumerate(reply.tolist()):
+            prefix = tuple(tokens[len(tokens) - self.size + 1 :])
+            banned = [
+                tokens[start + self.size - 1]
+                for start in range(len(tokens) - self.size + 1)
+                if tuple(tokens[start : start + self.size - 1]) == prefix
+            ]
+            if banned:
+                scores[row, banned] = -float("inf")
+        return scores
 
 
 def build_generation_config(tokenizer: Any, **overrides: Any) -> Any:
@@ -109,11 +135,14 @@ def generate_reply(
         greedy: deterministic decoding instead of the saved sampling defaults.
         seed: makes sampling reproducible.
         streamer: a transformers streamer (e.g. TextStreamer) to print tokens as they come.
-        settings: overrides of the generation config (max_new_tokens, temperature, top_p, ...).
+        settings: overrides of the generation config (max_new_tokens, temperature, top_p, ...);
+            no_repeat_ngram_size sets the reply-only guard (0 turns it off).
     """
     if not history:
         raise ValueError("history must hold at least one turn")
     overrides = decoding_overrides(greedy, **settings)
+    # The reply-only guard replaces transformers' prompt-wide one (which models saved before gpt2ft 0.2 carry).
+    no_repeat = overrides.pop("no_repeat_ngram_size", REPLY_NO_REPEAT_NGRAM)
     max_new_tokens = overrides.get("max_new_tokens") or getattr(model.generation_config, "max_new_tokens", None) or 50
     context = model_context(model)
     prompt = build_prompt_ids(tokenizer, history, max(2, context - max_new_tokens))
@@ -122,13 +151,16 @@ def generate_reply(
     if seed is not None:
         torch.manual_seed(seed)
     eos = tokenizer.eos_token_id
+    from transformers import LogitsProcessorList
+
     output = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         eos_token_id=eos,
         pad_token_id=eos,
         streamer=streamer,
-        **{**overrides, "max_new_tokens": max_new_tokens},
+        logits_processor=LogitsProcessorList([ReplyNoRepeatNGram(no_repeat, len(prompt))]) if no_repeat else None,
+        **{**overrides, "max_new_tokens": max_new_tokens, "no_repeat_ngram_size": 0},
     )
     new_tokens = output[0, len(prompt) :].tolist()
     ended = eos in new_tokens

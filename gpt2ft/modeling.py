@@ -166,10 +166,14 @@ class Hardware:
         return self.memory_gb is not None and self.memory_gb < 20
 
 
+def cuda_hardware(device: torch.device | str | int = 0) -> Hardware:
+    props = torch.cuda.get_device_properties(device)
+    return Hardware("cuda", props.name, (props.major, props.minor), props.total_memory / 2**30)
+
+
 def detect_hardware() -> Hardware:
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return Hardware("cuda", props.name, (props.major, props.minor), props.total_memory / 2**30)
+        return cuda_hardware(0)
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return Hardware("mps", "Apple MPS", None, None)
     return Hardware("cpu", "CPU", None, None)
@@ -214,10 +218,7 @@ def autocast_context(precision: str, device: torch.device | str) -> Any:
 def device_precision(device: torch.device | str) -> str:
     """The precision gpt2ft trains in on `device` (choose_precision's automatic rule), for evaluation outside training."""
     device = torch.device(device)
-    if device.type != "cuda":
-        return "fp32"
-    props = torch.cuda.get_device_properties(device)
-    return choose_precision("auto", Hardware("cuda", props.name, (props.major, props.minor), props.total_memory / 2**30))[0]
+    return choose_precision("auto", cuda_hardware(device))[0] if device.type == "cuda" else "fp32"
 
 
 @contextlib.contextmanager

@@ -7,7 +7,8 @@ JSONL file (`logs/system.jsonl`), one JSON object a line.
 Fields of a sample (a field whose reading fails is left out; GPU fields only when CUDA is available):
     timestamp (unix s), elapsed_s (since start()), step (training step, or null)
     process_cpu_percent (100 = one core busy), system_cpu_percent (100 = every core busy), cpu_count
-    process_rss_mb, system_ram_used_mb, system_ram_total_mb, system_ram_percent
+    process_rss_mb, tree_memory_mb (with tree_memory: this process and its workers), system_ram_used_mb,
+    system_ram_total_mb, system_ram_percent
     disk_read_bytes, disk_write_bytes, net_sent_bytes, net_recv_bytes (cumulative counters of the machine)
     gpu_index, gpu_name, gpu_util_percent, gpu_memory_util_percent, gpu_memory_used_mb, gpu_memory_total_mb,
     gpu_power_w, gpu_power_limit_w, gpu_temperature_c (NVML), torch_allocated_mb, torch_reserved_mb,
@@ -56,6 +57,9 @@ class SystemMonitor:
         gpu: sample the GPU; None = when torch is imported and CUDA is available.
         device_index: the CUDA device to sample; None = the current device (LOCAL_RANK before CUDA starts).
         only: read only these field groups (of "step", "cpu", "memory", "disk", "network", "nvml", "torch_cuda").
+        tree_memory: also read `tree_memory_mb`, the resident memory of this process and its workers (the sum of
+            their proportional set sizes: pages a worker shares with its parent after fork count once, not in
+            each); `peak_rss_mb` then follows it. Slower to read (smaps), so for intervals of 0.1 s or more.
     """
 
     def __init__(
@@ -67,11 +71,13 @@ class SystemMonitor:
         gpu: bool | None = None,
         device_index: int | None = None,
         only: tuple[str, ...] | None = None,
+        tree_memory: bool = False,
     ) -> None:
         if not interval_s > 0:
             raise ValueError(f"interval_s must be positive, got {interval_s}")
         self.path = Path(path) if path is not None else None
         self.only = only
+        self.tree_memory = tree_memory
         self.peak_rss_mb = 0.0
         self.interval_s = float(interval_s)
         self.step_getter = step_getter
@@ -135,7 +141,7 @@ class SystemMonitor:
         self._write(self.sample())
 
     def _write(self, record: dict[str, Any]) -> None:
-        self.peak_rss_mb = max(self.peak_rss_mb, record.get("process_rss_mb", 0.0))
+        self.peak_rss_mb = max(self.peak_rss_mb, record.get("tree_memory_mb", record.get("process_rss_mb", 0.0)))
         if self.path is None:
             self.samples += 1
             return
@@ -233,6 +239,15 @@ class SystemMonitor:
         fields: dict[str, Any] = {}
         if self._process is not None:
             fields["process_rss_mb"] = round(self._process.memory_info().rss / MB, 2)
+            if self.tree_memory:
+                # Worker processes (datasets.map's num_proc) count too; PSS counts their shared pages once.
+                total = 0
+                for process in [self._process, *self._process.children(recursive=True)]:
+                    try:
+                        total += process.memory_full_info().pss
+                    except Exception:  # a worker that just exited
+                        pass
+                fields["tree_memory_mb"] = round(total / MB, 2)
         memory = psutil.virtual_memory()
         fields.update(
             system_ram_used_mb=round((memory.total - memory.available) / MB, 2),

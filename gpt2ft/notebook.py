@@ -12,8 +12,6 @@ Every function returns what it shows, so the tests can check it without a notebo
 from __future__ import annotations
 
 import gc
-import math
-import os
 import platform
 import sys
 from pathlib import Path

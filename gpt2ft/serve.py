@@ -26,7 +26,6 @@ import queue
 import random
 import re
 import socket
-import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,8 +166,9 @@ def format_model_line(served: ServedModel) -> str:
 def saved_decoding(model: Any) -> dict[str, Any]:
     """The model's saved decoding settings (generation_config.json), as the page's controls and fixed extras.
 
-    gpt2ft saves sampling at temperature 0.8, top-p 0.9, top-k 0, no_repeat_ngram_size 4, 50 new tokens; a model
-    saved elsewhere (the base `gpt2`) may say greedy, and the page then starts greedy too.
+    gpt2ft saves sampling at temperature 0.8, top-p 0.9, top-k 0, 50 new tokens (its replies add a repetition guard
+    on the reply itself, generate.ReplyNoRepeatNGram); a model saved elsewhere (the base `gpt2`) may say greedy, and
+    the page then starts greedy too.
     """
     config = model.generation_config
     return {
@@ -881,8 +881,9 @@ def serve_in_notebook(
     if not enabled:
         print("Web demo off: set launch_web_demo = True in the parameters cell to open it here.")
         return None
-    in_colab = "google.colab" in sys.modules
-    share = in_colab if share is None else share
+    from .notebook import in_colab
+
+    share = in_colab() if share is None else share
     if share:
         print(share_warning(auth))
     app = start_server(model_dir, compare_with, votes_db, loaded=(model, tokenizer) if model is not None else None)

@@ -32,7 +32,7 @@ from .checkpoints import (
 )
 from .config import TrainConfig, changed_fields, run_defining_fields
 from .data import IGNORE_INDEX, DialogueCollator, PreparedDialogs, prepare_dialogs, tokenize_prepared
-from .evaluation import evaluate_loss, perplexity
+from .evaluation import evaluate_loss
 from .generate import build_generation_config
 from .logs import append_jsonl, write_json, write_jsonl, write_text_atomic
 from .modeling import Hardware, ModelError, choose_precision, config_context, detect_hardware, load_model_and_tokenizer, load_model_config
@@ -381,15 +381,16 @@ def prepare_cache(config: TrainConfig) -> dict[str, Any]:
         {"source", "loss_on", per split {"dialogs", "tokens"}, "removed" and "skipped" per split, "seconds",
         "peak_rss_mb"}: what the JSON line holds.
     """
+    from .data import column
     from .modeling import load_model_config, load_tokenizer
     from .monitor import SystemMonitor
 
     started = time.perf_counter()
-    with SystemMonitor(None, 0.05, only=("memory",)) as memory:
+    with SystemMonitor(None, 0.25, only=("memory",), tree_memory=True) as memory:
         max_length = resolve_max_length(config, load_model_config(config.model))
         prepared = prepare_dialogs(**data_options(config))
         rows = tokenize_prepared(prepared, load_tokenizer(config.model), max_length, config.cache_dir)
-        tokens = {split: int(sum(rows[split]["length"])) for split in rows}
+        tokens = {split: int(sum(column(rows[split], "length"))) for split in rows}
     return {
         "source": prepared.source,
         "loss_on": prepared.loss_on,

@@ -273,8 +273,7 @@ def test_tokenisation_cache_is_reused_and_keyed_by_settings(tmp_path, dailydialo
     assert len(list((tmp_path / "tokenized").iterdir())) == 1  # reused, not rebuilt
     tokenize_prepared(again, tiny_tokenizer, 128, tmp_path)
     tokenize_prepared(prepare_dialogs(str(dailydialog_dir), cache_dir=tmp_path, loss_on="responses"), tiny_tokenizer, 256, tmp_path)
-    tokenize_prepared(prepare_dialogs(str(dailydialog_dir), cache_dir=tmp_path, max_train_dialogs=5), tiny_tokenizer, 256, tmp_path)
-    assert len(list((tmp_path / "tokenized").iterdir())) == 4  # each setting has its own entry
+    assert len(list((tmp_path / "tokenized").iterdir())) == 3  # each setting has its own entry
 
 
 def test_real_data_token_counts(shared_data):
@@ -339,3 +338,13 @@ def test_the_zip_fallback_is_streamed_and_checked_against_the_release(tmp_path, 
     path = data.download_zip(cache, "http://example.invalid/z.zip", data.ZIP_SIZE, data.ZIP_SHA256)
     assert path.read_bytes() == good and sorted(p.name for p in cache.iterdir()) == [data.ZIP_NAME] and reads
     assert data.ZIP_URL.startswith("http://") and len(data.ZIP_SHA256) == 64
+
+
+def test_a_cache_of_all_the_data_serves_any_limit(tmp_path, dailydialog_dir, tiny_tokenizer):
+    everything = tokenize_prepared(prepare_dialogs(str(dailydialog_dir), cache_dir=tmp_path), tiny_tokenizer, 256, tmp_path)
+    limited = prepare_dialogs(str(dailydialog_dir), cache_dir=tmp_path, max_train_dialogs=7, max_eval_dialogs=3)
+    rows = tokenize_prepared(limited, tiny_tokenizer, 256, tmp_path)
+    assert len(list((tmp_path / "tokenized").iterdir())) == 1  # sliced from the full cache, not tokenised again
+    direct = tokenize_dialogs(limited.dialogs["train"], tiny_tokenizer, 256, "all")
+    assert rows["train"]["input_ids"][:] == direct["input_ids"][:] == everything["train"]["input_ids"][: len(direct)]
+    assert len(rows["validation"]) == len(tokenize_dialogs(limited.dialogs["validation"], tiny_tokenizer, 256))

@@ -83,3 +83,20 @@ def test_compare_prints_both_rows(tiny_model_dir, dailydialog_dir, capsys):
     assert table[0].startswith("| model | perplexity | eos_rate")
     assert table[2].startswith("| base |") and table[3].startswith("| fine-tuned |")
     assert table[2].split("|")[2] == table[3].split("|")[2]  # same model, same data: same perplexity
+
+
+def test_chunked_scoring_equals_the_models_own_loss(tiny_model, tiny_tokenizer, monkeypatch):
+    """Evaluation computes logits only at labelled positions, a few at a time: the same loss as model(labels=...)."""
+    import gpt2ft.evaluation as evaluation
+    from gpt2ft.evaluation import batch_nll
+
+    ids = tiny_tokenizer(["Hello , how are you ? I am fine , thanks ."] * 2, return_tensors="pt")["input_ids"]
+    labels = ids.clone()
+    labels[0, :3] = -100  # some positions are not scored
+    tiny_model.eval()
+    with torch.no_grad():
+        expected = tiny_model(input_ids=ids, labels=labels).loss
+        monkeypatch.setattr(evaluation, "LOSS_CHUNK_POSITIONS", 6)  # several chunks, the last one partial
+        total, count = batch_nll(tiny_model, {"input_ids": ids, "labels": labels})
+    assert int(count) == int((labels[:, 1:] != -100).sum()) and int(count) % 6 != 0
+    torch.testing.assert_close(total / count, expected, atol=1e-5, rtol=0)

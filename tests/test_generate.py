@@ -77,7 +77,7 @@ def test_seeded_sampling_is_reproducible(tiny_model, tiny_tokenizer):
 def test_generation_defaults_suit_dialogue(tiny_tokenizer):
     config = build_generation_config(tiny_tokenizer)
     assert config.do_sample and 0 < config.top_p < 1 and 0 < config.temperature <= 1
-    assert config.no_repeat_ngram_size >= 3 and 40 <= config.max_new_tokens <= 60
+    assert not config.no_repeat_ngram_size and 40 <= config.max_new_tokens <= 60  # no prompt-wide ban: see below
     assert config.eos_token_id == config.pad_token_id == tiny_tokenizer.eos_token_id
 
 
@@ -107,9 +107,8 @@ def test_chat_command_over_piped_stdin(forced_model_dir):
     )
     assert result.returncode == 0, result.stderr
     replies = result.stdout.splitlines()
-    assert len(replies) == 2 and replies[0] == "HiHiHi"
-    # The second reply differs: the saved no_repeat_ngram_size guard forbids repeating the first reply's 4-grams.
-    assert replies[1].startswith("Hi") and replies[1] != "HiHiHi"
+    # The second reply may say what the first said: the repetition guard looks at the reply only, not the prompt.
+    assert replies == ["HiHiHi", "HiHiHi"]
 
 
 def test_saved_model_works_with_pipeline_and_the_original_example(forced_model_dir):
@@ -152,3 +151,40 @@ def test_the_system_message_is_the_first_turn_of_the_prompt(tiny_tokenizer):
     budget = len(render_ids(tiny_tokenizer, long[:1] + long[-2:]))  # room for the system message and two turns
     cut = tiny_tokenizer.decode(build_prompt_ids(tiny_tokenizer, long, budget))
     assert cut.startswith("<|endoftext|>Be brief.<|endoftext|>turn 4") and "turn 5" in cut and "turn 3" not in cut
+
+
+def test_the_repetition_guard_looks_at_the_reply_only(tiny_tokenizer):
+    """transformers' no_repeat_ngram_size bans every 4-gram of the prompt, EOS included: a reply that ends like an
+    earlier turn ("Thank you.<EOS>" again) could not end. gpt2ft's guard bans repeats inside the reply only."""
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    from gpt2ft.generate import ReplyNoRepeatNGram
+
+    eos = tiny_tokenizer.eos_token_id
+    thanks = tiny_tokenizer("Thank you.", add_special_tokens=False)["input_ids"][-3:]
+    prompt = [eos] + thanks + [eos] + tiny_tokenizer("Here is your tea.", add_special_tokens=False)["input_ids"] + [eos]
+    ids = torch.tensor([prompt + thanks])  # the reply so far repeats the earlier turn's last three tokens
+    scores = torch.zeros(1, len(tiny_tokenizer))
+    assert NoRepeatNGramLogitsProcessor(4)(ids, scores.clone())[0, eos] == -float("inf")  # the defect
+    assert ReplyNoRepeatNGram(4, len(prompt))(ids, scores.clone())[0, eos] == 0  # may end its turn
+    looping = torch.tensor([prompt + thanks + [eos] + thanks])  # a 4-gram twice inside the reply is still banned
+    assert ReplyNoRepeatNGram(4, len(prompt))(looping, scores.clone())[0, eos] == -float("inf")
+
+
+def test_replies_use_the_reply_only_guard_even_on_older_models(tiny_model, tiny_tokenizer):
+    from gpt2ft.generate import ReplyNoRepeatNGram
+
+    tiny_model.generation_config.no_repeat_ngram_size = 4  # as models saved before this change carry it
+    seen = {}
+    real = tiny_model.generate
+
+    def generate(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    tiny_model.generate = generate
+    generate_reply(tiny_model, tiny_tokenizer, ["Hello"], greedy=True, max_new_tokens=3)
+    assert seen["no_repeat_ngram_size"] == 0
+    assert [type(p) for p in seen["logits_processor"]] == [ReplyNoRepeatNGram] and seen["logits_processor"][0].size == 4
+    generate_reply(tiny_model, tiny_tokenizer, ["Hello"], greedy=True, max_new_tokens=3, no_repeat_ngram_size=0)
+    assert seen["logits_processor"] is None  # --no-repeat-ngram-size 0 turns the guard off

@@ -4,7 +4,6 @@ samples, usage code that actually runs, and "n/a" for whatever is missing."""
 from __future__ import annotations
 
 import re
-import shutil
 
 import yaml
 

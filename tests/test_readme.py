@@ -7,7 +7,7 @@ import re
 from conftest import ROOT
 
 from gpt2ft.generate import build_generation_config
-from gpt2ft.training import save_final_model
+from gpt2ft.checkpoints import save_final_model
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import config_for, read_jsonl, train_argv
+from conftest import config_for, read_jsonl
 from transformers import TrainerCallback
 
 from gpt2ft.checkpoints import COMPLETE_MARKER, checkpoint_dir, clean_stale_folders, save_final_model
@@ -65,10 +64,10 @@ def test_train_tokens_count_targets_not_padding(trained, tiny_tokenizer):
     dirs, printed = trained
 
     # 3 epochs over the training rows: every target token counted once an epoch.
-    from datasets import load_from_disk
+    from gpt2ft.data import read_rows
 
     cached = next(Path(dirs["cache"], "tokenized").iterdir())
-    rows = load_from_disk(str(cached))["train"]
+    rows = read_rows(cached, "train")
     assert printed["train_tokens"] == 3 * sum(rows["n_targets"])
 
 
