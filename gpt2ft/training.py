@@ -77,7 +77,8 @@ class RunTotals(TrainerCallback, ExportableState):
     def add(self, labels: torch.Tensor, loss: torch.Tensor) -> None:
         """Count one micro-batch: its target tokens (labels that are not -100 after the shift) and its loss."""
         loss = loss.detach().float()
-        values = torch.stack([(~torch.isfinite(loss)).float(), (labels[:, 1:] != IGNORE_INDEX).sum().float(), loss])
+        targets = (labels[:, 1:] != IGNORE_INDEX).sum().to(loss.device)
+        values = torch.stack([(~torch.isfinite(loss)).float(), targets.float(), loss])
         self._pending = values if self._pending is None else self._pending + values
 
     def exclude(self, seconds: float) -> None:
