@@ -34,20 +34,21 @@ CHAT_TEMPLATE = (
 )
 
 
-def as_messages(conversation: Sequence[str | Mapping[str, Any]]) -> list[dict[str, str]]:
+def as_messages(conversation: Sequence[str | Mapping[str, Any]], roles: Sequence[str] | None = None) -> list[dict[str, str]]:
     """A conversation as chat messages.
 
-    Plain strings are turns without roles: the last one is the user's (the turn being answered), and the roles
-    alternate backwards from it. Messages ({"role", "content"}) are kept as they are.
+    Messages ({"role", "content"}) are kept as they are. Plain strings take their role from `roles` (a prepared
+    dialogue's roles column); without roles (DailyDialog: "" each) the last turn is the user's (the turn being
+    answered) and the roles alternate backwards from it.
     """
     messages = []
     count = len(conversation)
     for index, turn in enumerate(conversation):
         if isinstance(turn, Mapping):
             messages.append({"role": str(turn["role"]), "content": str(turn["content"])})
-        else:
-            role = "user" if (count - 1 - index) % 2 == 0 else "assistant"
-            messages.append({"role": role, "content": str(turn)})
+            continue
+        role = roles[index] if roles is not None and index < len(roles) and roles[index] else ""
+        messages.append({"role": role or ("user" if (count - 1 - index) % 2 == 0 else "assistant"), "content": str(turn)})
     return messages
 
 

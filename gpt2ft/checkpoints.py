@@ -20,7 +20,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .config import config_fields, render_flag
+from .config import config_fields, flag_name, render_flag
 from .logs import write_json, write_text_atomic
 
 CHECKPOINT_SUFFIX = ".checkpoints"
@@ -206,8 +206,9 @@ def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> tuple[list
     for name in sorted(set(old) | set(new)):
         if old.get(name) != new.get(name):
             changes.append(f"{name} {old.get(name)!r} -> {new.get(name)!r}")
-            if name in flags and old.get(name) is not None:
-                restore.append(render_flag(name, old[name]))
+            if name in flags:
+                # A setting that was unset (None) comes back by leaving its flag out.
+                restore.append(render_flag(name, old[name]) if old.get(name) is not None else f"without {flag_name(name)}")
     return changes, restore
 
 

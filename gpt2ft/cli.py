@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import ConfigError, TrainConfig, build_config, config_fields, flag_name, load_config_file
+from .config import DATA_DIR, IMAGES_DIR, LOGS_DIR, OUTPUT_DIR, ConfigError, TrainConfig, build_config, config_fields, flag_name, load_config_file
 
 EXIT_USAGE = 2
 
@@ -90,6 +90,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
 
 
 def build_parser() -> Parser:
+    from .export import DEFAULT_OUTTYPE, FORMATS, OUTTYPES
+    from .serve import DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIME_LIMIT_S
+    from .votes import DEFAULT_VOTES_DB
+
     # allow_abbrev=False: a typo such as --epoch must be an error, not silently taken as --epochs.
     parser = Parser(prog="python -m gpt2ft", description="Fine-tune GPT-2 on DailyDialog and talk to it.", allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
@@ -103,40 +107,40 @@ def build_parser() -> Parser:
     add_config_flags(prepare, only=PREPARE_FIELDS)
 
     evaluate = commands.add_parser("eval", help="loss and perplexity on a held-out split")
-    evaluate.add_argument("--model", default="gpt2_finetuned", help="saved model folder or Hub id")
+    evaluate.add_argument("--model", default=OUTPUT_DIR, help="saved model folder or Hub id")
     evaluate.add_argument("--split", default="validation", choices=("validation", "test"))
     evaluate.add_argument("--max-dialogs", type=int, default=None, help="score only the first N dialogues")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--dump-tokens", metavar="FILE.jsonl", help="write each scored sequence (input_ids, labels)")
-    evaluate.add_argument("--cache-dir", default="data")
+    evaluate.add_argument("--cache-dir", default=DATA_DIR)
     add_data_override_flags(evaluate)
     add_decoding_flags(evaluate)
     evaluate.add_argument("--samples", type=int, default=0, help="also generate replies for N dialogues and score them")
     evaluate.add_argument("--samples-out", metavar="FILE.jsonl", help="write (context, reference, reply) triples")
 
     generate = commands.add_parser("generate", help="the model's next turn after the given turns")
-    generate.add_argument("--model", default="gpt2_finetuned")
+    generate.add_argument("--model", default=OUTPUT_DIR)
     generate.add_argument("turns", nargs="+", metavar="TURN", help="the conversation so far, oldest first")
     add_decoding_flags(generate)
 
     chat = commands.add_parser("chat", help="talk to the model (one turn a line; /reset, /quit)")
-    chat.add_argument("--model", default="gpt2_finetuned")
+    chat.add_argument("--model", default=OUTPUT_DIR)
     chat.add_argument("--system", default=None, metavar="TEXT", help="a system message that starts the conversation")
     add_decoding_flags(chat)
 
     compare = commands.add_parser("compare", help="before/after table: base model vs fine-tuned model")
     compare.add_argument("--base", default="gpt2", help="the model before fine-tuning")
-    compare.add_argument("--tuned", default="gpt2_finetuned", help="the fine-tuned model")
+    compare.add_argument("--tuned", default=OUTPUT_DIR, help="the fine-tuned model")
     compare.add_argument("--split", default="test", choices=("validation", "test"))
     compare.add_argument("--max-dialogs", type=int, default=None)
     compare.add_argument("--samples", type=int, default=50, help="dialogues to generate replies for")
-    compare.add_argument("--cache-dir", default="data")
+    compare.add_argument("--cache-dir", default=DATA_DIR)
     add_data_override_flags(compare)
     add_decoding_flags(compare)
 
     charts = commands.add_parser("charts", help="rebuild the five charts from the logs")
-    charts.add_argument("--logs-dir", default="logs")
-    charts.add_argument("--images-dir", default="images")
+    charts.add_argument("--logs-dir", default=LOGS_DIR)
+    charts.add_argument("--images-dir", default=IMAGES_DIR)
 
     bench = commands.add_parser("bench", help="training throughput: gpt2ft vs the tutorial recipe")
     bench.add_argument("--model", default="gpt2")
@@ -145,28 +149,28 @@ def build_parser() -> Parser:
     bench.add_argument("--steps", type=int, default=8)
     bench.add_argument("--batch-size", type=int, default=8)
     bench.add_argument("--variants", default="default", help="comma-separated variants, or 'default' / 'all'")
-    bench.add_argument("--cache-dir", default="data")
+    bench.add_argument("--cache-dir", default=DATA_DIR)
 
     export = commands.add_parser("export", help="write the model as GGUF (llama.cpp, Ollama, LM Studio) + an Ollama Modelfile")
-    export.add_argument("--model", default="gpt2_finetuned", help="the model folder (a LoRA run's holds the merged model)")
-    export.add_argument("--format", default="gguf", choices=("gguf",))
-    export.add_argument("--outtype", default="f16", choices=("f32", "f16", "q8_0"), help="weight type (default: f16)")
+    export.add_argument("--model", default=OUTPUT_DIR, help="the model folder (a LoRA run's holds the merged model)")
+    export.add_argument("--format", default=FORMATS[0], choices=FORMATS)
+    export.add_argument("--outtype", default=DEFAULT_OUTTYPE, choices=OUTTYPES, help=f"weight type (default: {DEFAULT_OUTTYPE})")
     export.add_argument("--output", metavar="FILE.gguf", help="default: <model folder>-<outtype>.gguf beside the folder")
     export.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     serve = commands.add_parser("serve", help="a web page: chat with the model, and blind A/B votes against another")
-    serve.add_argument("--model", default="gpt2_finetuned", help="the model folder to serve")
+    serve.add_argument("--model", default=OUTPUT_DIR, help="the model folder to serve")
     serve.add_argument("--compare-with", metavar="MODEL", help="model for the blind comparison (default: the base model in --model's training_config.json)")
-    serve.add_argument("--votes-db", default="logs/votes.sqlite", metavar="PATH", help="SQLite file the votes go to")
-    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
-    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--votes-db", default=DEFAULT_VOTES_DB, metavar="PATH", help="SQLite file the votes go to")
+    serve.add_argument("--host", default=DEFAULT_HOST, help="interface to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
     serve.add_argument("--share", action="store_true", help="also create a public gradio.live link (needs internet)")
     serve.add_argument("--auth", metavar="USER:PASSWORD", help="ask for this user name and password")
-    serve.add_argument("--time-limit", type=float, default=60.0, metavar="SECONDS", help="longest time a reply may take")
-    serve.add_argument("--concurrency", type=int, default=4, help="replies generated at once; more requests wait in the queue")
+    serve.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S, metavar="SECONDS", help="longest time a reply may take")
+    serve.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="replies generated at once; more requests wait in the queue")
 
     votes = commands.add_parser("votes", help="the blind votes counted per pair of models, as one JSON line")
-    votes.add_argument("--db", default="logs/votes.sqlite", metavar="PATH", help="the votes database written by serve")
+    votes.add_argument("--db", default=DEFAULT_VOTES_DB, metavar="PATH", help="the votes database written by serve")
     return parser
 
 
@@ -257,12 +261,11 @@ def check_positive(name: str, value: int | None) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .modeling import is_main_process
     from .training import train
 
     config, explicit = config_from_args(args)
     result = train(config, explicit=explicit)
-    if not is_main_process():
+    if not result.is_main:
         return 0  # under torchrun/accelerate every process runs this; only the main one saved and reports
     print(f"model saved to {result.output_dir}", file=sys.stderr)
     print(f"metrics written to {Path(config.logs_dir) / 'metrics.json'}", file=sys.stderr)

@@ -1,8 +1,13 @@
-"""DailyDialog: load it from any of its layouts, clean the text, remove leakage, format turns and tokenise.
+"""Conversations, ready to train on: read each record, clean, split, de-duplicate, tokenise, batch.
 
-    python -m gpt2ft train --data ../shared/data/dailydialog ...   # runs these stages before training
+    python -m gpt2ft prepare --data SRC     # these stages alone (sources.py reads SRC), cached for train
+    python -m gpt2ft train --data SRC ...   # runs them before training
 
-Expected counts (measured on the release with `prepare_dialogs`; GPT-2 tokens in the DialoGPT format used here):
+`prepare_dialogs` turns any source (sources.load_source) into train/validation/test dialogues with columns dialog
+(turns), roles and key; `tokenize_prepared` turns them into training rows (input_ids, labels) in the chat template's
+format; `DialogueCollator` batches rows, packed or padded.
+
+Expected DailyDialog counts (measured on the release with `prepare_dialogs`; GPT-2 tokens in the format used here):
     train 11,118 lines -> 11,117 parsed (line 7852 has 12 turns but 11 labels: skipped and reported)
           -> 10,359 after removing duplicates (758; exact matching alone finds 603: 10,514 distinct)
     validation 1,000 -> 902 after removing dialogues that also occur in train (98; exact matching: 77)
@@ -390,14 +395,17 @@ def tokenizer_hash(tokenizer: Any) -> str:
     return fingerprint(backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()), tokenizer.eos_token_id)
 
 
-def tokenize_dialogs(dialogs: Dataset, tokenizer: Any, max_length: int, loss_on: str = "all", key: str | None = None) -> Dataset:
+def tokenize_dialogs(
+    dialogs: Dataset, tokenizer: Any, max_length: int, loss_on: str = "all", key: str | None = None, cache_file: str | Path | None = None
+) -> Dataset:
     """Tokenise dialogues into training rows (one per window), in the chat template's format, with a batched
-    `Dataset.map` (several processes for large data; cached by datasets when the dialogues are on disk).
+    `Dataset.map` (several processes for large data).
 
     Args:
         dialogs: columns dialog (list of turns) and, optionally, roles.
         loss_on: "all", "responses" or "assistant" (see turn_targets).
-        key: a fingerprint of the dialogues (PreparedDialogs.identity), naming the cached result.
+        key: a fingerprint of the dialogues (PreparedDialogs.identity), naming the result for datasets' cache.
+        cache_file: write the rows to this Arrow file (one per worker process: `<stem>_00000_of_00002.arrow`, ...).
 
     Returns:
         Dataset with input_ids, labels (-100 where no loss), length (tokens), n_targets (tokens with a label) and
@@ -409,13 +417,15 @@ def tokenize_dialogs(dialogs: Dataset, tokenizer: Any, max_length: int, loss_on:
         return dialogs.map(
             tokenize_batch, batched=True, with_indices=True, remove_columns=dialogs.column_names, features=ROW_FEATURES,
             fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "loss_on": loss_on},
-            num_proc=parallel_workers(len(dialogs)),
+            num_proc=parallel_workers(len(dialogs)), cache_file_name=str(cache_file) if cache_file else None,
+            load_from_cache_file=cache_file is None,
             new_fingerprint=fingerprint(key, tokenizer_hash(tokenizer), max_length, loss_on, TOKENIZED_FORMAT_VERSION) if key else None,
             desc="tokenising",
         )
 
 
 def tokenize_splits(dialogs: DatasetDict, tokenizer: Any, max_length: int, loss_on: str = "all", key: str | None = None) -> DatasetDict:
+    """`tokenize_dialogs` of every split, without a cache folder."""
     return DatasetDict({split: tokenize_dialogs(dialogs[split], tokenizer, max_length, loss_on, key and fingerprint(key, split)) for split in dialogs})
 
 
@@ -536,18 +546,23 @@ class DialogueCollator:
 TOKENIZED_FORMAT_VERSION = 2  # bump when the format or labels change, so old caches are not reused
 
 
-def tokenize_prepared(prepared: PreparedDialogs, tokenizer: Any, max_length: int, cache_dir: str | Path | None = "data") -> DatasetDict:
+def tokenize_prepared(
+    prepared: PreparedDialogs, tokenizer: Any, max_length: int, cache_dir: str | Path | None = "data", write: bool = True
+) -> DatasetDict:
     """`tokenize_splits` of prepared dialogues, cached under `<cache_dir>/tokenized/<key>/` (Arrow files, memory-mapped
     when read back, no pickle), so a re-run and `train` after `prepare` skip it.
 
     The key covers the prepared dialogues (their identity: source, settings), the tokenizer, `max_length`, the loss
     mode and the format version. The map writes its Arrow files straight into the folder (no second copy); a
-    `complete` marker, written last by the main process, says they are all there (under torchrun the others wait:
-    training.tokenize_data).
+    `complete` marker, written last, says they are all there. A cache of all the data (from `prepare`) also serves a
+    run with --max-*-dialogs.
+
+    Args:
+        write: whether this process builds the cache (under torchrun the main one does while the others wait:
+            training.tokenize_data).
     """
     import shutil
 
-    from .modeling import is_main_process
     from .sources import quiet_datasets
 
     def key_of(identity: str) -> str:
@@ -568,17 +583,17 @@ def tokenize_prepared(prepared: PreparedDialogs, tokenizer: Any, max_length: int
                     continue
                 # All the data is cached (`prepare` without limits): the first N dialogues' rows come first.
                 return limit_rows(rows, prepared.limits) if found == unlimited and found != folder else rows
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = DatasetDict()
-        for split, dialogs in prepared.dialogs.items():
-            rows[split] = dialogs.map(
-                tokenize_batch, batched=True, with_indices=True, remove_columns=dialogs.column_names, features=ROW_FEATURES,
-                fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "loss_on": prepared.loss_on},
-                num_proc=parallel_workers(len(dialogs)), cache_file_name=str(folder / f"{split}.arrow"),
-                load_from_cache_file=False, new_fingerprint=fingerprint(key, split), desc=f"tokenising {split}",
-            )
-        if is_main_process():
-            (folder / "complete").write_text(key + "\n", encoding="utf-8")
+        if not write:
+            return tokenize_splits(prepared.dialogs, tokenizer, max_length, prepared.loss_on, key)
+        shutil.rmtree(folder, ignore_errors=True)  # what a crashed build left (its shards could mix with these)
+        folder.mkdir(parents=True)
+        rows = DatasetDict(
+            {
+                split: tokenize_dialogs(dialogs, tokenizer, max_length, prepared.loss_on, fingerprint(key, split), folder / f"{split}.arrow")
+                for split, dialogs in prepared.dialogs.items()
+            }
+        )
+        (folder / "complete").write_text(key + "\n", encoding="utf-8")
     return rows
 
 

@@ -200,10 +200,20 @@ def reply_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def cut_point(turns: Sequence[Any]) -> int:
-    """Where a held-out dialogue is cut: the first half of its turns (at least one) is context, the next turn is
-    the reference reply. Deterministic, so every model is asked the same questions."""
-    return max(1, len(turns) // 2)
+def cut_point(turns: Sequence[Any], roles: Sequence[str] | None = None) -> int | None:
+    """Where a held-out dialogue is cut: its turns before the cut are the context, the turn at the cut is the
+    reference reply. Deterministic, so every model is asked the same questions.
+
+    Without roles: the first half of the turns (at least one). With roles: the first assistant turn from the middle
+    on (else the last assistant turn), so the model is always asked for the assistant's turn; None when there is no
+    assistant turn after a context.
+    """
+    middle = max(1, len(turns) // 2)
+    if not roles or not any(roles):
+        return middle if len(turns) >= 2 else None
+    assistant = [index for index, role in enumerate(roles) if role == "assistant" and index >= 1]
+    later = [index for index in assistant if index >= middle]
+    return later[0] if later else (assistant[-1] if assistant else None)
 
 
 def sample_replies(
@@ -217,11 +227,11 @@ def sample_replies(
     streamer: Any = None,
     **settings: Any,
 ) -> list[dict[str, Any]]:
-    """The model's next turn for the first `count` held-out dialogues of at least two turns: the one way gpt2ft
-    samples replies (the model card, the notebook, `eval --samples` and `compare` all use it).
+    """The model's next turn for the first `count` held-out dialogues that can be cut (`cut_point`): the one way
+    gpt2ft samples replies (the model card, the notebook, `eval --samples` and `compare` all use it).
 
-    Each dialogue is cut by `cut_point`; the model answers the context with the same decoding settings for every
-    model. Sampling is seeded once, so a run is reproducible.
+    The context goes to the model as chat messages with its roles (a system message stays the first turn), with the
+    same decoding settings for every model. Sampling is seeded once, so a run is reproducible.
 
     Args:
         before_each: called with each record (context and reference, no reply yet) before its reply is generated,
@@ -230,23 +240,27 @@ def sample_replies(
         settings: decoding overrides (greedy, max_new_tokens, temperature, ...), see generate.generate_reply.
 
     Returns:
-        [{"context", "reference", "reply", "ended_with_eos", "tokens"}]
+        [{"context", "roles", "reference", "reply", "ended_with_eos", "tokens"}]
     """
+    from .chat_format import as_messages
     from .generate import generate_reply
 
     if seed is not None:
         torch.manual_seed(seed)
     records: list[dict[str, Any]] = []
-    for turns in dialogs["dialog"]:
+    roles_column = dialogs["roles"] if "roles" in dialogs.column_names else None
+    for index, turns in enumerate(dialogs["dialog"]):
         if len(records) >= count:
             break
-        if len(turns) < 2:
+        roles = list(roles_column[index]) if roles_column is not None else [""] * len(turns)
+        cut = cut_point(turns, roles)
+        if cut is None:
             continue
-        cut = cut_point(turns)
-        record: dict[str, Any] = {"context": list(turns[:cut]), "reference": turns[cut]}
+        context = as_messages(turns[:cut], roles[:cut])  # plain turns: the last one is the user's
+        record: dict[str, Any] = {"context": list(turns[:cut]), "roles": [m["role"] for m in context], "reference": turns[cut]}
         if before_each is not None:
             before_each(record)
-        reply = generate_reply(model, tokenizer, record["context"], greedy=greedy, streamer=streamer, **settings)
+        reply = generate_reply(model, tokenizer, context, greedy=greedy, streamer=streamer, **settings)
         record.update(reply=reply.text, ended_with_eos=reply.ended_with_eos, tokens=reply.tokens)
         records.append(record)
     return records

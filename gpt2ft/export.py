@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from .chat_format import CHAT_TEMPLATE
-from .modeling import ModelError, check_model_source, config_context, load_model_and_tokenizer
 
 FORMATS = ("gguf",)
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -74,6 +73,8 @@ def add_n_ctx(config: Any) -> Any:
     stops with `KeyError: 'n_ctx'`. Set it before `save_pretrained`: config.json keeps it and AutoConfig loads it
     back as a plain attribute. Returns the config.
     """
+    from .modeling import config_context  # torch: imported only when exporting
+
     config.n_ctx = config_context(config)
     return config
 
@@ -104,6 +105,8 @@ def check_export_request(model_dir: str, outtype: str, gguf_path: Path, modelfil
             LoRA adapter folder given instead of its run folder.
         ModelError: not a local GPT-2 folder with safetensors weights and a tokenizer.
     """
+    from .modeling import ModelError, check_model_source  # torch: imported only when exporting
+
     if outtype not in OUTTYPES:
         raise ExportError(f"--outtype {outtype}: unknown; choose one of {', '.join(OUTTYPES)}")
     folder = Path(model_dir).expanduser()
@@ -223,6 +226,8 @@ def add_tokenizer(writer: Any, tokenizer: Any, model_dir: Path, vocab_size: int)
 
 def add_hyperparameters(writer: Any, config: Any, name: str, file_type: int, generation: dict[str, Any]) -> None:
     """GPT-2's shape and norm epsilon under llama.cpp's `gpt2.*` keys, plus the name and sampling defaults."""
+    from .modeling import config_context  # torch: imported only when exporting
+
     import gguf
 
     writer.add_type(gguf.GGUFType.MODEL)
@@ -340,6 +345,8 @@ def export_gguf(
         ExportError, ModelError: bad arguments or model (checked before anything is written; nothing is left behind).
     """
     import gguf
+
+    from .modeling import config_context, load_model_and_tokenizer  # torch: imported only when exporting
 
     start = time.perf_counter()
     model_dir = str(model_dir)

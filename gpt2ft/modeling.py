@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,11 +144,6 @@ def config_context(config: Any) -> int:
 
 def model_context(model: Any) -> int:
     return config_context(model.config)
-
-
-def is_main_process() -> bool:
-    """True on the process that writes files: the only one, or rank 0 under torchrun/accelerate."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 @dataclass

@@ -213,8 +213,11 @@ def split_counts_table(counts: dict[str, dict[str, int]]) -> Any:
     )
 
 
-def format_turns(turns: Sequence[str]) -> str:
-    """A dialogue for reading: one turn a line, the two speakers as A and B."""
+def format_turns(turns: Sequence[str], roles: Sequence[str] | None = None) -> str:
+    """A dialogue for reading: one turn a line, each after its role (system, user, assistant), or for dialogues
+    without roles the two speakers as A and B."""
+    if roles and any(roles):
+        return "\n".join(f"{role}: {turn}" for role, turn in zip(roles, turns))
     return "\n".join(f"{'AB'[index % 2]}: {turn}" for index, turn in enumerate(turns))
 
 
@@ -244,11 +247,18 @@ def plot_token_lengths(lengths: Sequence[int], images_dir: str | Path, limit: in
     return path
 
 
-def show_chat_format(turns: Sequence[str], tokenizer: Any) -> str:
+def show_chat_format(turns: Sequence[str], tokenizer: Any, roles: Sequence[str] | None = None) -> str:
     """Print and return a dialogue as the model is trained on it: rendered by the model's chat template."""
     from .chat_format import as_messages
 
-    text = tokenizer.apply_chat_template(as_messages(turns), tokenize=False)
+    text = tokenizer.apply_chat_template(as_messages(turns, roles), tokenize=False)
+    print(text)
+    return text
+
+
+def describe_tokenizer(tokenizer: Any, max_length: int) -> str:
+    """Print and return the vocabulary size, the EOS token and the training window."""
+    text = f"vocabulary: {len(tokenizer):,} tokens; EOS: {tokenizer.eos_token!r} (id {tokenizer.eos_token_id}); context: {max_length} tokens"
     print(text)
     return text
 
@@ -442,7 +452,7 @@ def show_replies(model: Any, tokenizer: Any, dialogs: Any, count: int, seed: int
     from .evaluation import sample_replies
 
     def show_context(record: dict[str, Any]) -> None:
-        print(format_turns(record["context"]))
+        print(format_turns(record["context"], record["roles"]))
         print(f"real:  {record['reference']}")
         print("model: ", end="", flush=True)
 

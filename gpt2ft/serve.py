@@ -26,6 +26,7 @@ import queue
 import random
 import re
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -815,13 +816,16 @@ def launch_app(
     import gradio as gr
 
     theme = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")
-    _, local_url, _ = app.launch(
-        server_name=host, server_port=port, share=share, auth=auth, inline=inline, prevent_thread_lock=not block,
-        quiet=quiet, show_error=False, ssr_mode=False, theme=theme, css=CSS, footer_links=["api", "gradio"],
-        height=950,  # of the notebook's inline frame: the whole page without an inner scrollbar
-        auth_message="This page is password-protected." if auth else None,
-    )
-    return local_url
+    try:
+        launched = app.launch(
+            server_name=host, server_port=port, share=share, auth=auth, inline=inline, prevent_thread_lock=not block,
+            quiet=quiet, show_error=False, ssr_mode=False, theme=theme, css=CSS, footer_links=["api", "gradio"],
+            height=950,  # of the notebook's inline frame: the whole page without an inner scrollbar
+            auth_message="This page is password-protected." if auth else None,
+        )
+    except OSError as error:  # the port was taken after check_port_free (another server started in between)
+        raise ServeError(f"--port {port}: cannot listen on {host} ({error})") from None
+    return launched[1]
 
 
 def start_server(
@@ -844,11 +848,22 @@ def start_server(
     Raises:
         ModelError, VotesError.
     """
+    from .modeling import ModelError
+
     served = load_served_model(model, *(loaded or (None, None)))
     opponent_name = compare_with or default_opponent(model)
     opponent = None
-    if opponent_name:
-        opponent = served if opponent_name == model else load_served_model(opponent_name)
+    if opponent_name == model:
+        opponent = served
+    elif compare_with:
+        opponent = load_served_model(compare_with)  # asked for by name: failing to load it is an error
+    elif opponent_name:
+        # The base model recorded at training time may be a Hub id out of reach or a folder since moved: the page
+        # still chats, without the Compare tab, and says why.
+        try:
+            opponent = load_served_model(opponent_name)
+        except ModelError as error:
+            print(f"warning: no Compare tab: the base model {opponent_name} cannot be loaded ({error}); pass --compare-with MODEL", file=sys.stderr)
     init_votes_db(votes_db)  # after the models: a bad model folder must leave no file behind
     return build_app(served, opponent, votes_db=votes_db, time_limit=time_limit, concurrency=concurrency)
 

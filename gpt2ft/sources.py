@@ -446,22 +446,18 @@ def detect_layout(dataset: Dataset, origin: str, forced: str | None = None) -> L
         DataError: no known layout (the message lists the columns found and suggests --dialog-column).
     """
     columns = list(dataset.column_names)
-    if forced:
-        if forced not in columns:
-            raise DataError(f"{origin}: --dialog-column {forced}: no such column (found: {', '.join(columns)})")
-        sample = next((value for value in dataset[forced][:50] if value), None)
+    if forced and forced not in columns:
+        raise DataError(f"{origin}: --dialog-column {forced}: no such column (found: {', '.join(columns)})")
+    candidates = [forced] if forced else [name for name in ("messages", "conversations", *TURN_COLUMNS) if name in columns]
+    if candidates:
+        # What the column holds decides the layout: a "conversations" column of role/content messages is the
+        # messages layout, a "messages" column of from/value ones is ShareGPT's.
+        column = candidates[0]
+        sample = next((value for value in dataset[column][:50] if value), None)
         first = sample[0] if isinstance(sample, list) and sample else None
         if isinstance(first, dict):
-            kind = "sharegpt" if "from" in first or "value" in first else "messages"
-            return Layout(kind, forced)
-        return Layout("turns", forced)
-    if "messages" in columns:
-        return Layout("messages", "messages")
-    if "conversations" in columns:
-        return Layout("sharegpt", "conversations")
-    for name in TURN_COLUMNS:
-        if name in columns:
-            return Layout("turns", name)
+            return Layout("sharegpt" if "from" in first or "value" in first else "messages", column)
+        return Layout("turns", column)
     raise DataError(
         f"{origin}: no conversations found: columns {', '.join(columns) or '(none)'}; expected 'messages' (role/content), "
         f"'conversations' (ShareGPT from/value) or a list of turns under {', '.join(TURN_COLUMNS)} "
@@ -576,13 +572,22 @@ class quiet_datasets:
             datasets_logging.enable_progress_bar()
 
 
+def is_blank(path: Path) -> bool:
+    """True for an empty file or one of whitespace only (read in blocks: a large file is never held whole)."""
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            if block.strip():
+                return False
+    return True
+
+
 def read_file(path: Path, cache_dir: Path | None) -> Dataset:
     """One .jsonl/.json/.parquet file as an Arrow-backed Dataset (in the datasets cache under `cache_dir`).
 
     Raises:
         DataError: empty, not JSON (naming the first bad line), or not readable.
     """
-    if path.stat().st_size == 0 or not path.read_bytes()[:4096].strip():
+    if is_blank(path):
         raise DataError(f"{path}: empty file")
     builder = FILE_BUILDERS[path.suffix]
     try:

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -407,7 +407,7 @@ def prepare_cache(config: TrainConfig) -> dict[str, Any]:
 def tokenize_data(plan: RunPlan, prepared: PreparedDialogs, tokenizer: Any) -> Any:
     """Training rows of every split (cached under the cache folder; built once, by the main process)."""
     with plan.args.main_process_first(desc="tokenising"):
-        return tokenize_prepared(prepared, tokenizer, plan.max_length, plan.config.cache_dir)
+        return tokenize_prepared(prepared, tokenizer, plan.max_length, plan.config.cache_dir, write=plan.is_main)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -443,14 +443,24 @@ class FitResult:
             self.monitor.stop()
 
 
-def oom_message(plan: RunPlan) -> str:
+def oom_message(plan: RunPlan, evaluating: bool = False) -> str:
+    """What to do after running out of GPU memory: the same effective batch in smaller pieces (the largest divisor
+    of the batch size below it), or the settings that save memory otherwise."""
     config = plan.config
-    smaller = max(1, config.batch_size // 2)
+    where = f"on {plan.hardware.name}"
+    if evaluating:
+        return f"out of GPU memory {where} while evaluating with --eval-batch-size {config.eval_batch_size}: lower it (the model is trained; run again to resume and evaluate)"
+    smaller = next((size for size in range(config.batch_size // 2, 0, -1) if config.batch_size % size == 0), None)
+    pieces = (
+        f"The same effective batch in smaller pieces usually fits: --batch-size {smaller} --gradient-accumulation-steps "
+        f"{config.gradient_accumulation_steps * config.batch_size // smaller}; "
+        if smaller
+        else "The batch is one dialogue already; "
+    )
     return (
-        f"out of GPU memory on {plan.hardware.name} with --batch-size {config.batch_size} x --gradient-accumulation-steps "
-        f"{config.gradient_accumulation_steps}. The same effective batch in smaller pieces usually fits: --batch-size "
-        f"{smaller} --gradient-accumulation-steps {config.gradient_accumulation_steps * config.batch_size // smaller}; "
-        "--gradient-checkpointing and --method lora save more. Changed batch settings make a new run (add --resume never)"
+        f"out of GPU memory {where} with --batch-size {config.batch_size} x --gradient-accumulation-steps "
+        f"{config.gradient_accumulation_steps}. {pieces}--gradient-checkpointing and --method lora save more. "
+        "Changed batch settings make a new run (add --resume never)"
     )
 
 
@@ -545,7 +555,10 @@ def evaluate_run(plan: RunPlan, fitted: FitResult, loaded: LoadedModel, prepared
     """Token-weighted loss and perplexity of the trained (best) model on validation and test, with the run's
     whole-run totals from the Trainer's state: the metrics as metrics.json holds them."""
     trainer = fitted.trainer
-    evaluation = {**trainer.evaluate(rows["validation"], metric_key_prefix="eval"), **trainer.evaluate(rows["test"], metric_key_prefix="test")}
+    try:
+        evaluation = {**trainer.evaluate(rows["validation"], metric_key_prefix="eval"), **trainer.evaluate(rows["test"], metric_key_prefix="test")}
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingError(oom_message(plan, evaluating=True)) from None
     state, totals = trainer.state, fitted.totals
     return {
         "train_loss": totals.mean_loss(state.global_step),
@@ -629,50 +642,59 @@ class Published:
     problems: list[str] = field(default_factory=list)
 
 
+def attempt(what: str, step: Callable[[], Any], plan: RunPlan, problems: list[str]) -> Any:
+    """Run one publishing step; a failure is reported on stderr and recorded, never raised: the model is saved."""
+    try:
+        return step()
+    except Exception as error:  # noqa: BLE001 - any failure here must not cost the saved run
+        problem = f"{what} failed ({type(error).__name__}: {error}); the model in {plan.output_dir} is saved and complete"
+        problems.append(problem)
+        say(problem)
+        return None
+
+
+def write_model_card(plan: RunPlan, charts: list[Path], samples: list[dict[str, Any]]) -> Path:
+    """The model card (README.md) and its training chart in the saved folder, from metrics.json and
+    training_config.json on disk; its metadata is checked by huggingface_hub's ModelCard before it is written."""
+    import json
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from .modelcard import render_model_card
+
+    metrics = json.loads((plan.logs_dir / METRICS).read_text(encoding="utf-8"))
+    training_config = json.loads((plan.output_dir / "training_config.json").read_text(encoding="utf-8"))
+    chart = next((path for path in charts if Path(path).name == "chart_train.png"), None)
+    if chart is not None:
+        shutil.copy2(chart, plan.output_dir / Path(chart).name)
+    card = ModelCard(render_model_card(metrics, training_config, samples, plan.hardware.name))
+    return write_text_atomic(plan.output_dir / "README.md", str(card))
+
+
 def publish_run(plan: RunPlan, prepared: PreparedDialogs, samples: int = 3) -> Published:
     """Charts, sample replies and the model card, made from what is on disk after the model is safely saved.
 
     Each step that fails is reported on stderr and skipped: a plotting or card bug never costs a finished run.
     """
-    import json
-
     from .charts import write_charts
     from .evaluation import sample_replies
     from .generate import load_for_generation
-    from .modelcard import render_model_card
 
     published = Published()
     if not plan.is_main:
         return published
-
-    def attempt(what: str, step: Any) -> Any:
-        try:
-            return step()
-        except Exception as error:  # noqa: BLE001 - any failure here must not cost the saved run
-            problem = f"{what} failed ({type(error).__name__}: {error}); the model in {plan.output_dir} is saved and complete"
-            published.problems.append(problem)
-            say(problem)
-            return None
-
-    published.charts = attempt("drawing the charts", lambda: write_charts(plan.logs_dir, plan.config.images_dir)) or []
-    loaded = attempt("loading the saved model", lambda: load_for_generation(str(plan.output_dir)))
+    problems = published.problems
+    published.charts = attempt("drawing the charts", lambda: write_charts(plan.logs_dir, plan.config.images_dir), plan, problems) or []
+    loaded = attempt("loading the saved model", lambda: load_for_generation(str(plan.output_dir)), plan, problems)
     if loaded is not None:
         published.model, published.tokenizer = loaded
         published.samples = attempt(
-            "sampling replies", lambda: sample_replies(published.model, published.tokenizer, prepared.dialogs["validation"], samples, greedy=True, max_new_tokens=40)
+            "sampling replies",
+            lambda: sample_replies(published.model, published.tokenizer, prepared.dialogs["validation"], samples, greedy=True, max_new_tokens=40),
+            plan, problems,
         ) or []
-
-    def write_card() -> Path:
-        import shutil
-
-        metrics = json.loads((plan.logs_dir / METRICS).read_text(encoding="utf-8"))
-        training_config = json.loads((plan.output_dir / "training_config.json").read_text(encoding="utf-8"))
-        chart = next((path for path in published.charts if Path(path).name == "chart_train.png"), None)
-        if chart is not None:
-            shutil.copy2(chart, plan.output_dir / Path(chart).name)
-        return write_text_atomic(plan.output_dir / "README.md", render_model_card(metrics, training_config, published.samples, plan.hardware.name))
-
-    published.card = attempt("writing the model card", write_card)
+    published.card = attempt("writing the model card", lambda: write_model_card(plan, published.charts, published.samples), plan, problems)
     return published
 
 
@@ -697,6 +719,7 @@ class TrainResult:
     resumed_from: str | None
     data: PreparedDialogs
     published: Published
+    is_main: bool  # this process wrote the files (the only one, or rank 0 under torchrun)
 
 
 def train(
@@ -732,4 +755,4 @@ def train(
     save_run(plan, fitted, metrics, loaded.tokenizer, prepared)
     published = publish_run(plan, prepared)
     finish_run(plan)
-    return TrainResult(metrics, plan.output_dir, plan.logs_dir, fitted.resumed_from, prepared, published)
+    return TrainResult(metrics, plan.output_dir, plan.logs_dir, fitted.resumed_from, prepared, published, plan.is_main)

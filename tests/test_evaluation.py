@@ -100,3 +100,24 @@ def test_chunked_scoring_equals_the_models_own_loss(tiny_model, tiny_tokenizer, 
         total, count = batch_nll(tiny_model, {"input_ids": ids, "labels": labels})
     assert int(count) == int((labels[:, 1:] != -100).sum()) and int(count) % 6 != 0
     torch.testing.assert_close(total / count, expected, atol=1e-5, rtol=0)
+
+
+def test_samples_of_role_data_ask_for_the_assistants_turn(tiny_model, tiny_tokenizer):
+    from datasets import Dataset
+
+    from gpt2ft.evaluation import cut_point, sample_replies
+
+    assert cut_point(["a", "b", "c", "d"]) == 2 and cut_point(["a"]) is None  # plain turns: the first half
+    assert cut_point(["s", "q", "a"], ["system", "user", "assistant"]) == 2
+    assert cut_point(["q1", "a1", "q2", "a2"], ["user", "assistant", "user", "assistant"]) == 3
+    assert cut_point(["q1", "a1", "q2", "a2", "q3"], ["user", "assistant", "user", "assistant", "user"]) == 3
+    assert cut_point(["q", "q"], ["user", "user"]) is None
+    dialogs = Dataset.from_dict(
+        {
+            "dialog": [["Be brief.", "Hello", "Hi there"], ["Hello", "Hi", "How are you?", "Fine."]],
+            "roles": [["system", "user", "assistant"], ["user", "assistant", "user", "assistant"]],
+        }
+    )
+    records = sample_replies(tiny_model, tiny_tokenizer, dialogs, 2, greedy=True, max_new_tokens=3)
+    assert [r["reference"] for r in records] == ["Hi there", "Fine."]
+    assert records[0]["roles"] == ["system", "user"] and records[1]["roles"] == ["user", "assistant", "user"]

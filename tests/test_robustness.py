@@ -238,13 +238,17 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, tiny_model_
     with pytest.raises(Crash):
         train(config_for(tiny_model_dir, dailydialog_dir, dirs, *flags), callbacks=[CrashAt(at=6)])
     assert [p.name for p in complete_checkpoints(checkpoint_dir(dirs["output"]))] == ["checkpoint-4"]
+    stored = json.loads((checkpoint_dir(dirs["output"]) / "checkpoint-4" / "trainer_state.json").read_text())
+    first_segment = stored["stateful_callbacks"]["RunTotals"]["args"]["seconds"]  # the totals travel in the state
     resumed = train(config_for(tiny_model_dir, dailydialog_dir, dirs, *flags))
 
     assert resumed.resumed_from.endswith("checkpoint-4")
     assert resumed.metrics["steps"] == 12
     assert_same_run(resumed.metrics, reference.metrics)
     assert loss_steps(Path(dirs["logs"], "train_log.jsonl")) == list(range(1, 13))  # no gap, no repeat
-    assert resumed.metrics["train_runtime_s"] > 0
+    # The run's training time: the first segment's up to its checkpoint (stored in it) plus the second segment's.
+    step_5 = next(r for r in read_jsonl(Path(dirs["logs"], "train_log.jsonl")) if r.get("step") == 5 and "loss" in r)
+    assert 0 < first_segment < step_5["train_seconds"] < resumed.metrics["train_runtime_s"]  # it went on, not from 0
     saved = json.loads(Path(dirs["logs"], "metrics.json").read_text())
     assert saved["train_tokens"] == reference.metrics["train_tokens"]  # what metrics.json says, too
     card = Path(dirs["output"], "README.md").read_text()
@@ -274,8 +278,8 @@ def test_resume_never_and_explicit_path(tmp_path):
 
 def test_a_checkpoint_of_other_settings_is_refused_with_each_difference_and_the_ways_out(tmp_path):
     folder = tmp_path / "checkpoints"
-    write_checkpoint(folder, 4, True, {"learning_rate": 5e-5, "batch_size": 16, "seed": 42, "data_dialogs": {"train": 100}})
-    new = {"learning_rate": 1e-4, "batch_size": 8, "seed": 42, "data_dialogs": {"train": 90}}
+    write_checkpoint(folder, 4, True, {"learning_rate": 5e-5, "batch_size": 16, "seed": 42, "data_dialogs": {"train": 100}, "max_train_dialogs": None})
+    new = {"learning_rate": 1e-4, "batch_size": 8, "seed": 42, "data_dialogs": {"train": 90}, "max_train_dialogs": 90}
     with pytest.raises(TrainingError) as raised:
         find_resume_checkpoint(folder, "auto", new)
     message = str(raised.value)
@@ -283,6 +287,7 @@ def test_a_checkpoint_of_other_settings_is_refused_with_each_difference_and_the_
     assert "learning_rate 5e-05 -> 0.0001" in message and "batch_size 16 -> 8" in message and "data_dialogs" in message
     assert "seed" not in message  # unchanged settings are not listed
     assert "--learning-rate 5e-05" in message and "--batch-size 16" in message and "--resume never" in message
+    assert "without --max-train-dialogs" in message  # a setting that was unset comes back by leaving its flag out
 
 
 def test_settings_that_may_change_on_resume_are_allowed(tmp_path, tiny_model_dir, dailydialog_dir):

@@ -582,3 +582,15 @@ def test_serve_command_starts_the_page(served_pair, tmp_path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def test_an_unreachable_recorded_base_model_leaves_chat_without_compare(tmp_path, capsys):
+    """The base recorded at training time may be out of reach (offline Hub id, a moved folder): the page still
+    chats, without the Compare tab, and says why; asked for by name (--compare-with), it is an error (above)."""
+    import shutil
+
+    tuned, _ = build_served_pair(tmp_path / "pair")
+    shutil.rmtree(tmp_path / "pair" / "base")
+    app = start_server(str(tuned), None, tmp_path / "votes.sqlite")
+    assert app is not None
+    assert "no Compare tab" in capsys.readouterr().err
