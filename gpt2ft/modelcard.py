@@ -324,18 +324,22 @@ def _samples(samples: Sequence[Mapping[str, Any]]) -> str:
     lines = ["## Sample replies", ""]
     if not samples:
         return "\n".join(lines + ["No samples were generated for this run."])
-    lines += ["Replies to the first turn of held-out validation dialogues, decoded greedily (the saved defaults "
-              "sample, so replies in use vary):", ""]
+    lines += ["The model's next turn in held-out validation dialogues (the first half of each is the context; with roles, "
+              "the model answers an assistant turn), decoded greedily (the saved defaults sample, so replies in use "
+              "vary):", ""]
     for number, sample in enumerate(samples, 1):
         context = sample.get("context") or []
         if isinstance(context, str):
             context = [context]
+        roles = list(sample.get("roles") or [])
+        # Without recorded roles the speakers alternate, the last one before the model being the user.
+        roles += ["user" if (len(context) - 1 - index) % 2 == 0 else "assistant" for index in range(len(roles), len(context))]
         reply = str(sample.get("reply") or "").strip()
         lines.append(f"**Dialogue {number}**")
         lines.append("")
-        for turn in context:
+        for role, turn in zip(roles, context):
             turn = str(turn)
-            lines.append(f"- *Person A:* {md_escape(turn[:CONTEXT_CHARS] + ('...' if len(turn) > CONTEXT_CHARS else ''))}")
+            lines.append(f"- *{role.capitalize()}:* {md_escape(turn[:CONTEXT_CHARS] + ('...' if len(turn) > CONTEXT_CHARS else ''))}")
         lines.append(f"- *Model:* {md_escape(reply) if reply else '*(empty reply)*'}")
         if sample.get("reference"):
             lines.append(f"- *Reference (the dataset's reply):* {md_escape(sample['reference'])}")

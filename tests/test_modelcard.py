@@ -178,3 +178,22 @@ def test_card_metadata_is_read_by_huggingface_hub_with_the_eval_results():
     assert card.data.base_model == "gpt2" and card.data.license == "other"
     scores = {result.dataset_split: result.metric_value for result in card.data.eval_results}
     assert scores == {"validation": round(METRICS["eval_perplexity"], 4), "test": round(METRICS["test_perplexity"], 4)}
+
+
+def test_card_samples_name_each_speaker():
+    samples = [
+        {"context": ["Be brief.", "Hello"], "roles": ["system", "user"], "reference": "Hi.", "reply": "Hey."},
+        {"context": ["Hi", "Hello", "How are you?"], "reference": "Fine.", "reply": "Good."},  # no roles recorded
+    ]
+    card = render_model_card(METRICS, training_config(), samples)
+    assert "- *System:* Be brief.\n- *User:* Hello\n- *Model:* Hey." in card
+    assert "- *User:* Hi\n- *Assistant:* Hello\n- *User:* How are you?\n- *Model:* Good." in card
+
+
+def test_a_card_for_your_own_conversations_does_not_claim_dailydialog():
+    config = {**training_config(data="chats.jsonl"), "data_source": "chats.jsonl", "data_is_dailydialog": False, "has_roles": True, "loss_on": "assistant"}
+    card = render_model_card(METRICS, config, SAMPLES)
+    meta = front_matter(card)
+    assert "DailyDialog" not in card.split("## Data")[0] and "CC BY-NC-SA" not in card
+    assert meta["license_name"] == "see-the-training-data" and "datasets" not in meta
+    assert "the assistant's turns" in card and "# GPT-2 fine-tuned on chats.jsonl" in card
