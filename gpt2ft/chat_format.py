@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-ROLES = ("system", "user", "assistant")
-
 # Contents are trimmed in the template as they are when data is loaded, so a stray space typed in a chat box
 # renders as in training.
 CHAT_TEMPLATE = (

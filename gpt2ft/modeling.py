@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .config import GPT2_CONTEXT
+
 # The autocast dtype of each precision: the one map training, evaluation and the benchmark use.
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
@@ -139,7 +141,7 @@ def first_line(error: BaseException) -> str:
 
 def config_context(config: Any) -> int:
     """The context length (tokens) of a GPT-2 config: `n_positions`, 1024 for every released size."""
-    return int(getattr(config, "n_positions", 1024))
+    return int(getattr(config, "n_positions", GPT2_CONTEXT))
 
 
 def model_context(model: Any) -> int:
