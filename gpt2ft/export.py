@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .chat_format import CHAT_TEMPLATE
+from .colab import in_colab
 
 FORMATS = ("gguf",)
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -397,8 +398,6 @@ def export_for_notebook(
     Returns:
         What was written, or None when not enabled.
     """
-    from .notebook import in_colab
-
     if not enabled:
         print("export_gguf is False: no GGUF file was written.")
         return None

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import gc
 import platform
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from .colab import in_colab
 from .config import TrainConfig, build_config, config_fields, render_flag
 
 DRIVE_MOUNT = "/content/drive"
@@ -27,11 +27,6 @@ LENGTH_CHART = "token_lengths.png"
 # --------------------------------------------------------------------------------------------------------------
 # Colab, Google Drive and the run's settings
 # --------------------------------------------------------------------------------------------------------------
-
-
-def in_colab() -> bool:
-    """True inside Google Colab (its kernel has imported `google.colab` before any cell runs)."""
-    return "google.colab" in sys.modules
 
 
 def mount_drive(mount_point: str = DRIVE_MOUNT, folder: str = DRIVE_FOLDER) -> Path:
@@ -266,8 +261,9 @@ def describe_tokenizer(tokenizer: Any, max_length: int) -> str:
 def label_table(row: dict[str, Any], tokenizer: Any, limit: int = 40) -> Any:
     """The first tokens of one training row as the model sees them, and which ones it learns to predict.
 
-    A token with label -100 is context only: the loss ignores it. Every other token is a target, predicted from
-    the tokens before it (the model shifts the labels by one internally).
+    A token with label -100 is context only: the loss ignores it. Every other token is a target: its label is the
+    token itself (its own id, not the next token's), predicted from the tokens before it (the model shifts the
+    labels by one inside the loss).
 
     Args:
         row: a tokenised row (data.tokenize_dialogs: input_ids, labels).

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from .colab import in_colab
 from .votes import DEFAULT_VOTES_DB, VotesError, init_votes_db, read_votes, record_vote, tally_votes
 
 # The page must not phone home: no usage analytics, no version check (it may run offline, and on a shared link
@@ -375,7 +376,7 @@ def describe_error(error: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The page
+# The votes, as the page shows them
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -423,47 +424,136 @@ def reveal_text(
     return "\n\n".join(lines)
 
 
-def build_app(
+# --------------------------------------------------------------------------------------------------------------
+# The page: what its parts share
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PageSetup:
+    """What every part of the page shares: the models and the names shown for them, the decoding defaults and
+    limits, and where the votes go."""
+
+    served: ServedModel
+    opponent: ServedModel | None
+    models: dict[str, ServedModel]  # "model" (the served one) and, when comparing, "opponent"
+    titles: dict[str, str]  # model name -> the name the page shows
+    defaults: dict[str, Any]  # the served model's saved decoding settings
+    token_limit: int
+    specials: list[str]
+    votes_db: str | Path
+    time_limit: float
+    rng: random.Random
+
+    def settings_from(self, temperature: Any, top_p: Any, max_new_tokens: Any, greedy: Any) -> dict[str, Any]:
+        """The four decoding controls' values, checked and clamped (the HTTP API may send anything)."""
+        return decoding_settings(self.defaults, temperature, top_p, max_new_tokens, greedy, self.token_limit)
+
+
+def setup_page(
     served: ServedModel,
     opponent: ServedModel | None,
-    votes_db: str | Path = DEFAULT_VOTES_DB,
-    time_limit: float = DEFAULT_TIME_LIMIT_S,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    rng: random.Random | None = None,
-) -> Any:
-    """The Gradio app (not launched): tabs Chat, Compare and Results.
-
-    Args:
-        served: the model the page is about (`--model`).
-        opponent: the model it is compared with (`--compare-with`), or None to leave Compare disabled.
-        votes_db: the SQLite file the votes go to (created by init_votes_db before this).
-        time_limit: seconds a reply may take.
-        concurrency: generations at once; more requests wait in Gradio's queue.
-        rng: the A/B shuffle (the operating system's randomness by default).
-
-    Returns:
-        gradio.Blocks with its queue configured; launch it with launch_app.
-    """
-    import gradio as gr
-
-    rng = rng or random.SystemRandom()
+    votes_db: str | Path,
+    time_limit: float,
+    rng: random.Random | None,
+) -> PageSetup:
+    """The page's shared set-up (see build_app for the arguments; `rng=None` = the operating system's randomness)."""
     models = {"model": served, "opponent": opponent} if opponent is not None else {"model": served}
     titles = {item.name: item.title for item in models.values()}
     if opponent is not None and opponent.title == served.title and opponent.name != served.name:
         titles[opponent.name] = opponent.name  # two folders with the same last part: show the paths
-    defaults = saved_decoding(served.model)
-    token_limit = max_tokens_limit(list(models.values()))
-    specials = sorted({token for item in models.values() for token in item.tokenizer.all_special_tokens})
+    return PageSetup(
+        served=served, opponent=opponent, models=models, titles=titles, defaults=saved_decoding(served.model),
+        token_limit=max_tokens_limit(list(models.values())),
+        specials=sorted({token for item in models.values() for token in item.tokenizer.all_special_tokens}),
+        votes_db=votes_db, time_limit=time_limit, rng=rng or random.SystemRandom(),
+    )
 
-    def settings_from(temperature: Any, top_p: Any, max_new_tokens: Any, greedy: Any) -> dict[str, Any]:
-        return decoding_settings(defaults, temperature, top_p, max_new_tokens, greedy, token_limit)
 
-    # ---------------------------------------------------------------- Chat
+def build_decoding_panel(page: PageSetup) -> list[Any]:
+    """The side panel: the decoding controls, shared by Chat and Compare, and a note on when replies stop.
+
+    Returns:
+        The controls in the order the handlers take them: temperature, top-p, max new tokens, greedy.
+    """
+    import gradio as gr
+
+    defaults, token_limit = page.defaults, page.token_limit
+    with gr.Column(variant="panel"):
+        gr.Markdown(
+            f"### Decoding settings\nDefaults from `{page.served.title}`'s saved generation config. Compare "
+            "gives both models the same settings."
+        )
+        greedy = gr.Checkbox(value=defaults["greedy"], label="Greedy (always the likeliest token)", elem_id="greedy")
+        temperature = gr.Slider(
+            0.05, 2.0, value=defaults["temperature"], step=0.05, label="Temperature",
+            info="Higher: more varied, less focused.",
+        )
+        top_p = gr.Slider(
+            0.05, 1.0, value=defaults["top_p"], step=0.05, label="Top-p",
+            info="Sample from the likeliest tokens covering this share of probability.",
+        )
+        max_new = gr.Slider(
+            1, token_limit, value=min(defaults["max_new_tokens"], token_limit), step=1, label="Max new tokens",
+        )
+    gr.Markdown(
+        f"Replies stop at the model's end-of-turn token, at the token limit, or after {page.time_limit:.0f} s. "
+        "Long conversations keep only their most recent turns that fit the model's context.",
+        elem_id="notes",
+    )
+    return [temperature, top_p, max_new, greedy]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The page: Chat
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChatTab:
+    """The Chat tab's components that its events read or change."""
+
+    chatbot: Any
+    box: Any
+    send: Any
+    new: Any
+    history: Any
+
+
+def build_chat_tab(page: PageSetup) -> ChatTab:
+    """The Chat tab: the conversation, the message box with Send, New conversation, and example openings."""
+    import gradio as gr
+
+    with gr.Tab("Chat", id="chat"):
+        chatbot = gr.Chatbot(
+            label=f"Conversation with {page.served.title}", height=430, elem_id="chat-bot",
+            placeholder="Type a message below, or pick an example opening.", feedback_options=None,
+            buttons=["copy", "copy_all"],
+        )
+        with gr.Row(equal_height=True):
+            box = gr.Textbox(
+                placeholder="Your message (Enter sends)", show_label=False, scale=5, autofocus=True,
+                elem_id="chat-input", max_lines=6,
+            )
+            send = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="chat-send")
+        new = gr.Button("New conversation", size="sm", elem_id="chat-new")
+        gr.Examples(examples=[[opening] for opening in EXAMPLE_OPENINGS], inputs=[box], label="Example openings")
+        history = gr.State([])
+    return ChatTab(chatbot=chatbot, box=box, send=send, new=new, history=history)
+
+
+def make_chat_handlers(page: PageSetup) -> tuple[Callable[..., Iterator[tuple]], Callable[[], tuple]]:
+    """Chat's two handlers: send a message (a generator that streams the reply), and start a new conversation.
+
+    Both return the outputs conversation (shown), history, message box, Send button. The box is cleared once, when
+    the message is taken (what the user types during the reply is left alone); Send is off until the reply is
+    complete.
+    """
+    import gradio as gr
+
     def chat_send(message: str, history: list, temperature: float, top_p: float, max_new_tokens: float, greedy: bool):
-        # Outputs: conversation (shown), history, message box, send button. The box is cleared once, when the message
-        # is taken (what the user types during the reply is left alone); Send is off until the reply is complete.
         history = list(history or [])
-        text, notice = clean_message(message, specials)
+        text, notice = clean_message(message, page.specials)
         if not text:
             gr.Warning("Type a message first.")
             yield display_messages(history), history, gr.skip(), gr.skip()
@@ -471,12 +561,12 @@ def build_app(
         if notice:
             gr.Warning(notice)
         conversation = history + [{"role": "user", "content": text}]
-        settings = settings_from(temperature, top_p, max_new_tokens, greedy)
+        settings = page.settings_from(temperature, top_p, max_new_tokens, greedy)
         thinking = [{"role": "assistant", "content": "…"}]
         yield display_messages(conversation) + thinking, history, "", gr.Button(interactive=False)
         reply = ""
         try:
-            for texts in stream_replies({"model": served}, conversation, settings, time_limit):
+            for texts in stream_replies({"model": page.served}, conversation, settings, page.time_limit):
                 reply = texts["model"]
                 partial = [{"role": "assistant", "content": reply or "…"}]
                 yield display_messages(conversation) + partial, gr.skip(), gr.skip(), gr.skip()
@@ -491,66 +581,184 @@ def build_app(
     def chat_reset():
         return [], [], "", gr.Button(interactive=True)
 
-    # ---------------------------------------------------------------- Compare
-    # Every Compare handler returns the same outputs, in the order of `compare_out` below: conversation (shown),
-    # history, round, Reply A, Reply B, the reveal line, the four vote buttons, the continue row, message box, send.
-    def compare_outputs(chatbot_value, history_value, round_value, text_a, text_b, reveal_value, controls) -> list[Any]:
-        return [chatbot_value, history_value, round_value, text_a, text_b, reveal_value, *controls]
+    return chat_send, chat_reset
 
-    def compare_controls(voting: bool, voted: bool, typing: bool, clear_box: bool = False) -> list[Any]:
-        """Vote buttons, the continue row, the message box and its button, for the moments of a round: typing,
-        waiting for the replies, voting, and choosing how to go on."""
-        box = gr.Textbox(value="", interactive=typing) if clear_box else gr.Textbox(interactive=typing)
-        votes = [gr.Button(interactive=voting) for _ in WINNER_LABELS]
-        return [*votes, gr.Row(visible=voted), box, gr.Button(interactive=typing)]
 
-    def reply_boxes(text_a: str, text_b: str, names: Mapping[str, str] | None = None) -> list[Any]:
-        """The two reply boxes with their labels: "Reply A"/"Reply B", and after the vote the models' names."""
-        def label(side: str) -> str:
-            if not names:
-                return f"Reply {side.upper()}"
-            name = names[side]
-            return f"Reply {side.upper()} · {titles.get(name, name)}" + (" (yours)" if name == served.name else "")
+def wire_chat_tab(page: PageSetup, tab: ChatTab, decoding: list[Any], generation: dict, instant: dict) -> None:
+    """Chat's events: Send or Enter streams a reply; New conversation and the Chatbot's trash button start over.
 
-        return [gr.Textbox(value=text_a, label=label("a")), gr.Textbox(value=text_b, label=label("b"))]
+    Args:
+        generation, instant: the queue settings of generating events and of millisecond ones (see build_app).
+    """
+    import gradio as gr
 
-    unchanged = [gr.skip()] * 13
+    chat_send, chat_reset = make_chat_handlers(page)
+    chat_out = [tab.chatbot, tab.history, tab.box, tab.send]
+    chat_event = gr.on(
+        [tab.send.click, tab.box.submit], chat_send, [tab.box, tab.history, *decoding], chat_out,
+        api_name="chat", show_progress="hidden", **generation,
+    )
+    tab.new.click(chat_reset, None, chat_out, cancels=[chat_event], api_name="chat_reset", **instant)
+    # The Chatbot's own trash button must clear the conversation the model sees, not only what is shown.
+    tab.chatbot.clear(chat_reset, None, chat_out, cancels=[chat_event], api_visibility="private", **instant)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The page: Compare (blind)
+# --------------------------------------------------------------------------------------------------------------
+
+# Every Compare handler returns the same outputs, in the order of CompareTab.outputs(): conversation (shown),
+# history, round, Reply A, Reply B, the reveal line, the four vote buttons, the continue row, message box, send.
+COMPARE_OUTPUTS = 13
+
+
+@dataclass
+class CompareTab:
+    """The Compare tab's components that its events read or change."""
+
+    chatbot: Any
+    box: Any
+    send: Any
+    reply_a: Any
+    reply_b: Any
+    vote_buttons: dict[str, Any]  # WINNER_LABELS key -> its button
+    reveal: Any
+    continue_row: Any
+    continue_a: Any
+    continue_b: Any
+    new: Any
+    history: Any
+    round_state: Any  # the current round, server-side: the replies and which model wrote which
+
+    def outputs(self) -> list[Any]:
+        """What every Compare handler returns, in this order (COMPARE_OUTPUTS of them)."""
+        return [self.chatbot, self.history, self.round_state, self.reply_a, self.reply_b, self.reveal,
+                *self.vote_buttons.values(), self.continue_row, self.box, self.send]
+
+
+def build_compare_tab(page: PageSetup) -> CompareTab:
+    """The Compare (blind) tab: the conversation, the message box, Reply A and B, the votes and how to go on."""
+    import gradio as gr
+
+    with gr.Tab("Compare (blind)", id="compare"):
+        if page.opponent is None:
+            gr.Markdown(
+                "No model to compare with: the model folder records no base model. Start the page "
+                "with `--compare-with MODEL` (a folder or a Hub id such as `gpt2`)."
+            )
+        else:
+            gr.Markdown(
+                f"Your message goes to **{page.titles[page.served.name]}** and "
+                f"**{page.titles[page.opponent.name]}**. Their replies appear as **Reply A** and **Reply B**, in a "
+                "random order. Vote for the better one; the page then tells you which model wrote which."
+            )
+        chatbot = gr.Chatbot(
+            label="Conversation so far", height=250, elem_id="compare-bot", feedback_options=None,
+            placeholder="Both models will answer your message.", buttons=["copy", "copy_all"],
+        )
+        with gr.Row(equal_height=True):
+            box = gr.Textbox(
+                placeholder="Your message (Enter sends)", show_label=False, scale=5,
+                elem_id="compare-input", max_lines=6, interactive=page.opponent is not None,
+            )
+            send = gr.Button(
+                "Send to both", variant="primary", scale=1, min_width=110, elem_id="compare-send",
+                interactive=page.opponent is not None,
+            )
+        with gr.Row(equal_height=True):
+            reply_a, reply_b = (
+                gr.Textbox(label=f"Reply {side}", lines=4, max_lines=12, interactive=False,
+                           elem_id=f"reply-{side.lower()}", elem_classes="reply-box")
+                for side in "AB"
+            )
+        with gr.Row():
+            vote_buttons = {
+                winner: gr.Button(label, interactive=False, elem_id=f"vote-{winner.replace('_', '-')}",
+                                  variant="primary" if winner in ("a", "b") else "secondary")
+                for winner, label in WINNER_LABELS.items()
+            }
+        reveal = gr.Markdown("", elem_id="reveal")
+        with gr.Row(visible=False) as continue_row:
+            continue_a = gr.Button("Continue with Reply A", elem_id="continue-a")
+            continue_b = gr.Button("Continue with Reply B", elem_id="continue-b")
+        new = gr.Button("Start over", size="sm", elem_id="compare-new")
+        history = gr.State([])
+        round_ = gr.State(None)
+    return CompareTab(
+        chatbot=chatbot, box=box, send=send, reply_a=reply_a, reply_b=reply_b, vote_buttons=vote_buttons,
+        reveal=reveal, continue_row=continue_row, continue_a=continue_a, continue_b=continue_b, new=new,
+        history=history, round_state=round_,
+    )
+
+
+def compare_outputs(chatbot_value, history_value, round_value, text_a, text_b, reveal_value, controls) -> list[Any]:
+    """One Compare handler's return value, in the order of CompareTab.outputs()."""
+    return [chatbot_value, history_value, round_value, text_a, text_b, reveal_value, *controls]
+
+
+def compare_controls(voting: bool, voted: bool, typing: bool, clear_box: bool = False) -> list[Any]:
+    """Vote buttons, the continue row, the message box and its button, for the moments of a round: typing,
+    waiting for the replies, voting, and choosing how to go on."""
+    import gradio as gr
+
+    box = gr.Textbox(value="", interactive=typing) if clear_box else gr.Textbox(interactive=typing)
+    votes = [gr.Button(interactive=voting) for _ in WINNER_LABELS]
+    return [*votes, gr.Row(visible=voted), box, gr.Button(interactive=typing)]
+
+
+def reply_boxes(page: PageSetup, text_a: str, text_b: str, names: Mapping[str, str] | None = None) -> list[Any]:
+    """The two reply boxes with their labels: "Reply A"/"Reply B", and after the vote the models' names."""
+    import gradio as gr
+
+    def label(side: str) -> str:
+        if not names:
+            return f"Reply {side.upper()}"
+        name = names[side]
+        yours = " (yours)" if name == page.served.name else ""
+        return f"Reply {side.upper()} · {page.titles.get(name, name)}{yours}"
+
+    return [gr.Textbox(value=text_a, label=label("a")), gr.Textbox(value=text_b, label=label("b"))]
+
+
+def make_compare_send(page: PageSetup) -> Callable[..., Iterator[list[Any]]]:
+    """Compare's Send: both models answer the same conversation, streamed as Reply A and B in a random order."""
+    import gradio as gr
 
     def compare_send(message: str, history: list, round_: dict | None, temperature: float, top_p: float,
                      max_new_tokens: float, greedy: bool):
         history = list(history or [])
-        if opponent is None:
+        if page.opponent is None:
             gr.Warning("Start the page with --compare-with MODEL to compare two models.")
-            yield unchanged
+            yield [gr.skip()] * COMPARE_OUTPUTS
             return
         if round_ and not round_.get("voted"):
             gr.Warning("Vote on the two replies first (or press Start over).")
-            yield unchanged
+            yield [gr.skip()] * COMPARE_OUTPUTS
             return
-        text, notice = clean_message(message, specials)
+        text, notice = clean_message(message, page.specials)
         if not text:
             gr.Warning("Type a message first.")
-            yield unchanged
+            yield [gr.skip()] * COMPARE_OUTPUTS
             return
         if notice:
             gr.Warning(notice)
         conversation = history + [{"role": "user", "content": text}]
-        settings = settings_from(temperature, top_p, max_new_tokens, greedy)
+        settings = page.settings_from(temperature, top_p, max_new_tokens, greedy)
         # The shuffle: which model is "A" is decided here and kept in server-side state until the vote.
-        order = ["model", "opponent"] if rng.random() < 0.5 else ["opponent", "model"]
-        shown = {"a": models[order[0]], "b": models[order[1]]}
+        order = ["model", "opponent"] if page.rng.random() < 0.5 else ["opponent", "model"]
+        shown = {"a": page.models[order[0]], "b": page.models[order[1]]}
         busy = compare_controls(voting=False, voted=False, typing=False, clear_box=True)
-        yield compare_outputs(display_messages(conversation), history, None, *reply_boxes("…", "…"), "", busy)
+        yield compare_outputs(display_messages(conversation), history, None, *reply_boxes(page, "…", "…"), "", busy)
         texts = {"a": "", "b": ""}
         try:
-            for texts in stream_replies(shown, conversation, settings, time_limit):
+            for texts in stream_replies(shown, conversation, settings, page.time_limit):
                 streamed = [texts["a"] or "…", texts["b"] or "…"]
                 yield compare_outputs(*[gr.skip()] * 3, *streamed, gr.skip(), [gr.skip()] * 7)
         except Exception as error:
             LOGGER.exception("compare generation failed")
             idle = compare_controls(voting=False, voted=False, typing=True)
             idle[-2] = gr.Textbox(value=message, interactive=True)  # the message comes back, to send again
-            yield compare_outputs(display_messages(history), history, None, *reply_boxes("", ""), "", idle)
+            yield compare_outputs(display_messages(history), history, None, *reply_boxes(page, "", ""), "", idle)
             raise gr.Error(describe_error(error), print_exception=False) from None
         new_round = {
             "conversation": conversation, "replies": {"a": texts["a"], "b": texts["b"]},
@@ -562,186 +770,173 @@ def build_app(
             "Which reply is better? The models' names are shown after your vote.", voting,
         )
 
-    def make_vote(winner: str) -> Callable[[dict | None], list[Any]]:
-        def cast_vote(round_: dict | None) -> list[Any]:
-            if not round_ or round_.get("voted"):
-                gr.Warning("You already voted on these replies." if round_ else "Send a message first.")
-                return [gr.skip()] * 12
-            settings = {**round_["settings"], "model": served.name}  # whose side the results are counted from
-            replies, shown = round_["replies"], round_["models"]
-            try:
-                record_vote(
-                    votes_db, round_["conversation"], replies["a"], replies["b"], shown["a"], shown["b"], winner, settings
-                )
-                tally = tally_votes(read_votes(votes_db))
-            except VotesError as error:
-                LOGGER.exception("vote not stored")
-                raise gr.Error(f"Your vote could not be stored: {error}", print_exception=False) from None
-            round_ = {**round_, "voted": True}
-            revealed = reply_boxes(replies["a"] or EMPTY_REPLY, replies["b"] or EMPTY_REPLY, shown)
-            line = reveal_text(round_, winner, titles, served.name, tally)
-            chosen = compare_controls(voting=False, voted=True, typing=False)
-            return [round_, *revealed, line, *chosen, results_rows(votes_db, titles)]
+    return compare_send
 
-        return cast_vote
 
-    def make_continue(side: str) -> Callable[[dict | None], list[Any]]:
-        def continue_with(round_: dict | None) -> list[Any]:
-            if not round_ or not round_.get("voted"):
-                gr.Warning("Vote first; then the conversation goes on from the reply you choose.")
-                return unchanged
-            history = round_["conversation"] + [{"role": "assistant", "content": round_["replies"][side]}]
-            idle = compare_controls(voting=False, voted=False, typing=True)
-            return compare_outputs(display_messages(history), history, None, *reply_boxes("", ""), "", idle)
+def make_vote(page: PageSetup, winner: str) -> Callable[[dict | None], list[Any]]:
+    """The handler of one vote button: store the vote, reveal which model wrote which reply, update Results."""
+    import gradio as gr
 
-        return continue_with
+    def cast_vote(round_: dict | None) -> list[Any]:
+        if not round_ or round_.get("voted"):
+            gr.Warning("You already voted on these replies." if round_ else "Send a message first.")
+            return [gr.skip()] * 12
+        settings = {**round_["settings"], "model": page.served.name}  # whose side the results are counted from
+        replies, shown = round_["replies"], round_["models"]
+        try:
+            record_vote(
+                page.votes_db, round_["conversation"], replies["a"], replies["b"], shown["a"], shown["b"], winner,
+                settings,
+            )
+            tally = tally_votes(read_votes(page.votes_db))
+        except VotesError as error:
+            LOGGER.exception("vote not stored")
+            raise gr.Error(f"Your vote could not be stored: {error}", print_exception=False) from None
+        round_ = {**round_, "voted": True}
+        revealed = reply_boxes(page, replies["a"] or EMPTY_REPLY, replies["b"] or EMPTY_REPLY, shown)
+        line = reveal_text(round_, winner, page.titles, page.served.name, tally)
+        chosen = compare_controls(voting=False, voted=True, typing=False)
+        return [round_, *revealed, line, *chosen, results_rows(page.votes_db, page.titles)]
+
+    return cast_vote
+
+
+def make_continue(page: PageSetup, side: str) -> Callable[[dict | None], list[Any]]:
+    """The handler of "Continue with Reply A/B": after the vote, the conversation goes on from that reply."""
+    import gradio as gr
+
+    def continue_with(round_: dict | None) -> list[Any]:
+        if not round_ or not round_.get("voted"):
+            gr.Warning("Vote first; then the conversation goes on from the reply you choose.")
+            return [gr.skip()] * COMPARE_OUTPUTS
+        history = round_["conversation"] + [{"role": "assistant", "content": round_["replies"][side]}]
+        idle = compare_controls(voting=False, voted=False, typing=True)
+        return compare_outputs(display_messages(history), history, None, *reply_boxes(page, "", ""), "", idle)
+
+    return continue_with
+
+
+def make_compare_reset(page: PageSetup) -> Callable[[], list[Any]]:
+    """The handler of Start over (and of the Chatbot's trash button): an empty conversation, ready to type."""
 
     def compare_reset() -> list[Any]:
         idle = compare_controls(voting=False, voted=False, typing=True, clear_box=True)
-        return compare_outputs([], [], None, *reply_boxes("", ""), "", idle)
+        return compare_outputs([], [], None, *reply_boxes(page, "", ""), "", idle)
 
-    # ---------------------------------------------------------------- Layout
+    return compare_reset
+
+
+def wire_compare_tab(
+    page: PageSetup, tab: CompareTab, decoding: list[Any], results: Any, generation: dict, instant: dict
+) -> None:
+    """Compare's events: Send to both, the four votes (which also refresh the `results` table), Continue with
+    Reply A/B, and Start over (or the Chatbot's trash button).
+
+    Args:
+        generation, instant: the queue settings of generating events and of millisecond ones (see build_app).
+    """
+    import gradio as gr
+
+    compare_out = tab.outputs()
+    compare_event = gr.on(
+        [tab.send.click, tab.box.submit], make_compare_send(page),
+        [tab.box, tab.history, tab.round_state, *decoding], compare_out, api_name="compare",
+        show_progress="hidden", **generation,
+    )
+    vote_out = [tab.round_state, tab.reply_a, tab.reply_b, tab.reveal, *tab.vote_buttons.values(), tab.continue_row,
+                tab.box, tab.send, results]
+    for winner, button in tab.vote_buttons.items():
+        button.click(make_vote(page, winner), [tab.round_state], vote_out, api_name=f"vote_{winner}", **instant)
+    for side, button in (("a", tab.continue_a), ("b", tab.continue_b)):
+        button.click(make_continue(page, side), [tab.round_state], compare_out, api_name=f"continue_{side}", **instant)
+    reset = {"fn": make_compare_reset(page), "inputs": None, "outputs": compare_out, "cancels": [compare_event],
+             **instant}
+    tab.new.click(api_name="compare_reset", **reset)
+    tab.chatbot.clear(api_visibility="private", **reset)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The page: Results, and the whole page
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResultsTab:
+    """The Results tab's components that its events read or change."""
+
+    table: Any
+    refresh: Any
+
+
+def build_results_tab(page: PageSetup) -> ResultsTab:
+    """The Results tab: the blind votes counted per pair of models, and a Refresh button."""
+    import gradio as gr
+
+    with gr.Tab("Results", id="results"):
+        gr.Markdown(
+            "Blind votes so far, counted from the side of the model this page serves. Win rate = "
+            "(wins + half the ties and both-bad votes) / votes; the interval is the 95% Wilson "
+            f"interval. Stored in `{page.votes_db}`; `python -m gpt2ft votes --db {page.votes_db}` prints them "
+            "as JSON."
+        )
+        table = gr.Dataframe(
+            value=results_rows(page.votes_db, page.titles), headers=RESULT_HEADERS, interactive=False,
+            elem_id="results-table", wrap=True,
+        )
+        refresh = gr.Button("Refresh", size="sm", elem_id="results-refresh")
+    return ResultsTab(table=table, refresh=refresh)
+
+
+def wire_results_tab(page: PageSetup, tab: ResultsTab, app: Any, instant: dict) -> None:
+    """Results' events: the table is read again on Refresh and whenever the page is opened."""
+    votes_db, titles = page.votes_db, page.titles
+    tab.refresh.click(lambda: results_rows(votes_db, titles), None, tab.table, api_name="results", **instant)
+    app.load(lambda: results_rows(votes_db, titles), None, tab.table, api_visibility="private", **instant)
+
+
+def build_app(
+    served: ServedModel,
+    opponent: ServedModel | None,
+    votes_db: str | Path = DEFAULT_VOTES_DB,
+    time_limit: float = DEFAULT_TIME_LIMIT_S,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    rng: random.Random | None = None,
+) -> Any:
+    """The Gradio app (not launched): tabs Chat, Compare and Results, and the decoding settings beside them.
+
+    Args:
+        served: the model the page is about (`--model`).
+        opponent: the model it is compared with (`--compare-with`), or None to leave Compare disabled.
+        votes_db: the SQLite file the votes go to (created by init_votes_db before this).
+        time_limit: seconds a reply may take.
+        concurrency: generations at once; more requests wait in Gradio's queue.
+        rng: the A/B shuffle (the operating system's randomness by default).
+
+    Returns:
+        gradio.Blocks with its queue configured; launch it with launch_app.
+    """
+    import gradio as gr
+
+    page = setup_page(served, opponent, votes_db, time_limit, rng)
     with gr.Blocks(title=f"gpt2ft · {served.title}", analytics_enabled=False) as app:
         gr.Markdown(f"# Talk to {served.title}", elem_id="title")
         gr.Markdown(format_model_line(served), elem_id="model-line")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=480):
                 with gr.Tabs():
-                    with gr.Tab("Chat", id="chat"):
-                        chatbot = gr.Chatbot(
-                            label=f"Conversation with {served.title}", height=430, elem_id="chat-bot",
-                            placeholder="Type a message below, or pick an example opening.", feedback_options=None,
-                            buttons=["copy", "copy_all"],
-                        )
-                        with gr.Row(equal_height=True):
-                            chat_box = gr.Textbox(
-                                placeholder="Your message (Enter sends)", show_label=False, scale=5, autofocus=True,
-                                elem_id="chat-input", max_lines=6,
-                            )
-                            chat_send_button = gr.Button(
-                                "Send", variant="primary", scale=1, min_width=90, elem_id="chat-send"
-                            )
-                        chat_new = gr.Button("New conversation", size="sm", elem_id="chat-new")
-                        gr.Examples(
-                            examples=[[opening] for opening in EXAMPLE_OPENINGS], inputs=[chat_box],
-                            label="Example openings",
-                        )
-                        chat_history = gr.State([])
-                    with gr.Tab("Compare (blind)", id="compare"):
-                        if opponent is None:
-                            gr.Markdown(
-                                "No model to compare with: the model folder records no base model. Start the page "
-                                "with `--compare-with MODEL` (a folder or a Hub id such as `gpt2`)."
-                            )
-                        else:
-                            gr.Markdown(
-                                f"Your message goes to **{titles[served.name]}** and **{titles[opponent.name]}**. "
-                                "Their replies appear as **Reply A** and **Reply B**, in a random order. Vote for "
-                                "the better one; the page then tells you which model wrote which."
-                            )
-                        compare_bot = gr.Chatbot(
-                            label="Conversation so far", height=250, elem_id="compare-bot", feedback_options=None,
-                            placeholder="Both models will answer your message.", buttons=["copy", "copy_all"],
-                        )
-                        with gr.Row(equal_height=True):
-                            compare_box = gr.Textbox(
-                                placeholder="Your message (Enter sends)", show_label=False, scale=5,
-                                elem_id="compare-input", max_lines=6, interactive=opponent is not None,
-                            )
-                            compare_send_button = gr.Button(
-                                "Send to both", variant="primary", scale=1, min_width=110, elem_id="compare-send",
-                                interactive=opponent is not None,
-                            )
-                        with gr.Row(equal_height=True):
-                            reply_a, reply_b = (
-                                gr.Textbox(label=f"Reply {side}", lines=4, max_lines=12, interactive=False,
-                                           elem_id=f"reply-{side.lower()}", elem_classes="reply-box")
-                                for side in "AB"
-                            )
-                        with gr.Row():
-                            vote_buttons = {
-                                winner: gr.Button(label, interactive=False, elem_id=f"vote-{winner.replace('_', '-')}",
-                                                  variant="primary" if winner in ("a", "b") else "secondary")
-                                for winner, label in WINNER_LABELS.items()
-                            }
-                        reveal = gr.Markdown("", elem_id="reveal")
-                        with gr.Row(visible=False) as continue_row:
-                            continue_a = gr.Button("Continue with Reply A", elem_id="continue-a")
-                            continue_b = gr.Button("Continue with Reply B", elem_id="continue-b")
-                        compare_new = gr.Button("Start over", size="sm", elem_id="compare-new")
-                        compare_history = gr.State([])
-                        compare_round = gr.State(None)
-                    with gr.Tab("Results", id="results"):
-                        gr.Markdown(
-                            "Blind votes so far, counted from the side of the model this page serves. Win rate = "
-                            "(wins + half the ties and both-bad votes) / votes; the interval is the 95% Wilson "
-                            f"interval. Stored in `{votes_db}`; `python -m gpt2ft votes --db {votes_db}` prints them "
-                            "as JSON."
-                        )
-                        results = gr.Dataframe(
-                            value=results_rows(votes_db, titles), headers=RESULT_HEADERS, interactive=False,
-                            elem_id="results-table", wrap=True,
-                        )
-                        refresh = gr.Button("Refresh", size="sm", elem_id="results-refresh")
+                    chat = build_chat_tab(page)
+                    compare = build_compare_tab(page)
+                    results = build_results_tab(page)
             with gr.Column(scale=1, min_width=250):
-                with gr.Column(variant="panel"):
-                    gr.Markdown(
-                        f"### Decoding settings\nDefaults from `{served.title}`'s saved generation config. Compare "
-                        "gives both models the same settings."
-                    )
-                    greedy = gr.Checkbox(
-                        value=defaults["greedy"], label="Greedy (always the likeliest token)", elem_id="greedy"
-                    )
-                    temperature = gr.Slider(
-                        0.05, 2.0, value=defaults["temperature"], step=0.05, label="Temperature",
-                        info="Higher: more varied, less focused.",
-                    )
-                    top_p = gr.Slider(
-                        0.05, 1.0, value=defaults["top_p"], step=0.05, label="Top-p",
-                        info="Sample from the likeliest tokens covering this share of probability.",
-                    )
-                    max_new = gr.Slider(
-                        1, token_limit, value=min(defaults["max_new_tokens"], token_limit), step=1,
-                        label="Max new tokens",
-                    )
-                gr.Markdown(
-                    f"Replies stop at the model's end-of-turn token, at the token limit, or after {time_limit:.0f} s. "
-                    "Long conversations keep only their most recent turns that fit the model's context.",
-                    elem_id="notes",
-                )
+                decoding = build_decoding_panel(page)
 
-        decoding = [temperature, top_p, max_new, greedy]
         generation = {"concurrency_limit": concurrency, "concurrency_id": "generate"}
         # Votes, resets and the results table run outside the generation limit (concurrency_limit=None): they take
         # milliseconds and must never wait behind other users' replies.
         instant = {"concurrency_limit": None}
-        chat_out = [chatbot, chat_history, chat_box, chat_send_button]
-        chat_event = gr.on(
-            [chat_send_button.click, chat_box.submit], chat_send, [chat_box, chat_history, *decoding], chat_out,
-            api_name="chat", show_progress="hidden", **generation,
-        )
-        chat_new.click(chat_reset, None, chat_out, cancels=[chat_event], api_name="chat_reset", **instant)
-        # The Chatbot's own trash button must clear the conversation the model sees, not only what is shown.
-        chatbot.clear(chat_reset, None, chat_out, cancels=[chat_event], api_visibility="private", **instant)
-
-        compare_out = [compare_bot, compare_history, compare_round, reply_a, reply_b, reveal, *vote_buttons.values(),
-                       continue_row, compare_box, compare_send_button]
-        compare_event = gr.on(
-            [compare_send_button.click, compare_box.submit], compare_send,
-            [compare_box, compare_history, compare_round, *decoding], compare_out, api_name="compare",
-            show_progress="hidden", **generation,
-        )
-        vote_out = [compare_round, reply_a, reply_b, reveal, *vote_buttons.values(), continue_row, compare_box,
-                    compare_send_button, results]
-        for winner, button in vote_buttons.items():
-            button.click(make_vote(winner), [compare_round], vote_out, api_name=f"vote_{winner}", **instant)
-        for side, button in (("a", continue_a), ("b", continue_b)):
-            button.click(make_continue(side), [compare_round], compare_out, api_name=f"continue_{side}", **instant)
-        reset = {"fn": compare_reset, "inputs": None, "outputs": compare_out, "cancels": [compare_event], **instant}
-        compare_new.click(api_name="compare_reset", **reset)
-        compare_bot.clear(api_visibility="private", **reset)
-        refresh.click(lambda: results_rows(votes_db, titles), None, results, api_name="results", **instant)
-        app.load(lambda: results_rows(votes_db, titles), None, results, api_visibility="private", **instant)
+        wire_chat_tab(page, chat, decoding, generation, instant)
+        wire_compare_tab(page, compare, decoding, results.table, generation, instant)
+        wire_results_tab(page, results, app, instant)
     app.queue(default_concurrency_limit=concurrency)
     return app
 
@@ -896,8 +1091,6 @@ def serve_in_notebook(
     if not enabled:
         print("Web demo off: set launch_web_demo = True in the parameters cell to open it here.")
         return None
-    from .notebook import in_colab
-
     share = in_colab() if share is None else share
     if share:
         print(share_warning(auth))

@@ -154,6 +154,18 @@ def test_colab_setup_installs_requirements_without_torch(notebook):
             assert not ("pip install" in line and "torch" in line), line
 
 
+def test_the_label_table_is_introduced_as_the_token_itself_not_the_next_one(notebook):
+    # Each label is the token at its own position (or -100); transformers shifts the labels by one inside the loss,
+    # so the model predicts it from the tokens before it. "The token the model must predict at that position"
+    # reads as the next token, which is what the logits there are scored against, not what the label column holds.
+    cells = notebook.cells
+    table = next(i for i, cell in enumerate(cells) if cell.cell_type == "code" and "label_table(" in cell.source)
+    intro = " ".join(cells[table - 1].source.split())
+    assert "must predict at that position" not in intro
+    assert "the token at that position itself" in intro and "-100" in intro
+    assert "from the tokens before it" in intro and "shifts the labels by one" in intro
+
+
 def test_no_secret_is_written_into_the_notebook(notebook):
     text = "\n".join(cell.source for cell in notebook.cells)
     assert not re.search(r"hf_[A-Za-z0-9]{20,}", text)
