@@ -1,43 +1,59 @@
-"""Training throughput: gpt2ft's training path against the tutorial recipe, on the same model, data and hardware.
+"""Training throughput: gpt2ft's training path against the tutorial recipe and a bare PyTorch loop, on the same
+model, data and hardware.
 
-    python -m gpt2ft bench --model /tmp/models/tiny --data ../shared/data/dailydialog --dialogs 512 --steps 62 --batch-size 8
+    python -m gpt2ft bench --model /tmp/models/tiny --data ../shared/data/dailydialog --steps 30 --repeats 3
     python -m gpt2ft bench --model gpt2 --data hub --variants all            # on a GPU: adds fp16/bf16/fp32/compile
     python -m gpt2ft bench --model /tmp/models/tiny --data ../shared/data/dailydialog --variants tokenize
 
-Every variant runs the real training path: the Trainer that `train` builds (`training.build_trainer`, the same
-TrainingArguments, optimizer, precision and callbacks), on the first `--dialogs` training dialogues after cleaning and
-de-duplication, `--batch-size` dialogues a step, from the same initial weights. The gpt2ft variants use gpt2ft's
-collator and rows; the tutorial variants give the same Trainer the tutorial recipe's data. Evaluation and
-checkpoints are switched off, and the DataLoader collates in the main process (so every batch's tokens are
-counted); the first WARMUP_STEPS steps are not timed. Timing runs from the end of the last warm-up step to the end
-of the last step, so it covers loading and collating batches, the forward and backward passes and the optimizer.
+Every gpt2ft and tutorial variant runs the real training path: the Trainer that `train` builds
+(`training.build_trainer`: the same TrainingArguments, optimizer, precision, callbacks and DataLoader workers), on
+the first `--dialogs` training dialogues after cleaning and de-duplication, `--batch-size` dialogues a step, from the
+same initial weights. The gpt2ft variants use gpt2ft's batches (`DialogueCollator.loader`) and loss; the tutorial
+variants give the same Trainer the tutorial recipe's data and the model's own loss. `torch_loop` is the bare
+minimum for comparison: the same model, batches, precision, loss and fused AdamW in a plain PyTorch loop, no
+Trainer. Evaluation and checkpoints are switched off.
+
+How a number is made fair:
+    - Each variant is fed a fixed schedule of batches: WARMUP_STEPS untimed steps, plus one untimed batch of every
+      shape the timed steps use that those did not already show (so no new shape is met while timed), then
+      `--steps` timed steps. The batches are counted from the schedule, not in the collator, so collation runs
+      where training runs it (in DataLoader workers on a GPU).
+    - Timing runs from the end of the last warm-up step to the end of the last step, with the GPU synchronised at
+      those two points only (a synchronisation every step would itself be overhead).
+    - `--repeats N` runs the variants interleaved (A B C A B C ...), each run from a fresh copy of the model, so a
+      slow start of the process or another job on the machine lands on every variant alike; each variant's line
+      reports the median of its repeats, with the min and max.
 One JSON line is printed per variant, then ratio lines (`{"ratio": "gpt2ft_pack/tutorial_pad512", "value": ...}`:
-real tokens per second of the first over the second).
+median real tokens per second of the first over the second).
 
 Variants:
     tutorial_pad128, tutorial_pad512  the tutorial recipe: turns joined with spaces, padded (pad = EOS) and truncated
-                                      to a fixed length, labels = a copy of input_ids (padding is trained on too)
-    gpt2ft_pack                       gpt2ft's defaults: DialoGPT format, each batch packed into balanced rows of ~512
-                                      tokens (position_ids restart per dialogue), no truncation (long dialogues are
-                                      windowed)
-    gpt2ft_pad                        `--batching pad`: dynamic padding to a multiple of 8, length-grouped batches
+                                      to a fixed length, labels = a copy of input_ids (padding is trained on too),
+                                      the model's own loss (full logits)
+    gpt2ft_pack                       gpt2ft's defaults: DialoGPT format, packed rows of 512 tokens in a few fixed
+                                      shapes (position_ids restart per dialogue, a block-diagonal mask), no truncation
+                                      (long dialogues are windowed), the loss a chunk of positions at a time
+    gpt2ft_pad                        `--batching pad`: one dialogue a row, widths from a fixed ladder
+    torch_loop                        gpt2ft_pack's model, batches, precision and loss in a plain PyTorch loop with
+                                      AdamW (fused on CUDA), clipping and a linear schedule: no Trainer
     gpt2ft_pack_1row                  gpt2ft_pack with the whole batch in one packed row (gpt2ft's first packing)
     gpt2ft_pack_gelu_tanh             gpt2ft_pack with activation_function="gelu_pytorch_tanh" (one fused kernel)
     gpt2ft_pack_vocab64               gpt2ft_pack with the vocabulary padded from 50257 to a multiple of 64
     gpt2ft_pack_fp16, gpt2ft_pack_bf16, gpt2ft_pack_fp32, gpt2ft_pack_compile, gpt2ft_pad_compile   (CUDA only)
     tokenize                          time to prepare and tokenise the whole train split, plain and cached
-"default" = the first four; "all" adds the rest except tokenize (CUDA-only ones are reported as skipped on CPU).
+"default" = the first five; "all" adds the rest except tokenize (CUDA-only ones are reported as skipped on CPU).
 
 What the fields mean:
     real_tokens        non-padding tokens in the timed steps (EOS separators of gpt2ft's format count: they are
-                       trained on); real_tokens_per_s = real_tokens / timed seconds
-    padded_tokens      padding slots processed (gpt2ft_pack: the segments that top packed rows up to one width);
-                       target_tokens: positions with a loss (the tutorial's include its padding)
+                       trained on); real_tokens_per_s = real_tokens / timed seconds: the median of the repeats, with
+                       real_tokens_per_s_min and _max; the other fields are the median repeat's
+    padded_tokens      padding slots processed; target_tokens: positions with a loss (the tutorial's include its padding)
     truncated_tokens   tokens of the timed dialogues that never reach the model (tutorial: cut by truncation;
                        gpt2ft: 0 by construction, long dialogues are windowed)
+    shapes             distinct input shapes in the timed steps; warmup_steps: untimed steps before them
     step_time_ms       timed seconds / timed steps
     peak_memory_mb     CUDA: torch.cuda.max_memory_allocated (MiB). CPU: peak resident set size of the whole process
-                       (MB of 10**6 bytes; model, data and Python included), sampled every 5 ms by monitor.SystemMonitor
+                       (MB of 10**6 bytes; model, data and Python included), sampled every 50 ms
     mfu (CUDA only)    model FLOPs per second over the GPU's dense peak (PEAK_TFLOPS), counting for each real row of
                        L tokens 6*N*L + 12*n_layer*n_embd*L**2 (PaLM, appendix B: N = parameters without the position
                        embeddings; the tied lm_head counts once); padding and cross-dialogue attention are not
@@ -46,9 +62,11 @@ What the fields mean:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -58,14 +76,14 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .data import IGNORE_INDEX, DialogueCollator, prepare_dialogs, tokenize_dialogs
+from .data import DialogueCollator, prepare_dialogs, tokenize_dialogs
 
-DEFAULT_VARIANTS = ("tutorial_pad128", "tutorial_pad512", "gpt2ft_pack", "gpt2ft_pad")
+DEFAULT_VARIANTS = ("tutorial_pad128", "tutorial_pad512", "gpt2ft_pack", "gpt2ft_pad", "torch_loop")
 EXTRA_VARIANTS = ("gpt2ft_pack_1row", "gpt2ft_pack_gelu_tanh", "gpt2ft_pack_vocab64")
 GPU_VARIANTS = ("gpt2ft_pack_fp16", "gpt2ft_pack_bf16", "gpt2ft_pack_fp32", "gpt2ft_pack_compile", "gpt2ft_pad_compile")
 ALL_VARIANTS = DEFAULT_VARIANTS + EXTRA_VARIANTS + GPU_VARIANTS
 SPECIAL_VARIANTS = ("tokenize",)
-WARMUP_STEPS = 2
+WARMUP_STEPS = 3  # untimed steps before the timed ones, besides one of each shape they use
 # A row_tokens no batch reaches: the whole batch in one packed row (gpt2ft's packing before rows of ~512 tokens).
 ONE_ROW = 10**9
 
@@ -91,7 +109,7 @@ class BenchError(ValueError):
 @dataclass(frozen=True)
 class Variant:
     name: str
-    recipe: str  # "tutorial" or "gpt2ft"
+    recipe: str  # "tutorial", "gpt2ft" or "torch_loop"
     fixed_length: int | None = None  # tutorial: pad/truncate to this many tokens
     batching: str = "pack"  # gpt2ft: "pack" or "pad"
     collator_options: tuple[tuple[str, int], ...] = ()  # extra DialogueCollator arguments
@@ -107,15 +125,14 @@ VARIANTS: dict[str, Variant] = {
     "tutorial_pad512": Variant("tutorial_pad512", "tutorial", fixed_length=512),
     "gpt2ft_pack": Variant("gpt2ft_pack", "gpt2ft"),
     "gpt2ft_pad": Variant("gpt2ft_pad", "gpt2ft", batching="pad"),
-    "gpt2ft_pack_1row": Variant(
-        "gpt2ft_pack_1row", "gpt2ft", collator_options=(("row_tokens", ONE_ROW), ("max_row_tokens", ONE_ROW), ("pad_to_multiple_of", 1))
-    ),
+    "torch_loop": Variant("torch_loop", "torch_loop"),
+    "gpt2ft_pack_1row": Variant("gpt2ft_pack_1row", "gpt2ft", collator_options=(("row_tokens", ONE_ROW),)),
     "gpt2ft_pack_gelu_tanh": Variant("gpt2ft_pack_gelu_tanh", "gpt2ft", activation="gelu_pytorch_tanh"),
     "gpt2ft_pack_vocab64": Variant("gpt2ft_pack_vocab64", "gpt2ft", vocab_multiple=64),
     "gpt2ft_pack_fp16": Variant("gpt2ft_pack_fp16", "gpt2ft", precision="fp16", cuda_only=True),
     "gpt2ft_pack_bf16": Variant("gpt2ft_pack_bf16", "gpt2ft", precision="bf16", cuda_only=True),
     "gpt2ft_pack_fp32": Variant("gpt2ft_pack_fp32", "gpt2ft", precision="fp32", cuda_only=True),
-    # As training does under --compile: batch widths bucketed to multiples of 128, so a few shapes get compiled.
+    # As training does under --compile: gpt2ft's few fixed shapes make a few graphs.
     "gpt2ft_pack_compile": Variant("gpt2ft_pack_compile", "gpt2ft", compile=True, cuda_only=True),
     "gpt2ft_pad_compile": Variant("gpt2ft_pad_compile", "gpt2ft", batching="pad", compile=True, cuda_only=True),
 }
@@ -191,54 +208,133 @@ class TutorialCollator:
         return {key: torch.tensor([f[key] for f in features]) for key in ("input_ids", "attention_mask", "labels")}
 
 
-class CountingCollator:
-    """Wraps a collator and counts what the timed steps are fed: real (non-padding) tokens and padding slots, and
-    per real row of L tokens the L and L**2 the FLOP count needs."""
+# --------------------------------------------------------------------------------------------------------------
+# The schedule: which batches a variant is fed, and what they hold
+# --------------------------------------------------------------------------------------------------------------
 
-    def __init__(self, collate: Callable[[list[dict]], dict[str, torch.Tensor]]) -> None:
-        self.collate = collate
-        self.counting = False
-        self.real = self.slots = self.targets = self.truncated = self.sum_len = self.sum_len_sq = 0
 
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.collate(features)
-        if self.counting:
-            lengths = [sum(f["attention_mask"]) if "attention_mask" in f else len(f["input_ids"]) for f in features]
-            self.real += sum(lengths)
-            self.slots += batch["input_ids"].numel()
-            self.targets += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            self.truncated += sum(f.get("truncated", 0) for f in features)
-            self.sum_len += sum(lengths)
-            self.sum_len_sq += sum(n * n for n in lengths)  # each dialogue's own attention, not the packed row's
-        return batch
+@dataclass
+class Schedule:
+    """A variant's batches in the order it is fed them (lists of dataset indices), the first `warmup` untimed."""
+
+    dataset: Any  # what the DataLoader indexes (PackedRows for gpt2ft, the tutorial's padded rows)
+    collate: Callable[[list], dict[str, torch.Tensor]]
+    batches: list[list[int]]
+    warmup: int
+    counts: dict[str, int]  # of the timed batches: real, slots, targets, truncated, sum_len, sum_len_sq, shapes
+
+
+def timed_schedule(batches: list[list[int]], shape_of: Callable[[list[int]], tuple[int, ...]], steps: int) -> tuple[list[list[int]], int]:
+    """WARMUP_STEPS batches, then one batch of each shape the timed batches use that the warm-up has not shown yet
+    (taken from after the timed ones, or else repeated from them), then `steps` timed batches.
+
+    Returns:
+        (the batches in order, how many of them are warm-up)
+    """
+    if len(batches) < WARMUP_STEPS + steps:
+        raise BenchError(f"--steps {steps}: the data gives only {len(batches)} batches; use more --dialogs or fewer --steps")
+    warmup, timed, rest = batches[:WARMUP_STEPS], batches[WARMUP_STEPS : WARMUP_STEPS + steps], batches[WARMUP_STEPS + steps :]
+    seen = {shape_of(batch) for batch in warmup}
+    for shape in dict.fromkeys(shape_of(batch) for batch in timed):
+        if shape not in seen:
+            warmup.append(next((batch for batch in rest if shape_of(batch) == shape), next(b for b in timed if shape_of(b) == shape)))
+            seen.add(shape)
+    return warmup + timed, len(warmup)
+
+
+def gpt2ft_schedule(collator: DialogueCollator, rows: Any, batch_size: int, steps: int, seed: int) -> Schedule:
+    """gpt2ft's batches exactly as training draws them (DialogueCollator.loader, epoch after epoch as needed)."""
+    from .data import window_lengths
+
+    loader = collator.loader(rows, batch_size, shuffle=True, seed=seed)
+    sampler, dataset, shapes = loader.batch_sampler, loader.dataset, loader.batch_sampler.shapes
+    lengths, targets = window_lengths(rows), rows["n_targets"]
+    batches: list[list[int]] = []
+    epoch = 0
+    while len(batches) < WARMUP_STEPS + 2 * steps:  # enough to take each shape's warm-up batch from outside the timed
+        sampler.set_epoch(epoch)
+        batches += sampler.batches()
+        epoch += 1
+
+    def width(batch: list[int]) -> int:
+        return shapes.width_for(max(sum(lengths[i] for i in dataset.groups[row]) for row in batch))
+
+    def shape_of(batch: list[int]) -> tuple[int, int]:
+        return (shapes.rows_for(width(batch)), width(batch))
+
+    ordered, warmup = timed_schedule(batches, shape_of, steps)
+    counts = dict.fromkeys(("real", "slots", "targets", "truncated", "sum_len", "sum_len_sq"), 0)
+    for batch in ordered[warmup:]:
+        windows = [i for row in batch for i in dataset.groups[row]]
+        counts["real"] += sum(lengths[i] for i in windows)
+        counts["slots"] += shapes.rows_for(width(batch)) * width(batch)
+        counts["targets"] += sum(targets[i] for i in windows)
+        counts["sum_len"] += sum(lengths[i] for i in windows)
+        counts["sum_len_sq"] += sum(lengths[i] ** 2 for i in windows)  # each dialogue's own attention
+    counts["shapes"] = len({shape_of(batch) for batch in ordered[warmup:]})
+    return Schedule(dataset, loader.collate_fn, ordered, warmup, counts)
+
+
+def tutorial_schedule(rows: Any, batch_size: int, steps: int, seed: int) -> Schedule:
+    """Full batches of the tutorial's fixed-length rows in a seeded random order (one shape)."""
+    import random
+
+    order = random.Random(seed).sample(range(len(rows)), len(rows))
+    while len(order) < (WARMUP_STEPS + steps) * batch_size:
+        order += order
+    batches = [order[start : start + batch_size] for start in range(0, len(order) - batch_size + 1, batch_size)]
+    ordered, warmup = timed_schedule(batches, lambda batch: (len(batch),), steps)
+    real_lengths = [sum(mask) for mask in rows["attention_mask"]]
+    width, truncated = rows["length"][0], rows["truncated"]
+    counts = dict.fromkeys(("real", "slots", "targets", "truncated", "sum_len", "sum_len_sq"), 0)
+    for batch in ordered[warmup:]:
+        counts["real"] += sum(real_lengths[i] for i in batch)
+        counts["slots"] += width * len(batch)
+        counts["targets"] += (width - 1) * len(batch)  # labels = input_ids: every slot after the first, padding too
+        counts["truncated"] += sum(truncated[i] for i in batch)
+        counts["sum_len"] += sum(real_lengths[i] for i in batch)
+        counts["sum_len_sq"] += sum(real_lengths[i] ** 2 for i in batch)
+    counts["shapes"] = 1
+    return Schedule(rows, TutorialCollator(), ordered, warmup, counts)
+
+
+def schedule_loader(schedule: Schedule, num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        schedule.dataset, batch_sampler=schedule.batches, collate_fn=schedule.collate, num_workers=num_workers, pin_memory=pin_memory,
+    )
 
 
 class StepClock(TrainerCallback):
-    """Times the steps after the warm-up: from the end of the last warm-up step to the end of the last step."""
+    """Times the steps after the warm-up: from the end of the last warm-up step to the end of the last step, with
+    the device synchronised at those two points only."""
 
-    def __init__(self, counter: CountingCollator, device: torch.device) -> None:
-        self.counter, self.device = counter, device
+    def __init__(self, warmup: int, device: torch.device) -> None:
+        self.warmup, self.device = warmup, device
         self.started: float | None = None
         self.elapsed = 0.0
         self.timed_steps = 0
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def mark(self, step: int, last: int) -> None:
+        if step == self.warmup or step == last:
+            synchronize(self.device)
+            now = time.perf_counter()
+            if step == self.warmup:
+                self.started = now
+            else:
+                self.elapsed, self.timed_steps = now - self.started, step - self.warmup
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-        now = time.perf_counter()
-        if state.global_step == WARMUP_STEPS:
-            self.started = now
-            self.counter.counting = True  # the batches fetched from here on belong to timed steps
-        elif self.started is not None:
-            self.elapsed, self.timed_steps = now - self.started, state.global_step - WARMUP_STEPS
+        self.mark(state.global_step, state.max_steps)
         return control
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # --------------------------------------------------------------------------------------------------------------
-# One variant through the Trainer
+# One run of a variant
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -256,78 +352,154 @@ def prepare_model(base: Any, tokenizer: Any, variant: Variant) -> Any:
     return model
 
 
-def run_variant(variant: Variant, base: Any, tokenizer: Any, rows: Any, config: Any, steps: int, output_dir: str) -> dict[str, Any]:
-    """Train `variant` for WARMUP_STEPS + `steps` steps through training.build_trainer; return its record."""
+def bench_plan(variant: Variant, config: Any, output_dir: str, steps: int) -> Any:
+    """The run plan `train` would make for this variant's settings, timing only: no evaluation, no checkpoints."""
     import dataclasses
 
-    from .monitor import SystemMonitor
-    from .training import LoadedModel, build_trainer, plan_run
+    from .training import plan_run
 
     config = config.replace(
         batching=variant.batching, precision=variant.precision, compile=variant.compile, output_dir=os.path.join(output_dir, "model"),
-        logs_dir=os.path.join(output_dir, "logs"), images_dir=os.path.join(output_dir, "images"),
+        logs_dir=os.path.join(output_dir, "logs"), images_dir=os.path.join(output_dir, "images"), max_steps=steps,
     )
     plan = plan_run(config, explicit=set())
-    # Timing only: no evaluation, no checkpoints, the main process collates (so every batch's tokens are counted).
     plan.args = dataclasses.replace(
-        plan.args, eval_strategy="no", save_strategy="no", load_best_model_at_end=False, logging_steps=10**9, dataloader_num_workers=0,
-        disable_tqdm=True,
+        plan.args, eval_strategy="no", save_strategy="no", load_best_model_at_end=False, logging_steps=10**9, disable_tqdm=True,
     )
-    torch.manual_seed(0)  # the same dropout masks for every variant
-    model = prepare_model(base, tokenizer, variant)
-    trainer = build_trainer(plan, LoadedModel(model, tokenizer, {}), {"train": rows, "validation": rows}, settings={})
+    return plan
+
+
+def run_trainer(variant: Variant, model: Any, tokenizer: Any, schedule: Schedule, plan: Any) -> tuple[float, int, float | None]:
+    """Train through training.build_trainer on the schedule; (timed seconds, timed steps, last logged loss)."""
+    from .loss import core_model
+    from .training import LoadedModel, build_trainer
+
+    trainer = build_trainer(plan, LoadedModel(model, tokenizer, {}), {"train": schedule.dataset, "validation": schedule.dataset}, settings={})
     if variant.recipe == "tutorial":
-        collate: Any = TutorialCollator()
-    else:
-        bucket = 128 if variant.compile else None
-        collate = DialogueCollator(tokenizer, variant.batching, bucket=bucket, **dict(variant.collator_options))
-    counter = CountingCollator(collate)
-    clock = StepClock(counter, plan.args.device)
-    trainer.data_collator = counter
+        vars(core_model(model)).pop("forward", None)  # the tutorial recipe: the model's own loss, full logits
+    args = plan.args
+    loader = schedule_loader(schedule, args.dataloader_num_workers, args.dataloader_pin_memory)
+    trainer.get_train_dataloader = lambda: trainer.accelerator.prepare(loader)  # the schedule, not a fresh epoch
+    clock = StepClock(schedule.warmup, args.device)
     trainer.add_callback(clock)
     for printer in (PrinterCallback, ProgressCallback):  # stdout carries the benchmark's JSON lines only
         trainer.remove_callback(printer)
+    trainer.train()
+    last_loss = trainer.state.log_history[-1].get("train_loss") if trainer.state.log_history else None
+    del trainer
+    return clock.elapsed, clock.timed_steps, last_loss
+
+
+def run_torch_loop(model: Any, schedule: Schedule, plan: Any) -> tuple[float, int, float | None]:
+    """The bare minimum: the same model, batches, precision and loss, fused AdamW (foreach on the CPU), gradient
+    clipping and a linear warm-up/decay schedule, in a plain loop."""
+    from .loss import use_chunked_loss
+    from .modeling import autocast_context
+
+    config, device = plan.config, plan.args.device
+    model = use_chunked_loss(model).to(device).train()
+    model.config.use_cache = False
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate, fused=device.type == "cuda",
+    )
+    total = len(schedule.batches)
+    warm = max(1, int(config.warmup_ratio * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm))))
+    scaler = torch.amp.GradScaler(device.type) if plan.precision == "fp16" else None
+    clock = StepClock(schedule.warmup, device)
+    loss = None
+    for step, batch in enumerate(schedule_loader(schedule, plan.args.dataloader_num_workers, plan.args.dataloader_pin_memory), start=1):
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        with autocast_context(plan.precision, device):
+            loss = model(**batch).loss
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        clock.mark(step, total)
+    return clock.elapsed, clock.timed_steps, float(loss) if loss is not None else None
+
+
+def run_variant(variant: Variant, base: Any, tokenizer: Any, schedule: Schedule, config: Any, output_dir: str) -> dict[str, Any]:
+    """One run of `variant` on its schedule, from a fresh copy of the base weights; its record."""
+    from .monitor import SystemMonitor
+
+    plan = bench_plan(variant, config, output_dir, len(schedule.batches))
     device = plan.args.device
+    torch.manual_seed(0)  # the same dropout masks for every variant
+    model = prepare_model(base, tokenizer, variant)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with SystemMonitor(None, 0.005, only=("memory",)) as memory:
-        trainer.train()
-    elapsed = clock.elapsed
+    # Process memory on the CPU only: on a GPU the allocator's own peak is exact and needs no sampling thread.
+    with SystemMonitor(None, 0.05, only=("memory",)) if device.type != "cuda" else contextlib.nullcontext() as memory:
+        if variant.recipe == "torch_loop":
+            elapsed, timed_steps, last_loss = run_torch_loop(model, schedule, plan)
+        else:
+            elapsed, timed_steps, last_loss = run_trainer(variant, model, tokenizer, schedule, plan)
+    counts = schedule.counts
     record: dict[str, Any] = {
         "variant": variant.name,
         "recipe": variant.recipe,
         "batching": f"fixed{variant.fixed_length}" if variant.recipe == "tutorial" else variant.batching,
-        "max_length": max(rows["length"]),
         "device": plan.hardware.name,
         "precision": plan.precision,
-        "steps": clock.timed_steps,
+        "steps": timed_steps,
+        "warmup_steps": schedule.warmup,
+        "shapes": counts["shapes"],
         "batch_size": config.batch_size,
-        "real_tokens": counter.real,
-        "padded_tokens": counter.slots - counter.real,
-        "target_tokens": counter.targets,
-        "truncated_tokens": counter.truncated,
-        "real_tokens_per_s": round(counter.real / elapsed, 1) if elapsed > 0 else None,
-        "step_time_ms": round(1000 * elapsed / max(1, clock.timed_steps), 2),
+        "real_tokens": counts["real"],
+        "padded_tokens": counts["slots"] - counts["real"],
+        "target_tokens": counts["targets"],
+        "truncated_tokens": counts["truncated"],
+        "real_tokens_per_s": round(counts["real"] / elapsed, 1) if elapsed > 0 else None,
+        "step_time_ms": round(1000 * elapsed / max(1, timed_steps), 2),
         "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else round(memory.peak_rss_mb, 1),
-        "last_loss": round(trainer.state.log_history[-1].get("train_loss", float("nan")), 4) if trainer.state.log_history else None,
+        "last_loss": round(last_loss, 4) if last_loss is not None else None,
         # Other processes on the machine slow a variant down; the 1-minute load average makes that visible.
         "load_avg_1m": load_average(),
     }
     if device.type == "cuda" and elapsed > 0:
         peak, source = peak_tflops(plan.hardware.name, plan.precision)
         n_layer, n_embd = model.config.n_layer, model.config.n_embd
-        flops = 6 * flop_params(model) * counter.sum_len + 12 * n_layer * n_embd * counter.sum_len_sq
+        flops = 6 * flop_params(model) * counts["sum_len"] + 12 * n_layer * n_embd * counts["sum_len_sq"]
         record.update(
             mfu=round(flops / elapsed / (peak * 1e12), 4) if peak else None,
             mfu_formula="sum over real rows of 6*N*L + 12*n_layer*n_embd*L^2; N excludes wpe",
             peak_tflops=peak,
             peak_source=source,
         )
-    del trainer, model
+    del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return record
+
+
+def median_record(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The repeat with the median throughput, with the spread of all of them."""
+    speeds = [run["real_tokens_per_s"] for run in runs if run.get("real_tokens_per_s") is not None]
+    if not speeds:
+        return {**runs[0], "repeats": len(runs)}
+    middle = sorted(runs, key=lambda run: run.get("real_tokens_per_s") or 0.0)[len(runs) // 2]
+    return {
+        **middle,
+        "real_tokens_per_s": round(statistics.median(speeds), 1),
+        "real_tokens_per_s_min": min(speeds),
+        "real_tokens_per_s_max": max(speeds),
+        "repeats": len(runs),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -379,10 +551,11 @@ def bench_tokenization(model: str, data: str, cache_dir: str) -> dict[str, Any]:
 
 
 def ratio_lines(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """gpt2ft's real-token throughput over each tutorial variant's (and packed over padded)."""
+    """Median real-token throughput of gpt2ft's variants over each tutorial variant's and the bare loop's (and
+    packed over padded)."""
     speed = {r["variant"]: r["real_tokens_per_s"] for r in records if r.get("real_tokens_per_s")}
     ours_all = [name for name in speed if name.startswith("gpt2ft_")]
-    pairs = [(ours, theirs) for ours in ours_all for theirs in ("tutorial_pad128", "tutorial_pad512")]
+    pairs = [(ours, theirs) for ours in ours_all for theirs in ("tutorial_pad128", "tutorial_pad512", "torch_loop")]
     pairs += [(ours, "gpt2ft_pad") for ours in ours_all if ours.startswith("gpt2ft_pack")]
     return [
         {"ratio": f"{ours}/{theirs}", "value": round(speed[ours] / speed[theirs], 3)}
@@ -392,12 +565,14 @@ def ratio_lines(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_benchmarks(
-    model: str, data: str, dialogs: int, steps: int, batch_size: int, variants: str, cache_dir: str, emit: Callable[[dict], None]
+    model: str, data: str, dialogs: int, steps: int, batch_size: int, variants: str, cache_dir: str, emit: Callable[[dict], None],
+    repeats: int = 3,
 ) -> list[dict]:
-    """Run the variants one after another in this process; emit and return one record per variant, then the ratios.
+    """Run the variants `repeats` times, interleaved; emit and return one record per variant (the median repeat),
+    then the ratios.
 
     Raises:
-        BenchError: an unknown variant.
+        BenchError: an unknown variant, or too few dialogues for the steps.
     """
     from datasets import Dataset
 
@@ -425,27 +600,30 @@ def run_benchmarks(
         {
             "bench": "setup", "model": model, "params": sum(p.numel() for p in base.parameters()), "n_layer": base.config.n_layer,
             "n_embd": base.config.n_embd, "vocab_size": base.config.vocab_size, "dialogs": len(texts), "steps": steps,
-            "warmup_steps": WARMUP_STEPS, "batch_size": batch_size, "device": hardware.name,
+            "warmup_steps": WARMUP_STEPS, "repeats": repeats, "batch_size": batch_size, "device": hardware.name,
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_avg_1m": load_average(),
         }
     )
+    config = TrainConfig(model=model, data=data, cache_dir=cache_dir, batch_size=batch_size, logging_steps=10**6)
     gpt2ft_rows = tokenize_dialogs(Dataset.from_dict({"dialog": texts}), tokenizer, context)
-    rows_by_length: dict[int, Any] = {}
-    # One dialogue a step row, however many steps: the schedule repeats the data if the steps need more.
-    config = TrainConfig(model=model, data=data, cache_dir=cache_dir, batch_size=batch_size, max_steps=WARMUP_STEPS + steps, logging_steps=10**6)
+    schedules: dict[str, Schedule] = {}
+    for variant in training:
+        if variant.cuda_only and hardware.device != "cuda":
+            continue
+        if variant.recipe == "tutorial":
+            length = min(variant.fixed_length or context, context)  # past the context would index past wpe
+            schedules[variant.name] = tutorial_schedule(tutorial_rows(texts, tokenizer, length)[0], batch_size, steps, config.seed)
+        else:
+            collator = DialogueCollator(tokenizer, variant.batching, **dict(variant.collator_options))
+            schedules[variant.name] = gpt2ft_schedule(collator, gpt2ft_rows, batch_size, steps, config.seed)
+    runs: dict[str, list[dict]] = {variant.name: [] for variant in training}
     with tempfile.TemporaryDirectory(prefix="gpt2ft-bench-") as scratch:
-        for variant in training:
-            if variant.cuda_only and hardware.device != "cuda":
-                out({"variant": variant.name, "skipped": "needs a CUDA GPU"})
-                continue
-            if variant.recipe == "tutorial":
-                length = min(variant.fixed_length or context, context)  # past the context would index past wpe
-                if length not in rows_by_length:
-                    rows_by_length[length] = tutorial_rows(texts, tokenizer, length)[0]
-                rows = rows_by_length[length]
-            else:
-                rows = gpt2ft_rows
-            out(run_variant(variant, base, tokenizer, rows, config, steps, os.path.join(scratch, variant.name)))
+        for _ in range(repeats):
+            for variant in training:
+                if variant.name in schedules:
+                    runs[variant.name].append(run_variant(variant, base, tokenizer, schedules[variant.name], config, os.path.join(scratch, variant.name)))
+    for variant in training:
+        out(median_record(runs[variant.name]) if runs[variant.name] else {"variant": variant.name, "skipped": "needs a CUDA GPU"})
     for line in ratio_lines(records):
         out(line)
     return records

@@ -145,9 +145,10 @@ def build_parser() -> Parser:
     bench = commands.add_parser("bench", help="training throughput: gpt2ft vs the tutorial recipe")
     bench.add_argument("--model", default="gpt2")
     bench.add_argument("--data", default="hub")
-    bench.add_argument("--dialogs", type=int, default=512)
-    bench.add_argument("--steps", type=int, default=8)
-    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--dialogs", type=int, default=1024, help="training dialogues the batches are drawn from")
+    bench.add_argument("--steps", type=int, default=30, help="timed steps a run (after its warm-up)")
+    bench.add_argument("--batch-size", type=int, default=16, help="dialogues a step, as train's --batch-size")
+    bench.add_argument("--repeats", type=int, default=3, help="runs of each variant, interleaved; the median is reported")
     bench.add_argument("--variants", default="default", help="comma-separated variants, or 'default' / 'all'")
     bench.add_argument("--cache-dir", default=DATA_DIR)
 
@@ -344,9 +345,9 @@ def run_charts(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     from .bench import run_benchmarks
 
-    for name in ("dialogs", "steps", "batch_size"):
+    for name in ("dialogs", "steps", "batch_size", "repeats"):
         check_positive(name, getattr(args, name))
-    run_benchmarks(args.model, args.data, args.dialogs, args.steps, args.batch_size, args.variants, args.cache_dir, print_json)
+    run_benchmarks(args.model, args.data, args.dialogs, args.steps, args.batch_size, args.variants, args.cache_dir, print_json, args.repeats)
     return 0
 
 

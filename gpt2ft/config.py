@@ -62,14 +62,14 @@ class TrainConfig:
     validation_fraction: float = field(default=0.05, metadata={"help": "Share of a source without a validation split held out for it (chosen by a hash of each dialogue).", "run": True})
     test_fraction: float = field(default=0.05, metadata={"help": "Share of a source without a test split held out for it (chosen by a hash of each dialogue).", "run": True})
     loss_on: str = field(default="auto", metadata={"help": "'auto': 'assistant' for data with roles, else 'all'; 'all': every turn is a target; 'responses': all but the first; 'assistant': assistant turns only.", "choices": ("auto", "all", "responses", "assistant"), "run": True})
-    batching: str = field(default="pack", metadata={"help": "'pack': several dialogues a row, attention kept inside each; 'pad': dynamic padding with length-grouped batches.", "choices": ("pack", "pad"), "run": True})
+    batching: str = field(default="pack", metadata={"help": "'pack': several dialogues a row of 512 tokens, attention kept inside each; 'pad': one dialogue a row, padded to the next of a few fixed widths.", "choices": ("pack", "pad"), "run": True})
 
     # --- optimisation -------------------------------------------------------------------------------------------
     epochs: float = field(default=3.0, metadata={"help": "Passes over the training data.", "run": True})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimiser steps (overrides --epochs when > 0).", "run": True})
     # 16 dialogues of ~123 tokens (~2k tokens a step) keep GPT-2 small's activations at a few GB in fp16, far below
     # a T4's 15 GB even for the longest (~900-token) dialogues. Out of memory stops the run with settings that fit.
-    batch_size: int = field(default=16, metadata={"help": "Dialogues per device per step (before gradient accumulation).", "run": True})
+    batch_size: int = field(default=16, metadata={"help": "Dialogues per device per step (before gradient accumulation); packed, a token budget: as many 512-token rows as this many dialogues of the data's mean length fill.", "run": True})
     eval_batch_size: int = field(default=32, metadata={"help": "Dialogues per device per evaluation batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches accumulated into one optimiser step.", "run": True})
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (AdamW), reached after warmup, then linear decay to 0.", "run": True})
@@ -92,7 +92,7 @@ class TrainConfig:
     num_workers: int = field(default=-1, metadata={"help": "DataLoader worker processes; -1 = 2 on CUDA, 0 on CPU."})
 
     # --- speed and scale ----------------------------------------------------------------------------------------
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (pays a warm-up; sequence lengths are bucketed to limit recompiles)."})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (pays a warm-up; batches come in a few fixed shapes, so it compiles a few graphs)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass to save memory."})
     method: str = field(default="full", metadata={"help": "'full' fine-tuning or 'lora' (PEFT adapters, merged into the saved model).", "choices": ("full", "lora"), "run": True})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank.", "run": True})

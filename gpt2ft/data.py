@@ -23,15 +23,20 @@ tokenisation time, never by masking a token id: GPT-2's pad token *is* its EOS, 
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import math
 import os
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import datasets
+import numpy as np
+import torch
 from datasets import Dataset, DatasetDict
 
 from .sources import SPLITS, DataError
@@ -446,101 +451,283 @@ def iter_dump_records(rows: Dataset) -> Iterable[dict[str, list[int]]]:
         yield {"input_ids": list(input_ids), "labels": list(labels)}
 
 
-def balance_rows(lengths: Sequence[int], row_tokens: int, max_row_tokens: int) -> list[list[int]]:
-    """Group sequences into packed rows of about `row_tokens` tokens each.
+# --------------------------------------------------------------------------------------------------------------
+# Batching: a few fixed shapes, packed rows, no host reads on the model's side
+# --------------------------------------------------------------------------------------------------------------
 
-    ceil(total / row_tokens) rows; sequences go longest first into the row with the fewest tokens (the LPT rule),
-    so rows end up nearly equal and padding them to one width costs little. If that would make a row longer than
-    `max_row_tokens` (the model's context), first-fit-decreasing into rows of at most `max_row_tokens` instead.
+# Packed rows are ROW_TOKENS wide: SDPA with a mask computes the whole row-by-row attention matrix, so one
+# 2,000-token row would spend most of its attention on masked-out pairs, while 512 keeps that share small and the
+# matrix multiplications large. A window longer than a row gets a row twice (four times, ...) as wide.
+ROW_TOKENS = 512
+# `--batching pad` widths: each dialogue is padded to the next of these (multiples of 64 for the tensor cores), so
+# a split is fed in at most eight widths however its lengths vary.
+PAD_WIDTHS = (64, 128, 192, 256, 384, 512, 768, 1024)
+# Windows packed together are chosen within chunks of this many (best fit, longest first): rows come out ~98% full
+# while packing a million dialogues stays a few seconds of Python.
+PACK_CHUNK = 4096
+
+
+def round_up(value: float, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+@functools.lru_cache(maxsize=16)
+def causal_mask(width: int) -> np.ndarray:
+    """(width, width) booleans, True where a position may attend: itself and the positions before it."""
+    return np.tri(width, dtype=bool)
+
+
+def doubling_widths(base: int, longest: int) -> list[int]:
+    """`base`, twice it, four times it ... up to the first width that holds `longest` tokens."""
+    widths = [base]
+    while widths[-1] < longest:
+        widths.append(widths[-1] * 2)
+    return widths
+
+
+@dataclass(frozen=True)
+class BatchShapes:
+    """The shapes a split is fed to the model in: a few row widths, and how many rows a batch of each width has.
+
+    Every batch of a width has the same number of rows (the last one is topped up with empty rows), so a whole
+    epoch uses len(widths) input shapes: one kernel plan per shape on the GPU, and a handful of graphs under
+    torch.compile. With packing, a batch is a token budget: `rows[0]` rows of `widths[0]` slots hold about
+    `batch_size` dialogues; a wider row counts as several narrow ones.
+    """
+
+    widths: tuple[int, ...]
+    rows: tuple[int, ...]
+
+    def width_for(self, tokens: int) -> int:
+        """The narrowest width that holds `tokens`."""
+        for width in self.widths:
+            if width >= tokens:
+                return width
+        raise ValueError(f"a row of {tokens} tokens is wider than the widest batch shape ({self.widths[-1]})")
+
+    def rows_for(self, width: int) -> int:
+        return self.rows[self.widths.index(width)]
+
+
+def plan_shapes(lengths: Sequence[int], batch_size: int, batching: str, row_tokens: int = ROW_TOKENS) -> BatchShapes:
+    """The batch shapes of a split whose windows have `lengths` tokens, `batch_size` dialogues a batch.
+
+    - "pad": one dialogue a row, `batch_size` rows, widths from PAD_WIDTHS up to the longest window.
+    - "pack": rows of `row_tokens` (or of the whole budget, when a batch holds fewer tokens than a row), as many as
+      `batch_size` dialogues of the split's mean length fill; rows twice, four times ... as wide for longer windows,
+      each batch of them holding the same number of slots.
+    """
+    if not lengths:
+        raise ValueError("no rows to batch")
+    longest = max(lengths)
+    if batching == "pad":
+        widths = [width for width in PAD_WIDTHS if width < longest]
+        widths.append(next((width for width in PAD_WIDTHS if width >= longest), round_up(longest, 64)))
+        return BatchShapes(tuple(widths), (batch_size,) * len(widths))
+    budget = batch_size * sum(lengths) / len(lengths)  # tokens in `batch_size` dialogues of the mean length
+    base = min(row_tokens, round_up(budget, 8))
+    widths = doubling_widths(base, longest)
+    base_rows = max(1, round(budget / base))
+    return BatchShapes(tuple(widths), tuple(max(1, base_rows * base // width) for width in widths))
+
+
+def pack_rows(lengths: Sequence[int], widths: Sequence[int], order: Sequence[int] | None = None, chunk: int = PACK_CHUNK) -> list[list[int]]:
+    """Pack windows into rows: best fit, longest first, within chunks of `chunk` windows taken in `order`.
+
+    A window goes into the open row with the least room that holds it; when none does, into a new row of the
+    narrowest width in `widths` that holds it. No window is ever split or dropped.
 
     Returns:
         Lists of indices into `lengths`, one list a row.
     """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    count = max(1, math.ceil(sum(lengths) / row_tokens))
-    rows: list[list[int]] = [[] for _ in range(count)]
-    sizes = [0] * count
-    for index in order:
-        emptiest = sizes.index(min(sizes))
-        rows[emptiest].append(index)
-        sizes[emptiest] += lengths[index]
-    if max(sizes) > max_row_tokens:
-        rows, sizes = [], []
-        for index in order:
-            fit = next((r for r, size in enumerate(sizes) if size + lengths[index] <= max_row_tokens), None)
-            if fit is None:
-                rows.append([index])
-                sizes.append(lengths[index])
+    order = range(len(lengths)) if order is None else order
+    rows: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        room: list[tuple[int, int]] = []  # (free slots, row), sorted: bisect finds the best fit
+        for index in sorted(order[start : start + chunk], key=lambda i: -lengths[i]):
+            size = lengths[index]
+            at = bisect.bisect_left(room, (size, -1))
+            if at < len(room):
+                free, row = room.pop(at)
             else:
-                rows[fit].append(index)
-                sizes[fit] += lengths[index]
-    return [row for row in rows if row]
+                free = next(width for width in widths if width >= size)
+                row = len(rows)
+                rows.append([])
+            rows[row].append(index)
+            if free > size:
+                bisect.insort(room, (free - size, row))
+    return rows
+
+
+class DialogueBatchSampler(torch.utils.data.Sampler):
+    """Batches of packed rows (indices into a PackedRows), all rows of a batch of one width (BatchShapes).
+
+    Shuffled by (seed, epoch) when `shuffle`: the same order on every process and after a resume, which the Trainer
+    reaches by skipping batches. `len()` is the same every epoch, so the step count is known up front.
+    """
+
+    def __init__(self, row_widths: Sequence[int], shapes: BatchShapes, shuffle: bool = False, seed: int = 0) -> None:
+        self.shapes, self.shuffle, self.seed, self.epoch = shapes, shuffle, seed, 0
+        self.by_width = {width: [row for row, w in enumerate(row_widths) if w == width] for width in shapes.widths}
+        # accelerate reaches the epoch of a batch sampler it wraps for several processes (BatchSamplerShard) only
+        # through `.batch_sampler.sampler.set_epoch`: this sampler is its own `.sampler`.
+        self.sampler = self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}:{self.epoch}")
+        batches: list[list[int]] = []
+        for width, rows in self.by_width.items():
+            rows = list(rows)
+            if self.shuffle:
+                rng.shuffle(rows)
+            per = self.shapes.rows_for(width)
+            batches.extend(rows[start : start + per] for start in range(0, len(rows), per))
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return sum(math.ceil(len(rows) / self.shapes.rows_for(width)) for width, rows in self.by_width.items())
+
+
+class PackedRows(torch.utils.data.Dataset):
+    """Rows of packed windows over a tokenised split: item r is the list of windows (input_ids, labels) of row r.
+
+    A batch is read with one columnar lookup (`__getitems__`), not one per window; a `datasets.Dataset` stays
+    memory-mapped (and pickles by file name to DataLoader workers).
+    """
+
+    def __init__(self, windows: Any, groups: list[list[int]]) -> None:
+        self.windows = windows.select_columns(["input_ids", "labels"]) if isinstance(windows, Dataset) else windows
+        self.groups = groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> list[dict[str, list[int]]]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[list[dict[str, list[int]]]]:
+        flat = [window for row in indices for window in self.groups[row]]
+        if isinstance(self.windows, Dataset):
+            columns = self.windows[flat]
+            read = [{"input_ids": ids, "labels": labels} for ids, labels in zip(columns["input_ids"], columns["labels"])]
+        else:
+            read = [self.windows[window] for window in flat]
+        out, at = [], 0
+        for row in indices:
+            out.append(read[at : at + len(self.groups[row])])
+            at += len(self.groups[row])
+        return out
+
+
+def window_lengths(rows: Any) -> list[int]:
+    if isinstance(rows, Dataset) and "length" in rows.column_names:
+        return column(rows, "length")
+    return [len(row["input_ids"]) for row in rows]
 
 
 class DialogueCollator:
-    """Batches tokenised rows for training and evaluation.
+    """Turns tokenised windows into model-ready batches, packed or padded, in a few fixed shapes.
 
-    - "pack" (default): the dialogues of a batch are packed into a few rows of about `row_tokens` tokens
-      (`balance_rows`), each row flattened by transformers' DataCollatorWithFlattening: `position_ids` restart at
-      0 for every dialogue, and GPT-2's SDPA attention turns the restarts into a block-diagonal mask, so no token
-      attends across a dialogue boundary. Rows are padded to one width with a padding segment of its own (positions
-      from 0, labels -100). Rows of ~512 tokens rather than one row per batch: SDPA with a mask computes the whole
-      row-by-row attention matrix, so one 2,000-token row would spend most of its attention on masked-out pairs.
-    - "pad": dynamic padding to the longest row, labels padded with -100 (never masked by token id: GPT-2's pad
-      *is* its EOS).
-    Both round the width up to a multiple of 8 (tensor cores), or of `bucket` under torch.compile.
+    - "pack" (default): several dialogues a row (`pack_rows`); `position_ids` restart at 0 for each dialogue.
+    - "pad": one dialogue a row, padded (labels -100; never masked by token id: GPT-2's pad *is* its EOS).
+
+    Every batch carries its attention mask as a 4-D boolean tensor (rows, 1, width, width): causal, and within one
+    dialogue only; padding is a segment of its own. It is built here, on the host (in the DataLoader's workers on a
+    GPU), because the library's own mask building inspects the batch on the device every step (the packed-sequence
+    test in masking_utils, the padding warning in modeling_utils), and each inspection waits for the GPU. A 4-D mask
+    is used by transformers as it is.
+
+    `loader()` is how training and evaluation read a split: packed rows, a few shapes (`plan_shapes`), batches in
+    seeded order. Called directly on a list of windows, the collator packs (or pads) just those, to a multiple of
+    `pad_to_multiple_of`.
     """
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        batching: str = "pack",
-        pad_to_multiple_of: int = 8,
-        bucket: int | None = None,
-        row_tokens: int = 512,
-        max_row_tokens: int = 1024,
-    ):
+    def __init__(self, tokenizer: Any, batching: str = "pack", pad_to_multiple_of: int = 8, row_tokens: int = ROW_TOKENS):
         """
         Args:
             tokenizer: supplies the pad id.
             batching: "pack" or "pad".
-            pad_to_multiple_of: batch widths are rounded up to this many tokens.
-            bucket: round widths up to a multiple of this (e.g. 128) instead, so `torch.compile` sees a few shapes
-                rather than a new one each step.
-            row_tokens: target length of a packed row.
-            max_row_tokens: longest packed row allowed (the model's context).
+            pad_to_multiple_of: widths of batches made from a list of windows are rounded up to this.
+            row_tokens: width of a packed row.
         """
-        from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
-
         if batching not in ("pack", "pad"):
             raise ValueError(f"batching must be 'pack' or 'pad', got {batching!r}")
         self.batching = batching
-        self.multiple = bucket or pad_to_multiple_of
+        self.multiple = pad_to_multiple_of
         self.row_tokens = row_tokens
-        self.max_row_tokens = max_row_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad = DataCollatorForSeq2Seq(
-            tokenizer, padding="longest", pad_to_multiple_of=self.multiple, label_pad_token_id=IGNORE_INDEX
-        )
-        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
 
-    def __call__(self, features: list[dict]) -> dict:
-        rows = [{"input_ids": list(f["input_ids"]), "labels": list(f["labels"])} for f in features]
+    def group(self, lengths: Sequence[int], widths: Sequence[int], order: Sequence[int] | None = None) -> list[list[int]]:
+        """Windows into rows: packed (`pack_rows`), or one a row."""
         if self.batching == "pad":
-            return self.pad(rows)
-        import torch
+            return [[index] for index in (range(len(lengths)) if order is None else order)]
+        return pack_rows(lengths, widths, order)
 
-        groups = balance_rows([len(r["input_ids"]) for r in rows], self.row_tokens, self.max_row_tokens)
-        packed = [self.flatten([rows[i] for i in group]) for group in groups]
-        width = max(p["input_ids"].shape[1] for p in packed)
-        width = math.ceil(width / self.multiple) * self.multiple
-        columns: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
-        for p in packed:
-            extra = width - p["input_ids"].shape[1]
-            columns["input_ids"].append(torch.cat([p["input_ids"][0], torch.full((extra,), self.pad_id)]))
-            columns["labels"].append(torch.cat([p["labels"][0], torch.full((extra,), IGNORE_INDEX)]))
-            columns["position_ids"].append(torch.cat([p["position_ids"][0], torch.arange(extra)]))
-        return {key: torch.stack(values) for key, values in columns.items()}
+    def __call__(self, features: list) -> dict[str, torch.Tensor]:
+        """A batch of windows (dicts with input_ids and labels), or of packed rows (lists of such dicts)."""
+        if features and isinstance(features[0], dict):
+            lengths = [len(f["input_ids"]) for f in features]
+            groups = self.group(lengths, doubling_widths(self.row_tokens, max(lengths)))
+            features = [[features[i] for i in row] for row in groups]
+        return self.collate_rows(features)
+
+    def collate_rows(self, rows: list[list[dict]], shapes: BatchShapes | None = None) -> dict[str, torch.Tensor]:
+        """Tensors for rows of windows: the width and row count from `shapes` (the narrowest width that holds the
+        fullest row; empty rows added up to its row count), else the fullest row rounded up to the multiple."""
+        fullest = max(sum(len(w["input_ids"]) for w in row) for row in rows)
+        width = shapes.width_for(fullest) if shapes else round_up(fullest, self.multiple)
+        count = max(len(rows), shapes.rows_for(width)) if shapes else len(rows)
+        # numpy, not torch: these small host-side operations would otherwise wait on torch's thread pool.
+        input_ids = np.full((count, width), self.pad_id, dtype=np.int64)
+        labels = np.full((count, width), IGNORE_INDEX, dtype=np.int64)
+        positions = np.zeros((count, width), dtype=np.int64)
+        segments = np.zeros((count, width), dtype=np.int32)
+        for r, row in enumerate(rows):
+            at = 0
+            for number, window in enumerate(row):
+                size = len(window["input_ids"])
+                input_ids[r, at : at + size] = window["input_ids"]
+                labels[r, at : at + size] = window["labels"]
+                positions[r, at : at + size] = np.arange(size)
+                segments[r, at : at + size] = number
+                at += size
+            segments[r, at:] = len(row)  # padding: a segment of its own, attending only within itself
+        mask = (segments[:, :, None] == segments[:, None, :]) & causal_mask(width)
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(positions),
+            "attention_mask": torch.from_numpy(mask[:, None]),
+        }
+
+    def loader(self, rows: Any, batch_size: int, shuffle: bool = False, seed: int = 0, **dataloader_options: Any) -> torch.utils.data.DataLoader:
+        """A DataLoader over a tokenised split: windows packed into rows (in a seeded random order when `shuffle`,
+        so each row holds unrelated dialogues), batches of one shape each (`plan_shapes`), reshuffled every epoch.
+
+        Args:
+            rows: a tokenised split (datasets.Dataset with a `length` column, or a list of dicts).
+            batch_size: dialogues a batch (a token budget when packing, see plan_shapes).
+            dataloader_options: passed to torch's DataLoader (num_workers, pin_memory, ...).
+        """
+        from functools import partial
+
+        lengths = window_lengths(rows)
+        shapes = plan_shapes(lengths, batch_size, self.batching, self.row_tokens)
+        order = random.Random(seed).sample(range(len(lengths)), len(lengths)) if shuffle else None
+        groups = self.group(lengths, shapes.widths, order)
+        widths = [shapes.width_for(sum(lengths[i] for i in row)) for row in groups]
+        return torch.utils.data.DataLoader(
+            PackedRows(rows, groups), batch_sampler=DialogueBatchSampler(widths, shapes, shuffle, seed),
+            collate_fn=partial(self.collate_rows, shapes=shapes), **dataloader_options,
+        )
 
 
 TOKENIZED_FORMAT_VERSION = 2  # bump when the format or labels change, so old caches are not reused

@@ -13,10 +13,9 @@ import math
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from .logs import write_jsonl
+from .loss import core_model, token_nll_sum
 from .modeling import autocast_context, device_precision, without_kv_cache
 
 
@@ -28,39 +27,25 @@ def perplexity(loss: float) -> float:
         return float("inf")
 
 
-# Positions scored at a time: the 50,257-wide logits of 1,024 positions take 200 MB in fp32, where a whole packed
-# batch of 32 dialogues (~4,000 positions) would take 800 MB, and twice that with the log-softmax.
-LOSS_CHUNK_POSITIONS = 1024
-
-
 def batch_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token NLLs over the labelled positions of one batch, and how many there are.
+    """Sum of next-token NLLs over the labelled positions of one batch, and how many there are (both on the device).
 
-    The logits are computed only at labelled positions, LOSS_CHUNK_POSITIONS at a time, from GPT-2's hidden states:
-    the same sum as `model(**batch).loss` times the count, without materialising every position's logits at once.
+    The logits are computed a chunk of positions at a time from GPT-2's hidden states (loss.token_nll_sum, as in
+    training): the same sum as `model(**batch).loss` times the count, without materialising every position's logits.
     Call it inside `modeling.without_kv_cache(model)` (evaluate_loss does): packed rows stay apart only without a
     KV cache.
     """
-    core = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
-    core = core.get_base_model() if hasattr(core, "get_base_model") else core  # a PEFT wrapper (adapters stay in)
+    core = core_model(model)  # adapters of a PEFT model stay in
     inputs = {key: value for key, value in batch.items() if key in ("input_ids", "attention_mask", "position_ids")}
-    hidden = core.transformer(**inputs).last_hidden_state[:, :-1]
-    targets = batch["labels"][:, 1:]
-    scored = targets != -100
-    hidden, targets = hidden[scored], targets[scored]
-    head = core.get_output_embeddings()
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, targets.numel(), LOSS_CHUNK_POSITIONS):
-        logits = head(hidden[start : start + LOSS_CHUNK_POSITIONS]).float()
-        total = total + F.cross_entropy(logits, targets[start : start + LOSS_CHUNK_POSITIONS], reduction="sum")
-    return total, scored.sum()
+    hidden = core.transformer(**inputs).last_hidden_state
+    return token_nll_sum(hidden, core.get_output_embeddings().weight, batch["labels"])
 
 
 @torch.no_grad()
 def evaluate_loss(
     model: Any,
     rows: Any,
-    collator: Callable[[list[dict]], dict[str, torch.Tensor]],
+    collator: Any,
     batch_size: int,
     device: torch.device | str | None = None,
     precision: str = "fp32",
@@ -72,8 +57,8 @@ def evaluate_loss(
     Args:
         model: a causal LM.
         rows: a tokenised split (datasets.Dataset or a list of dicts).
-        collator: turns a list of rows into a batch (padding or packing).
-        batch_size: rows per batch.
+        collator: a DialogueCollator (its `loader` batches the rows, packed or padded).
+        batch_size: dialogues per batch.
         device: where to run; defaults to the model's device.
         precision: "fp16"/"bf16" (autocast on CUDA) or "fp32": training's precision, so the numbers agree.
         rank, world_size: under data parallelism, this process scores rows rank, rank + world_size, ...; the sums
@@ -87,13 +72,14 @@ def evaluate_loss(
     model.eval()
     if world_size > 1:
         rows = rows.select(range(rank, len(rows), world_size)) if hasattr(rows, "select") else rows[rank::world_size]
-    # Rows are read batch by batch (a datasets split stays memory-mapped), never copied into Python lists whole.
-    loader = DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    # Rows are read batch by batch (a datasets split stays memory-mapped), never copied into Python lists whole; the
+    # batches come in the collator's few fixed shapes (DialogueCollator.loader), as in training.
+    loader = collator.loader(rows, batch_size)
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
     with autocast_context(precision, device), without_kv_cache(model):
         for batch in loader:
-            batch = {key: value.to(device) for key, value in batch.items() if isinstance(value, torch.Tensor)}
+            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items() if isinstance(value, torch.Tensor)}
             total, tokens = batch_nll(model, batch)
             nll_sum += total.double()
             count += tokens

@@ -35,11 +35,13 @@ from .data import IGNORE_INDEX, DialogueCollator, PreparedDialogs, prepare_dialo
 from .evaluation import evaluate_loss
 from .generate import build_generation_config
 from .logs import append_jsonl, write_json, write_jsonl, write_text_atomic
+from .loss import use_chunked_loss
 from .modeling import Hardware, ModelError, choose_precision, config_context, detect_hardware, load_model_and_tokenizer, load_model_config
 
 TRAIN_LOG = "train_log.jsonl"
 SYSTEM_LOG = "system.jsonl"
 METRICS = "metrics.json"
+NO_BAD_STEP = 2**62  # "no bad step yet", as a step number larger than any run's (the minimum over processes wins)
 
 
 def say(message: str) -> None:
@@ -57,16 +59,25 @@ class RunTotals(TrainerCallback, ExportableState):
 
     The Trainer writes `state()` into each checkpoint's trainer_state.json and, on resume, builds a new RunTotals
     from it (`restore_callback_states_from_checkpoint`), so the totals continue from the checkpoint's step instead of
-    restarting with the process. Per micro-batch the counts stay on the device; they are summed over processes and
-    read once an optimiser step, in the same copy that checks the loss is finite.
+    restarting with the process.
+
+    Nothing is read back from the GPU on an ordinary step: each micro-batch's target count, loss and "was it
+    finite" stay in device tensors, and are summed over processes and read only at a step where the Trainer logs,
+    evaluates, saves or stops, and at the end of each epoch (`flush`). Each read waits for the GPU to finish its
+    queued work, so reading every step would keep the GPU idle while Python waits. A NaN or infinite loss is still
+    caught, with the step it happened at (kept on the device too), at the next logging step at the latest and
+    always before a checkpoint is written, so no checkpoint and no final model holds NaN weights.
     """
 
     def __init__(self, target_tokens: int = 0, loss_sum: float = 0.0, seconds: float = 0.0) -> None:
         self.target_tokens = int(target_tokens)
         self.loss_sum = float(loss_sum)  # sum of the optimiser steps' losses (each the mean over processes)
-        self.seconds = float(seconds)  # training time to the last step's end, evaluations excluded
+        self.seconds = float(seconds)  # training time to the last flushed step's end, evaluations excluded
         self.bad_step: int | None = None
-        self._pending: torch.Tensor | None = None
+        self._tokens: torch.Tensor | None = None  # target tokens since the last flush (int64, on the device)
+        self._losses: torch.Tensor | None = None  # sum of micro-batch losses since the last flush
+        self._step_loss: torch.Tensor | None = None  # the current optimiser step's loss, summed over micro-batches
+        self._first_bad: torch.Tensor | None = None  # the first step with a non-finite loss since the last flush
         self._segment_start = time.perf_counter()
         self._segment_base = self.seconds
         self._excluded = 0.0
@@ -78,8 +89,9 @@ class RunTotals(TrainerCallback, ExportableState):
         """Count one micro-batch: its target tokens (labels that are not -100 after the shift) and its loss."""
         loss = loss.detach().float()
         targets = (labels[:, 1:] != IGNORE_INDEX).sum().to(loss.device)
-        values = torch.stack([(~torch.isfinite(loss)).float(), targets.float(), loss])
-        self._pending = values if self._pending is None else self._pending + values
+        self._step_loss = loss if self._step_loss is None else self._step_loss + loss
+        self._losses = loss if self._losses is None else self._losses + loss
+        self._tokens = targets if self._tokens is None else self._tokens + targets
 
     def exclude(self, seconds: float) -> None:
         """Leave out time spent evaluating during training."""
@@ -93,23 +105,51 @@ class RunTotals(TrainerCallback, ExportableState):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        values = self._pending if self._pending is not None else torch.zeros(3, device=args.device)
-        self._pending = None
+        if self._step_loss is not None:
+            # Still on the device: remember the first step whose loss is not finite (fp16 overflow, too high a
+            # learning rate) without asking the host to look.
+            step = torch.full((), state.global_step, dtype=torch.int64, device=self._step_loss.device)
+            bad = ~torch.isfinite(self._step_loss)
+            self._first_bad = torch.where(bad, step, NO_BAD_STEP) if self._first_bad is None else torch.where(bad, torch.minimum(self._first_bad, step), self._first_bad)
+            self._step_loss = None
+        if control.should_log or control.should_evaluate or control.should_save or control.should_training_stop:
+            self.flush(args, control)
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.flush(args, control)  # epoch-end evaluation and checkpoints are decided after the last step's end
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.flush(args, control)
+        return control
+
+    def flush(self, args: TrainingArguments, control: Any) -> None:
+        """Read what is pending on the device (the only reads), add it to the totals, and stop after a bad step.
+
+        Called at the same steps on every process; under data parallelism the counts are summed over processes
+        and the earliest bad step wins, so all processes count alike and stop together.
+        """
+        pending = [self._tokens, self._losses, self._first_bad]
+        self._tokens = self._losses = self._first_bad = None
+        if pending[0] is None:
+            return  # nothing since the last flush (on every process alike: they run the same steps)
+        if pending[2] is None:
+            pending[2] = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=pending[0].device)
         if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(values)  # every process stops together on a bad loss, and counts alike
-        bad, tokens, loss = values.tolist()
-        self.target_tokens += int(round(tokens))
+            for value, op in zip(pending, (torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.MIN)):
+                torch.distributed.all_reduce(value, op=op)
+        tokens, loss, bad = (value.item() for value in pending)
+        self.target_tokens += int(tokens)
         self.loss_sum += loss / args.world_size
         self.seconds = self._segment_base + time.perf_counter() - self._segment_start - self._excluded
-        if bad and self.bad_step is None:
-            self.bad_step = state.global_step
+        if bad != NO_BAD_STEP and self.bad_step is None:
+            self.bad_step = int(bad)
         if self.bad_step is not None:
-            # Stop at the end of the first step whose loss is NaN or infinite (fp16 overflow, too high a learning
-            # rate); nothing is evaluated or saved after it, so the last good checkpoint stays the latest.
+            # Stop now; nothing is evaluated or saved after a bad step, so the last good checkpoint stays the latest.
             control.should_save = False
             control.should_evaluate = False
             control.should_training_stop = True
-        return control
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -144,6 +184,33 @@ class DialogueTrainer(Trainer):
     def __init__(self, *args: Any, precision: str = "fp32", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.precision = precision
+        self._flop_params: int | None = None
+
+    def get_train_dataloader(self):
+        """gpt2ft's batches (DialogueCollator.loader: packed rows, a few fixed shapes, reshuffled each epoch by the
+        run's seed), with the Trainer's worker settings, prepared by accelerate (device placement, sharding over
+        processes, skipping the batches a resumed run has already trained on)."""
+        from functools import partial
+
+        from transformers.trainer_utils import seed_worker
+
+        args = self.args
+        workers = args.dataloader_num_workers
+        loader = self.data_collator.loader(
+            self.train_dataset, self._train_batch_size, shuffle=True, seed=args.data_seed if args.data_seed is not None else args.seed,
+            num_workers=workers, pin_memory=args.dataloader_pin_memory, persistent_workers=args.dataloader_persistent_workers and workers > 0,
+            prefetch_factor=args.dataloader_prefetch_factor if workers > 0 else None,
+            worker_init_fn=partial(seed_worker, num_workers=workers, rank=args.process_index),
+        )
+        return self.accelerator.prepare(loader)
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """6 x parameters x tokens, as the Trainer counts it, with the parameter count taken once: the Trainer's
+        own walks every parameter of the model on every step."""
+        if self._flop_params is None:
+            model = self.accelerator.unwrap_model(self.model)
+            self._flop_params = model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters") else 0
+        return 6 * inputs["input_ids"].numel() * self._flop_params
 
     @property
     def run_totals(self) -> RunTotals:
@@ -236,11 +303,12 @@ def build_training_args(config: TrainConfig, precision: str, hardware: Hardware,
         greater_is_better=False,
         seed=config.seed,
         data_seed=config.seed,
-        train_sampling_strategy="group_by_length" if config.batching == "pad" else "random",
-        length_column_name="length",
-        remove_unused_columns=False,  # DialogueCollator picks the columns; the sampler needs `length`
+        remove_unused_columns=False,  # DialogueCollator picks the columns and batches by `length`
         dataloader_num_workers=num_workers,
         dataloader_pin_memory=hardware.device == "cuda",
+        dataloader_persistent_workers=num_workers > 0,  # workers start once, not again every epoch
+        # Batches go to the GPU from pinned memory without the host waiting for the copy (or for the GPU's queue).
+        accelerator_config={"non_blocking": hardware.device == "cuda"},
         # Accelerate sets up multi-process CPU (gloo) data parallelism only when told it runs on CPU; without this a
         # `torchrun` launch on CPU trains N independent copies, each on all the data (world_size 1).
         use_cpu=hardware.device == "cpu",
@@ -467,15 +535,16 @@ def oom_message(plan: RunPlan, evaluating: bool = False) -> str:
 def build_trainer(
     plan: RunPlan, loaded: LoadedModel, rows: Any, settings: dict[str, Any], callbacks: list[TrainerCallback] | None = None
 ) -> DialogueTrainer:
-    """The run's Trainer: gpt2ft's collator, token-weighted evaluation, whole-run totals, checkpoint markers and the
-    JSONL log. The model's KV cache is switched off: packed rows stay apart only without it (see
-    modeling.without_kv_cache), for every forward the Trainer or the library makes; save_run turns it back on."""
+    """The run's Trainer: gpt2ft's batches, the chunked loss (loss.use_chunked_loss), token-weighted evaluation,
+    whole-run totals, checkpoint markers and the JSONL log. The model's KV cache is switched off: packed rows stay
+    apart only without it (see modeling.without_kv_cache), for every forward the Trainer or the library makes;
+    save_run turns it back on."""
     loaded.model.config.use_cache = False
+    use_chunked_loss(loaded.model)
     return DialogueTrainer(
         model=loaded.model,
         args=plan.args,
-        # Under torch.compile, batch lengths are bucketed to multiples of 128 so it compiles a few shapes, not one a step.
-        data_collator=DialogueCollator(loaded.tokenizer, plan.config.batching, bucket=128 if plan.config.compile else None),
+        data_collator=DialogueCollator(loaded.tokenizer, plan.config.batching),
         train_dataset=rows["train"],
         eval_dataset=rows["validation"],
         processing_class=loaded.tokenizer,
@@ -584,6 +653,8 @@ def evaluate_run(plan: RunPlan, fitted: FitResult, loaded: LoadedModel, prepared
         "data_counts": prepared.counts,
         "skipped_lines": prepared.skipped,
         "model": plan.config.model,
+        # The caching allocator's high-water mark in this process (training and evaluation), CUDA only.
+        "peak_gpu_allocated_mb": round(torch.cuda.max_memory_allocated(plan.args.device) / 2**20, 1) if plan.hardware.device == "cuda" else None,
     }
 
 

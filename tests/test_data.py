@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import zipfile
 
 import pytest
+import torch
 from conftest import default_splits, write_layout
 
 from gpt2ft.data import (
@@ -12,6 +14,7 @@ from gpt2ft.data import (
     DialogueCollator,
     clean_turn,
     normalise_dialog,
+    pack_rows,
     prepare_dialogs,
     tokenize_dialogs,
     tokenize_prepared,
@@ -230,7 +233,10 @@ def test_pad_collator_pads_labels_with_ignore_index_not_by_token_id(tiny_tokeniz
     assert batch["input_ids"].shape == (2, 8)  # padded to a multiple of 8
     assert batch["labels"][0, :4].tolist() == [IGNORE_INDEX, 5, 6, eos]  # EOS stays a target even though pad == EOS
     assert batch["labels"][1, 3:].tolist() == [IGNORE_INDEX] * 5
-    assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    mask = batch["attention_mask"]
+    assert mask.shape == (2, 1, 8, 8) and mask.dtype == torch.bool
+    assert mask[1, 0, 2].tolist() == [True, True, True, False, False, False, False, False]  # the dialogue sees itself
+    assert mask[1, 0, 5].tolist() == [False, False, False, True, True, True, False, False]  # padding sees padding
 
 
 def test_pack_collator_restarts_positions_per_dialogue(tiny_tokenizer):
@@ -242,24 +248,51 @@ def test_pack_collator_restarts_positions_per_dialogue(tiny_tokenizer):
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 7, 8, 0, IGNORE_INDEX, 5, 0, IGNORE_INDEX]]
 
 
-def test_pack_collator_fills_balanced_rows(tiny_tokenizer):
+def test_pack_collator_fills_rows_best_fit(tiny_tokenizer):
     rows = [{"input_ids": [0] + [5] * (n - 1), "labels": [IGNORE_INDEX] + [5] * (n - 1)} for n in (30, 20, 20, 10, 10, 10)]
     batch = DialogueCollator(tiny_tokenizer, "pack", row_tokens=50)(rows)
-    assert batch["input_ids"].shape == (2, 56)  # 100 tokens -> 2 rows of 50, rounded up to a multiple of 8
+    assert batch["input_ids"].shape == (2, 56)  # 100 tokens -> 2 full rows of 50, rounded up to a multiple of 8
     assert (batch["labels"] != IGNORE_INDEX).sum() == 100 - 6
-    assert (batch["position_ids"] == 0).sum(dim=1).tolist() == [4, 4]  # 3 dialogues + 1 padding segment a row
+    starts = (~batch["attention_mask"][:, 0].diagonal(offset=-1, dim1=1, dim2=2)).sum(dim=1) + 1
+    assert sorted(starts.tolist()) == [3, 5]  # 30 + 20 and 20 + 10 + 10 + 10, each + 1 padding segment
 
 
-def test_balance_rows_never_exceeds_the_context():
-    from gpt2ft.data import balance_rows
+def test_pack_rows_fills_each_row_within_its_width_and_drops_nothing():
+    lengths = [900, 40, 500, 300, 200, 12, 512, 100, 60, 7]
+    rows = pack_rows(lengths, widths=(512, 1024))
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    filled = [sum(lengths[i] for i in row) for row in rows]
+    assert all(size <= (1024 if any(lengths[i] > 512 for i in row) else 512) for row, size in zip(rows, filled))
+    # 2,631 tokens: the 900-token window's row takes 124 more (the 100), and 1,607 need four rows of 512: optimal.
+    assert len(rows) == 5
+    # A window wider than every width is an error in the plan, not a silent cut.
+    with pytest.raises(StopIteration):
+        pack_rows([600], widths=(512,))
 
-    rows = balance_rows([10, 10, 10, 10], row_tokens=20, max_row_tokens=20)
-    assert len(rows) == 2 and all(len(row) == 2 for row in rows) and sorted(sum(rows, [])) == [0, 1, 2, 3]
-    rows = balance_rows([900, 900, 100], row_tokens=512, max_row_tokens=1024)
-    assert all(sum([900, 900, 100][i] for i in row) <= 1024 for row in rows)
-    # Two rows by LPT would put 1000 + 40 in one row, over the 1024-token context: first-fit-decreasing instead.
-    rows = balance_rows([1000, 1000, 40], row_tokens=1020, max_row_tokens=1024)
-    assert len(rows) == 3 and all(sum([1000, 1000, 40][i] for i in row) <= 1024 for row in rows)
+
+def test_a_split_is_fed_in_few_fixed_shapes_and_each_window_once(tiny_tokenizer):
+    rng = random.Random(3)
+    lengths = [rng.choice([5, 9, 14, 30, 41, 70]) for _ in range(200)] + [180]
+    rows = [{"input_ids": [0] * n, "labels": [IGNORE_INDEX] + [1] * (n - 1), "length": n} for n in lengths]
+    for batching in ("pack", "pad"):
+        loader = DialogueCollator(tiny_tokenizer, batching, row_tokens=64).loader(rows, batch_size=8, shuffle=True, seed=1)
+        shapes, seen, targets, slots = set(), [], 0, 0
+        for batch_rows in loader.batch_sampler:
+            seen += [window for row in batch_rows for window in loader.dataset.groups[row]]
+        for batch in loader:
+            shapes.add(tuple(batch["input_ids"].shape))
+            targets += int((batch["labels"] != IGNORE_INDEX).sum())
+            slots += batch["input_ids"].numel()
+        assert sorted(seen) == list(range(len(rows)))
+        assert targets == sum(n - 1 for n in lengths)  # nothing truncated
+        assert len(shapes) <= 4, shapes
+        if batching == "pack":
+            assert {shape[1] for shape in shapes} <= {64, 128, 256} and 1 - sum(lengths) / slots < 0.15
+        again = [list(b) for b in loader.batch_sampler]
+        loader.batch_sampler.set_epoch(1)
+        assert [list(b) for b in loader.batch_sampler] != again  # reshuffled each epoch, the same way every time
+        loader.batch_sampler.set_epoch(0)
+        assert [list(b) for b in loader.batch_sampler] == again
 
 
 def test_tokenisation_cache_is_reused_and_keyed_by_settings(tmp_path, dailydialog_dir, tiny_tokenizer):
@@ -287,21 +320,19 @@ def test_real_data_token_counts(shared_data):
     assert 100 < sum(rows["length"]) / len(rows) < 150
 
 
-def test_bucketed_batches_round_lengths_up_without_changing_the_loss(tiny_model, tiny_tokenizer):
+def test_fixed_shapes_top_up_the_last_batch_without_changing_the_loss(tiny_model, tiny_tokenizer):
     from gpt2ft.evaluation import evaluate_loss
 
     eos = tiny_tokenizer.eos_token_id
     rows = [{"input_ids": [eos, 5, 6, 7, eos], "labels": [IGNORE_INDEX, 5, 6, 7, eos]}, {"input_ids": [eos, 8, eos], "labels": [IGNORE_INDEX, 8, eos]}]
+    rows = rows * 3  # 6 windows, batches of 4: the last batch of each shape is topped up with empty rows
     for batching in ("pack", "pad"):
-        plain = DialogueCollator(tiny_tokenizer, batching)
-        bucketed = DialogueCollator(tiny_tokenizer, batching, bucket=16)
-        batch = bucketed(rows)
-        assert batch["input_ids"].shape[1] == 16 and (batch["labels"] != IGNORE_INDEX).sum() == 6
-        if batching == "pack":
-            assert batch["position_ids"][0, 8:].tolist() == list(range(8))  # the padding is its own segment
-        expected = evaluate_loss(tiny_model, rows, plain, batch_size=2)
-        got = evaluate_loss(tiny_model, rows, bucketed, batch_size=2)
-        assert got["tokens"] == expected["tokens"] and got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+        collator = DialogueCollator(tiny_tokenizer, batching)
+        widths = {tuple(batch["input_ids"].shape) for batch in collator.loader(rows, batch_size=4)}
+        assert len(widths) == 1
+        expected = evaluate_loss(tiny_model, rows, collator, batch_size=6)
+        got = evaluate_loss(tiny_model, rows, collator, batch_size=4)
+        assert got["tokens"] == expected["tokens"] == 18 and got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
 
 
 def test_the_zip_fallback_is_streamed_and_checked_against_the_release(tmp_path, monkeypatch):

@@ -86,8 +86,8 @@ def test_compare_prints_both_rows(tiny_model_dir, dailydialog_dir, capsys):
 
 
 def test_chunked_scoring_equals_the_models_own_loss(tiny_model, tiny_tokenizer, monkeypatch):
-    """Evaluation computes logits only at labelled positions, a few at a time: the same loss as model(labels=...)."""
-    import gpt2ft.evaluation as evaluation
+    """Evaluation computes logits a few positions at a time: the same loss as model(labels=...)."""
+    import gpt2ft.loss
     from gpt2ft.evaluation import batch_nll
 
     ids = tiny_tokenizer(["Hello , how are you ? I am fine , thanks ."] * 2, return_tensors="pt")["input_ids"]
@@ -96,9 +96,9 @@ def test_chunked_scoring_equals_the_models_own_loss(tiny_model, tiny_tokenizer, 
     tiny_model.eval()
     with torch.no_grad():
         expected = tiny_model(input_ids=ids, labels=labels).loss
-        monkeypatch.setattr(evaluation, "LOSS_CHUNK_POSITIONS", 6)  # several chunks, the last one partial
+        monkeypatch.setattr(gpt2ft.loss, "LOSS_CHUNK", 7)  # several chunks, the last one partial
         total, count = batch_nll(tiny_model, {"input_ids": ids, "labels": labels})
-    assert int(count) == int((labels[:, 1:] != -100).sum()) and int(count) % 6 != 0
+    assert int(count) == int((labels[:, 1:] != -100).sum()) and ids.numel() % 7 != 0
     torch.testing.assert_close(total / count, expected, atol=1e-5, rtol=0)
 
 

@@ -4,10 +4,11 @@ attends across a dialogue boundary. Padding is exact too, and the reported loss 
     cd /work/main && python -m pytest tests/test_packing.py -q
 
 `DialogueCollator(tok, "pack")` concatenates the dialogues of a batch into a few rows (of ~`row_tokens` tokens,
-each topped up with a padding segment) whose `position_ids` restart at 0 for each dialogue; GPT-2 with SDPA (and
-`use_cache=False`) turns those restarts into a block-diagonal causal mask. If that ever stopped happening (a
-transformers change, a KV cache left on, another attention backend), training would silently let dialogue B
-condition on dialogue A and the loss would be wrong; these tests catch that.
+each topped up with a padding segment) whose `position_ids` restart at 0 for each dialogue, and gives every batch a
+4-D attention mask: causal and block-diagonal, one block per dialogue (padding a block of its own). If that mask
+ever let one dialogue see another (a collator bug, a transformers change in how a 4-D mask is used, a KV cache left
+on), training would silently let dialogue B condition on dialogue A and the loss would be wrong; these tests catch
+that.
 """
 
 from __future__ import annotations
@@ -71,9 +72,11 @@ def alone(model, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def segments(batch: dict[str, torch.Tensor]):
-    """(row, start, end) of every segment of a packed batch: position_ids restart at 0 at each segment's start."""
-    for r, positions in enumerate(batch["position_ids"].tolist()):
-        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+    """(row, start, end) of every segment of a batch, read off its attention mask: a position starts a segment when
+    it may not attend to the position before it."""
+    mask = batch["attention_mask"][:, 0]
+    for r in range(mask.shape[0]):
+        starts = [0] + [i for i in range(1, mask.shape[1]) if not mask[r, i, i - 1]] + [mask.shape[1]]
         yield from ((r, start, end) for start, end in zip(starts, starts[1:]))
 
 
@@ -103,7 +106,7 @@ def test_packed_per_token_losses_match_unpadded(model, rows, tiny_tokenizer, row
     if row_tokens > total:
         assert packed["input_ids"].shape[0] == 1
     else:
-        assert packed["input_ids"].shape[0] == -(-total // row_tokens)
+        assert packed["input_ids"].shape[0] > 1  # several rows, each topped up with padding
     nll, mask = token_nll(model, packed)
     found, padding = 0, 0
     for r, start, end in segments(packed):
@@ -150,7 +153,7 @@ def test_packed_attention_does_not_cross_dialogue_boundaries(model, rows, tiny_t
     edited_batch = collate([changed, late])
     assert edited_batch["input_ids"][0, l_start:l_end].tolist() == late["input_ids"]  # same layout
 
-    def logits(batch, keys=("input_ids", "position_ids")):
+    def logits(batch, keys=("input_ids", "position_ids", "attention_mask")):
         with torch.no_grad():
             return model(**{k: batch[k] for k in keys}, use_cache=False).logits[0]
 
@@ -158,8 +161,8 @@ def test_packed_attention_does_not_cross_dialogue_boundaries(model, rows, tiny_t
     assert not torch.allclose(original[e_start:e_end], edited[e_start:e_end])  # the edit is real
     torch.testing.assert_close(edited[l_start:l_end], original[l_start:l_end], atol=ATOL, rtol=0)
 
-    # Control: without position_ids the row is one causal sequence and the edit does leak into the later
-    # dialogue, so the check above would catch a mask that is not block-diagonal.
+    # Control: without the mask (and position_ids) the row is one causal sequence and the edit does leak into the
+    # later dialogue, so the check above would catch a mask that is not block-diagonal.
     plain, plain_edited = logits(batch, ("input_ids",)), logits(edited_batch, ("input_ids",))
     assert not torch.allclose(plain[l_start:l_end], plain_edited[l_start:l_end], atol=1e-3)
 
@@ -203,7 +206,7 @@ def test_the_trainers_own_forward_passes_keep_packed_dialogues_apart(model, rows
     reference = [alone(model, row) for row in rows]
     expected = sum(n[m].double().sum() for n, m in reference) / sum(int(m.sum()) for _, m in reference)
     packed = DialogueCollator(tiny_tokenizer, "pack", row_tokens=10_000)(rows)
-    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed  # all five dialogues in one row
+    assert packed["input_ids"].shape[0] == 1 and packed["attention_mask"].dim() == 4  # all five dialogues in one row
     model.eval()
     with torch.no_grad():
         training_loss = trainer.compute_loss(model, dict(packed))

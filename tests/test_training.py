@@ -283,7 +283,10 @@ def test_training_args_use_the_v5_api(tmp_path):
     args = build_training_args(TrainConfig(eval_steps=5), "fp32", Hardware("cpu", "CPU", None, None), tmp_path)
     assert args.eval_strategy == "steps" == args.save_strategy and args.eval_steps == 5
     assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss"
-    assert args.train_sampling_strategy == "random"
+    assert not args.accelerator_config.non_blocking and not args.dataloader_pin_memory  # nothing to pin on a CPU
     padded = build_training_args(TrainConfig(batching="pad"), "fp16", Hardware("cuda", "Tesla T4", (7, 5), 15.0), tmp_path)
-    assert padded.train_sampling_strategy == "group_by_length" and padded.fp16 and not padded.bf16
+    assert padded.fp16 and not padded.bf16
     assert padded.optim == "adamw_torch_fused"
+    # On a GPU, batches are copied from pinned memory without the host waiting, by workers that start once.
+    assert padded.accelerator_config.non_blocking and padded.dataloader_pin_memory
+    assert padded.dataloader_num_workers == 2 and padded.dataloader_persistent_workers
