@@ -45,8 +45,9 @@ Variants:
 
 What the fields mean:
     real_tokens        non-padding tokens in the timed steps (EOS separators of gpt2ft's format count: they are
-                       trained on); real_tokens_per_s = real_tokens / timed seconds: the median of the repeats, with
-                       real_tokens_per_s_min and _max; the other fields are the median repeat's
+                       trained on); real_tokens_per_s = real_tokens / timed seconds of the median repeat (the lower
+                       middle one of an even number), with real_tokens_per_s_min and _max over all repeats; the other
+                       fields are the median repeat's
     padded_tokens      padding slots processed; target_tokens: positions with a loss (the tutorial's include its padding)
     truncated_tokens   tokens of the timed dialogues that never reach the model (tutorial: cut by truncation;
                        gpt2ft: 0 by construction, long dialogues are windowed)
@@ -66,7 +67,6 @@ import contextlib
 import copy
 import gc
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -410,11 +410,12 @@ def run_torch_loop(model: Any, schedule: Schedule, plan: Any) -> tuple[float, in
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm))))
     scaler = torch.amp.GradScaler(device.type) if plan.precision == "fp16" else None
     clock = StepClock(schedule.warmup, device)
-    loss = None
+    loss_sum = torch.zeros((), device=device)
     for step, batch in enumerate(schedule_loader(schedule, plan.args.dataloader_num_workers, plan.args.dataloader_pin_memory), start=1):
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         with autocast_context(plan.precision, device):
             loss = model(**batch).loss
+        loss_sum += loss.detach().float()
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -429,7 +430,7 @@ def run_torch_loop(model: Any, schedule: Schedule, plan: Any) -> tuple[float, in
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         clock.mark(step, total)
-    return clock.elapsed, clock.timed_steps, float(loss) if loss is not None else None
+    return clock.elapsed, clock.timed_steps, float(loss_sum) / total  # the mean step loss, as the Trainer's train_loss
 
 
 def run_variant(variant: Variant, base: Any, tokenizer: Any, schedule: Schedule, config: Any, output_dir: str) -> dict[str, Any]:
@@ -438,6 +439,10 @@ def run_variant(variant: Variant, base: Any, tokenizer: Any, schedule: Schedule,
 
     plan = bench_plan(variant, config, output_dir, len(schedule.batches))
     device = plan.args.device
+    if variant.compile:
+        # Compiled graphs are cached per code object, across model copies: without a reset, the variants compiled
+        # before would use up torch._dynamo's recompile limit and later shapes would quietly run eagerly.
+        torch._dynamo.reset()
     torch.manual_seed(0)  # the same dropout masks for every variant
     model = prepare_model(base, tokenizer, variant)
     if device.type == "cuda":
@@ -488,14 +493,13 @@ def run_variant(variant: Variant, base: Any, tokenizer: Any, schedule: Schedule,
 
 
 def median_record(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The repeat with the median throughput, with the spread of all of them."""
+    """The repeat with the median throughput (the lower middle one of an even number), with the spread of all."""
     speeds = [run["real_tokens_per_s"] for run in runs if run.get("real_tokens_per_s") is not None]
     if not speeds:
         return {**runs[0], "repeats": len(runs)}
-    middle = sorted(runs, key=lambda run: run.get("real_tokens_per_s") or 0.0)[len(runs) // 2]
+    middle = sorted(runs, key=lambda run: run.get("real_tokens_per_s") or 0.0)[(len(runs) - 1) // 2]
     return {
         **middle,
-        "real_tokens_per_s": round(statistics.median(speeds), 1),
         "real_tokens_per_s_min": min(speeds),
         "real_tokens_per_s_max": max(speeds),
         "repeats": len(runs),

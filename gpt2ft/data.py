@@ -525,7 +525,7 @@ def plan_shapes(lengths: Sequence[int], batch_size: int, batching: str, row_toke
         widths.append(next((width for width in PAD_WIDTHS if width >= longest), round_up(longest, 64)))
         return BatchShapes(tuple(widths), (batch_size,) * len(widths))
     budget = batch_size * sum(lengths) / len(lengths)  # tokens in `batch_size` dialogues of the mean length
-    base = min(row_tokens, round_up(budget, 8))
+    base = min(row_tokens, round_up(budget, 64))
     widths = doubling_widths(base, longest)
     base_rows = max(1, round(budget / base))
     return BatchShapes(tuple(widths), tuple(max(1, base_rows * base // width) for width in widths))
@@ -550,7 +550,9 @@ def pack_rows(lengths: Sequence[int], widths: Sequence[int], order: Sequence[int
             if at < len(room):
                 free, row = room.pop(at)
             else:
-                free = next(width for width in widths if width >= size)
+                free = next((width for width in widths if width >= size), None)
+                if free is None:
+                    raise ValueError(f"a window of {size} tokens is wider than the widest row ({max(widths)})")
                 row = len(rows)
                 rows.append([])
             rows[row].append(index)
@@ -606,6 +608,13 @@ class PackedRows(torch.utils.data.Dataset):
     def __init__(self, windows: Any, groups: list[list[int]]) -> None:
         self.windows = windows.select_columns(["input_ids", "labels"]) if isinstance(windows, Dataset) else windows
         self.groups = groups
+        self.batch_sampler: DialogueBatchSampler | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """accelerate's last way to an epoch: a resumed run on several processes wraps the batch sampler twice
+        (SkipBatchSampler over BatchSamplerShard), and only the dataset is still reachable."""
+        if self.batch_sampler is not None:
+            self.batch_sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -724,9 +733,10 @@ class DialogueCollator:
         order = random.Random(seed).sample(range(len(lengths)), len(lengths)) if shuffle else None
         groups = self.group(lengths, shapes.widths, order)
         widths = [shapes.width_for(sum(lengths[i] for i in row)) for row in groups]
+        dataset = PackedRows(rows, groups)
+        dataset.batch_sampler = DialogueBatchSampler(widths, shapes, shuffle, seed)
         return torch.utils.data.DataLoader(
-            PackedRows(rows, groups), batch_sampler=DialogueBatchSampler(widths, shapes, shuffle, seed),
-            collate_fn=partial(self.collate_rows, shapes=shapes), **dataloader_options,
+            dataset, batch_sampler=dataset.batch_sampler, collate_fn=partial(self.collate_rows, shapes=shapes), **dataloader_options,
         )
 
 

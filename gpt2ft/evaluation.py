@@ -74,7 +74,8 @@ def evaluate_loss(
         rows = rows.select(range(rank, len(rows), world_size)) if hasattr(rows, "select") else rows[rank::world_size]
     # Rows are read batch by batch (a datasets split stays memory-mapped), never copied into Python lists whole; the
     # batches come in the collator's few fixed shapes (DialogueCollator.loader), as in training.
-    loader = collator.loader(rows, batch_size)
+    # A process whose share is empty (fewer rows than processes) still joins the all-reduce below.
+    loader = collator.loader(rows, batch_size) if len(rows) else []
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
     with autocast_context(precision, device), without_kv_cache(model):

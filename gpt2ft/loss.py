@@ -39,13 +39,13 @@ def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
 
 
 def _chunked_pass(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, want_hidden: bool, want_weight: bool
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, dtype: torch.dtype, want_hidden: bool,
+    want_weight: bool, grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Sum of token NLLs over `targets` (-100 ignored) and, when asked, its gradients with respect to `hidden` and
-    `weight`: d(sum)/d(logits) = softmax - one_hot, times 0 at ignored positions."""
-    device_type = hidden.device.type
-    dtype = _compute_dtype(device_type, weight.dtype)
-    with torch.autocast(device_type, enabled=False):
+    `weight`, times `grad_scale`: d(sum)/d(logits) = softmax - one_hot, times 0 at ignored positions. The matrix
+    products run in `dtype`, the softmax in fp32."""
+    with torch.autocast(hidden.device.type, enabled=False):
         head = weight.to(dtype)
         valid = targets != IGNORE_INDEX
         safe = targets.masked_fill(~valid, 0)
@@ -63,7 +63,7 @@ def _chunked_pass(
             if want_hidden or want_weight:
                 grad = logits.sub_(log_norm[:, None]).exp_()  # softmax, in the logits' memory
                 grad.scatter_add_(1, safe[part, None], torch.full_like(picked[:, None], -1.0))
-                grad = grad.mul_(keep[:, None]).to(dtype)
+                grad = grad.mul_(keep[:, None] if grad_scale is None else keep[:, None] * grad_scale).to(dtype)
                 if want_hidden:
                     grad_hidden[part] = grad @ head
                 if want_weight:
@@ -72,17 +72,36 @@ def _chunked_pass(
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum of NLL(hidden @ weight.T, targets), with its gradients computed chunk by chunk in the forward pass."""
+    """sum of NLL(hidden @ weight.T, targets), a chunk of positions at a time.
+
+    In fp32 and bf16 the gradients are computed in the forward pass (no matrix product twice). In fp16 they wait for
+    the backward pass, which recomputes each chunk's logits: there the gradient arrives multiplied by the loss
+    scaler's scale, as the model's own loss would give it, so the fp16 products keep their range and the scaler
+    its control (a gradient made unscaled in the forward pass could overflow or vanish in fp16 where the scaler can
+    do nothing about it). One more output-embedding product is the price, in fp16 only.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk):  # type: ignore[override]
-        total, grad_hidden, grad_weight = _chunked_pass(hidden, weight, targets, chunk, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        dtype = _compute_dtype(hidden.device.type, weight.dtype)
+        ctx.dtype, ctx.chunk, ctx.weight_dtype = dtype, chunk, weight.dtype
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.deferred = dtype == torch.float16
+        if ctx.deferred:
+            ctx.save_for_backward(hidden, weight, targets)
+            return _chunked_pass(hidden, weight, targets, chunk, dtype, False, False)[0]
+        total, grad_hidden, grad_weight = _chunked_pass(hidden, weight, targets, chunk, dtype, want_hidden, want_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):  # type: ignore[override]
+        if ctx.deferred:
+            hidden, weight, targets = ctx.saved_tensors
+            _, grad_hidden, grad_weight = _chunked_pass(
+                hidden, weight, targets, ctx.chunk, ctx.dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[1], grad_scale=grad_total.float()
+            )
+            return grad_hidden, grad_weight.to(ctx.weight_dtype) if grad_weight is not None else None, None, None
         grad_hidden, grad_weight = ctx.saved_tensors
         return (
             grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None,
@@ -104,7 +123,7 @@ def token_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     if torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad):
         total = LinearCrossEntropy.apply(flat, weight, targets, chunk)
     else:
-        total = _chunked_pass(flat, weight, targets, chunk, False, False)[0]
+        total = _chunked_pass(flat, weight, targets, chunk, _compute_dtype(flat.device.type, weight.dtype), False, False)[0]
     return total, (targets != IGNORE_INDEX).sum()
 
 

@@ -78,12 +78,20 @@ class RunTotals(TrainerCallback, ExportableState):
         self._losses: torch.Tensor | None = None  # sum of micro-batch losses since the last flush
         self._step_loss: torch.Tensor | None = None  # the current optimiser step's loss, summed over micro-batches
         self._first_bad: torch.Tensor | None = None  # the first step with a non-finite loss since the last flush
+        self._bad_gradient: torch.Tensor | None = None  # the current step's gradient norm was not finite
         self._segment_start = time.perf_counter()
         self._segment_base = self.seconds
         self._excluded = 0.0
 
     def state(self) -> dict[str, Any]:
         return {"args": {"target_tokens": self.target_tokens, "loss_sum": self.loss_sum, "seconds": self.seconds}, "attributes": {}}
+
+    def add_gradient_norm(self, norm: torch.Tensor) -> None:
+        """A non-finite gradient norm makes the step bad too (a finite loss can still give NaN gradients); not under
+        fp16, where the loss scaler skips such a step by design."""
+        if torch.is_tensor(norm):
+            bad = ~torch.isfinite(norm.detach().float())
+            self._bad_gradient = bad if self._bad_gradient is None else self._bad_gradient | bad
 
     def add(self, labels: torch.Tensor, loss: torch.Tensor) -> None:
         """Count one micro-batch: its target tokens (labels that are not -100 after the shift) and its loss."""
@@ -110,8 +118,10 @@ class RunTotals(TrainerCallback, ExportableState):
             # learning rate) without asking the host to look.
             step = torch.full((), state.global_step, dtype=torch.int64, device=self._step_loss.device)
             bad = ~torch.isfinite(self._step_loss)
+            if self._bad_gradient is not None:
+                bad = bad | self._bad_gradient.to(bad.device)
             self._first_bad = torch.where(bad, step, NO_BAD_STEP) if self._first_bad is None else torch.where(bad, torch.minimum(self._first_bad, step), self._first_bad)
-            self._step_loss = None
+            self._step_loss = self._bad_gradient = None
         if control.should_log or control.should_evaluate or control.should_save or control.should_training_stop:
             self.flush(args, control)
         return control
@@ -132,8 +142,16 @@ class RunTotals(TrainerCallback, ExportableState):
         """
         pending = [self._tokens, self._losses, self._first_bad]
         self._tokens = self._losses = self._first_bad = None
-        if pending[0] is None:
-            return  # nothing since the last flush (on every process alike: they run the same steps)
+        if pending[0] is not None:
+            self._add(args, pending)
+        if self.bad_step is not None:
+            # Stop now, and keep stopping: nothing is evaluated or saved after a bad step (the Trainer's epoch end
+            # asks for both again), so the last good checkpoint stays the latest.
+            control.should_save = False
+            control.should_evaluate = False
+            control.should_training_stop = True
+
+    def _add(self, args: TrainingArguments, pending: list) -> None:
         if pending[2] is None:
             pending[2] = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=pending[0].device)
         if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -145,11 +163,6 @@ class RunTotals(TrainerCallback, ExportableState):
         self.seconds = self._segment_base + time.perf_counter() - self._segment_start - self._excluded
         if bad != NO_BAD_STEP and self.bad_step is None:
             self.bad_step = int(bad)
-        if self.bad_step is not None:
-            # Stop now; nothing is evaluated or saved after a bad step, so the last good checkpoint stays the latest.
-            control.should_save = False
-            control.should_evaluate = False
-            control.should_training_stop = True
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -203,6 +216,20 @@ class DialogueTrainer(Trainer):
             worker_init_fn=partial(seed_worker, num_workers=workers, rank=args.process_index),
         )
         return self.accelerator.prepare(loader)
+
+    def _clip_grad_norm(self, model):
+        norm = super()._clip_grad_norm(model)
+        if self.precision != "fp16":
+            self.run_totals.add_gradient_norm(norm)
+        return norm
+
+    def _save_checkpoint(self, model, trial):
+        """Bring the whole-run totals up to date before they go into the checkpoint, and never checkpoint weights
+        that a bad step has touched (whichever callback asked for the save)."""
+        totals = self.run_totals
+        totals.flush(self.args, self.control)
+        if totals.bad_step is None:
+            super()._save_checkpoint(model, trial)
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """6 x parameters x tokens, as the Trainer counts it, with the parameter count taken once: the Trainer's

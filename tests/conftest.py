@@ -272,6 +272,16 @@ def train_argv(model_dir, data, dirs, *extra: str) -> list[str]:
     ]
 
 
+def batches_per_epoch(model_dir, data, batch_size: int, cache_dir) -> int:
+    """How many batches gpt2ft's packing makes of the training split in an epoch (the steps of a one-process epoch)."""
+    from gpt2ft.data import DialogueCollator, prepare_dialogs, tokenize_dialogs
+    from gpt2ft.modeling import load_model_config, load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_dir))
+    rows = tokenize_dialogs(prepare_dialogs(str(data), cache_dir).dialogs["train"], tokenizer, load_model_config(str(model_dir)).n_positions)
+    return len(DialogueCollator(tokenizer, "pack").loader(rows, batch_size))
+
+
 def config_for(model_dir, data, dirs, *flags):
     """The TrainConfig that `python -m gpt2ft` builds from train_argv(...) (what a user would type)."""
     from gpt2ft.cli import build_parser, config_from_args

@@ -266,7 +266,7 @@ def test_pack_rows_fills_each_row_within_its_width_and_drops_nothing():
     # 2,631 tokens: the 900-token window's row takes 124 more (the 100), and 1,607 need four rows of 512: optimal.
     assert len(rows) == 5
     # A window wider than every width is an error in the plan, not a silent cut.
-    with pytest.raises(StopIteration):
+    with pytest.raises(ValueError, match="600 tokens is wider than the widest row"):
         pack_rows([600], widths=(512,))
 
 
@@ -379,3 +379,21 @@ def test_a_cache_of_all_the_data_serves_any_limit(tmp_path, dailydialog_dir, tin
     direct = tokenize_dialogs(limited.dialogs["train"], tiny_tokenizer, 256, "all")
     assert rows["train"]["input_ids"][:] == direct["input_ids"][:] == everything["train"]["input_ids"][: len(direct)]
     assert len(rows["validation"]) == len(tokenize_dialogs(limited.dialogs["validation"], tiny_tokenizer, 256))
+
+
+def test_a_resumed_run_on_several_processes_still_reshuffles_by_epoch(tiny_tokenizer):
+    """accelerate wraps the batch sampler for each process (BatchSamplerShard) and, on resume, once more
+    (SkipBatchSampler): the epoch must still reach it, or a resumed epoch >= 1 would replay epoch 0's order."""
+    from accelerate.data_loader import BatchSamplerShard, DataLoaderShard, skip_first_batches
+
+    rows = [{"input_ids": [0] * n, "labels": [IGNORE_INDEX] + [1] * (n - 1), "length": n} for n in [5, 9, 14, 30, 41, 70] * 20]
+    loader = DialogueCollator(tiny_tokenizer, "pack", row_tokens=64).loader(rows, batch_size=8, shuffle=True, seed=1)
+    sampler = loader.batch_sampler
+    shard = DataLoaderShard(loader.dataset, batch_sampler=BatchSamplerShard(sampler, num_processes=2, process_index=0), collate_fn=loader.collate_fn)
+    shard.set_epoch(1)
+    straight = [list(batch) for batch in shard.batch_sampler][2:]
+    sampler.set_epoch(0)  # a new process after a crash
+    resumed = skip_first_batches(shard, 2)
+    resumed.set_epoch(1)  # what the Trainer does at the start of the resumed epoch
+    assert sampler.epoch == 1
+    assert [list(batch) for batch in resumed.batch_sampler] == straight

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import read_jsonl, train_argv
+from conftest import batches_per_epoch, read_jsonl, train_argv
 
 from gpt2ft import cli
 
@@ -54,8 +54,8 @@ def test_two_process_cpu_run(tiny_model_dir, dailydialog_dir, run_dirs, tmp_path
     logs, out = Path(run_dirs["logs"]), Path(run_dirs["output"])
     metrics = json.loads((logs / "metrics.json").read_text())
     assert metrics["world_size"] == NPROC
-    # Each process trained on its half of the rows: an epoch is ceil(rows / (2 x batch)) steps, not ceil(rows / batch).
-    assert metrics["steps"] == math.ceil(metrics["train_rows"] / (NPROC * BATCH_SIZE))
+    # Each process trained on its half of the batches: an epoch is ceil(batches / 2) steps, not one a batch.
+    assert metrics["steps"] == math.ceil(batches_per_epoch(tiny_model_dir, dailydialog_dir, BATCH_SIZE, tmp_path) / NPROC)
 
     # One model folder, written once and atomically (no staging or backup folders left behind).
     assert (out / "model.safetensors").is_file() and (out / "training_config.json").is_file()

@@ -121,3 +121,13 @@ def test_samples_of_role_data_ask_for_the_assistants_turn(tiny_model, tiny_token
     records = sample_replies(tiny_model, tiny_tokenizer, dialogs, 2, greedy=True, max_new_tokens=3)
     assert [r["reference"] for r in records] == ["Hi there", "Fine."]
     assert records[0]["roles"] == ["system", "user"] and records[1]["roles"] == ["user", "assistant", "user"]
+
+
+def test_a_process_with_no_rows_to_score_returns_nothing_instead_of_failing(tiny_model, tiny_tokenizer):
+    """Under data parallelism with fewer held-out rows than processes, one process's share is empty."""
+    from gpt2ft.data import DialogueCollator
+    from gpt2ft.evaluation import evaluate_loss
+
+    rows = [{"input_ids": [0, 5, 6, 0], "labels": [-100, 5, 6, 0]}]
+    result = evaluate_loss(tiny_model, rows, DialogueCollator(tiny_tokenizer, "pack"), batch_size=4, rank=1, world_size=2)
+    assert result["tokens"] == 0 and result["loss"] != result["loss"]  # NaN: nothing scored here

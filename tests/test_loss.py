@@ -101,3 +101,23 @@ def test_the_saved_model_is_a_plain_gpt2(pair, tmp_path):
     ids = torch.tensor([[1, 2, 3]])
     assert loaded(input_ids=ids, labels=ids).logits.shape == (1, 3, loaded.config.vocab_size)
     assert core_model(chunked) is chunked
+
+
+def test_under_fp16_the_gradients_wait_for_the_loss_scale_and_match_the_models_own(pair, monkeypatch):
+    """fp16 (a T4): the gradients are made in the backward pass, from the scaled loss, as the model's own are."""
+    plain, chunked = pair
+    monkeypatch.setattr(gpt2ft.loss, "LOSS_CHUNK", 16)
+    batch = batch_with_ignored_positions(plain.config.vocab_size, seed=2)
+    scale = 1024.0  # what a GradScaler multiplies the loss by
+    with torch.autocast("cpu", dtype=torch.float16):
+        expected = plain(**batch, use_cache=False).loss
+        got = chunked(**batch).loss
+    torch.testing.assert_close(got, expected.float(), atol=2e-2, rtol=0)
+    (expected.float() * scale).backward()
+    (got * scale).backward()
+    head_plain, head_chunked = plain.lm_head.weight.grad, chunked.lm_head.weight.grad
+    assert torch.isfinite(head_chunked).all()
+    assert torch.nn.functional.cosine_similarity(head_chunked.flatten(), head_plain.flatten(), dim=0) > 0.99
+    assert abs(float(head_chunked.norm() / head_plain.norm()) - 1) < 0.05  # the scale was applied, once
+    first_plain, first_chunked = plain.transformer.h[0].attn.c_attn.weight.grad, chunked.transformer.h[0].attn.c_attn.weight.grad
+    assert torch.nn.functional.cosine_similarity(first_chunked.flatten(), first_plain.flatten(), dim=0) > 0.99

@@ -23,6 +23,8 @@ from gpt2ft.data import DialogueCollator, plan_shapes, tokenize_dialogs
 
 aten = torch.ops.aten
 READ_OPS = {aten._local_scalar_dense.default, aten.equal.default}
+# Ops whose output size depends on values: on a GPU each waits for the device to know how much to allocate.
+SIZED_BY_VALUES = {aten.nonzero.default, aten.masked_select.default, aten._unique2.default, aten.repeat_interleave.Tensor}
 
 
 class HostReads(TorchDispatchMode):
@@ -32,11 +34,17 @@ class HostReads(TorchDispatchMode):
         super().__init__()
         self.counting = False
         self.reads: list[str] = []
+        self.targets: list[int] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.counting and func in READ_OPS:
+        if self.counting and (func in READ_OPS or func in SIZED_BY_VALUES or boolean_index(func, args)):
             self.reads.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def boolean_index(func, args) -> bool:
+    """`tensor[mask]` with a boolean mask: its size is the mask's count."""
+    return func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
 
 
 class CountSteadySteps(TrainerCallback):
@@ -116,7 +124,9 @@ def count_reads(monkeypatch):
     def uncounted(self, *args, **kwargs):
         was, mode.counting = mode.counting, False
         try:
-            return collate(self, *args, **kwargs)
+            batch = collate(self, *args, **kwargs)
+            mode.targets.append(int((batch["labels"][:, 1:] != -100).sum()))  # what each batch holds, in order
+            return batch
         finally:
             mode.counting = was
 
@@ -144,11 +154,12 @@ def test_a_steady_training_step_reads_nothing_back_from_the_device(count_reads, 
     fitted.stop_monitor()
     assert count_reads.reads == []
     # ... while the whole-run totals are still exact: every target token of the 9 steps counted once.
-    assert fitted.totals.target_tokens > 0 and fitted.trainer.state.global_step == 9
+    assert fitted.trainer.state.global_step == 9
+    assert fitted.totals.target_tokens == sum(count_reads.targets[:9])
 
 
 def test_the_counter_sees_a_read_when_there_is_one(count_reads):
-    """The probe itself: an .item(), a tolist() and an `if tensor` are each seen."""
+    """The probe itself: an .item(), a tolist(), an `if tensor`, a boolean index and a nonzero are each seen."""
     value = torch.ones(3).sum()
     with count_reads:
         count_reads.counting = True
@@ -156,7 +167,10 @@ def test_the_counter_sees_a_read_when_there_is_one(count_reads):
         value.reshape(1).tolist()
         if value > 0:
             pass
-    assert len(count_reads.reads) == 3
+        torch.arange(4)[torch.arange(4) > 1]
+        torch.arange(4).nonzero()
+        torch.arange(4)[torch.tensor([0, 2])]  # a gather by index: no read
+    assert len(count_reads.reads) == 5
 
 
 class PoisonAt(TrainerCallback):
@@ -172,18 +186,21 @@ class PoisonAt(TrainerCallback):
         return control
 
 
-def test_a_bad_loss_between_logging_steps_still_stops_the_run_before_any_checkpoint(tiny_model_dir, dailydialog_dir, run_dirs):
-    """The loss turns NaN at step 3; the run logs every 5 steps and checkpoints every 4: it stops naming step 3,
+@pytest.mark.parametrize("schedule", [("--max-steps", "12", "--eval-steps", "4"), ("--epochs", "2")])
+def test_a_bad_loss_between_logging_steps_still_stops_the_run_before_any_checkpoint(tiny_model_dir, dailydialog_dir, run_dirs, schedule):
+    """The loss turns NaN at step 3; the run logs every 5 steps and checkpoints every 4 steps, or at each epoch's
+    end (which comes after the stop, and asks for an evaluation and a checkpoint again): it stops naming step 3,
     with no checkpoint written after it and no model saved."""
     from pathlib import Path
 
     from gpt2ft.checkpoints import TrainingError, checkpoint_dir, complete_checkpoints
     from gpt2ft.training import train
 
-    config = config_for(tiny_model_dir, dailydialog_dir, run_dirs, "--max-steps", "12", "--logging-steps", "5", "--eval-steps", "4")
-    with pytest.raises(TrainingError, match="step 3"):
+    config = config_for(tiny_model_dir, dailydialog_dir, run_dirs, "--logging-steps", "5", *schedule)
+    with pytest.raises(TrainingError, match="step 3") as stopped:
         train(config, callbacks=[PoisonAt(3)])
-    assert complete_checkpoints(checkpoint_dir(run_dirs["output"])) == []  # step 4's would hold NaN weights
+    assert complete_checkpoints(checkpoint_dir(run_dirs["output"])) == []  # any would hold NaN weights
+    assert "No checkpoint was written" in str(stopped.value)
     assert not (Path(run_dirs["output"]) / "model.safetensors").exists()
 
 
