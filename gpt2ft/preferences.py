@@ -30,12 +30,13 @@ share (data.key_share of the prompt's normalised text, as `train` holds out dial
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .data import dialog_key, fingerprint, key_share
+from .data import dialog_key, key_share
 from .sources import DataError, Layout, locate, read_record
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -212,7 +213,9 @@ def read_preference_record(record: Mapping[str, Any], layout: str, where: str) -
             "completion": messages_of(record.get("completion"), "completion", "assistant", where),
             "label": read_label(record.get("label"), where),
         }
-    if layout == "implicit":
+    if layout == "implicit" or (isinstance(record.get("prompt"), str) and isinstance(record.get("chosen"), list)):
+        # A text prompt beside message replies (some hh-rlhf copies) is a summary: the replies hold the whole
+        # conversation, so the prompt is the turns both begin with, as TRL's maybe_extract_prompt decides.
         prompt, chosen, rejected = split_implicit(record.get("chosen"), record.get("rejected"), where)
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     return {
@@ -266,7 +269,7 @@ def records_from_dataset(dataset: Any, origin: str, layout: str, algorithm: str,
 
 
 def read_record_splits(source: str, cache_dir: str | Path | None) -> tuple[dict[str, Any], dict[str, str], str]:
-    """The splits of a file, folder or Hub source (sources.py's readers), their origins, and an identity.
+    """The splits of a file, folder or Hub source (sources.py's readers), their origins, and the files' identity.
 
     Raises:
         DataError: a missing path, an unreadable or empty file, a Hub dataset that cannot be loaded.
@@ -423,10 +426,8 @@ def read_preferences(
         records, counts["winners"] = votes_records(path, algorithm, skips)
         by_split, layout = {"train": with_keys(records)}, "votes"
         counts["read"] = counts["winners"]["votes"]
-        stat = path.stat()
-        identity = fingerprint(path.resolve(), stat.st_size, stat.st_mtime_ns)
     else:
-        splits, origins, identity = read_record_splits(source, cache_dir)
+        splits, origins, _ = read_record_splits(source, cache_dir)
         layouts = {split: detect_preference_layout(list(dataset.column_names), origins[split]) for split, dataset in splits.items()}
         if len(set(layouts.values())) > 1:
             raise DataError(f"{source}: the splits hold different preference layouts ({', '.join(f'{s}: {l}' for s, l in layouts.items())})")
@@ -452,5 +453,6 @@ def read_preferences(
             result[split] = result[split][:limit]
         counts[split]["used"] = len(result[split])
     counts["skipped"] = dict(skips.counts)
-    digest = hashlib.sha256(f"{identity}|{algorithm}|{validation_fraction}|{layout}".encode()).hexdigest()[:16]
+    # The records' content, not the file's date: a copied or re-downloaded source resumes, changed votes do not.
+    digest = hashlib.sha256(json.dumps(result, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
     return PreferenceData(result, algorithm, str(source), layout, counts, skips.lines(), digest)
