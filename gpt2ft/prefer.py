@@ -737,6 +737,7 @@ def preference_metrics(
         "world_size": plan.args.world_size,
         "resumed_from": fitted.resumed_from,
         "presets": plan.preset_notes,
+        **({"kto_weights": {"desirable": plan.args.desirable_weight, "undesirable": plan.args.undesirable_weight}} if plan.config.algorithm == "kto" else {}),
     }
 
 
