@@ -575,7 +575,7 @@ def test_bad_input_is_one_clear_line_and_nothing_is_written(case, breaks, flags,
     listing = sorted(p.name for p in Path(style_task["model"]).iterdir())
     code = main(argv)
     captured = capsys.readouterr()
-    lines = [line for line in captured.err.splitlines() if line.strip() and not line.startswith("gpt2ft: ")]
+    lines = [line for line in captured.err.splitlines() if line.strip()]
     assert code == 2
     assert len(lines) == 1, captured.err
     assert message in lines[0] and "Traceback" not in captured.err
