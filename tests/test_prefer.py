@@ -2,10 +2,10 @@
 
     pytest tests/test_prefer.py -s          # -s also prints the before/after figures of the style task
 
-The task (made here, small enough for a 2-layer, 64-wide GPT-2): a user asks one of conftest's eight EXCHANGES
-questions and the assistant answers it, starting either "Of course." (polite) or "Ugh." (rude). Supervised
-fine-tuning (`python -m gpt2ft train`) sees both styles equally often, so the tuned model opens about half of its
-replies each way and answers correctly. People then vote on the blind A/B page (the votes are written with
+The task (made here, small enough for a 2-layer, 64-wide GPT-2): a user asks one or two of conftest's eight
+EXCHANGES questions and the assistant answers each, starting either "Of course." (polite) or "Ugh." (rude).
+Supervised fine-tuning (`python -m gpt2ft train`) sees both styles equally often, so the tuned model opens about half
+of its replies each way and answers correctly. People then vote on the blind A/B page (the votes are written with
 gpt2ft's own votes code) for the polite reply, on conversations about the first six questions only. `prefer` should
 move the model's sampled replies to the two *unseen* questions toward "Of course." while they still carry the right
 answer (what supervised tuning taught).
@@ -67,18 +67,21 @@ def run_cli(argv: list[str]) -> tuple[int, dict | None, str]:
 @pytest.fixture(scope="module")
 def style_task(tmp_path_factory) -> dict[str, Path]:
     """The supervised model of the style task: a tiny GPT-2 whose tokenizer knows the replies, fine-tuned by
-    `python -m gpt2ft train` for 8 epochs on 320 one-exchange conversations, half polite and half rude."""
+    `python -m gpt2ft train` for 8 epochs on 320 conversations of one or two exchanges, each reply polite or rude at
+    random (so the held-out dialogues mix both styles too)."""
     root = tmp_path_factory.mktemp("style_task")
     base = build_tiny_model_dir(root / "base", n_embd=64, extra_corpus=tuple(f"{s} {a}" for _, a in QA for s in (POLITE, RUDE)))
     rng = random.Random(0)
     conversations = []
     for _ in range(SFT_CONVERSATIONS):
-        question, answer = rng.choice(QA)
-        style = rng.choice((POLITE, RUDE))
-        conversations.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": f"{style} {answer}"}]})
+        messages = []
+        for _ in range(rng.randint(1, 2)):
+            question, answer = rng.choice(QA)
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": f"{rng.choice((POLITE, RUDE))} {answer}"}]
+        conversations.append({"messages": messages})
     sft_data = root / "sft.jsonl"
     sft_data.write_text("".join(json.dumps(c) + "\n" for c in conversations), encoding="utf-8")
-    # --keep-overlap: the repeated conversations are the point (they set how often each style appears).
+    # --keep-overlap: repeated conversations are part of the task (they set how often each style appears).
     code, _, err = run_cli([
         "train", "--model", str(base), "--data", str(sft_data), "--output-dir", str(root / "sft"), "--logs-dir",
         str(root / "sft_logs"), "--images-dir", str(root / "sft_images"), "--cache-dir", str(root / "cache"),
@@ -177,6 +180,8 @@ def test_dpo_on_the_votes_moves_replies_to_unseen_prompts_toward_the_preferred_s
     assert 0.25 <= before["polite"] <= 0.75  # supervised tuning taught both styles
     assert after["polite"] >= 0.9 and after["polite"] - before["polite"] >= 0.25  # the votes' side, on prompts never voted on
     assert before["correct"] >= 0.9 and after["correct"] >= 0.9  # and still the right answer
+    # Half the held-out dialogues open rudely, which the model now avoids: their perplexity rises, but only a little.
+    assert metrics["sft_perplexity_before"] < metrics["sft_perplexity_after"] < 1.5 * metrics["sft_perplexity_before"]
     assert metrics["reward_accuracy_before"] == 0.0 and metrics["reward_margin_before"] == 0.0  # its own reference
     assert metrics["reward_accuracy_after"] >= 0.9 and metrics["reward_margin_after"] > 0
     assert metrics["logp_accuracy_after"] > metrics["logp_accuracy_before"]
@@ -592,3 +597,34 @@ def test_equal_replies_are_skipped_and_counted_not_fatal(style_task, tmp_path):
     code, metrics, err = run_cli(prefer_argv(style_task["model"], path, tmp_path, "--max-steps", "2", "--logging-steps", "1"))
     assert code == 0, err
     assert metrics["data_counts"]["skipped"] == {"chosen equals rejected": 1} and "1 chosen equals rejected skipped" in err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Charts, the notebook
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_charts_rebuild_the_preference_chart_from_the_logs(dpo_run, tmp_path):
+    code, _, err = run_cli(["charts", "--logs-dir", str(dpo_run["logs"]), "--images-dir", str(tmp_path / "images")])
+    assert code == 0, err
+    assert (tmp_path / "images" / "chart_prefer.png").stat().st_size > 1000
+    from gpt2ft.charts import write_preference_chart
+
+    empty = write_preference_chart(tmp_path / "no_logs", tmp_path / "empty")  # missing logs: a chart saying so
+    assert empty.name == "chart_prefer.png" and empty.stat().st_size > 1000
+
+
+def test_the_notebook_parameters_agree_with_prefer_config_and_default_to_off(capsys):
+    import ast
+
+    import nbformat
+
+    from gpt2ft.notebook import prefer_in_notebook, preference_table
+
+    notebook = nbformat.read(Path(__file__).resolve().parents[1] / "GPT2_fine_tuning.ipynb", as_version=4)
+    cell = next(cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", []))
+    values = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
+    assert values["preference_tuning"] is False and values["preference_data"] is None
+    assert values["preference_algorithm"] == PreferConfig().algorithm and values["preferred_dir"] == PreferConfig().output_dir
+    assert prefer_in_notebook("gpt2_finetuned", enabled=False) is None and preference_table(None) is None
+    assert "preference_tuning = True" in capsys.readouterr().out
