@@ -628,3 +628,15 @@ def test_the_notebook_parameters_agree_with_prefer_config_and_default_to_off(cap
     assert values["preference_algorithm"] == PreferConfig().algorithm and values["preferred_dir"] == PreferConfig().output_dir
     assert prefer_in_notebook("gpt2_finetuned", enabled=False) is None and preference_table(None) is None
     assert "preference_tuning = True" in capsys.readouterr().out
+
+
+def test_the_preference_card_renders_whatever_is_missing():
+    from gpt2ft.modelcard import render_preference_card
+
+    card = render_preference_card({}, {}, [])
+    assert card.startswith("---\n") and "# GPT-2 preference-tuned with DPO" in card and "n/a" in card
+    kto = render_preference_card({"algorithm": "kto", "reward_accuracy_after": 0.75, "data_counts": {"winners": {"votes": 9, "a": 3, "b": 2, "tie": 1, "both_bad": 3}}}, {"started_from": "gpt2"}, [
+        {"prompt": [{"role": "user", "content": "Hi"}], "reply": "Hello", "completion": "Go away", "label": False},
+    ])
+    assert "KTO" in kto and "0.750" in kto and "3 'both are bad'" in kto and "Judged undesirable in the data" in kto
+    assert "base_model: gpt2" in kto  # a Hub id goes into the metadata
