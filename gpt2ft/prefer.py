@@ -12,8 +12,8 @@ reference is then the model with its adapters off), the charts and a model card.
 calls them in order:
 
     plan_preference -> prepare_preferences -> load_policy -> fit_prompts -> resume_point -> supervised_dialogs
-        -> build_preference_trainer -> measure (before) -> fit_preferences -> measure (after) -> preference_metrics
-        -> save_preferred -> publish_preferred -> finish_run
+        -> build_preference_trainer -> report_data -> measure (before) -> fit_preferences -> measure (after)
+        -> preference_metrics -> save_preferred -> publish_preferred -> finish_run
 
 Measured per run, on the held-out pairs before and after (every pair counted once, not a mean of batch means):
 reward accuracy and margin (the implicit reward beta * log(pi / pi_ref) of the chosen reply above the rejected
@@ -257,7 +257,7 @@ def plan_preference(config: PreferConfig, explicit: set[str] | None = None) -> R
 
 
 def prepare_preferences(plan: RunPlan) -> PreferenceData:
-    """Read the preferences, hold out validation conversations, and print what was used and skipped, and why.
+    """Read the preferences and hold out validation conversations (report_data prints what was used and skipped).
 
     Raises:
         DataError: bad input (see preferences.read_preferences).
@@ -272,12 +272,14 @@ def prepare_preferences(plan: RunPlan) -> PreferenceData:
         # TRL's KTO reads the examples in order (see build_preference_args): shuffle them once, reproducibly, so a
         # batch does not hold one conversation's two replies and nothing else.
         random.Random(config.seed).shuffle(data.records["train"])
-    if plan.is_main:
-        report_data(data)
     return data
 
 
-def report_data(data: PreferenceData) -> None:
+def report_data(plan: RunPlan, data: PreferenceData) -> None:
+    """Print what the run learns from: the votes or records read, the training and held-out pairs, and each reason
+    something was skipped. Called once every check has passed, so bad input stays one line."""
+    if not plan.is_main:
+        return
     counts = data.counts
     winners = counts.get("winners")
     read = (
@@ -302,24 +304,39 @@ def load_policy(plan: RunPlan) -> LoadedModel:
 
 
 def fit_records(
-    records: list[dict[str, Any]], tokenizer: Any, max_length: int, skips: Skips, split: str
+    records: list[dict[str, Any]], tokenizer: Any, max_length: int, skips: Skips, split: str, model_name: str = "--model"
 ) -> list[dict[str, Any]]:
     """The records whose prompt and longest reply fit in `max_length` tokens; a prompt too long keeps its latest whole
     turns (generate.keep_latest_turns, as the chat does). Records that cannot fit are skipped and counted.
 
-    Lengths come from the model's chat template itself, so they are the tokens TRL will train on.
+    Lengths come from the model's chat template itself, rendered as TRL renders them (the prompt with the generation
+    prompt, prompt + reply without), so they are the tokens it will train on.
+
+    Raises:
+        ModelError: the template does not end a reply with EOS (the tuned model would learn not to stop); checked
+            here, before anything is written.
     """
     from .chat_format import render_ids
     from .generate import keep_latest_turns
+    from .modeling import ModelError
+
+    def reply_tokens(prompt: list[dict[str, str]], prompt_tokens: int, reply: list[dict[str, str]]) -> int:
+        ids = tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=False)
+        if not ids or ids[-1] != tokenizer.eos_token_id:
+            raise ModelError(
+                f"--model {model_name}: its chat template does not end a reply with {tokenizer.eos_token!r}; preference "
+                "tuning would teach the model not to stop"
+            )
+        return len(ids) - prompt_tokens
 
     replies = [name for name in ("chosen", "rejected", "completion") if records and name in records[0]]
     fitted = []
     for index, record in enumerate(records):
         prompt = record["prompt"]
         prompt_tokens = len(render_ids(tokenizer, prompt))
-        reply_tokens = max(len(render_ids(tokenizer, prompt + record[name])) - prompt_tokens for name in replies)
-        if prompt_tokens + reply_tokens > max_length:
-            budget = max_length - reply_tokens
+        longest = max(reply_tokens(prompt, prompt_tokens, record[name]) for name in replies)
+        if prompt_tokens + longest > max_length:
+            budget = max_length - longest
             kept = keep_latest_turns(tokenizer, prompt, budget) if budget >= 2 else None
             if kept is None:
                 skips.add(SKIP_TOO_LONG if budget < 2 else SKIP_TURN_TOO_LONG, f"{split} record {index}")
@@ -335,17 +352,17 @@ def fit_prompts(plan: RunPlan, data: PreferenceData, tokenizer: Any) -> Any:
 
     Raises:
         DataError: no training or held-out record fits the context.
+        ModelError: the model's chat template does not end a reply with EOS.
     """
     from datasets import Dataset, DatasetDict
 
     skips = Skips()
-    fitted = {split: fit_records(records, tokenizer, plan.max_length, skips, split) for split, records in data.records.items()}
+    fitted = {
+        split: fit_records(records, tokenizer, plan.max_length, skips, split, plan.config.model) for split, records in data.records.items()
+    }
     for reason, count in skips.counts.items():
         data.counts["skipped"][reason] = data.counts["skipped"].get(reason, 0) + count
     data.skipped += skips.lines()
-    if plan.is_main:
-        for line in skips.lines():
-            say(f"  {line}")
     for split, records in fitted.items():
         data.counts[split]["used"] = len(records)
         if not records:
@@ -443,10 +460,9 @@ def build_preference_trainer(
     """TRL's DPOTrainer or KTOTrainer (with WholeRunTrainerMixin) over the fitted records: TRL renders them with the
     model's chat template and tokenises them. With --method lora TRL wraps the model in the adapters itself, so the
     reference is the model with its adapters off (no second copy); with full tuning TRL keeps a frozen copy.
-
-    Raises:
-        TrainingError: the chat template does not close a reply with EOS (the model would never learn to stop).
     """
+    from transformers.utils import logging as hf_logging
+
     from .scale import build_lora_config, describe_method, parameter_counts, report_parameter_counts
     from .sources import quiet_datasets
 
@@ -456,19 +472,24 @@ def build_preference_trainer(
     peft_config = build_lora_config(config, loaded.model) if config.method == "lora" else None
     loaded.model.config.use_cache = False  # training forwards never use it; save_preferred turns it back on
     trainer_class = trainer_classes()[config.algorithm]
-    with warnings.catch_warnings(), quiet_datasets():  # TRL's tokenising maps are quick: no progress bars
-        warnings.simplefilter("ignore", FutureWarning)  # PEFT and TRL still ask for is_gradient_checkpointing
-        trainer = trainer_class(
-            model=loaded.model,
-            args=plan.args,
-            train_dataset=rows["train"],
-            eval_dataset=rows["validation"],
-            processing_class=loaded.tokenizer,
-            peft_config=peft_config,
-            precision=plan.precision,
-            callbacks=[RunTotals(), CheckpointMarkerCallback(run_settings(plan, data, rows)), JsonlLogCallback(plan.logs_dir / TRAIN_LOG), *(callbacks or [])],
-        )
-    check_replies_end_with_eos(trainer, loaded.tokenizer, config.model)
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # TRL loads the reference copy with a per-tensor bar: noise for GPT-2
+    try:
+        with warnings.catch_warnings(), quiet_datasets():  # TRL's tokenising maps are quick: no progress bars
+            warnings.simplefilter("ignore", FutureWarning)  # PEFT and TRL still ask for is_gradient_checkpointing
+            trainer = trainer_class(
+                model=loaded.model,
+                args=plan.args,
+                train_dataset=rows["train"],
+                eval_dataset=rows["validation"],
+                processing_class=loaded.tokenizer,
+                peft_config=peft_config,
+                precision=plan.precision,
+                callbacks=[RunTotals(), CheckpointMarkerCallback(run_settings(plan, data, rows)), JsonlLogCallback(plan.logs_dir / TRAIN_LOG), *(callbacks or [])],
+            )
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     loaded.parameter_counts = parameter_counts(trainer.model)
     if plan.is_main:
         report_parameter_counts(loaded.parameter_counts, describe_method(config))
@@ -478,18 +499,6 @@ def build_preference_trainer(
 def reply_columns(rows: Any) -> tuple[str, ...]:
     """The tokenised reply columns of TRL's rows: chosen_ids and rejected_ids (DPO), or completion_ids (KTO)."""
     return tuple(name for name in ("chosen_ids", "rejected_ids", "completion_ids") if name in rows.column_names)
-
-
-def check_replies_end_with_eos(trainer: Any, tokenizer: Any, model_name: str) -> None:
-    """Every tokenised reply must end with EOS, so that EOS is a target and the tuned model still stops."""
-    eos = tokenizer.eos_token_id
-    for rows in (trainer.train_dataset, trainer.eval_dataset):
-        for name in reply_columns(rows):
-            if any(not ids or ids[-1] != eos for ids in rows[name][:]):
-                raise TrainingError(
-                    f"--model {model_name}: its chat template does not end a reply with {tokenizer.eos_token!r}; "
-                    "preference tuning would teach the model not to stop"
-                )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -889,6 +898,7 @@ def prefer(
     resume_from = resume_point(plan, data, rows)
     sft = supervised_dialogs(plan)
     trainer = build_preference_trainer(plan, loaded, rows, data, callbacks)
+    report_data(plan, data)
     before = measure(plan, trainer, loaded.tokenizer, sft)
     fitted = fit_preferences(plan, trainer, resume_from)
     try:

@@ -554,6 +554,13 @@ def bert_model(root: Path, model: Path) -> Path:
     return folder
 
 
+def template_without_eos(root: Path, model: Path) -> Path:
+    folder = root / "no_eos"
+    shutil.copytree(model, folder)
+    (folder / "chat_template.jinja").write_text("{%- for message in messages %}{{ message['content'] }}\n{%- endfor %}")
+    return folder
+
+
 BAD_INPUTS = [
     ("votes without a decisive vote", {"data": only_ties}, [], "no decisive vote to learn from (6 votes: 6 tie)"),
     ("records in no layout", {"data": no_layout}, [], "chats.jsonl: no preference records: columns messages"),
@@ -563,6 +570,7 @@ BAD_INPUTS = [
     ("a database without the votes table", {"data": without_votes_table}, [], "no such table: votes"),
     ("a model that is not GPT-2", {"model": bert_model}, [], "model_type is 'bert'"),
     ("a missing model folder", {"model": lambda root, model: root / "nowhere" / "model"}, [], "no such model folder"),
+    ("a chat template that does not end a reply with EOS", {"model": template_without_eos}, [], "does not end a reply with '<|endoftext|>'"),
     ("the output folder is the model", {"output": lambda root, model: model}, [], "is the model being tuned (--model)"),
     ("KTO with one example a batch", {}, ["--algorithm", "kto", "--batch-size", "1"], "--batch-size: KTO needs at least 2"),
     ("a bad beta", {}, ["--beta", "0"], "--beta: must be > 0"),
@@ -584,7 +592,7 @@ def test_bad_input_is_one_clear_line_and_nothing_is_written(case, breaks, flags,
     assert code == 2
     assert len(lines) == 1, captured.err
     assert message in lines[0] and "Traceback" not in captured.err
-    for name in ("preferred", "logs", "images"):
+    for name in ("preferred", "logs", "images", "preferred.checkpoints"):
         assert not (tmp_path / "run" / name).exists(), name
     assert sorted(p.name for p in Path(style_task["model"]).iterdir()) == listing  # the starting model untouched
 
@@ -640,3 +648,20 @@ def test_the_preference_card_renders_whatever_is_missing():
     ])
     assert "KTO" in kto and "0.750" in kto and "3 'both are bad'" in kto and "Judged undesirable in the data" in kto
     assert "base_model: gpt2" in kto  # a Hub id goes into the metadata
+
+
+def test_a_prompt_too_long_keeps_its_latest_turns_and_a_reply_too_long_is_skipped(tiny_tokenizer):
+    from gpt2ft.chat_format import render_ids
+    from gpt2ft.preferences import SKIP_TOO_LONG, Skips
+    from gpt2ft.prefer import fit_records
+
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{q} {a}"} for i, (q, a) in enumerate(QA[:5])]
+    reply = [{"role": "assistant", "content": "Sure."}]
+    record = {"prompt": turns, "chosen": reply, "rejected": [{"role": "assistant", "content": "No."}], "key": "k"}
+    whole = len(render_ids(tiny_tokenizer, turns + reply))
+    window = whole - len(render_ids(tiny_tokenizer, turns[:1])) + 3  # room for all but the first turn
+    skips = Skips()
+    fitted = fit_records([record, {**record, "chosen": [{"role": "assistant", "content": "word " * 400}]}], tiny_tokenizer, window, skips, "train")
+    assert len(fitted) == 1 and fitted[0]["prompt"] == turns[1:]  # the oldest turn dropped, the latest kept whole
+    assert len(render_ids(tiny_tokenizer, fitted[0]["prompt"] + reply)) <= window
+    assert skips.counts == {SKIP_TOO_LONG: 1} and "train record 1" in skips.lines()[0]
