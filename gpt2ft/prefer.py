@@ -6,9 +6,9 @@ votes, or from a preference dataset.
     python -m gpt2ft serve --model gpt2_preferred             # compares with the model it started from: vote again
 
 TRL's DPOTrainer and KTOTrainer compute the losses; gpt2ft keeps around them what `train` has: the data (votes and
-TRL's layouts, the model's own chat template, held-out conversations chosen by hash; preferences.py), the run folders and
-atomic save, resuming the same run only, whole-run numbers, NaN and out-of-memory stops, T4 presets, LoRA (the
-reference is then the model with its adapters off), the charts and a model card. A run is these stages; `prefer()`
+TRL's layouts, the model's own chat template, held-out conversations chosen by hash; preferences.py), the run
+folders and atomic save, resuming the same run only, whole-run numbers, NaN and out-of-memory stops, T4 presets,
+LoRA (the reference is then the model with its adapters off), the charts and a model card. A run is these stages; `prefer()`
 calls them in order:
 
     plan_preference -> prepare_preferences -> load_policy -> fit_prompts -> resume_point -> supervised_dialogs
@@ -348,7 +348,7 @@ def fit_records(
 
 def fit_prompts(plan: RunPlan, data: PreferenceData, tokenizer: Any) -> Any:
     """Every split's records as a datasets.Dataset, each prompt fitted to the training window (fit_records); what was
-    skipped is added to the data's counts and printed.
+    skipped is added to the data's counts (report_data prints them).
 
     Raises:
         DataError: no training or held-out record fits the context.
