@@ -432,3 +432,102 @@ def write_charts(logs_dir: str | Path, images_dir: str | Path) -> list[Path]:
         plot_cpu_disk(system_records),
     )
     return [save_figure(figure, images / name) for figure, name in zip(figures, CHART_FILES)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Preference tuning (python -m gpt2ft prefer)
+# --------------------------------------------------------------------------------------------------------------
+
+PREFER_CHART = "chart_prefer.png"
+METRICS_FILE = "metrics.json"
+
+
+def plot_preference(records: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> Figure:
+    """2x2 grid of a preference run: the DPO/KTO loss, the implicit rewards of the chosen and rejected replies, their
+    margin and accuracy (TRL's per-step logs, from train_log.jsonl), and the held-out scores and supervised perplexity
+    before and after (metrics.json)."""
+    algorithm = str(metrics.get("algorithm") or "preference").upper()
+    figure, (loss_ax, reward_ax, margin_ax, summary_ax) = _new_figure(2, 2, f"Preference tuning ({algorithm})")
+    train = [record for record in records if "loss" in record]
+    evals = [record for record in records if "eval_loss" in record]
+    lines = {
+        loss_ax: [("train loss", train, "loss", "tab:blue", "-"), ("eval loss", evals, "eval_loss", "tab:orange", "o-")],
+        reward_ax: [
+            ("chosen (train)", train, "rewards/chosen", "tab:green", "-"), ("rejected (train)", train, "rewards/rejected", "tab:red", "-"),
+            ("chosen (eval)", evals, "eval_rewards/chosen", "tab:green", "o--"), ("rejected (eval)", evals, "eval_rewards/rejected", "tab:red", "o--"),
+        ],
+        margin_ax: [("margin (train)", train, "rewards/margins", "tab:purple", "-"), ("margin (eval)", evals, "eval_rewards/margins", "tab:purple", "o--")],
+    }
+    titles = {loss_ax: ("Loss", "loss"), reward_ax: ("Implicit reward: beta * log(pi / pi_ref)", "reward"), margin_ax: ("Reward margin (chosen - rejected)", "reward")}
+    for axis, specs in lines.items():
+        drawn = False
+        for label, subset, key, color, style in specs:
+            steps, values = series_by_step(subset, key)
+            if values:
+                axis.plot(steps, values, style, label=label, color=color, linewidth=1.2, markersize=5)
+                drawn = True
+        if drawn:
+            _finish(axis, titles[axis][0], "step", titles[axis][1])
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        else:
+            _no_data(axis, title=titles[axis][0])
+    accuracy_steps, accuracy = series_by_step(train, "rewards/accuracies")
+    eval_steps, eval_accuracy = series_by_step(evals, "eval_rewards/accuracies")
+    if accuracy or eval_accuracy:
+        twin = margin_ax.twinx()
+        if accuracy:
+            twin.plot(accuracy_steps, accuracy, color="tab:gray", linewidth=1.0, alpha=0.7, label="reward accuracy (train)")
+        if eval_accuracy:
+            twin.plot(eval_steps, eval_accuracy, "s--", color="black", markersize=5, label="reward accuracy (eval)")
+        twin.set_ylim(-0.02, 1.02)
+        twin.set_ylabel("reward accuracy")
+        twin.legend(loc="lower right", fontsize=9)
+
+    bars = [
+        (label, as_float(metrics.get(f"{key}_before")), as_float(metrics.get(f"{key}_after")))
+        for key, label in (("reward_accuracy", "reward accuracy"), ("logp_accuracy", "model prefers chosen"))
+        if as_float(metrics.get(f"{key}_after")) is not None
+    ]
+    title = "Held-out, before and after"
+    if bars:
+        positions = range(len(bars))
+        before = [NAN if b is None else b for _, b, _ in bars]
+        after = [NAN if a is None else a for _, _, a in bars]
+        summary_ax.bar([p - 0.2 for p in positions], before, width=0.4, label="before", color="tab:gray")
+        summary_ax.bar([p + 0.2 for p in positions], after, width=0.4, label="after", color="tab:blue")
+        for position, value in [(p - 0.2, v) for p, v in zip(positions, before)] + [(p + 0.2, v) for p, v in zip(positions, after)]:
+            if math.isfinite(value):
+                summary_ax.text(position, value + 0.02, f"{value:.2f}", ha="center", fontsize=9)
+        summary_ax.set_xticks(list(positions), [label for label, _, _ in bars])
+        summary_ax.set_ylim(0, 1.12)
+        before_ppl, after_ppl = as_float(metrics.get("sft_perplexity_before")), as_float(metrics.get("sft_perplexity_after"))
+        if before_ppl is not None and after_ppl is not None:
+            title += f"\nsupervised validation perplexity {before_ppl:,.2f} -> {after_ppl:,.2f}"
+        _finish(summary_ax, title, "", "share of held-out records")
+    else:
+        _no_data(summary_ax, "no held-out scores (metrics.json is missing)", title=title)
+    if not records:
+        figure.suptitle(f"Preference tuning ({algorithm}; no data: train_log.jsonl is missing or empty)", fontsize=14, fontweight="bold")
+    return figure
+
+
+def write_preference_chart(logs_dir: str | Path, images_dir: str | Path) -> Path:
+    """Draw chart_prefer.png from `logs_dir`'s train_log.jsonl and metrics.json into `images_dir`."""
+    import json
+
+    logs = Path(logs_dir)
+    try:
+        metrics = json.loads((logs / METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        metrics = {}
+    return save_figure(plot_preference(read_jsonl(logs / TRAIN_LOG), metrics if isinstance(metrics, dict) else {}), Path(images_dir) / PREFER_CHART)
+
+
+def is_preference_run(logs_dir: str | Path) -> bool:
+    """True when `logs_dir` holds the logs of a preference run (its metrics.json says stage "prefer")."""
+    import json
+
+    try:
+        return json.loads((Path(logs_dir) / METRICS_FILE).read_text(encoding="utf-8")).get("stage") == "prefer"
+    except (OSError, ValueError, AttributeError):
+        return False

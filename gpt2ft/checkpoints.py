@@ -199,9 +199,10 @@ def read_run_settings(checkpoint: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(each differing setting as `name old -> new`, the flags that give the old values back)."""
-    flags = {item.name for item in config_fields()}
+def describe_differences(old: dict[str, Any], new: dict[str, Any], config_class: type | None = None) -> tuple[list[str], list[str]]:
+    """(each differing setting as `name old -> new`, the flags that give the old values back); the flags are the
+    fields of the stage's config (TrainConfig unless another class is given)."""
+    flags = {item.name for item in config_fields(config_class)}
     changes, restore = [], []
     for name in sorted(set(old) | set(new)):
         if old.get(name) != new.get(name):
@@ -212,9 +213,12 @@ def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> tuple[list
     return changes, restore
 
 
-def find_resume_checkpoint(folder: str | Path, resume: str, run_settings: dict[str, Any]) -> str | None:
+def find_resume_checkpoint(
+    folder: str | Path, resume: str, run_settings: dict[str, Any], config_class: type | None = None
+) -> str | None:
     """The checkpoint to resume from: None for 'never' (or no checkpoint), the latest complete one for 'auto', or
-    the given path; it must have been made by a run with the same `run_settings`.
+    the given path; it must have been made by a run with the same `run_settings` (of a `config_class` run,
+    TrainConfig unless another is given: it names the flags that restore the old values).
 
     Raises:
         TrainingError: a path that is not a complete checkpoint, or a checkpoint of a run with other settings.
@@ -232,7 +236,7 @@ def find_resume_checkpoint(folder: str | Path, resume: str, run_settings: dict[s
             raise TrainingError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json)")
     saved = read_run_settings(checkpoint)
     if saved is not None and saved != run_settings:
-        changes, restore = describe_differences(saved, run_settings)
+        changes, restore = describe_differences(saved, run_settings, config_class)
         old_way = f"run again with the old settings ({' '.join(restore)})" if restore else "run again with the old settings and data"
         raise TrainingError(
             f"--resume {resume}: {checkpoint} belongs to a run with other settings: {'; '.join(changes)}. "

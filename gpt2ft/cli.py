@@ -11,6 +11,7 @@
     python -m gpt2ft export --model gpt2_finetuned --format gguf         GGUF for llama.cpp/Ollama/LM Studio + Modelfile
     python -m gpt2ft serve --model gpt2_finetuned                        web page: chat + blind A/B votes (Gradio)
     python -m gpt2ft votes --db logs/votes.sqlite                        the votes counted per pair, one JSON line
+    python -m gpt2ft prefer --model gpt2_finetuned --data logs/votes.sqlite  preference tuning (DPO, KTO) on the votes
 
 Each command calls the same functions as the notebook. Bad input ends with one line on stderr and exit code 2.
 """
@@ -25,7 +26,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import DATA_DIR, IMAGES_DIR, LOGS_DIR, OUTPUT_DIR, ConfigError, TrainConfig, build_config, config_fields, flag_name, load_config_file
+from .config import (
+    DATA_DIR, IMAGES_DIR, LOGS_DIR, OUTPUT_DIR, ConfigError, PreferConfig, TrainConfig, build_config, config_fields, flag_name,
+    load_config_file,
+)
 
 EXIT_USAGE = 2
 
@@ -57,13 +61,13 @@ PREPARE_FIELDS = (
 )
 
 
-def add_config_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
-    """One flag per TrainConfig field (or per field in `only`); defaults are suppressed so only flags the user typed
-    override --config.
+def add_config_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None = None, config_class: type | None = None) -> None:
+    """One flag per field of a stage's config (TrainConfig unless another class is given; or per field in `only`);
+    defaults are suppressed so only flags the user typed override --config.
 
     Booleans: `--no-X` for a default of True, `--X` for False, both for None (None = gpt2ft decides).
     """
-    for field in config_fields():
+    for field in config_fields(config_class):
         if only is not None and field.name not in only:
             continue
         help_text = field.metadata.get("help", "")
@@ -82,11 +86,12 @@ def add_config_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None
         )
 
 
-def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
-    """The TrainConfig of `train`'s flags (over --config), and the names of the settings the user set."""
-    file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
-    flags = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}  # typed flags only
-    return build_config(file_values, **flags), set(file_values) | set(flags)
+def config_from_args(args: argparse.Namespace, config_class: type | None = None) -> tuple[Any, set[str]]:
+    """The config of a stage's flags (TrainConfig for `train` unless another class is given; over --config), and the
+    names of the settings the user set."""
+    file_values = load_config_file(args.config, config_class) if getattr(args, "config", None) else {}
+    flags = {f.name: getattr(args, f.name) for f in config_fields(config_class) if hasattr(args, f.name)}  # typed flags only
+    return build_config(file_values, config_class=config_class, **flags), set(file_values) | set(flags)
 
 
 def build_parser() -> Parser:
@@ -172,6 +177,10 @@ def build_parser() -> Parser:
 
     votes = commands.add_parser("votes", help="the blind votes counted per pair of models, as one JSON line")
     votes.add_argument("--db", default=DEFAULT_VOTES_DB, metavar="PATH", help="the votes database written by serve")
+
+    prefer = commands.add_parser("prefer", help="preference tuning (DPO, KTO) on the page's votes or a preference dataset (flags mirror PreferConfig)")
+    prefer.add_argument("--config", metavar="FILE.json", help="settings as a JSON object; flags override it")
+    add_config_flags(prefer, config_class=PreferConfig)
     return parser
 
 
@@ -335,10 +344,12 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_charts(args: argparse.Namespace) -> int:
-    from .charts import write_charts
+    from .charts import is_preference_run, write_charts, write_preference_chart
 
     for path in write_charts(args.logs_dir, args.images_dir):
         print(path)
+    if is_preference_run(args.logs_dir):
+        print(write_preference_chart(args.logs_dir, args.images_dir))
     return 0
 
 
@@ -383,6 +394,19 @@ def run_votes(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_prefer(args: argparse.Namespace) -> int:
+    from .prefer import prefer
+
+    config, explicit = config_from_args(args, PreferConfig)
+    result = prefer(config, explicit=explicit)
+    if not result.is_main:
+        return 0
+    print(f"preferred model saved to {result.output_dir}", file=sys.stderr)
+    print(f"metrics written to {Path(config.logs_dir) / 'metrics.json'}", file=sys.stderr)
+    print_json(result.metrics)
+    return 0
+
+
 def run_export(args: argparse.Namespace) -> int:
     from .export import ExportError, export_gguf
 
@@ -412,6 +436,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "export": run_export,
     "serve": run_serve,
     "votes": run_votes,
+    "prefer": run_prefer,
 }
 
 

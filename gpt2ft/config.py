@@ -1,7 +1,8 @@
-"""Settings for a gpt2ft run: one dataclass with every default, plus the artifact folders.
+"""Settings for a gpt2ft run: one dataclass per stage with every default, plus the artifact folders.
 
-Every command (`python -m gpt2ft train ...`) and the notebook build a `TrainConfig`; the CLI flags are generated
-from the fields below, so a default lives in exactly one place.
+`python -m gpt2ft train ...` and the notebook build a `TrainConfig`; `python -m gpt2ft prefer ...` (preference
+tuning, gpt2ft/prefer.py) builds a `PreferConfig`. The CLI flags are generated from the fields below, so a default
+lives in exactly one place.
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ DATA_DIR = "data"
 LOGS_DIR = "logs"
 IMAGES_DIR = "images"
 OUTPUT_DIR = "gpt2_finetuned"
+# Preference tuning starts from the fine-tuned model and writes beside it, never over it; its logs and charts get
+# their own folders so they do not replace the fine-tuning run's metrics.json and charts.
+PREFER_OUTPUT_DIR = "gpt2_preferred"
+PREFER_LOGS_DIR = "logs/prefer"
+PREFER_IMAGES_DIR = "images/prefer"
+# The votes database the web page (`python -m gpt2ft serve`) writes; votes.py uses the same path.
+VOTES_DB = "logs/votes.sqlite"
 
 # GPT-2's context window; DailyDialog's longest dialogue is ~900 tokens, so 1024 keeps every dialogue whole.
 GPT2_CONTEXT = 1024
@@ -102,48 +110,14 @@ class TrainConfig:
     t4_presets: bool = field(default=True, metadata={"help": "On a ~15 GB GPU, switch large GPT-2 sizes to settings that fit (LoRA, 8-bit optimiser, checkpointing)."})
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"{flag_name(name)}: {why}")
-
-        if not (self.epochs > 0 and math.isfinite(self.epochs)):
-            raise bad("epochs", f"must be a positive number, got {self.epochs}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise bad("max_steps", f"must be a positive number of steps or -1 (use --epochs), got {self.max_steps}")
-        for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps", "save_total_limit", "lora_r", "lora_alpha"):
-            if getattr(self, name) < 1:
-                raise bad(name, f"must be at least 1, got {getattr(self, name)}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise bad("learning_rate", f"must be > 0, got {self.learning_rate}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0:
-            raise bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
-        if self.max_grad_norm <= 0:
-            raise bad("max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
-        if self.max_length < 0 or 0 < self.max_length < 8:
-            raise bad("max_length", f"must be 0 (the model's context) or at least 8 tokens, got {self.max_length}")
+        check_training_settings(self)
         for name in ("max_train_dialogs", "max_eval_dialogs"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise bad(name, f"must be at least 1, got {value}")
-        if self.eval_steps < 0:
-            raise bad("eval_steps", f"must be >= 0, got {self.eval_steps}")
-        if self.system_interval_s <= 0:
-            raise bad("system_interval_s", f"must be > 0, got {self.system_interval_s}")
+            check_optional_count(self, name)
         for name in ("validation_fraction", "test_fraction"):
             if not 0 < getattr(self, name) < 0.5:
-                raise bad(name, f"must be between 0 and 0.5, got {getattr(self, name)}")
+                raise ConfigError(f"{flag_name(name)}: must be between 0 and 0.5, got {getattr(self, name)}")
         if self.dialog_column is not None and not self.dialog_column.strip():
-            raise bad("dialog_column", "must not be empty")
-        if not 0 <= self.lora_dropout < 1:
-            raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        for item in config_fields():
-            allowed = item.metadata.get("choices")
-            if allowed and getattr(self, item.name) not in allowed:
-                raise bad(item.name, f"must be one of {', '.join(allowed)}, got {getattr(self, item.name)!r}")
-        for name in ("model", "data", "output_dir", "logs_dir", "images_dir", "cache_dir"):
-            if not str(getattr(self, name)).strip():
-                raise bad(name, "must not be empty")
+            raise ConfigError(f"{flag_name('dialog_column')}: must not be empty")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -153,23 +127,166 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-def config_fields() -> list[dataclasses.Field]:
-    return list(dataclasses.fields(TrainConfig))
+
+@dataclass
+class PreferConfig:
+    """Every setting of a preference-tuning run (`python -m gpt2ft prefer`, gpt2ft/prefer.py). Defaults target GPT-2
+    small (124M) on a free Colab T4 (15 GB), starting from the model `train` wrote."""
+
+    # --- what to tune, and on what ------------------------------------------------------------------------------
+    model: str = field(default=OUTPUT_DIR, metadata={"help": "The model to start from: a folder written by train (or prefer), another GPT-2 folder, or a Hub id.", "run": True})
+    data: str = field(default=VOTES_DB, metadata={"help": "The preferences: a votes database written by serve, a .jsonl/.json/.parquet file or a folder in TRL's preference layouts, or hub:OWNER/NAME[@REV][:CONFIG].", "run": True})
+    algorithm: str = field(default="dpo", metadata={"help": "'dpo': learns from pairs (a better and a worse reply); 'kto': from single replies marked good or bad.", "choices": ("dpo", "kto"), "run": True})
+    output_dir: str = field(default=PREFER_OUTPUT_DIR, metadata={"help": "Where the preference-tuned model is written."})
+    logs_dir: str = field(default=PREFER_LOGS_DIR, metadata={"help": "Where metrics.json and the JSONL logs are written."})
+    images_dir: str = field(default=PREFER_IMAGES_DIR, metadata={"help": "Where the charts are written."})
+    cache_dir: str = field(default=DATA_DIR, metadata={"help": "Where downloads and the datasets cache live."})
+    sft_data: str | None = field(default=None, metadata={"help": "Conversations whose validation perplexity is measured before and after (default: the data recorded in --model's folder; 'none' skips it)."})
+    max_sft_dialogs: int | None = field(default=None, metadata={"help": "Score at most N of those validation dialogues (default: all)."})
+
+    # --- data -------------------------------------------------------------------------------------------------------
+    max_length: int = field(default=0, metadata={"help": "Longest prompt + reply in tokens; 0 = the model's context (1024 for GPT-2). A longer prompt keeps its latest turns.", "run": True})
+    max_train_pairs: int | None = field(default=None, metadata={"help": "Use only the first N training pairs (KTO: examples).", "run": True})
+    max_eval_pairs: int | None = field(default=None, metadata={"help": "Use only the first N held-out pairs (KTO: examples).", "run": True})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Share of conversations held out (by a hash of the conversation) when the source has no validation or test split.", "run": True})
+
+    # --- the objective ------------------------------------------------------------------------------------------------
+    # 0.1 is the DPO and KTO papers' (and TRL's) default: higher keeps the model closer to where it started.
+    beta: float = field(default=0.1, metadata={"help": "How far the model may move from the model it started from (higher: less).", "run": True})
+    desirable_weight: float | None = field(default=None, metadata={"help": "KTO: weight of the good replies' loss; unset: chosen from the counts so both sides weigh alike (KTO paper, eq. 8).", "run": True})
+    undesirable_weight: float | None = field(default=None, metadata={"help": "KTO: weight of the bad replies' loss; unset: chosen from the counts.", "run": True})
+
+    # --- optimisation -------------------------------------------------------------------------------------------------
+    # A few hundred votes make a small data set: several passes, at a learning rate ten times below fine-tuning's
+    # (DPO moves a model fast; TRL's default of 1e-6 is for 7B models).
+    epochs: float = field(default=3.0, metadata={"help": "Passes over the preference data.", "run": True})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimiser steps (overrides --epochs when > 0).", "run": True})
+    # Each pair is two sequences, each scored by the model and by the reference: 8 pairs is 32 forward passes a step.
+    batch_size: int = field(default=8, metadata={"help": "Pairs (KTO: examples) per device per step, before gradient accumulation.", "run": True})
+    eval_batch_size: int = field(default=16, metadata={"help": "Pairs (KTO: examples) per device per evaluation batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches accumulated into one optimiser step.", "run": True})
+    learning_rate: float = field(default=5e-6, metadata={"help": "Peak learning rate (AdamW), reached after warmup, then linear decay to 0.", "run": True})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of the steps spent warming the learning rate up.", "run": True})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay.", "run": True})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm.", "run": True})
+    optim: str = field(default="auto", metadata={"help": "Trainer optimiser name (adamw_torch_fused, adamw_bnb_8bit, ...); 'auto' = fused AdamW on CUDA, AdamW elsewhere.", "run": True})
+    precision: str = field(default="auto", metadata={"help": "'auto' (fp16 below compute capability 8.0, bf16 from 8.0, fp32 on CPU), 'fp16', 'bf16' or 'fp32'.", "choices": ("auto", "fp16", "bf16", "fp32")})
+    seed: int = field(default=42, metadata={"help": "Seed for shuffling, dropout and LoRA initialisation.", "run": True})
+
+    # --- evaluation, logging, checkpoints ---------------------------------------------------------------------------
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate (and checkpoint) every N steps; 0 = once an epoch."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (the best one is always kept)."})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep the checkpoints after a successful run."})
+    resume: str = field(default="auto", metadata={"help": "'auto': continue from the latest complete checkpoint of this run; 'never'; or a checkpoint path."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an output folder that holds something other than a gpt2ft model."})
+    report_to: str = field(default="none", metadata={"help": "Also report to 'tensorboard' or 'wandb' (comma-separated), through the Trainer."})
+    system_interval_s: float = field(default=2.0, metadata={"help": "Seconds between system-metric samples (CPU, memory, disk, GPU)."})
+    num_workers: int = field(default=-1, metadata={"help": "DataLoader worker processes; -1 = 2 on CUDA, 0 on CPU."})
+
+    # --- scale ----------------------------------------------------------------------------------------------------------
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass to save memory."})
+    method: str = field(default="full", metadata={"help": "'full': tune every weight (the reference is a frozen copy); 'lora': PEFT adapters, merged into the saved model (the reference is the model with its adapters off: no second copy).", "choices": ("full", "lora"), "run": True})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank.", "run": True})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling (alpha / r multiplies the update).", "run": True})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input.", "run": True})
+    lora_targets: str = field(default="c_attn,c_proj", metadata={"help": "Comma-separated GPT-2 Conv1D modules that get adapters (c_attn, c_proj, c_fc).", "run": True})
+    t4_presets: bool = field(default=True, metadata={"help": "On a ~15 GB GPU, switch large GPT-2 sizes to settings that fit (LoRA, 8-bit optimiser, checkpointing)."})
+
+    def __post_init__(self) -> None:
+        check_training_settings(self)
+        for name in ("max_train_pairs", "max_eval_pairs", "max_sft_dialogs"):
+            check_optional_count(self, name)
+        if not 0 < self.validation_fraction < 0.5:
+            raise ConfigError(f"--validation-fraction: must be between 0 and 0.5, got {self.validation_fraction}")
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ConfigError(f"--beta: must be > 0, got {self.beta}")
+        for name in ("desirable_weight", "undesirable_weight"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{flag_name(name)}: must be > 0, got {value}")
+        if self.algorithm == "kto" and self.batch_size < 2:
+            # TRL's KTO estimates its KL term by pairing each example with another reply of the same micro-batch.
+            raise ConfigError(f"--batch-size: KTO needs at least 2 examples a micro-batch (its KL estimate pairs each with another), got {self.batch_size}")
+        if self.sft_data is not None and not self.sft_data.strip():
+            raise ConfigError("--sft-data: must not be empty (use 'none' to skip the perplexity measurement)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "PreferConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+def check_training_settings(config: Any) -> None:
+    """The checks every stage's config shares (TrainConfig, PreferConfig): the optimisation, logging and LoRA
+    numbers are in range, a field with `choices` holds one of them, and no folder, model or data setting is empty.
+
+    Raises:
+        ConfigError: naming the setting as its flag.
+    """
+
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"{flag_name(name)}: {why}")
+
+    if not (config.epochs > 0 and math.isfinite(config.epochs)):
+        raise bad("epochs", f"must be a positive number, got {config.epochs}")
+    if config.max_steps == 0 or config.max_steps < -1:
+        raise bad("max_steps", f"must be a positive number of steps or -1 (use --epochs), got {config.max_steps}")
+    for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps", "save_total_limit", "lora_r", "lora_alpha"):
+        if getattr(config, name) < 1:
+            raise bad(name, f"must be at least 1, got {getattr(config, name)}")
+    if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
+        raise bad("learning_rate", f"must be > 0, got {config.learning_rate}")
+    if not 0 <= config.warmup_ratio < 1:
+        raise bad("warmup_ratio", f"must be in [0, 1), got {config.warmup_ratio}")
+    if config.weight_decay < 0:
+        raise bad("weight_decay", f"must be >= 0, got {config.weight_decay}")
+    if config.max_grad_norm <= 0:
+        raise bad("max_grad_norm", f"must be > 0, got {config.max_grad_norm}")
+    if config.max_length < 0 or 0 < config.max_length < 8:
+        raise bad("max_length", f"must be 0 (the model's context) or at least 8 tokens, got {config.max_length}")
+    if config.eval_steps < 0:
+        raise bad("eval_steps", f"must be >= 0, got {config.eval_steps}")
+    if config.system_interval_s <= 0:
+        raise bad("system_interval_s", f"must be > 0, got {config.system_interval_s}")
+    if not 0 <= config.lora_dropout < 1:
+        raise bad("lora_dropout", f"must be in [0, 1), got {config.lora_dropout}")
+    for item in dataclasses.fields(config):
+        allowed = item.metadata.get("choices")
+        if allowed and getattr(config, item.name) not in allowed:
+            raise ConfigError(f"{flag_name(item.name)}: must be one of {', '.join(allowed)}, got {getattr(config, item.name)!r}")
+    for name in ("model", "data", "output_dir", "logs_dir", "images_dir", "cache_dir"):
+        if not str(getattr(config, name)).strip():
+            raise ConfigError(f"{flag_name(name)}: must not be empty")
 
 
-def run_defining_fields() -> list[str]:
+def check_optional_count(config: Any, name: str) -> None:
+    """A `--max-*` limit is unset (None) or at least 1."""
+    value = getattr(config, name)
+    if value is not None and value < 1:
+        raise ConfigError(f"{flag_name(name)}: must be at least 1, got {value}")
+
+
+def config_fields(config_class: type | None = None) -> list[dataclasses.Field]:
+    """The fields of a stage's config dataclass (TrainConfig unless another is given)."""
+    return list(dataclasses.fields(config_class or TrainConfig))
+
+
+def run_defining_fields(config_class: type | None = None) -> list[str]:
     """The settings that define a run (marked `run` above): a checkpoint resumes only under the same values."""
-    return [item.name for item in config_fields() if item.metadata.get("run")]
+    return [item.name for item in config_fields(config_class) if item.metadata.get("run")]
 
 
-def changed_fields(config: TrainConfig) -> set[str]:
+def changed_fields(config: Any) -> set[str]:
     """The settings that differ from their defaults: what a caller that cannot say which it typed has chosen."""
-    defaults = TrainConfig()
-    return {item.name for item in config_fields() if getattr(config, item.name) != getattr(defaults, item.name)}
+    defaults = type(config)()
+    return {item.name for item in config_fields(type(config)) if getattr(config, item.name) != getattr(defaults, item.name)}
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON object of TrainConfig fields (names with `_` or `-`).
+def load_config_file(path: str | Path, config_class: type | None = None) -> dict[str, Any]:
+    """Read a JSON object of a stage's config fields (TrainConfig's unless another class is given; names with `_`
+    or `-`).
 
     Raises:
         ConfigError: the file is missing, not JSON, not an object, or names an unknown field.
@@ -183,7 +300,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--config: cannot read {path} as JSON: {error}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config: {path} must hold a JSON object of settings")
-    known = {f.name for f in config_fields()}
+    known = {f.name for f in config_fields(config_class)}
     normalised = {str(key).replace("-", "_"): value for key, value in values.items()}
     unknown = sorted(set(normalised) - known)
     if unknown:
@@ -191,14 +308,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return normalised
 
 
-def build_config(file_values: dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:
-    """TrainConfig from file values, then explicit overrides on top (flags beat the file).
+def build_config(file_values: dict[str, Any] | None = None, *, config_class: type | None = None, **overrides: Any) -> Any:
+    """A stage's config (TrainConfig unless another class is given) from file values, then explicit overrides on top
+    (flags beat the file).
 
     Raises:
         ConfigError: a value has the wrong type or fails validation.
     """
     values = {**(file_values or {}), **overrides}
-    types = {f.name: f.type for f in config_fields()}
+    types = {f.name: f.type for f in config_fields(config_class)}
     for name, value in list(values.items()):
         expected = str(types.get(name, ""))
         if value is None:
@@ -217,4 +335,4 @@ def build_config(file_values: dict[str, Any] | None = None, **overrides: Any) ->
                 values[name] = str(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{flag_name(name)}: expected {expected}, got {value!r}") from None
-    return TrainConfig(**values)
+    return (config_class or TrainConfig)(**values)

@@ -68,16 +68,13 @@ def build_generation_config(tokenizer: Any, **overrides: Any) -> Any:
     return GenerationConfig(**{**GENERATION_DEFAULTS, **overrides}, eos_token_id=eos, pad_token_id=eos, bos_token_id=eos)
 
 
-def build_prompt_ids(tokenizer: Any, conversation: Sequence[str | Mapping[str, Any]], max_prompt_tokens: int) -> list[int]:
-    """Token ids of the conversation so far, keeping the most recent whole turns that fit in `max_prompt_tokens`.
+def keep_latest_turns(
+    tokenizer: Any, conversation: Sequence[str | Mapping[str, Any]], max_prompt_tokens: int
+) -> list[dict[str, str]] | None:
+    """The most recent whole turns of a conversation whose rendering fits in `max_prompt_tokens`, as messages.
 
-    A leading system message is kept while it fits; other turns are dropped oldest first, never cut in half. Only
-    when the latest turn alone does not fit is it cut, keeping its end (the words closest to the reply) after an EOS.
-
-    Args:
-        tokenizer: the model's tokenizer.
-        conversation: turns (strings) or messages, oldest first; the last one is being answered.
-        max_prompt_tokens: room for the prompt (the context minus the reply's max_new_tokens).
+    A leading system message is kept while it fits; other turns are dropped oldest first, never cut in half. None
+    when not even the latest turn fits on its own (build_prompt_ids then cuts it; preference data skips it).
     """
     messages = as_messages(conversation)
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
@@ -93,8 +90,27 @@ def build_prompt_ids(tokenizer: Any, conversation: Sequence[str | Mapping[str, A
             else:
                 low = middle + 1
         if high < len(turns):
-            return render_ids(tokenizer, head + turns[high:])
-    last = render_ids(tokenizer, turns[-1:] or system)
+            return head + turns[high:]
+    return None
+
+
+def build_prompt_ids(tokenizer: Any, conversation: Sequence[str | Mapping[str, Any]], max_prompt_tokens: int) -> list[int]:
+    """Token ids of the conversation so far, keeping the most recent whole turns that fit in `max_prompt_tokens`.
+
+    A leading system message is kept while it fits; other turns are dropped oldest first, never cut in half. Only
+    when the latest turn alone does not fit is it cut, keeping its end (the words closest to the reply) after an EOS.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        conversation: turns (strings) or messages, oldest first; the last one is being answered.
+        max_prompt_tokens: room for the prompt (the context minus the reply's max_new_tokens).
+    """
+    kept = keep_latest_turns(tokenizer, conversation, max_prompt_tokens)
+    if kept is not None:
+        return render_ids(tokenizer, kept)
+    messages = as_messages(conversation)
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    last = render_ids(tokenizer, messages[len(system):][-1:] or system)
     return [tokenizer.eos_token_id] + last[-(max_prompt_tokens - 1):]
 
 

@@ -464,3 +464,202 @@ def render_model_card(
         *(["## Citation", "", "The training data:", "", "```bibtex", DAILYDIALOG_BIBTEX, "```", ""] if data.is_dailydialog else []),
     ]
     return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The card of a preference-tuned model (python -m gpt2ft prefer)
+# --------------------------------------------------------------------------------------------------------------
+
+ALGORITHM_TEXT = {
+    "dpo": "DPO (Direct Preference Optimization, Rafailov et al., 2023): pairs of a better and a worse reply to the same conversation",
+    "kto": "KTO (Kahneman-Tversky Optimization, Ethayarajh et al., 2024): single replies judged desirable or undesirable",
+}
+
+
+def _preference_front_matter(started: str, data_source: str, algorithm: str) -> str:
+    """The Hub's YAML metadata of a preference-tuned model, with huggingface_hub's ModelCardData."""
+    from huggingface_hub import ModelCardData
+
+    hub_data = data_source[len("hub:"):].split("@")[0].split(":")[0] if data_source.startswith("hub:") else None
+    card_data = ModelCardData(
+        # The licence is that of the starting model's training data and of the preferences: gpt2ft cannot know it.
+        license="other",
+        license_name="see-the-training-data",
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["gpt2", "dialogue", "text-generation", "conversational", "gpt2ft", algorithm, "trl"],
+        datasets=[hub_data] if hub_data else None,
+        base_model=started if is_hub_id(started) else None,
+    )
+    return "---\n" + card_data.to_yaml() + "\n---"
+
+
+def _preference_results(metrics: Mapping[str, Any]) -> str:
+    dpo = metrics.get("algorithm") == "dpo"
+    rows = [
+        ["reward accuracy", format_float(metrics.get("reward_accuracy_before"), 3), format_float(metrics.get("reward_accuracy_after"), 3)],
+        ["reward margin", format_float(metrics.get("reward_margin_before"), 3), format_float(metrics.get("reward_margin_after"), 3)],
+    ]
+    if dpo:
+        rows.append(["the model finds the chosen reply likelier", format_float(metrics.get("logp_accuracy_before"), 3), format_float(metrics.get("logp_accuracy_after"), 3)])
+    rows.append(["supervised validation perplexity", format_perplexity(metrics.get("sft_perplexity_before")), format_perplexity(metrics.get("sft_perplexity_after"))])
+    unit = "pairs" if dpo else "examples"
+    held_out = format_int(metrics.get(f"eval_{unit}"))
+    reward = (
+        "The implicit reward of a reply is beta * log(p_model(reply) / p_start(reply)), beta = "
+        f"{format_short(metrics.get('beta'))}. "
+        + (
+            f"Reward accuracy: the share of the {held_out} held-out pairs whose better reply gets the higher reward; "
+            "margin: the mean difference. Before tuning the model is its own reference, so both are 0. The third row "
+            "needs no reference: the share of pairs where the model itself gives the better reply the higher "
+            "probability."
+            if dpo
+            else f"Reward accuracy: the share of the {held_out} held-out replies whose reward has the sign of their "
+            "judgement (desirable > 0, undesirable < 0); margin: mean desirable reward minus mean undesirable reward. "
+            "Before tuning both are 0."
+        )
+    )
+    sft = metrics.get("sft_data")
+    perplexity = (
+        f"Perplexity is measured on {format_int(metrics.get('sft_dialogs'))} validation dialogues of the supervised data "
+        f"({code(sft)}), before and after: a preference stage that damages the language model shows here."
+        if sft
+        else "No supervised data was recorded with the starting model, so its perplexity was not measured."
+    )
+    return "\n".join([
+        "## Results",
+        "",
+        _table(["held-out measure", "before", "after"], rows),
+        "",
+        reward,
+        "",
+        perplexity,
+        "",
+        "![preference tuning](chart_prefer.png)",
+        "",
+        "![training](chart_train.png)",
+    ])
+
+
+def _preference_data(metrics: Mapping[str, Any]) -> str:
+    counts = metrics.get("data_counts") if isinstance(metrics.get("data_counts"), Mapping) else {}
+    winners = counts.get("winners") if isinstance(counts.get("winners"), Mapping) else None
+    unit = "pairs" if metrics.get("algorithm") == "dpo" else "examples"
+    lines = ["## Preference data", "", f"- Source: {code(metrics.get('data_source'))} ({format_short(metrics.get('data_layout'))} layout)"]
+    if winners:
+        lines.append(
+            f"- Votes of the blind comparison page: {format_int(winners.get('votes'))} in all, "
+            f"{format_int(winners.get('a'))} 'A is better', {format_int(winners.get('b'))} 'B is better', "
+            f"{format_int(winners.get('tie'))} ties, {format_int(winners.get('both_bad'))} 'both are bad'"
+        )
+    for split, label in (("train", "training"), ("validation", "held out")):
+        split_counts = counts.get(split) if isinstance(counts.get(split), Mapping) else {}
+        lines.append(f"- {label.capitalize()} {unit}: {format_int(split_counts.get('used'))}")
+    lines.append(f"- Held out: {md_escape(counts.get('held_out', NA))}")
+    for line in metrics.get("skipped") or []:
+        lines.append(f"- Skipped: {md_escape(line)}")
+    return "\n".join(lines)
+
+
+def _preference_settings(metrics: Mapping[str, Any], settings: Mapping[str, Any], started: str) -> str:
+    method = metrics.get("method") or settings.get("method")
+    method_text = (
+        f"LoRA (r={format_short(settings.get('lora_r'))}, alpha={format_short(settings.get('lora_alpha'))}, modules "
+        f"{settings.get('lora_targets', NA)}), merged into the saved weights; the reference was the model with its adapters off"
+        if method == "lora"
+        else "every weight tuned; the reference was a frozen copy of the starting model"
+    )
+    rows = [
+        ("stage", f"preference tuning with {str(metrics.get('algorithm', NA)).upper()} (TRL)"),
+        ("started from", code(started) if started else NA),
+        ("beta", format_short(metrics.get("beta"))),
+        ("method", method_text),
+        ("trainable / total parameters", f"{format_int(metrics.get('trainable_parameters'))} / {format_int(metrics.get('total_parameters'))}"),
+        ("epochs", f"{format_float(metrics.get('epochs'), 2)} completed ({format_short(settings.get('epochs'))} configured)"),
+        ("optimiser steps", format_int(metrics.get("steps"))),
+        ("batch size per device x accumulation", f"{format_short(settings.get('batch_size'))} x {format_short(settings.get('gradient_accumulation_steps'))}"),
+        ("learning rate", f"{format_short(settings.get('learning_rate'))} (warmup {format_short(settings.get('warmup_ratio'))} of the steps, then linear decay)"),
+        ("max sequence length", f"{format_int(metrics.get('max_length'))} tokens (prompt + reply; a longer prompt keeps its latest turns)"),
+        ("precision", format_short(metrics.get("precision"))),
+        ("seed", format_short(settings.get("seed"))),
+    ]
+    return "\n".join(["## Training", "", _table(["setting", "value"], [[name, value] for name, value in rows], numbers=False)])
+
+
+def _preference_samples(samples: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["## Sample replies", ""]
+    if not samples:
+        return "\n".join(lines + ["No samples were generated for this run."])
+    lines += ["The model's greedy reply to held-out conversations, beside the replies the preference data judged:", ""]
+    for number, sample in enumerate(samples, 1):
+        lines += [f"**Conversation {number}**", ""]
+        for message in sample.get("prompt") or []:
+            text = str(message.get("content", ""))
+            lines.append(f"- *{str(message.get('role', '')).capitalize()}:* {md_escape(text[:CONTEXT_CHARS] + ('...' if len(text) > CONTEXT_CHARS else ''))}")
+        reply = str(sample.get("reply") or "").strip()
+        lines.append(f"- *Model:* {md_escape(reply) if reply else '*(empty reply)*'}")
+        if "chosen" in sample:
+            lines.append(f"- *Preferred in the data:* {md_escape(sample['chosen']) or '*(empty reply)*'}")
+            lines.append(f"- *Rejected in the data:* {md_escape(sample['rejected']) or '*(empty reply)*'}")
+        elif "completion" in sample:
+            verdict = "desirable" if sample.get("label") else "undesirable"
+            lines.append(f"- *Judged {verdict} in the data:* {md_escape(sample['completion']) or '*(empty reply)*'}")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def render_preference_card(
+    metrics: Mapping[str, Any], training_config: Mapping[str, Any], samples: Sequence[Mapping[str, Any]], hardware_name: str = ""
+) -> str:
+    """The Markdown README.md of a preference-tuned model: which stage made it, from which model and data, the
+    held-out scores and supervised perplexity before and after, the settings, samples, usage and limitations.
+
+    Args:
+        metrics: metrics.json of the preference run (prefer.preference_metrics).
+        training_config: the saved training_config.json (prefer_config = the PreferConfig dict, started_from).
+        samples: [{"prompt": [messages], "reply", "chosen", "rejected"}] or with "completion" and "label" (KTO).
+
+    Missing keys show as "n/a"; the card never fails to render.
+    """
+    metrics = metrics or {}
+    training_config = training_config or {}
+    settings = training_config.get("prefer_config") if isinstance(training_config.get("prefer_config"), Mapping) else {}
+    started = str(training_config.get("started_from") or metrics.get("started_from") or settings.get("model") or "")
+    algorithm = str(metrics.get("algorithm") or settings.get("algorithm") or "dpo")
+    source = str(metrics.get("data_source") or settings.get("data") or NA)
+    folder = str(settings.get("output_dir") or "gpt2_preferred")
+    started_text = f"[{code(started)}](https://huggingface.co/{started})" if is_hub_id(started) else code(started or "GPT-2")
+    summary = (
+        f"{started_text} tuned to the preferences in {code(source)} with {algorithm.upper()}, by gpt2ft "
+        f"{format_short(training_config.get('gpt2ft_version'))}: {ALGORITHM_TEXT.get(algorithm, algorithm)}. "
+        f"Held-out reward accuracy {format_float(metrics.get('reward_accuracy_after'), 3)}; supervised validation "
+        f"perplexity {format_perplexity(metrics.get('sft_perplexity_before'))} before, "
+        f"{format_perplexity(metrics.get('sft_perplexity_after'))} after."
+    )
+    limitations = GENERIC_LIMITATIONS + (
+        "\n- **Preferences are only as good as the votes.** A few hundred votes from a few people teach their taste, "
+        "and a model tuned too far on them loses what fine-tuning taught: compare it blind with the model it started "
+        "from (`python -m gpt2ft serve --model " + folder + "`) before you use it."
+    )
+    return "\n".join([
+        _preference_front_matter(started, source, algorithm),
+        "",
+        f"# GPT-2 preference-tuned with {algorithm.upper()}",
+        "",
+        summary,
+        "",
+        _preference_results(metrics),
+        "",
+        _preference_samples(samples or []),
+        "",
+        _usage(folder),
+        "",
+        _preference_data(metrics),
+        "",
+        _preference_settings(metrics, settings, started),
+        "",
+        _hardware(metrics, hardware_name),
+        "",
+        limitations,
+        "",
+    ])

@@ -557,3 +557,86 @@ def push_model_to_hub(output_dir: str | Path, repo_id: str | None, enabled: bool
     url = f"https://huggingface.co/{repo_id}"
     print(f"uploaded {output_dir} to {url}")
     return url
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Preference tuning: learn from the votes (gpt2ft/prefer.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def prefer_in_notebook(
+    model_dir: str | Path,
+    enabled: bool,
+    data: str | None = None,
+    algorithm: str = "dpo",
+    output_dir: str | None = None,
+    logs_dir: str | Path = "logs",
+    images_dir: str | Path = "images",
+    cache_dir: str = "data",
+    drive_root: str | Path | None = None,
+    **settings: Any,
+) -> Any:
+    """The notebook's optional preference tuning: `prefer.prefer` from the fine-tuned model, on the web page's votes
+    or a preference dataset, into its own folders (the fine-tuning run's model, logs and charts stay).
+
+    Args:
+        model_dir: the fine-tuned model's folder (the notebook's `saved_to`).
+        enabled: the `preference_tuning` parameter; False (the default) does nothing, so "Run all" and papermill
+            never wait for votes that do not exist.
+        data: a votes database, a preference file or folder, or "hub:OWNER/NAME"; None = the web page's votes in
+            `logs_dir` (votes.sqlite).
+        output_dir: where the preferred model goes (None: PreferConfig's default); on Drive when `drive_root` is set.
+        logs_dir, images_dir: the notebook's folders; the run writes into their `prefer/` subfolders.
+        settings: any other PreferConfig field by its own name (beta, epochs, learning_rate, method, ...); None
+            leaves it to gpt2ft.
+
+    Returns:
+        prefer.PreferResult, or None when not enabled.
+
+    Raises:
+        DataError, ModelError, ConfigError, TrainingError: bad input, with a one-line message.
+    """
+    if not enabled:
+        print("Preference tuning off: set preference_tuning = True in the parameters cell (after votes on the web page, or with preference_data).")
+        return None
+    from .config import PREFER_OUTPUT_DIR, PreferConfig, render_flag
+    from .prefer import prefer
+
+    paths = resolve_paths(output_dir or PREFER_OUTPUT_DIR, str(Path(logs_dir) / "prefer"), str(Path(images_dir) / "prefer"), drive_root)
+    chosen = {name: value for name, value in settings.items() if value is not None}
+    values = dict(model=str(model_dir), data=data or str(Path(logs_dir) / "votes.sqlite"), algorithm=algorithm, cache_dir=cache_dir, **paths, **chosen)
+    config = build_config(config_class=PreferConfig, **values)
+    defaults = PreferConfig()
+    print("python -m gpt2ft prefer " + " ".join(
+        render_flag(field.name, getattr(config, field.name)) for field in config_fields(PreferConfig)
+        if getattr(config, field.name) != getattr(defaults, field.name) and getattr(config, field.name) is not None
+    ))
+    return prefer(config, explicit=set(values))
+
+
+def preference_table(result: Any) -> Any:
+    """The held-out measures of a preference run (prefer_in_notebook's result) before and after, and its chart.
+
+    Returns:
+        A table with one row a measure (reward accuracy and margin, how often the model itself prefers the better
+        reply, supervised validation perplexity), or None when preference tuning was off.
+    """
+    if result is None:
+        print("Preference tuning was off: nothing to show.")
+        return None
+    import pandas as pd
+
+    metrics = result.metrics
+    rows = {
+        label: {"before": metrics.get(f"{key}_before"), "after": metrics.get(f"{key}_after")}
+        for key, label in (
+            ("reward_accuracy", "reward accuracy (held out)"), ("reward_margin", "reward margin (held out)"),
+            ("logp_accuracy", "model finds the better reply likelier"), ("sft_perplexity", "supervised validation perplexity"),
+        )
+        if metrics.get(f"{key}_after") is not None
+    }
+    print(f"{metrics['algorithm'].upper()} from {metrics['started_from']} on {metrics['data_source']}: model in {result.output_dir}")
+    charts = [Path(path) for path in result.published.charts if Path(path).name == "chart_prefer.png"]
+    for path in charts:
+        show_image(path)
+    return pd.DataFrame.from_dict(rows, orient="index").round(4)

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .config import ConfigError, TrainConfig, render_flag
 from .modeling import GPT2_SIZES, Hardware
@@ -125,13 +125,16 @@ def preset_changes(size: str, eight_bit: bool) -> tuple[dict[str, Any], str]:
     return {}, ""
 
 
-def choose_presets(config: TrainConfig, hardware: Hardware, explicit: set[str]) -> tuple[TrainConfig, list[str]]:
+def choose_presets(
+    config: TrainConfig, hardware: Hardware, explicit: set[str], leave: Sequence[str] = ()
+) -> tuple[TrainConfig, list[str]]:
     """On a ~15 GB GPU (a Colab T4), switch GPT-2 medium/large/xl to settings that fit; return the notes saying what
     changed and why.
 
     Only settings the user did not set are changed: `explicit` names those they typed (the CLI knows; a value typed
     equal to the default counts as typed). `--no-t4-presets` turns all of this off. GPT-2 small, CPU/MPS, GPUs of
-    20 GB or more and unknown models are left alone, with no notes.
+    20 GB or more and unknown models are left alone, with no notes. `leave` names settings a stage keeps whatever
+    the presets say (preference tuning keeps its own learning rate: LoRA's 2e-4 suits fine-tuning, not DPO).
     """
     if not config.t4_presets or hardware.device != "cuda" or not hardware.is_t4_sized:
         return config, []
@@ -140,6 +143,7 @@ def choose_presets(config: TrainConfig, hardware: Hardware, explicit: set[str]) 
         return config, []
     size, _ = found
     changes, reason = preset_changes(size, bitsandbytes_installed())
+    changes = {name: value for name, value in changes.items() if name not in leave}
     applied = {name: value for name, value in changes.items() if name not in explicit and getattr(config, name) != value}
     kept = [render_flag(name, getattr(config, name)) for name, value in changes.items() if name in explicit and getattr(config, name) != value]
     # Batch size and accumulation go together (their product is the effective batch): change both or neither.
@@ -268,6 +272,46 @@ def parameter_counts(model: Any) -> dict[str, int]:
     }
 
 
+def build_lora_config(config: TrainConfig, model: Any) -> Any:
+    """PEFT's LoraConfig for `--lora-r/-alpha/-dropout/-targets` on this GPT-2 (train and prefer use the same one).
+
+    Raises:
+        ConfigError: bad `--lora-targets`.
+    """
+    quiet_bitsandbytes()  # PEFT imports bitsandbytes when it is installed
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=lora_targets(config, model),
+        # GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear. PEFT would notice and flip it
+        # per layer with a warning, but the saved adapter_config.json would still say False.
+        fan_in_fan_out=True,
+    )
+
+
+def describe_method(config: TrainConfig) -> str:
+    """`full fine-tuning`, or `LoRA r=16 alpha=32 on c_attn, c_proj`."""
+    if config.method != "lora":
+        return "full fine-tuning"
+    targets = [name.strip() for name in config.lora_targets.split(",") if name.strip()]
+    return f"LoRA r={config.lora_r} alpha={config.lora_alpha} on {', '.join(targets)}"
+
+
+def report_parameter_counts(counts: dict[str, int], describe: str) -> None:
+    """Print the trainable vs total parameter counts (stderr: stdout carries the run's one JSON line of metrics)."""
+    share = counts["trainable_parameters"] / max(counts["total_parameters"], 1)
+    print(
+        f"gpt2ft: {describe}: {counts['trainable_parameters']:,} trainable of {counts['total_parameters']:,} "
+        f"parameters ({share:.2%})",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def apply_method(model: Any, config: TrainConfig, report: bool = True) -> tuple[Any, dict[str, int]]:
     """`full`: the model as it is. `lora`: the model wrapped by PEFT with LoRA adapters on `--lora-targets`, the
     base weights frozen. Prints (on the main process) and returns the trainable vs total parameter counts.
@@ -275,24 +319,10 @@ def apply_method(model: Any, config: TrainConfig, report: bool = True) -> tuple[
     Raises:
         ConfigError: bad `--lora-targets`.
     """
-    if config.method != "lora":
-        counts = parameter_counts(model)
-        describe = "full fine-tuning"
-    else:
-        quiet_bitsandbytes()  # PEFT imports bitsandbytes when it is installed
-        from peft import LoraConfig, TaskType, get_peft_model
+    if config.method == "lora":
+        from peft import get_peft_model
 
-        targets = lora_targets(config, model)
-        lora_config = LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=targets,
-            # GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear. PEFT would notice and flip it
-            # per layer with a warning, but the saved adapter_config.json would still say False.
-            fan_in_fan_out=True,
-        )
+        lora_config = build_lora_config(config, model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # PEFT still asks for the deprecated is_gradient_checkpointing
             model = get_peft_model(model, lora_config)
@@ -300,16 +330,9 @@ def apply_method(model: Any, config: TrainConfig, report: bool = True) -> tuple[
         # the checkpointed blocks' input (the frozen embeddings' output) does not require grad. No extra hook is
         # needed here: transformers' activation_checkpointing_enable, which the Trainer calls through the PEFT
         # wrapper, runs enable_input_require_grads itself (tests/test_scale.py checks the adapters get gradients).
-        counts = parameter_counts(model)
-        describe = f"LoRA r={config.lora_r} alpha={config.lora_alpha} on {', '.join(targets)}"
+    counts = parameter_counts(model)
     if report:
-        share = counts["trainable_parameters"] / max(counts["total_parameters"], 1)
-        print(
-            f"gpt2ft: {describe}: {counts['trainable_parameters']:,} trainable of {counts['total_parameters']:,} "
-            f"parameters ({share:.2%})",
-            file=sys.stderr,  # stdout carries the run's one JSON line of metrics
-            flush=True,
-        )
+        report_parameter_counts(counts, describe_method(config))
     return model, counts
 
 

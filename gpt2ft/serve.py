@@ -114,7 +114,9 @@ def describe_model(name: str) -> dict[str, Any]:
     """Base model and validation/test perplexity of a saved model, for the page's header.
 
     From the folder's `training_config.json` ({"config": {"model": base, "logs_dir": ...}, "metrics": {...}}),
-    else from the run's `metrics.json` in its logs folder; a Hub id or a folder without them gives None values.
+    else from the run's `metrics.json` in its logs folder; a Hub id or a folder without them gives None values. A
+    preference-tuned folder (`prefer`) also records its stage, algorithm and the model it started from:
+    {"stage": "prefer", "algorithm", "started_from"}, added to the description.
     """
     saved = read_json(Path(name).expanduser() / "training_config.json")
     config = saved.get("config") if isinstance(saved.get("config"), dict) else {}
@@ -125,12 +127,17 @@ def describe_model(name: str) -> dict[str, Any]:
     for key in ("eval_perplexity", "test_perplexity"):
         value = metrics.get(key)
         info[key] = float(value) if isinstance(value, (int, float)) else None
+    if saved.get("stage") == "prefer":
+        info.update(stage="prefer", algorithm=saved.get("algorithm"), started_from=saved.get("started_from"))
     return info
 
 
 def default_opponent(model_dir: str) -> str | None:
-    """The base model recorded in a fine-tuned folder's training_config.json (e.g. `gpt2`), or None."""
-    return describe_model(model_dir).get("base_model") or None
+    """The model to compare with by default: for a preference-tuned folder the model it started from (so the next
+    round of votes says whether preference tuning helped), otherwise the base model recorded in a fine-tuned
+    folder's training_config.json (e.g. `gpt2`); None when neither is recorded."""
+    info = describe_model(model_dir)
+    return info.get("started_from") or info.get("base_model") or None
 
 
 def load_served_model(name: str, model: Any = None, tokenizer: Any = None) -> ServedModel:
@@ -150,7 +157,10 @@ def format_model_line(served: ServedModel) -> str:
     """One markdown line: base model and perplexities (or that there are none)."""
     info = served.info
     parts = []
-    if info.get("base_model"):
+    if info.get("started_from"):
+        algorithm = str(info.get("algorithm") or "").upper()
+        parts.append(f"preference-tuned{f' ({algorithm})' if algorithm else ''} from `{display_name(str(info['started_from']))}`")
+    elif info.get("base_model"):
         parts.append(f"fine-tuned from `{display_name(str(info['base_model']))}`")
     for key, label in (("eval_perplexity", "validation perplexity"), ("test_perplexity", "test perplexity")):
         if info.get(key) is not None:

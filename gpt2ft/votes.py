@@ -24,7 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-DEFAULT_VOTES_DB = "logs/votes.sqlite"
+from .config import VOTES_DB
+
+DEFAULT_VOTES_DB = VOTES_DB  # also `prefer --data`'s default: the page's votes are what preference tuning learns from
 WINNERS = ("a", "b", "tie", "both_bad")
 BUSY_TIMEOUT_S = 30.0
 Z_95 = 1.959963984540054  # the standard normal quantile for a two-sided 95% interval

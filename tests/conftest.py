@@ -192,15 +192,16 @@ def write_conversations(path: Path, conversations: list, layout: str = "messages
     return path
 
 
-def build_tokenizer(folder: Path):
-    """A byte-level BPE (GPT-2's algorithm) trained on the synthetic corpus, with <|endoftext|> as EOS and pad."""
+def build_tokenizer(folder: Path, extra_corpus: tuple[str, ...] = ()):
+    """A byte-level BPE (GPT-2's algorithm) trained on the synthetic corpus (and `extra_corpus`, a test's own text), with
+    <|endoftext|> as EOS and pad."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from gpt2ft.data import clean_turn
 
     corpus = [clean_turn(turn) for pair in EXCHANGES for turn in pair] + [turn for pair in EXCHANGES for turn in pair]
-    corpus += ["Hi, how are you?", "What do you do for a living?", "I work in a bank.", "See you tomorrow!"]
+    corpus += ["Hi, how are you?", "What do you do for a living?", "I work in a bank.", "See you tomorrow!", *extra_corpus]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -215,15 +216,15 @@ def build_tokenizer(folder: Path):
     return wrapped
 
 
-def build_tiny_model_dir(folder: Path, seed: int = 0) -> Path:
-    """A random-init GPT-2 (2 layers, 32 wide, 256 positions) saved with the tiny tokenizer."""
+def build_tiny_model_dir(folder: Path, seed: int = 0, n_embd: int = 32, extra_corpus: tuple[str, ...] = ()) -> Path:
+    """A random-init GPT-2 (2 layers, `n_embd` wide, 256 positions) saved with the tiny tokenizer."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokenizer = build_tokenizer(folder)
+    tokenizer = build_tokenizer(folder, extra_corpus)
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+        vocab_size=len(tokenizer), n_positions=256, n_embd=n_embd, n_layer=2, n_head=2,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
     )
     GPT2LMHeadModel(config).save_pretrained(folder)

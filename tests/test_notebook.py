@@ -17,6 +17,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
+from conftest import EXCHANGES
 
 from gpt2ft.config import ConfigError, TrainConfig
 from gpt2ft.notebook import (
@@ -374,12 +375,19 @@ def test_notebook_runs_end_to_end_with_papermill(tiny_model_dir, dailydialog_dir
     from gpt2ft.modeling import load_model_and_tokenizer
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    dirs = {name: tmp_path / name for name in ("output", "logs", "images", "cache")}
+    dirs = {name: tmp_path / name for name in ("output", "logs", "images", "cache", "preferred")}
+    # The optional preference section too, on a small preference file (the page's votes need a person).
+    preferences = tmp_path / "preferences.jsonl"
+    preferences.write_text("".join(
+        json.dumps({"prompt": question, "chosen": answer, "rejected": "I don't know."}) + "\n"
+        for question, answer in EXCHANGES for _ in range(3)
+    ))
     parameters = dict(
         model_name=str(tiny_model_dir), data_source=str(dailydialog_dir), output_dir=str(dirs["output"]),
         logs_dir=str(dirs["logs"]), images_dir=str(dirs["images"]), cache_dir=str(dirs["cache"]), num_train_epochs=1,
         max_train_dialogs=96, max_eval_dialogs=20, batch_size=8, learning_rate=1e-3, logging_steps=1,
         sample_openings=2, compare_samples=4,
+        preference_tuning=True, preference_data=str(preferences), preferred_dir=str(dirs["preferred"]),
     )
     executed_path = tmp_path / "executed.ipynb"
     papermill.execute_notebook(
@@ -419,3 +427,10 @@ def test_notebook_runs_end_to_end_with_papermill(tiny_model_dir, dailydialog_dir
 
     everything = "\n".join(output_text(cell) for cell in cells)
     assert "you> " in everything and "bot> " in everything and "push_to_hub is False" in everything
+
+    # Preference tuning started from the notebook's model, wrote its own folders, and showed before and after.
+    preferred = json.loads((dirs["logs"] / "prefer" / "metrics.json").read_text())
+    assert preferred["started_from"] == str(dirs["output"].resolve()) and (dirs["preferred"] / "model.safetensors").is_file()
+    assert (dirs["images"] / "prefer" / "chart_prefer.png").is_file() and (dirs["logs"] / "metrics.json").is_file()
+    table = output_text(next(cell for cell in cells if cell.source.startswith("preference_table(")))
+    assert "reward accuracy" in table and "supervised validation perplexity" in table

@@ -1,0 +1,912 @@
+"""Preference tuning (DPO, KTO) with TRL on gpt2ft's run machinery: the next model learns from the blind A/B page's
+votes, or from a preference dataset.
+
+    python -m gpt2ft prefer                                   # gpt2_finetuned + logs/votes.sqlite -> gpt2_preferred
+    python -m gpt2ft prefer --data prefs.jsonl --algorithm kto --method lora
+    python -m gpt2ft serve --model gpt2_preferred             # compares with the model it started from: vote again
+
+TRL's DPOTrainer and KTOTrainer compute the losses; gpt2ft keeps around them what `train` has: the data (votes and
+TRL's layouts, the model's own chat template, held-out conversations chosen by hash; preferences.py), the run
+folders and atomic save, resuming the same run only, whole-run numbers, NaN and out-of-memory stops, T4 presets,
+LoRA (the reference is then the model with its adapters off), the charts and a model card. A run is these stages; `prefer()`
+calls them in order:
+
+    plan_preference -> prepare_preferences -> load_policy -> fit_prompts -> resume_point -> supervised_dialogs
+        -> build_preference_trainer -> report_data -> measure (before) -> fit_preferences -> measure (after)
+        -> preference_metrics -> save_preferred -> publish_preferred -> finish_run
+
+Measured per run, on the held-out pairs before and after (every pair counted once, not a mean of batch means):
+reward accuracy and margin (the implicit reward beta * log(pi / pi_ref) of the chosen reply above the rejected
+one's; before training the model is its own reference, so both are 0 by definition), how often the model itself
+finds the chosen reply more likely, and the model's perplexity on its supervised validation dialogues, so a
+preference stage that wrecks the language model shows it.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+from . import __version__
+from .checkpoints import (
+    CheckpointMarkerCallback, TrainingError, check_output_dir, checkpoint_dir, clean_stale_folders, complete_checkpoints,
+    find_resume_checkpoint, remove_incomplete_checkpoints, save_final_model,
+)
+from .charts import PREFER_CHART
+from .config import PreferConfig, changed_fields, run_defining_fields
+from .data import IGNORE_INDEX
+from .logs import write_json, write_jsonl, write_text_atomic
+from .modeling import autocast_context, choose_precision, detect_hardware, load_model_and_tokenizer, load_model_config
+from .sources import DataError
+from .preferences import SKIP_TOO_LONG, SKIP_TURN_TOO_LONG, PreferenceData, Skips, read_preferences
+from .training import (
+    METRICS, SYSTEM_LOG, TRAIN_LOG, FitResult, JsonlLogCallback, LoadedModel, Published, RunPlan, RunTotals, attempt,
+    finish_run, oom_message, resolve_max_length, resolve_optim, say,
+)
+
+SAMPLE_COUNT = 3
+
+
+# --------------------------------------------------------------------------------------------------------------
+# TRL's trainers, with gpt2ft's whole-run totals
+# --------------------------------------------------------------------------------------------------------------
+
+
+class WholeRunTrainerMixin:
+    """What gpt2ft adds to TRL's DPOTrainer and KTOTrainer: whole-run totals (target tokens, loss, training time) in
+    the Trainer's state, restored on resume (training.RunTotals), the same logged fields as `train`'s
+    (DialogueTrainer.log), no telemetry and no TRL model card in the checkpoints (gpt2ft writes its own card)."""
+
+    def __init__(self, *args: Any, precision: str = "fp32", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.precision = precision
+
+    @property
+    def run_totals(self) -> RunTotals:
+        # Looked up each time: a resume replaces the callback with one rebuilt from the checkpoint.
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, RunTotals))
+
+    def _send_telemetry(self) -> None:
+        # TRL pings the Hub when a trainer is built; gpt2ft never phones home (offline runs, shared machines).
+        return None
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        # TRL writes a card into every checkpoint; the saved model gets gpt2ft's card, made from what is on disk.
+        return None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The replies' tokens (chosen and rejected, EOS included) are what the preference loss is computed on.
+        targets = inputs["completion_mask"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
+        self.run_totals.add(targets, loss)
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        totals = self.run_totals
+        logs = dict(logs)
+        if "train_runtime" in logs:
+            # The Trainer's closing summary covers this process's segment only; a resumed run needs the whole run's.
+            for key in ("train_samples_per_second", "train_steps_per_second"):
+                logs.pop(key, None)
+            logs.update(train_loss=totals.mean_loss(self.state.global_step), train_runtime=totals.seconds)
+        seconds = totals.seconds
+        logs.update(tokens_seen=totals.target_tokens, train_seconds=round(seconds, 3),
+                    tokens_per_s=totals.target_tokens / seconds if seconds > 0 else 0.0)
+        super().log(logs, start_time)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        started = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.run_totals.exclude(time.perf_counter() - started)  # training time excludes evaluations
+
+
+def trainer_classes() -> dict[str, type]:
+    """The Trainer of each algorithm: TRL's, with WholeRunTrainerMixin (TRL is imported only when a run needs it)."""
+    from trl import DPOTrainer, KTOTrainer
+
+    class PreferenceDPOTrainer(WholeRunTrainerMixin, DPOTrainer):
+        pass
+
+    class PreferenceKTOTrainer(WholeRunTrainerMixin, KTOTrainer):
+        pass
+
+    return {"dpo": PreferenceDPOTrainer, "kto": PreferenceKTOTrainer}
+
+
+def build_preference_args(config: PreferConfig, precision: str, hardware: Any, output_dir: str | Path, max_length: int) -> Any:
+    """TRL's DPOConfig or KTOConfig for a run: the same schedule, precision, checkpointing and evaluation rules as
+    `train` (training.build_training_args), with the preference settings on top.
+
+    TRL's configs differ from the Trainer's defaults in ways that matter here, so each is set: bf16 would be on
+    whenever fp16 is off (a T4 has no bf16 units: gpt2ft's precision rule decides), gradient checkpointing would be
+    on (it costs ~20% speed; --gradient-checkpointing decides), and the learning rate is gpt2ft's.
+
+    Raises:
+        ValueError: TRL or the Trainer rejects a setting (an unknown --optim).
+    """
+    from trl import DPOConfig, KTOConfig
+
+    strategy = "steps" if config.eval_steps > 0 else "epoch"
+    num_workers = config.num_workers if config.num_workers >= 0 else (2 if hardware.device == "cuda" else 0)
+    report_to = [] if config.report_to in ("", "none") else [p.strip() for p in config.report_to.split(",") if p.strip()]
+    common = dict(
+        output_dir=str(output_dir),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        optim=resolve_optim(config, hardware),
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        tf32=True if hardware.capability and hardware.capability >= (8, 0) else None,
+        eval_strategy=strategy,
+        save_strategy=strategy,
+        eval_steps=config.eval_steps or None,
+        save_steps=config.eval_steps or None,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN must reach RunTotals, not be averaged away
+        save_total_limit=config.save_total_limit,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        seed=config.seed,
+        data_seed=config.seed,
+        dataloader_num_workers=num_workers,
+        dataloader_pin_memory=hardware.device == "cuda",
+        use_cpu=hardware.device == "cpu",
+        activation_checkpointing=config.gradient_checkpointing,
+        report_to=report_to,
+        auto_find_batch_size=False,  # out of memory stops the run with settings that fit (training.oom_message)
+        restore_callback_states_from_checkpoint=True,  # RunTotals continues from the checkpoint
+        ddp_find_unused_parameters=False,
+        # Prompts are fitted to the window beforehand (fit_records), so TRL cuts no reply; the limit still bounds the
+        # mismatched prompt + reply sequences KTO builds for its KL estimate.
+        max_length=max_length,
+        beta=config.beta,
+    )
+    if config.algorithm == "dpo":
+        return DPOConfig(**common)
+    # KTO's KL estimate pairs each example with its neighbour in a fixed-order batch: TRL needs sequential sampling
+    # (prepare_preferences shuffles the examples once, with the seed, instead).
+    return KTOConfig(
+        **common, train_sampling_strategy="sequential",
+        desirable_weight=config.desirable_weight or 1.0, undesirable_weight=config.undesirable_weight or 1.0,
+    )
+
+
+def kto_weights(config: PreferConfig, labels: Sequence[bool]) -> tuple[float, float]:
+    """KTO's (desirable, undesirable) loss weights: as set, or (unset) chosen from the counts so that both sides
+    weigh alike, desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = 1, inside the KTO paper's
+    recommended [1, 4/3] (eq. 8). Votes give more undesirable replies than desirable ones (a both-bad vote gives two)."""
+    desirable = sum(1 for label in labels if label)
+    undesirable = len(labels) - desirable
+    if config.desirable_weight is not None or config.undesirable_weight is not None or not desirable or not undesirable:
+        return config.desirable_weight or 1.0, config.undesirable_weight or 1.0
+    if desirable >= undesirable:
+        return 1.0, desirable / undesirable
+    return undesirable / desirable, 1.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage 1: plan (every cheap check, before anything is loaded or written)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def started_from(model: str) -> str:
+    """The starting model as recorded in the preferred model: a local folder by its absolute path (so `serve` finds
+    it from anywhere), a Hub id as it is."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
+def plan_preference(config: PreferConfig, explicit: set[str] | None = None) -> RunPlan:
+    """Settle a preference run's settings and check what can be checked cheaply (training.RunPlan holds them).
+
+    Args:
+        explicit: the settings the user typed; the T4 presets change only the others (never the learning rate,
+            which is the preference stage's own). None: the settings that differ from the defaults.
+
+    Raises:
+        TrainingError, ModelError, ConfigError: with a message naming the setting.
+    """
+    from .scale import check_optimizer, choose_presets
+
+    check_output_dir(config.output_dir, config.overwrite)
+    if Path(config.model).expanduser().resolve() == Path(config.output_dir).expanduser().resolve():
+        raise TrainingError(
+            f"--output-dir {config.output_dir}: is the model being tuned (--model); write the preferred model to another "
+            "folder, so the starting model stays for the reference, for resuming and for the next round of votes"
+        )
+    hardware = detect_hardware()
+    config, notes = choose_presets(config, hardware, changed_fields(config) if explicit is None else explicit, leave=("learning_rate",))
+    precision, reason = choose_precision(config.precision, hardware)
+    max_length = resolve_max_length(config, load_model_config(config.model))
+    args = check_optimizer(
+        resolve_optim(config, hardware),
+        lambda: build_preference_args(config, precision, hardware, checkpoint_dir(config.output_dir), max_length),
+        hardware,
+    )
+    plan = RunPlan(config, hardware, precision, reason, notes, max_length, args)
+    if plan.is_main:
+        clean_stale_folders(config.output_dir)
+        for note in notes:
+            say(note)
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stages 2-5: preferences, model, prompts that fit, resume point
+# --------------------------------------------------------------------------------------------------------------
+
+
+def prepare_preferences(plan: RunPlan) -> PreferenceData:
+    """Read the preferences and hold out validation conversations (report_data prints what was used and skipped).
+
+    Raises:
+        DataError: bad input (see preferences.read_preferences).
+    """
+    import random
+
+    config = plan.config
+    data = read_preferences(
+        config.data, config.algorithm, config.cache_dir, config.validation_fraction, config.max_train_pairs, config.max_eval_pairs
+    )
+    if config.algorithm == "kto":
+        # TRL's KTO reads the examples in order (see build_preference_args): shuffle them once, reproducibly, so a
+        # batch does not hold one conversation's two replies and nothing else.
+        random.Random(config.seed).shuffle(data.records["train"])
+    return data
+
+
+def report_data(plan: RunPlan, data: PreferenceData) -> None:
+    """Print what the run learns from: the votes or records read, the training and held-out pairs, and each reason
+    something was skipped. Called once every check has passed, so bad input stays one line."""
+    if not plan.is_main:
+        return
+    counts = data.counts
+    winners = counts.get("winners")
+    read = (
+        f"{winners['votes']:,} votes ({winners['a']:,} A better, {winners['b']:,} B better, {winners['tie']:,} ties, "
+        f"{winners['both_bad']:,} both bad)" if winners else f"{counts['read']:,} records ({data.layout} layout)"
+    )
+    say(
+        f"preferences from {data.source}: {read} -> {len(data.records['train']):,} training and "
+        f"{len(data.records['validation']):,} held-out {data.unit} ({counts['held_out']})"
+    )
+    for line in data.skipped:
+        say(f"  {line}")
+
+
+def load_policy(plan: RunPlan) -> LoadedModel:
+    """The model to tune and its tokenizer, with the chat template it was trained with (gpt2ft's for a model that
+    has none): the preference data is rendered in the format the model knows."""
+    from .scale import parameter_counts
+
+    model, tokenizer = load_model_and_tokenizer(plan.config.model)
+    return LoadedModel(model, tokenizer, parameter_counts(model))
+
+
+def fit_records(
+    records: list[dict[str, Any]], tokenizer: Any, max_length: int, skips: Skips, split: str, model_name: str = "--model"
+) -> list[dict[str, Any]]:
+    """The records whose prompt and longest reply fit in `max_length` tokens; a prompt too long keeps its latest whole
+    turns (generate.keep_latest_turns, as the chat does). Records that cannot fit are skipped and counted.
+
+    Lengths come from the model's chat template itself, rendered as TRL renders them (the prompt with the generation
+    prompt, prompt + reply without), so they are the tokens it will train on.
+
+    Raises:
+        ModelError: the template does not end a reply with EOS (the tuned model would learn not to stop); checked
+            here, before anything is written.
+    """
+    from .chat_format import render_ids
+    from .generate import keep_latest_turns
+    from .modeling import ModelError
+
+    def reply_tokens(prompt: list[dict[str, str]], prompt_tokens: int, reply: list[dict[str, str]]) -> int:
+        ids = tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=False)
+        if not ids or ids[-1] != tokenizer.eos_token_id:
+            raise ModelError(
+                f"--model {model_name}: its chat template does not end a reply with {tokenizer.eos_token!r}; preference "
+                "tuning would teach the model not to stop"
+            )
+        return len(ids) - prompt_tokens
+
+    replies = [name for name in ("chosen", "rejected", "completion") if records and name in records[0]]
+    fitted = []
+    for index, record in enumerate(records):
+        prompt = record["prompt"]
+        prompt_tokens = len(render_ids(tokenizer, prompt))
+        longest = max(reply_tokens(prompt, prompt_tokens, record[name]) for name in replies)
+        if prompt_tokens + longest > max_length:
+            budget = max_length - longest
+            kept = keep_latest_turns(tokenizer, prompt, budget) if budget >= 2 else None
+            if kept is None:
+                skips.add(SKIP_TOO_LONG if budget < 2 else SKIP_TURN_TOO_LONG, f"{split} record {index}")
+                continue
+            record = {**record, "prompt": kept}
+        fitted.append(record)
+    return fitted
+
+
+def fit_prompts(plan: RunPlan, data: PreferenceData, tokenizer: Any) -> Any:
+    """Every split's records as a datasets.Dataset, each prompt fitted to the training window (fit_records); what was
+    skipped is added to the data's counts (report_data prints them).
+
+    Raises:
+        DataError: no training or held-out record fits the context.
+        ModelError: the model's chat template does not end a reply with EOS.
+    """
+    from datasets import Dataset, DatasetDict
+
+    skips = Skips()
+    fitted = {
+        split: fit_records(records, tokenizer, plan.max_length, skips, split, plan.config.model) for split, records in data.records.items()
+    }
+    for reason, count in skips.counts.items():
+        data.counts["skipped"][reason] = data.counts["skipped"].get(reason, 0) + count
+    data.skipped += skips.lines()
+    for split, records in fitted.items():
+        data.counts[split]["used"] = len(records)
+        if not records:
+            raise DataError(f"{data.source}: no {split} {data.unit} fit the {plan.max_length}-token context")
+    return DatasetDict({split: Dataset.from_list(records) for split, records in fitted.items()})
+
+
+def run_settings(plan: RunPlan, data: PreferenceData, rows: Any) -> dict[str, Any]:
+    """What makes a preference run this run: its run-defining settings, the optimizer as resolved, the window, and
+    the data (its content's fingerprint and counts). A checkpoint resumes only under the same values."""
+    settings = {name: getattr(plan.config, name) for name in run_defining_fields(PreferConfig)}
+    settings.update(
+        optim=plan.args.optim.value if hasattr(plan.args.optim, "value") else str(plan.args.optim),
+        max_length=plan.max_length,
+        data_records={split: len(rows[split]) for split in rows},
+        data_identity=data.identity,
+    )
+    return settings
+
+
+def resume_point(plan: RunPlan, data: PreferenceData, rows: Any) -> str | None:
+    """The checkpoint this run continues from (`--resume`), checked to belong to the same run; None to start fresh.
+
+    Raises:
+        TrainingError: the checkpoint was made with other settings or data (the message lists them).
+    """
+    if plan.is_main:
+        remove_incomplete_checkpoints(plan.checkpoint_dir)
+    return find_resume_checkpoint(plan.checkpoint_dir, plan.config.resume, run_settings(plan, data, rows), PreferConfig)
+
+
+def read_training_config(model: str) -> dict[str, Any]:
+    """A model folder's training_config.json ({} for a Hub id, a folder gpt2ft did not write, or an unreadable file)."""
+    import json
+
+    try:
+        saved = json.loads((Path(model).expanduser() / "training_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+@dataclass
+class SupervisedDialogs:
+    """The held-out dialogues the model was fine-tuned to predict, prepared as `train` prepared them."""
+
+    dialogs: Any
+    loss_on: str
+    max_length: int | None
+    source: str
+
+
+def supervised_dialogs(plan: RunPlan) -> SupervisedDialogs | None:
+    """The validation dialogues of the data recorded in --model's folder (or --sft-data), to measure the language
+    model before and after; None when there are none (a model gpt2ft did not train, or --sft-data none).
+
+    Raises:
+        DataError: --sft-data was given and cannot be read. Recorded data that cannot be read any more (moved, or the
+            Hub out of reach) is reported and skipped: it is a measurement, not the run.
+    """
+    from .cli import saved_run_config
+    from .data import prepare_dialogs
+    from .training import data_options
+
+    config = plan.config
+    if config.sft_data == "none":
+        return None
+    recorded, max_length = saved_run_config(config.model)
+    if config.sft_data is None and "config" not in read_training_config(config.model):
+        if plan.is_main:
+            say(f"no supervised data recorded in {config.model}: perplexity before/after not measured (pass --sft-data SRC)")
+        return None
+    settings = recorded.replace(
+        data=config.sft_data or recorded.data, cache_dir=config.cache_dir, max_train_dialogs=None, max_eval_dialogs=config.max_sft_dialogs,
+    )
+    try:
+        prepared = prepare_dialogs(**data_options(settings))
+    except DataError as error:
+        if config.sft_data is not None:
+            raise DataError(f"--sft-data {config.sft_data}: {error}") from None
+        if plan.is_main:
+            say(f"perplexity before/after not measured: the recorded supervised data cannot be read ({error})")
+        return None
+    return SupervisedDialogs(prepared.dialogs["validation"], prepared.loss_on, max_length or plan.max_length, prepared.source)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage 6: the Trainer
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_preference_trainer(
+    plan: RunPlan, loaded: LoadedModel, rows: Any, data: PreferenceData, callbacks: Sequence[TrainerCallback] | None = None
+) -> Any:
+    """TRL's DPOTrainer or KTOTrainer (with WholeRunTrainerMixin) over the fitted records: TRL renders them with the
+    model's chat template and tokenises them. With --method lora TRL wraps the model in the adapters itself, so the
+    reference is the model with its adapters off (no second copy); with full tuning TRL keeps a frozen copy.
+    """
+    from transformers.utils import logging as hf_logging
+
+    from .scale import build_lora_config, describe_method, parameter_counts, report_parameter_counts
+    from .sources import quiet_datasets
+
+    config = plan.config
+    if config.algorithm == "kto":
+        plan.args.desirable_weight, plan.args.undesirable_weight = kto_weights(config, rows["train"]["label"][:])
+    peft_config = build_lora_config(config, loaded.model) if config.method == "lora" else None
+    loaded.model.config.use_cache = False  # training forwards never use it; save_preferred turns it back on
+    trainer_class = trainer_classes()[config.algorithm]
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # TRL loads the reference copy with a per-tensor bar: noise for GPT-2
+    try:
+        with warnings.catch_warnings(), quiet_datasets():  # TRL's tokenising maps are quick: no progress bars
+            warnings.simplefilter("ignore", FutureWarning)  # PEFT and TRL still ask for is_gradient_checkpointing
+            trainer = trainer_class(
+                model=loaded.model,
+                args=plan.args,
+                train_dataset=rows["train"],
+                eval_dataset=rows["validation"],
+                processing_class=loaded.tokenizer,
+                peft_config=peft_config,
+                precision=plan.precision,
+                callbacks=[RunTotals(), CheckpointMarkerCallback(run_settings(plan, data, rows)), JsonlLogCallback(plan.logs_dir / TRAIN_LOG), *(callbacks or [])],
+            )
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+    loaded.parameter_counts = parameter_counts(trainer.model)
+    if plan.is_main:
+        report_parameter_counts(loaded.parameter_counts, describe_method(config))
+    return trainer
+
+
+def reply_columns(rows: Any) -> tuple[str, ...]:
+    """The tokenised reply columns of TRL's rows: chosen_ids and rejected_ids (DPO), or completion_ids (KTO)."""
+    return tuple(name for name in ("chosen_ids", "rejected_ids", "completion_ids") if name in rows.column_names)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Measuring: held-out preferences and the language model, before and after
+# --------------------------------------------------------------------------------------------------------------
+
+
+# Reply positions scored at a time (GPT-2's 50,257-wide logits: 1,024 positions take 200 MB in fp32).
+SCORE_CHUNK_POSITIONS = 1024
+
+
+@torch.no_grad()
+def completion_logps(
+    model: Any, prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]], batch_size: int, precision: str = "fp32"
+) -> list[float]:
+    """log p(reply | prompt) of each sequence under `model`: the sum of the reply tokens' log-probabilities, its
+    closing EOS included (what DPO's and KTO's implicit reward is built from).
+
+    evaluation.batch_nll sums over a whole batch; here each sequence keeps its own sum. A PEFT model is scored with
+    its adapters as they are (disable them around the call to score the reference).
+    """
+    device = next(model.parameters()).device
+    core = getattr(model, "_orig_mod", model)
+    core = core.get_base_model() if hasattr(core, "get_base_model") else core
+    head = core.get_output_embeddings()
+    was_training = model.training
+    model.eval()
+    sums: list[float] = []
+    try:
+        with autocast_context(precision, device):
+            for start in range(0, len(prompts), batch_size):
+                batch = [list(p) + list(r) for p, r in zip(prompts[start : start + batch_size], replies[start : start + batch_size])]
+                width = max(len(ids) for ids in batch)
+                input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+                attention = torch.zeros_like(input_ids)
+                labels = torch.full_like(input_ids, IGNORE_INDEX)
+                for row, (ids, prompt) in enumerate(zip(batch, prompts[start : start + batch_size])):
+                    input_ids[row, : len(ids)] = torch.tensor(ids)
+                    attention[row, : len(ids)] = 1
+                    labels[row, len(prompt) : len(ids)] = torch.tensor(ids[len(prompt) :])
+                input_ids, attention, labels = input_ids.to(device), attention.to(device), labels.to(device)
+                hidden = core.transformer(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state[:, :-1]
+                targets = labels[:, 1:]
+                scored = targets != IGNORE_INDEX
+                rows = scored.nonzero(as_tuple=True)[0]
+                hidden, targets = hidden[scored], targets[scored]
+                total = torch.zeros(len(batch), dtype=torch.float64, device=device)
+                for chunk in range(0, targets.numel(), SCORE_CHUNK_POSITIONS):
+                    piece = slice(chunk, chunk + SCORE_CHUNK_POSITIONS)
+                    token_logps = -F.cross_entropy(head(hidden[piece]).float(), targets[piece], reduction="none")
+                    total.index_add_(0, rows[piece], token_logps.double())
+                sums += total.tolist()
+    finally:
+        if was_training:
+            model.train()
+    return sums
+
+
+def reference_logps(trainer: Any, prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]], batch_size: int, precision: str) -> list[float]:
+    """Reply log-probabilities under the reference: TRL's frozen copy, or (LoRA) the model with its adapters off."""
+    if trainer.ref_model is not None:
+        return completion_logps(trainer.ref_model, prompts, replies, batch_size, precision)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with model.disable_adapter():
+        return completion_logps(model, prompts, replies, batch_size, precision)
+
+
+def mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def preference_scores(algorithm: str, beta: float, policy: dict[str, list[float]], reference: dict[str, list[float]], labels: Sequence[bool] = ()) -> dict[str, Any]:
+    """Held-out preference numbers from reply log-probabilities under the model and the reference.
+
+    DPO (pairs): reward accuracy = share of pairs whose chosen reply's implicit reward beta*(log pi - log pi_ref)
+    is above the rejected one's (strictly: a tie is no win, so it is 0 when the model is its own reference), reward
+    margin = their mean difference, logp accuracy = share of pairs where the model itself finds the chosen reply
+    more likely (with no reference: this one means something before training too).
+    KTO (examples): reward accuracy = share of examples whose reward has the label's sign (desirable > 0,
+    undesirable < 0), reward margin = mean desirable reward - mean undesirable reward.
+    """
+    if algorithm == "dpo":
+        chosen = [beta * (p - r) for p, r in zip(policy["chosen_ids"], reference["chosen_ids"])]
+        rejected = [beta * (p - r) for p, r in zip(policy["rejected_ids"], reference["rejected_ids"])]
+        return {
+            "pairs": len(chosen),
+            "reward_accuracy": mean([float(c > r) for c, r in zip(chosen, rejected)]),
+            "reward_margin": mean([c - r for c, r in zip(chosen, rejected)]),
+            "chosen_reward": mean(chosen),
+            "rejected_reward": mean(rejected),
+            "logp_accuracy": mean([float(c > r) for c, r in zip(policy["chosen_ids"], policy["rejected_ids"])]),
+            "chosen_logp": mean(policy["chosen_ids"]),
+            "rejected_logp": mean(policy["rejected_ids"]),
+        }
+    rewards = [beta * (p - r) for p, r in zip(policy["completion_ids"], reference["completion_ids"])]
+    good = [reward for reward, label in zip(rewards, labels) if label]
+    bad = [reward for reward, label in zip(rewards, labels) if not label]
+    return {
+        "examples": len(rewards),
+        "reward_accuracy": mean([float(reward > 0 if label else reward < 0) for reward, label in zip(rewards, labels)]),
+        "reward_margin": mean(good) - mean(bad) if good and bad else None,
+        "chosen_reward": mean(good),
+        "rejected_reward": mean(bad),
+        "chosen_logp": mean([p for p, label in zip(policy["completion_ids"], labels) if label]),
+        "rejected_logp": mean([p for p, label in zip(policy["completion_ids"], labels) if not label]),
+    }
+
+
+@dataclass
+class Measurement:
+    """One measurement of the model: held-out preference scores and supervised perplexity, with the log-probabilities
+    behind them (the reference's are reused after training: the reference does not change)."""
+
+    scores: dict[str, Any]
+    sft: dict[str, Any] | None
+    policy: dict[str, list[float]] = field(default_factory=dict)
+    reference: dict[str, list[float]] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        sft = {f"sft_{key}": value for key, value in (self.sft or {}).items() if key in ("loss", "perplexity", "dialogs", "tokens")}
+        return {**self.scores, **sft}
+
+
+def measure(plan: RunPlan, trainer: Any, tokenizer: Any, sft: SupervisedDialogs | None, reference: Measurement | None = None) -> Measurement:
+    """Score the model as it is now: the held-out preference numbers (preference_scores, every record counted once)
+    and, when there are supervised dialogues, their loss and perplexity (evaluation.evaluate_dialogs, as `eval`
+    measures). Call it before fit_preferences and after, passing the first measurement as `reference`."""
+    from .evaluation import evaluate_dialogs
+
+    rows = trainer.eval_dataset
+    batch_size = plan.config.eval_batch_size
+    prompts = rows["prompt_ids"][:]
+    policy, ref = {}, {}
+    try:
+        for name in reply_columns(rows):
+            replies = rows[name][:]
+            policy[name] = completion_logps(trainer.model, prompts, replies, batch_size, plan.precision)
+            ref[name] = reference.reference[name] if reference is not None else reference_logps(trainer, prompts, replies, batch_size, plan.precision)
+        labels = rows["label"][:] if "label" in rows.column_names else ()
+        scores = preference_scores(plan.config.algorithm, plan.config.beta, policy, ref, labels)
+        scored = None
+        if sft is not None:
+            scored = evaluate_dialogs(
+                trainer.model, tokenizer, sft.dialogs, sft.max_length, sft.loss_on, batch_size, precision=plan.precision
+            )
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingError(oom_message(plan, evaluating=True)) from None
+    return Measurement(scores, scored, policy, ref)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage 7: fit
+# --------------------------------------------------------------------------------------------------------------
+
+
+def fit_preferences(plan: RunPlan, trainer: Any, resume_from: str | None) -> FitResult:
+    """Train, continuing from `resume_from` when given; the system monitor samples until save_preferred stops it.
+
+    Raises:
+        TrainingError: out of GPU memory, or a NaN/infinite loss (the last good checkpoint is kept).
+    """
+    from .monitor import SystemMonitor
+
+    system_log = plan.logs_dir / SYSTEM_LOG
+    if plan.is_main:
+        if resume_from:
+            say(f"resuming from {resume_from}")
+        elif system_log.exists():
+            system_log.unlink()  # a fresh run starts a fresh system log
+    monitor = None
+    if plan.is_main:
+        monitor = SystemMonitor(system_log, plan.config.system_interval_s, step_getter=lambda: trainer.state.global_step)
+        monitor.start()
+    fitted = FitResult(trainer, resume_from, monitor)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TRL still asks for transformers' is_gradient_checkpointing
+            trainer.train(resume_from_checkpoint=resume_from)
+    except torch.cuda.OutOfMemoryError:
+        fitted.stop_monitor()
+        raise TrainingError(oom_message(plan)) from None
+    except BaseException:
+        fitted.stop_monitor()
+        raise
+    bad_step = fitted.totals.bad_step
+    if bad_step is not None:
+        fitted.stop_monitor()
+        kept = complete_checkpoints(plan.checkpoint_dir)
+        raise TrainingError(
+            f"preference tuning stopped at step {bad_step}: the loss became NaN or infinite "
+            f"({'fp16 overflow is the usual cause; ' if plan.precision == 'fp16' else ''}"
+            "try a lower --learning-rate, a higher --beta, or --precision fp32/bf16). "
+            + (f"Last good checkpoint: {kept[-1]} (resume with --resume auto)." if kept else "No checkpoint was written.")
+        )
+    return fitted
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stages 8-10: metrics, save, publish
+# --------------------------------------------------------------------------------------------------------------
+
+
+def preference_metrics(
+    plan: RunPlan, fitted: FitResult, loaded: LoadedModel, data: PreferenceData, before: Measurement, after: Measurement,
+    sft: SupervisedDialogs | None,
+) -> dict[str, Any]:
+    """The run's metrics as metrics.json holds them: whole-run totals from the Trainer's state, the held-out scores
+    and supervised perplexity before and after, and what the data held."""
+    trainer = fitted.trainer
+    state, totals = trainer.state, fitted.totals
+    unit = data.unit
+    flat = {}
+    for key in ("reward_accuracy", "reward_margin", "logp_accuracy", "sft_perplexity", "sft_loss"):
+        for label, measurement in (("before", before), ("after", after)):
+            flat[f"{key}_{label}"] = measurement.summary().get(key)
+    return {
+        "stage": "prefer",
+        "algorithm": plan.config.algorithm,
+        "beta": plan.config.beta,
+        "model": plan.config.model,
+        "started_from": started_from(plan.config.model),
+        "data_source": data.source,
+        "data_layout": data.layout,
+        "train_loss": totals.mean_loss(state.global_step),
+        "train_runtime_s": totals.seconds,
+        "train_tokens": totals.target_tokens,
+        "train_tokens_per_s": totals.target_tokens / totals.seconds if totals.seconds > 0 else 0.0,
+        "epochs": state.epoch,
+        "steps": state.global_step,
+        f"train_{unit}": len(trainer.train_dataset),
+        f"eval_{unit}": len(trainer.eval_dataset),
+        **flat,
+        "before": before.summary(),
+        "after": after.summary(),
+        "sft_data": sft.source if sft is not None else None,
+        "sft_dialogs": len(sft.dialogs) if sft is not None else 0,
+        "data_counts": data.counts,
+        "skipped": data.skipped,
+        "max_length": plan.max_length,
+        "method": plan.config.method,
+        **loaded.parameter_counts,
+        "precision": plan.precision,
+        "precision_reason": plan.precision_reason,
+        "device": plan.hardware.name,
+        "world_size": plan.args.world_size,
+        "resumed_from": fitted.resumed_from,
+        "presets": plan.preset_notes,
+        **({"kto_weights": {"desirable": plan.args.desirable_weight, "undesirable": plan.args.undesirable_weight}} if plan.config.algorithm == "kto" else {}),
+    }
+
+
+def save_preferred(plan: RunPlan, fitted: FitResult, metrics: dict[str, Any], tokenizer: Any, data: PreferenceData) -> Path:
+    """Write the preferred model atomically (merged, for LoRA; with the starting model's tokenizer and chat
+    template), metrics.json and the final train_log.jsonl. training_config.json records which stage made it, from
+    which model and data, and carries the starting model's own training settings, so `eval`, `compare` and a next
+    `prefer` find the supervised data, and `serve` compares with the starting model."""
+    from .export import add_n_ctx
+    from .generate import build_generation_config
+    from .scale import merge_for_saving
+    from .training import release_trainer
+
+    fitted.stop_monitor()
+    trainer = fitted.trainer
+    if plan.is_main:
+        write_json(plan.logs_dir / METRICS, metrics)
+        write_jsonl(plan.logs_dir / TRAIN_LOG, trainer.state.log_history)
+        model, adapter = merge_for_saving(trainer.model, plan.config)
+        model.config.use_cache = True  # generation wants its KV cache back
+        add_n_ctx(model.config)
+        recorded = read_training_config(plan.config.model)
+        training_config = {
+            "gpt2ft_version": __version__,
+            "stage": "prefer",
+            "algorithm": plan.config.algorithm,
+            "started_from": metrics["started_from"],
+            "prefer_config": plan.config.to_dict(),
+            # The starting model's own settings (its supervised data, format, loss mode): what `eval` and `compare`
+            # read to score this model the way its predecessor was scored.
+            **{key: recorded[key] for key in ("config", "data_source", "data_is_dailydialog", "has_roles", "loss_on") if key in recorded},
+            "max_length": recorded.get("max_length", plan.max_length),
+            "precision": plan.precision,
+            "preference_data": data.source,
+            "preference_counts": data.counts,
+            "metrics": {
+                "eval_perplexity": metrics["sft_perplexity_after"],  # the supervised validation data's, as serve shows it
+                **{key: metrics[key] for key in ("reward_accuracy_before", "reward_accuracy_after", "reward_margin_after", "sft_perplexity_before", "sft_perplexity_after")},
+            },
+        }
+        save_final_model(model, tokenizer, build_generation_config(tokenizer), training_config, plan.output_dir, adapter=adapter)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.ref_model is not None:
+        trainer.ref_model = None  # the frozen copy is not needed any more
+    release_trainer(trainer)
+    return plan.output_dir
+
+
+def sample_preferred_replies(model: Any, tokenizer: Any, data: PreferenceData, count: int) -> list[dict[str, Any]]:
+    """The preferred model's greedy reply to the first `count` held-out prompts, beside the replies the data judged."""
+    from .generate import generate_reply
+
+    samples, seen = [], set()
+    for record in data.records["validation"]:
+        if len(samples) >= count:
+            break
+        if record["key"] in seen:
+            continue
+        seen.add(record["key"])
+        reply = generate_reply(model, tokenizer, record["prompt"], greedy=True, max_new_tokens=40)
+        sample = {"prompt": record["prompt"], "reply": reply.text}
+        if "chosen" in record:
+            sample.update(chosen=record["chosen"][-1]["content"], rejected=record["rejected"][-1]["content"])
+        else:
+            sample.update(completion=record["completion"][-1]["content"], label=record["label"])
+        samples.append(sample)
+    return samples
+
+
+def write_preference_card(plan: RunPlan, charts: list[Path], samples: list[dict[str, Any]]) -> Path:
+    """The model card (README.md) and its charts in the saved folder, from metrics.json and training_config.json on
+    disk; its metadata is checked by huggingface_hub's ModelCard before it is written."""
+    import json
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from .modelcard import render_preference_card
+
+    metrics = json.loads((plan.logs_dir / METRICS).read_text(encoding="utf-8"))
+    training_config = json.loads((plan.output_dir / "training_config.json").read_text(encoding="utf-8"))
+    for chart in charts:
+        if Path(chart).name in ("chart_train.png", PREFER_CHART):
+            shutil.copy2(chart, plan.output_dir / Path(chart).name)
+    card = ModelCard(render_preference_card(metrics, training_config, samples, plan.hardware.name))
+    return write_text_atomic(plan.output_dir / "README.md", str(card))
+
+
+def publish_preferred(plan: RunPlan, data: PreferenceData, samples: int = SAMPLE_COUNT) -> Published:
+    """Charts (the five of `train` and the preference chart), sample replies and the model card, made from what is
+    on disk after the model is safely saved; a step that fails is reported and skipped."""
+    from .charts import write_charts, write_preference_chart
+    from .generate import load_for_generation
+
+    published = Published()
+    if not plan.is_main:
+        return published
+    problems = published.problems
+    charts = attempt("drawing the charts", lambda: write_charts(plan.logs_dir, plan.config.images_dir), plan, problems) or []
+    chart = attempt("drawing the preference chart", lambda: write_preference_chart(plan.logs_dir, plan.config.images_dir), plan, problems)
+    published.charts = charts + ([chart] if chart else [])
+    loaded = attempt("loading the saved model", lambda: load_for_generation(str(plan.output_dir)), plan, problems)
+    if loaded is not None:
+        published.model, published.tokenizer = loaded
+        published.samples = attempt(
+            "sampling replies", lambda: sample_preferred_replies(published.model, published.tokenizer, data, samples), plan, problems
+        ) or []
+    published.card = attempt("writing the model card", lambda: write_preference_card(plan, published.charts, published.samples), plan, problems)
+    return published
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreferResult:
+    metrics: dict[str, Any]
+    output_dir: Path
+    logs_dir: Path
+    resumed_from: str | None
+    data: PreferenceData
+    published: Published
+    is_main: bool
+
+
+def prefer(
+    config: PreferConfig, callbacks: Sequence[TrainerCallback] | None = None, explicit: set[str] | None = None
+) -> PreferResult:
+    """Preference-tune a model, measure it before and after, save and publish it: the whole run, stage by stage.
+
+    Args:
+        config: the run's settings.
+        callbacks: extra Trainer callbacks (tests use them to interrupt a run).
+        explicit: the settings the user typed (see plan_preference).
+
+    Returns:
+        PreferResult with the final metrics (also written to `<logs-dir>/metrics.json`).
+
+    Raises:
+        DataError, ModelError, ConfigError, TrainingError: bad input or a stopped run, with a clear one-line message;
+            everything that can be checked is checked before anything is written.
+    """
+    plan = plan_preference(config, explicit)
+    data = prepare_preferences(plan)
+    loaded = load_policy(plan)
+    rows = fit_prompts(plan, data, loaded.tokenizer)
+    resume_from = resume_point(plan, data, rows)
+    sft = supervised_dialogs(plan)
+    trainer = build_preference_trainer(plan, loaded, rows, data, callbacks)
+    report_data(plan, data)
+    before = measure(plan, trainer, loaded.tokenizer, sft)
+    fitted = fit_preferences(plan, trainer, resume_from)
+    try:
+        after = measure(plan, fitted.trainer, loaded.tokenizer, sft, reference=before)
+        metrics = preference_metrics(plan, fitted, loaded, data, before, after, sft)
+    finally:
+        fitted.stop_monitor()
+    save_preferred(plan, fitted, metrics, loaded.tokenizer, data)
+    published = publish_preferred(plan, data)
+    finish_run(plan)
+    return PreferResult(metrics, plan.output_dir, plan.logs_dir, fitted.resumed_from, data, published, plan.is_main)
