@@ -257,7 +257,7 @@ def gpt2ft_schedule(collator: DialogueCollator, rows: Any, batch_size: int, step
         epoch += 1
 
     def width(batch: list[int]) -> int:
-        return shapes.width_for(max(sum(lengths[i] for i in dataset.groups[row]) for row in batch))
+        return shapes.width_for(max(sum(lengths[i] for i in row) for row in batch))
 
     def shape_of(batch: list[int]) -> tuple[int, int]:
         return (shapes.rows_for(width(batch)), width(batch))
@@ -265,7 +265,7 @@ def gpt2ft_schedule(collator: DialogueCollator, rows: Any, batch_size: int, step
     ordered, warmup = timed_schedule(batches, shape_of, steps)
     counts = dict.fromkeys(("real", "slots", "targets", "truncated", "sum_len", "sum_len_sq"), 0)
     for batch in ordered[warmup:]:
-        windows = [i for row in batch for i in dataset.groups[row]]
+        windows = [i for row in batch for i in row]
         counts["real"] += sum(lengths[i] for i in windows)
         counts["slots"] += shapes.rows_for(width(batch)) * width(batch)
         counts["targets"] += sum(targets[i] for i in windows)
@@ -369,7 +369,7 @@ def bench_plan(variant: Variant, config: Any, output_dir: str, steps: int) -> An
     return plan
 
 
-def run_trainer(variant: Variant, model: Any, tokenizer: Any, schedule: Schedule, plan: Any) -> tuple[float, int, float | None]:
+def train_variant(variant: Variant, model: Any, tokenizer: Any, schedule: Schedule, plan: Any) -> tuple[float, int, float | None]:
     """Train through training.build_trainer on the schedule; (timed seconds, timed steps, last logged loss)."""
     from .loss import core_model
     from .training import LoadedModel, build_trainer
@@ -379,7 +379,7 @@ def run_trainer(variant: Variant, model: Any, tokenizer: Any, schedule: Schedule
         vars(core_model(model)).pop("forward", None)  # the tutorial recipe: the model's own loss, full logits
     args = plan.args
     loader = schedule_loader(schedule, args.dataloader_num_workers, args.dataloader_pin_memory)
-    trainer.get_train_dataloader = lambda: trainer.accelerator.prepare(loader)  # the schedule, not a fresh epoch
+    trainer.get_train_dataloader = lambda accelerator=trainer.accelerator: accelerator.prepare(loader)  # the schedule, not an epoch
     clock = StepClock(schedule.warmup, args.device)
     trainer.add_callback(clock)
     for printer in (PrinterCallback, ProgressCallback):  # stdout carries the benchmark's JSON lines only
@@ -452,7 +452,7 @@ def run_variant(variant: Variant, base: Any, tokenizer: Any, schedule: Schedule,
         if variant.recipe == "torch_loop":
             elapsed, timed_steps, last_loss = run_torch_loop(model, schedule, plan)
         else:
-            elapsed, timed_steps, last_loss = run_trainer(variant, model, tokenizer, schedule, plan)
+            elapsed, timed_steps, last_loss = train_variant(variant, model, tokenizer, schedule, plan)
     counts = schedule.counts
     record: dict[str, Any] = {
         "variant": variant.name,

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import (
-    DATA_DIR, IMAGES_DIR, LOGS_DIR, OUTPUT_DIR, ConfigError, PreferConfig, TrainConfig, build_config, config_fields, flag_name,
-    load_config_file,
+    DATA_DIR, IMAGES_DIR, LOGS_DIR, OUTPUT_DIR, ConfigError, PreferConfig, build_config, config_fields, flag_name, load_config_file,
+    saved_run_config,
 )
 
 EXIT_USAGE = 2
@@ -223,20 +223,6 @@ def decoding_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_json(payload: dict[str, Any]) -> None:
     print(json.dumps(payload, default=str), flush=True)
-
-
-def saved_run_config(model_dir: str) -> tuple[TrainConfig, int | None]:
-    """The settings a saved gpt2ft model was trained with (and its training window), so evaluation prepares and
-    formats the data the same way; the defaults for a model gpt2ft did not train."""
-    from .config import config_fields
-
-    try:
-        saved = json.loads((Path(model_dir) / "training_config.json").read_text(encoding="utf-8"))
-        known = {item.name for item in config_fields()}
-        values = {key: value for key, value in saved.get("config", {}).items() if key in known}
-        return build_config(values), saved.get("max_length")
-    except (OSError, ValueError, AttributeError, ConfigError):
-        return TrainConfig(), None
 
 
 def held_out_dialogs(args: argparse.Namespace, model_dir: str) -> tuple[Any, str, int | None]:

@@ -336,3 +336,15 @@ def build_config(file_values: dict[str, Any] | None = None, *, config_class: typ
         except (TypeError, ValueError):
             raise ConfigError(f"{flag_name(name)}: expected {expected}, got {value!r}") from None
     return (config_class or TrainConfig)(**values)
+
+
+def saved_run_config(model_dir: str) -> tuple[TrainConfig, int | None]:
+    """The settings a saved gpt2ft model was trained with (and its training window), so evaluation prepares and
+    formats the data the same way; the defaults for a model gpt2ft did not train."""
+    try:
+        saved = json.loads((Path(model_dir) / "training_config.json").read_text(encoding="utf-8"))
+        known = {item.name for item in config_fields()}
+        values = {key: value for key, value in saved.get("config", {}).items() if key in known}
+        return build_config(values), saved.get("max_length")
+    except (OSError, ValueError, AttributeError, ConfigError):
+        return TrainConfig(), None

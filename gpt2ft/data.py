@@ -531,11 +531,15 @@ def plan_shapes(lengths: Sequence[int], batch_size: int, batching: str, row_toke
     return BatchShapes(tuple(widths), tuple(max(1, base_rows * base // width) for width in widths))
 
 
-def pack_rows(lengths: Sequence[int], widths: Sequence[int], order: Sequence[int] | None = None, chunk: int = PACK_CHUNK) -> list[list[int]]:
-    """Pack windows into rows: best fit, longest first, within chunks of `chunk` windows taken in `order`.
+def pack_rows(
+    lengths: Sequence[int], widths: Sequence[int], order: Sequence[int] | None = None, chunk: int = PACK_CHUNK, longest_first: bool = True
+) -> list[list[int]]:
+    """Pack windows into rows: best fit, within chunks of `chunk` windows taken in `order`.
 
     A window goes into the open row with the least room that holds it; when none does, into a new row of the
-    narrowest width in `widths` that holds it. No window is ever split or dropped.
+    narrowest width in `widths` that holds it. No window is ever split or dropped. Longest first packs tightest but
+    gives rows of like lengths (the longest dialogues together, the shortest together): right for evaluation, wrong
+    for training, where a batch of rows should be a random sample; there windows go in `order` as they come.
 
     Returns:
         Lists of indices into `lengths`, one list a row.
@@ -544,7 +548,8 @@ def pack_rows(lengths: Sequence[int], widths: Sequence[int], order: Sequence[int
     rows: list[list[int]] = []
     for start in range(0, len(order), chunk):
         room: list[tuple[int, int]] = []  # (free slots, row), sorted: bisect finds the best fit
-        for index in sorted(order[start : start + chunk], key=lambda i: -lengths[i]):
+        part = order[start : start + chunk]
+        for index in sorted(part, key=lambda i: -lengths[i]) if longest_first else part:
             size = lengths[index]
             at = bisect.bisect_left(room, (size, -1))
             if at < len(room):
@@ -562,15 +567,27 @@ def pack_rows(lengths: Sequence[int], widths: Sequence[int], order: Sequence[int
 
 
 class DialogueBatchSampler(torch.utils.data.Sampler):
-    """Batches of packed rows (indices into a PackedRows), all rows of a batch of one width (BatchShapes).
+    """Batches of packed rows, all rows of a batch of one width (BatchShapes); each row is a tuple of window indices
+    (what PackedRows reads).
 
-    Shuffled by (seed, epoch) when `shuffle`: the same order on every process and after a resume, which the Trainer
-    reaches by skipping batches. `len()` is the same every epoch, so the step count is known up front.
+    The packing is a layout: which window lengths share a row, fixed for the run, so every epoch has the same rows,
+    widths and number of batches (the Trainer knows the step count up front) and the same padding. With `shuffle`,
+    each epoch deals the windows of each length out to that length's places in the layout at random, then shuffles
+    the rows into batches: dialogues meet different neighbours every epoch, as with unpacked shuffling, instead of
+    being trained in the same groups each time. All of it is drawn from (seed, epoch): the same on every process and
+    after a resume, which the Trainer reaches by skipping batches.
     """
 
-    def __init__(self, row_widths: Sequence[int], shapes: BatchShapes, shuffle: bool = False, seed: int = 0) -> None:
-        self.shapes, self.shuffle, self.seed, self.epoch = shapes, shuffle, seed, 0
-        self.by_width = {width: [row for row, w in enumerate(row_widths) if w == width] for width in shapes.widths}
+    def __init__(self, rows: list[list[int]], lengths: Sequence[int], shapes: BatchShapes, shuffle: bool = False, seed: int = 0) -> None:
+        self.rows, self.shapes, self.shuffle, self.seed, self.epoch = rows, shapes, shuffle, seed, 0
+        widths = [shapes.width_for(sum(lengths[i] for i in row)) for row in rows]
+        self.by_width = {width: [r for r, w in enumerate(widths) if w == width] for width in shapes.widths}
+        # Every place in the layout, ordered by the length of the window it holds, and the runs of equal length in
+        # that order (a run of one has nothing to trade with).
+        self.places = sorted(((r, p) for r, row in enumerate(rows) for p in range(len(row))), key=lambda place: lengths[rows[place[0]][place[1]]])
+        place_lengths = [lengths[rows[r][p]] for r, p in self.places]
+        starts = [0] + [i for i in range(1, len(place_lengths)) if place_lengths[i] != place_lengths[i - 1]]
+        self.runs = [(start, end) for start, end in zip(starts, starts[1:] + [len(place_lengths)]) if end - start > 1]
         # accelerate reaches the epoch of a batch sampler it wraps for several processes (BatchSamplerShard) only
         # through `.batch_sampler.sampler.set_epoch`: this sampler is its own `.sampler`.
         self.sampler = self
@@ -578,15 +595,30 @@ class DialogueBatchSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def batches(self) -> list[list[int]]:
+    def layout(self, rng: random.Random) -> list[list[int]]:
+        """This epoch's rows: the windows of each length dealt at random to that length's places."""
+        if not self.shuffle:
+            return self.rows
+        rows = [list(row) for row in self.rows]
+        windows = [rows[r][p] for r, p in self.places]
+        for start, end in self.runs:
+            dealt = windows[start:end]
+            rng.shuffle(dealt)
+            windows[start:end] = dealt
+        for (r, p), window in zip(self.places, windows):
+            rows[r][p] = window
+        return rows
+
+    def batches(self) -> list[list[tuple[int, ...]]]:
         rng = random.Random(f"{self.seed}:{self.epoch}")
-        batches: list[list[int]] = []
-        for width, rows in self.by_width.items():
-            rows = list(rows)
+        rows = self.layout(rng)
+        batches: list[list[tuple[int, ...]]] = []
+        for width, members in self.by_width.items():
+            members = list(members)
             if self.shuffle:
-                rng.shuffle(rows)
+                rng.shuffle(members)
             per = self.shapes.rows_for(width)
-            batches.extend(rows[start : start + per] for start in range(0, len(rows), per))
+            batches.extend([tuple(rows[r]) for r in members[start : start + per]] for start in range(0, len(members), per))
         if self.shuffle:
             rng.shuffle(batches)
         return batches
@@ -599,15 +631,15 @@ class DialogueBatchSampler(torch.utils.data.Sampler):
 
 
 class PackedRows(torch.utils.data.Dataset):
-    """Rows of packed windows over a tokenised split: item r is the list of windows (input_ids, labels) of row r.
+    """The windows of a tokenised split, read a packed row at a time: the item of a row (a tuple of window indices,
+    as DialogueBatchSampler yields them) is the list of its windows (input_ids, labels).
 
     A batch is read with one columnar lookup (`__getitems__`), not one per window; a `datasets.Dataset` stays
     memory-mapped (and pickles by file name to DataLoader workers).
     """
 
-    def __init__(self, windows: Any, groups: list[list[int]]) -> None:
+    def __init__(self, windows: Any) -> None:
         self.windows = windows.select_columns(["input_ids", "labels"]) if isinstance(windows, Dataset) else windows
-        self.groups = groups
         self.batch_sampler: DialogueBatchSampler | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -617,22 +649,22 @@ class PackedRows(torch.utils.data.Dataset):
             self.batch_sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.groups)
+        return len(self.windows)
 
-    def __getitem__(self, index: int) -> list[dict[str, list[int]]]:
-        return self.__getitems__([index])[0]
+    def __getitem__(self, row: tuple[int, ...]) -> list[dict[str, list[int]]]:
+        return self.__getitems__([row])[0]
 
-    def __getitems__(self, indices: Sequence[int]) -> list[list[dict[str, list[int]]]]:
-        flat = [window for row in indices for window in self.groups[row]]
+    def __getitems__(self, rows: Sequence[tuple[int, ...]]) -> list[list[dict[str, list[int]]]]:
+        flat = [window for row in rows for window in row]
         if isinstance(self.windows, Dataset):
             columns = self.windows[flat]
             read = [{"input_ids": ids, "labels": labels} for ids, labels in zip(columns["input_ids"], columns["labels"])]
         else:
             read = [self.windows[window] for window in flat]
         out, at = [], 0
-        for row in indices:
-            out.append(read[at : at + len(self.groups[row])])
-            at += len(self.groups[row])
+        for row in rows:
+            out.append(read[at : at + len(row)])
+            at += len(row)
         return out
 
 
@@ -675,10 +707,10 @@ class DialogueCollator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def group(self, lengths: Sequence[int], widths: Sequence[int], order: Sequence[int] | None = None) -> list[list[int]]:
-        """Windows into rows: packed (`pack_rows`), or one a row."""
+        """Windows into rows: packed (`pack_rows`; in `order` when one is given, for training), or one a row."""
         if self.batching == "pad":
             return [[index] for index in (range(len(lengths)) if order is None else order)]
-        return pack_rows(lengths, widths, order)
+        return pack_rows(lengths, widths, order, longest_first=order is None)
 
     def __call__(self, features: list) -> dict[str, torch.Tensor]:
         """A batch of windows (dicts with input_ids and labels), or of packed rows (lists of such dicts)."""
@@ -719,7 +751,8 @@ class DialogueCollator:
 
     def loader(self, rows: Any, batch_size: int, shuffle: bool = False, seed: int = 0, **dataloader_options: Any) -> torch.utils.data.DataLoader:
         """A DataLoader over a tokenised split: windows packed into rows (in a seeded random order when `shuffle`,
-        so each row holds unrelated dialogues), batches of one shape each (`plan_shapes`), reshuffled every epoch.
+        so each row holds unrelated dialogues), batches of one shape each (`plan_shapes`), dealt and reshuffled
+        every epoch (DialogueBatchSampler).
 
         Args:
             rows: a tokenised split (datasets.Dataset with a `length` column, or a list of dicts).
@@ -731,10 +764,8 @@ class DialogueCollator:
         lengths = window_lengths(rows)
         shapes = plan_shapes(lengths, batch_size, self.batching, self.row_tokens)
         order = random.Random(seed).sample(range(len(lengths)), len(lengths)) if shuffle else None
-        groups = self.group(lengths, shapes.widths, order)
-        widths = [shapes.width_for(sum(lengths[i] for i in row)) for row in groups]
-        dataset = PackedRows(rows, groups)
-        dataset.batch_sampler = DialogueBatchSampler(widths, shapes, shuffle, seed)
+        dataset = PackedRows(rows)
+        dataset.batch_sampler = DialogueBatchSampler(self.group(lengths, shapes.widths, order), lengths, shapes, shuffle, seed)
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=dataset.batch_sampler, collate_fn=partial(self.collate_rows, shapes=shapes), **dataloader_options,
         )

@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 
 from . import __version__
 from .checkpoints import (
-    CheckpointMarkerCallback, TrainingError, check_output_dir, checkpoint_dir, clean_stale_folders, complete_checkpoints,
+    CheckpointMarkerCallback, TrainingError, check_output_dir, checkpoint_dir, clean_stale_folders,
     find_resume_checkpoint, remove_incomplete_checkpoints, save_final_model,
 )
 from .charts import PREFER_CHART
@@ -47,8 +47,8 @@ from .modeling import autocast_context, choose_precision, detect_hardware, load_
 from .sources import DataError
 from .preferences import SKIP_TOO_LONG, SKIP_TURN_TOO_LONG, PreferenceData, Skips, read_preferences
 from .training import (
-    METRICS, SYSTEM_LOG, TRAIN_LOG, FitResult, JsonlLogCallback, LoadedModel, Published, RunPlan, RunTotals, attempt,
-    finish_run, oom_message, resolve_max_length, resolve_optim, say,
+    METRICS, TRAIN_LOG, FitResult, JsonlLogCallback, LoadedModel, Published, RunPlan, RunTotals, WholeRunTrainer, attempt,
+    begin_system_log, finish_run, oom_message, resolve_max_length, resolve_optim, run_trainer, say,
 )
 
 SAMPLE_COUNT = 3
@@ -59,19 +59,10 @@ SAMPLE_COUNT = 3
 # --------------------------------------------------------------------------------------------------------------
 
 
-class WholeRunTrainerMixin:
-    """What gpt2ft adds to TRL's DPOTrainer and KTOTrainer: whole-run totals (target tokens, loss, training time) in
-    the Trainer's state, restored on resume (training.RunTotals), the same logged fields as `train`'s
-    (DialogueTrainer.log), no telemetry and no TRL model card in the checkpoints (gpt2ft writes its own card)."""
-
-    def __init__(self, *args: Any, precision: str = "fp32", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.precision = precision
-
-    @property
-    def run_totals(self) -> RunTotals:
-        # Looked up each time: a resume replaces the callback with one rebuilt from the checkpoint.
-        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, RunTotals))
+class PreferenceTrainerMixin(WholeRunTrainer):
+    """What gpt2ft adds to TRL's DPOTrainer and KTOTrainer: train's whole-run totals, logged fields, bad-step and
+    checkpoint rules (training.WholeRunTrainer), no telemetry and no TRL model card in the checkpoints (gpt2ft
+    writes its own card)."""
 
     def _send_telemetry(self) -> None:
         # TRL pings the Hub when a trainer is built; gpt2ft never phones home (offline runs, shared machines).
@@ -81,25 +72,9 @@ class WholeRunTrainerMixin:
         # TRL writes a card into every checkpoint; the saved model gets gpt2ft's card, made from what is on disk.
         return None
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+    def target_labels(self, inputs: dict[str, Any]) -> torch.Tensor:
         # The replies' tokens (chosen and rejected, EOS included) are what the preference loss is computed on.
-        targets = inputs["completion_mask"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
-        self.run_totals.add(targets, loss)
-        return loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        totals = self.run_totals
-        logs = dict(logs)
-        if "train_runtime" in logs:
-            # The Trainer's closing summary covers this process's segment only; a resumed run needs the whole run's.
-            for key in ("train_samples_per_second", "train_steps_per_second"):
-                logs.pop(key, None)
-            logs.update(train_loss=totals.mean_loss(self.state.global_step), train_runtime=totals.seconds)
-        seconds = totals.seconds
-        logs.update(tokens_seen=totals.target_tokens, train_seconds=round(seconds, 3),
-                    tokens_per_s=totals.target_tokens / seconds if seconds > 0 else 0.0)
-        super().log(logs, start_time)
+        return inputs["completion_mask"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         started = time.perf_counter()
@@ -113,10 +88,10 @@ def trainer_classes() -> dict[str, type]:
     """The Trainer of each algorithm: TRL's, with WholeRunTrainerMixin (TRL is imported only when a run needs it)."""
     from trl import DPOTrainer, KTOTrainer
 
-    class PreferenceDPOTrainer(WholeRunTrainerMixin, DPOTrainer):
+    class PreferenceDPOTrainer(PreferenceTrainerMixin, DPOTrainer):
         pass
 
-    class PreferenceKTOTrainer(WholeRunTrainerMixin, KTOTrainer):
+    class PreferenceKTOTrainer(PreferenceTrainerMixin, KTOTrainer):
         pass
 
     return {"dpo": PreferenceDPOTrainer, "kto": PreferenceKTOTrainer}
@@ -423,7 +398,7 @@ def supervised_dialogs(plan: RunPlan) -> SupervisedDialogs | None:
         DataError: --sft-data was given and cannot be read. Recorded data that cannot be read any more (moved, or the
             Hub out of reach) is reported and skipped: it is a measurement, not the run.
     """
-    from .cli import saved_run_config
+    from .config import saved_run_config
     from .data import prepare_dialogs
     from .training import data_options
 
@@ -660,40 +635,10 @@ def fit_preferences(plan: RunPlan, trainer: Any, resume_from: str | None) -> Fit
     Raises:
         TrainingError: out of GPU memory, or a NaN/infinite loss (the last good checkpoint is kept).
     """
-    from .monitor import SystemMonitor
-
-    system_log = plan.logs_dir / SYSTEM_LOG
-    if plan.is_main:
-        if resume_from:
-            say(f"resuming from {resume_from}")
-        elif system_log.exists():
-            system_log.unlink()  # a fresh run starts a fresh system log
-    monitor = None
-    if plan.is_main:
-        monitor = SystemMonitor(system_log, plan.config.system_interval_s, step_getter=lambda: trainer.state.global_step)
-        monitor.start()
-    fitted = FitResult(trainer, resume_from, monitor)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TRL still asks for transformers' is_gradient_checkpointing
-            trainer.train(resume_from_checkpoint=resume_from)
-    except torch.cuda.OutOfMemoryError:
-        fitted.stop_monitor()
-        raise TrainingError(oom_message(plan)) from None
-    except BaseException:
-        fitted.stop_monitor()
-        raise
-    bad_step = fitted.totals.bad_step
-    if bad_step is not None:
-        fitted.stop_monitor()
-        kept = complete_checkpoints(plan.checkpoint_dir)
-        raise TrainingError(
-            f"preference tuning stopped at step {bad_step}: the loss became NaN or infinite "
-            f"({'fp16 overflow is the usual cause; ' if plan.precision == 'fp16' else ''}"
-            "try a lower --learning-rate, a higher --beta, or --precision fp32/bf16). "
-            + (f"Last good checkpoint: {kept[-1]} (resume with --resume auto)." if kept else "No checkpoint was written.")
-        )
-    return fitted
+    begin_system_log(plan, resume_from)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TRL still asks for transformers' is_gradient_checkpointing
+        return run_trainer(plan, trainer, resume_from, stage="preference tuning", advice="a lower --learning-rate, a higher --beta")
 
 
 # --------------------------------------------------------------------------------------------------------------

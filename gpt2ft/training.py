@@ -191,12 +191,62 @@ class JsonlLogCallback(TrainerCallback):
 # --------------------------------------------------------------------------------------------------------------
 
 
-class DialogueTrainer(Trainer):
-    """Trainer with token-weighted evaluation and whole-run totals (target tokens, loss, time) in its state."""
+class WholeRunTrainer:
+    """What gpt2ft adds to a Trainer (DialogueTrainer here, the preference trainers in prefer.py): the whole-run
+    totals of RunTotals counted each micro-batch and logged, a non-finite gradient norm caught as a bad step, and no
+    checkpoint written after one. Subclasses say which of a batch's positions are targets (`target_labels`)."""
 
     def __init__(self, *args: Any, precision: str = "fp32", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.precision = precision
+
+    @property
+    def run_totals(self) -> RunTotals:
+        # Looked up each time: a resume replaces the callback with one rebuilt from the checkpoint.
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, RunTotals))
+
+    def target_labels(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Labels of the batch's positions, -100 where there is no target (RunTotals counts the others)."""
+        return inputs["labels"]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.run_totals.add(self.target_labels(inputs), loss)
+        return loss
+
+    def _clip_grad_norm(self, model):
+        norm = super()._clip_grad_norm(model)
+        if self.precision != "fp16":
+            self.run_totals.add_gradient_norm(norm)
+        return norm
+
+    def _save_checkpoint(self, model, trial):
+        """Bring the whole-run totals up to date before they go into the checkpoint, and never checkpoint weights
+        that a bad step has touched (whichever callback asked for the save)."""
+        totals = self.run_totals
+        totals.flush(self.args, self.control)
+        if totals.bad_step is None:
+            super()._save_checkpoint(model, trial)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        totals = self.run_totals
+        logs = dict(logs)
+        if "train_runtime" in logs:
+            # The Trainer's closing summary covers this process's segment only; a resumed run needs the whole run's.
+            for key in ("train_samples_per_second", "train_steps_per_second"):
+                logs.pop(key, None)
+            logs.update(train_loss=totals.mean_loss(self.state.global_step), train_runtime=totals.seconds)
+        seconds = totals.seconds
+        logs.update(tokens_seen=totals.target_tokens, train_seconds=round(seconds, 3),
+                    tokens_per_s=totals.target_tokens / seconds if seconds > 0 else 0.0)
+        super().log(logs, start_time)
+
+
+class DialogueTrainer(WholeRunTrainer, Trainer):
+    """Trainer with gpt2ft's batches, token-weighted evaluation and whole-run totals (target tokens, loss, time)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._flop_params: int | None = None
 
     def get_train_dataloader(self):
@@ -217,20 +267,6 @@ class DialogueTrainer(Trainer):
         )
         return self.accelerator.prepare(loader)
 
-    def _clip_grad_norm(self, model):
-        norm = super()._clip_grad_norm(model)
-        if self.precision != "fp16":
-            self.run_totals.add_gradient_norm(norm)
-        return norm
-
-    def _save_checkpoint(self, model, trial):
-        """Bring the whole-run totals up to date before they go into the checkpoint, and never checkpoint weights
-        that a bad step has touched (whichever callback asked for the save)."""
-        totals = self.run_totals
-        totals.flush(self.args, self.control)
-        if totals.bad_step is None:
-            super()._save_checkpoint(model, trial)
-
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """6 x parameters x tokens, as the Trainer counts it, with the parameter count taken once: the Trainer's
         own walks every parameter of the model on every step."""
@@ -238,29 +274,6 @@ class DialogueTrainer(Trainer):
             model = self.accelerator.unwrap_model(self.model)
             self._flop_params = model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters") else 0
         return 6 * inputs["input_ids"].numel() * self._flop_params
-
-    @property
-    def run_totals(self) -> RunTotals:
-        # Looked up each time: a resume replaces the callback with one rebuilt from the checkpoint.
-        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, RunTotals))
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.run_totals.add(inputs["labels"], loss)
-        return loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        totals = self.run_totals
-        logs = dict(logs)
-        if "train_runtime" in logs:
-            # The Trainer's closing summary covers this process's segment only; a resumed run needs the whole run's.
-            for key in ("train_samples_per_second", "train_steps_per_second"):
-                logs.pop(key, None)
-            logs.update(train_loss=totals.mean_loss(self.state.global_step), train_runtime=totals.seconds)
-        seconds = totals.seconds
-        logs.update(tokens_seen=totals.target_tokens, train_seconds=round(seconds, 3),
-                    tokens_per_s=totals.target_tokens / seconds if seconds > 0 else 0.0)
-        super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Mean NLL per target token over the whole split (not a mean of batch means), in training's precision;
@@ -606,19 +619,34 @@ def fit(
     Raises:
         TrainingError: out of GPU memory, or a NaN/infinite loss.
     """
+    begin_system_log(plan, resume_from)
+    trainer = build_trainer(plan, loaded, rows, run_settings(plan, prepared), callbacks)
+    return run_trainer(plan, trainer, resume_from)
+
+
+def begin_system_log(plan: RunPlan, resume_from: str | None) -> None:
+    """A fresh run starts a fresh system log; a resumed one goes on with it (the charts show each session apart)."""
+    if not plan.is_main:
+        return
+    system_log = plan.logs_dir / SYSTEM_LOG
+    if resume_from:
+        say(f"resuming from {resume_from}")
+    elif system_log.exists():
+        system_log.unlink()
+
+
+def run_trainer(plan: RunPlan, trainer: Trainer, resume_from: str | None, stage: str = "training", advice: str = "a lower --learning-rate") -> FitResult:
+    """`trainer.train()` with the system monitor sampling beside it, and the two ways a run stops turned into one
+    clear error each: out of GPU memory, and a NaN or infinite loss (found by RunTotals).
+
+    Raises:
+        TrainingError: naming the step, the likely cause and the last good checkpoint.
+    """
     from .monitor import SystemMonitor
 
-    settings = run_settings(plan, prepared)
-    system_log = plan.logs_dir / SYSTEM_LOG
-    if plan.is_main:
-        if resume_from:
-            say(f"resuming from {resume_from}")  # the system log goes on: the charts show each session apart
-        elif system_log.exists():
-            system_log.unlink()  # a fresh run starts a fresh system log
-    trainer = build_trainer(plan, loaded, rows, settings, callbacks)
     monitor = None
     if plan.is_main:
-        monitor = SystemMonitor(system_log, plan.config.system_interval_s, step_getter=lambda: trainer.state.global_step)
+        monitor = SystemMonitor(plan.logs_dir / SYSTEM_LOG, plan.config.system_interval_s, step_getter=lambda: trainer.state.global_step)
         monitor.start()
     fitted = FitResult(trainer, resume_from, monitor)
     try:
@@ -634,9 +662,9 @@ def fit(
         fitted.stop_monitor()
         kept = complete_checkpoints(plan.checkpoint_dir)
         raise TrainingError(
-            f"training stopped at step {bad_step}: the loss became NaN or infinite "
+            f"{stage} stopped at step {bad_step}: the loss became NaN or infinite "
             f"({'fp16 overflow is the usual cause; ' if plan.precision == 'fp16' else ''}"
-            "try a lower --learning-rate, or --precision fp32/bf16). "
+            f"try {advice}, or --precision fp32/bf16). "
             + (f"Last good checkpoint: {kept[-1]} (resume with --resume auto)." if kept else "No checkpoint was written.")
         )
     return fitted

@@ -137,5 +137,5 @@ def test_the_schedule_counts_what_the_model_is_fed_and_warms_up_every_shape(tiny
     assert schedule.counts["slots"] == sum(b["input_ids"].numel() for b in timed)
     assert schedule.counts["targets"] == sum(int((b["labels"] != -100).sum()) for b in timed)
     # Real tokens: every slot but padding; padding slots all sit at position 0, as does each window's first token.
-    windows = [sum(len(schedule.dataset.groups[row]) for row in batch) for batch in schedule.batches[schedule.warmup :]]
+    windows = [sum(len(row) for row in batch) for batch in schedule.batches[schedule.warmup :]]
     assert schedule.counts["real"] == sum(b["input_ids"].numel() - int((b["position_ids"] == 0).sum()) + n for b, n in zip(timed, windows))

@@ -278,7 +278,7 @@ def test_a_split_is_fed_in_few_fixed_shapes_and_each_window_once(tiny_tokenizer)
         loader = DialogueCollator(tiny_tokenizer, batching, row_tokens=64).loader(rows, batch_size=8, shuffle=True, seed=1)
         shapes, seen, targets, slots = set(), [], 0, 0
         for batch_rows in loader.batch_sampler:
-            seen += [window for row in batch_rows for window in loader.dataset.groups[row]]
+            seen += [window for row in batch_rows for window in row]
         for batch in loader:
             shapes.add(tuple(batch["input_ids"].shape))
             targets += int((batch["labels"] != IGNORE_INDEX).sum())
@@ -397,3 +397,22 @@ def test_a_resumed_run_on_several_processes_still_reshuffles_by_epoch(tiny_token
     resumed.set_epoch(1)  # what the Trainer does at the start of the resumed epoch
     assert sampler.epoch == 1
     assert [list(batch) for batch in resumed.batch_sampler] == straight
+
+
+def test_training_rows_mix_long_and_short_dialogues(tiny_tokenizer):
+    """Packed longest first, rows would hold the longest dialogues together and the shortest together, and every
+    batch would be a sample of one kind (that trained a tiny model to half the quality in the same epochs). Training
+    packs in a random order, and deals equal lengths anew each epoch: rows mix both kinds, and change."""
+    rng = random.Random(5)
+    lengths = [rng.choice([30, 50]) for _ in range(800)]
+    rows = [{"input_ids": [0] * n, "labels": [IGNORE_INDEX] + [1] * (n - 1), "length": n} for n in lengths]
+    sampler = DialogueCollator(tiny_tokenizer, "pack").loader(rows, batch_size=16, shuffle=True, seed=0).batch_sampler
+    epoch0 = [row for batch in sampler.batches() for row in batch]
+    mixed = [row for row in epoch0 if len({lengths[i] for i in row}) == 2]
+    assert len(mixed) > len(epoch0) / 2
+    sampler.set_epoch(1)
+    epoch1 = {frozenset(row) for batch in sampler.batches() for row in batch}
+    assert len(epoch1 & {frozenset(row) for row in epoch0}) < len(epoch0) / 4  # new neighbours, same shapes
+    assert sorted(len(row) for row in epoch1) == sorted(len(row) for row in epoch0)
+    longest_first = pack_rows(lengths, widths=(512,))
+    assert sum(len({lengths[i] for i in row}) == 2 for row in longest_first) <= 2  # what the ordering prevents

@@ -184,7 +184,8 @@ def test_dpo_on_the_votes_moves_replies_to_unseen_prompts_toward_the_preferred_s
     assert metrics["sft_perplexity_before"] < metrics["sft_perplexity_after"] < 1.5 * metrics["sft_perplexity_before"]
     assert metrics["reward_accuracy_before"] == 0.0 and metrics["reward_margin_before"] == 0.0  # its own reference
     assert metrics["reward_accuracy_after"] >= 0.9 and metrics["reward_margin_after"] > 0
-    assert metrics["logp_accuracy_after"] > metrics["logp_accuracy_before"]
+    # Whatever the supervised model happened to prefer before, afterwards it finds the preferred reply likelier.
+    assert metrics["logp_accuracy_after"] >= max(metrics["logp_accuracy_before"], 0.9)
 
 
 def test_the_votes_used_and_skipped_are_counted_and_printed(votes, dpo_run):

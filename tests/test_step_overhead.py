@@ -11,15 +11,13 @@ DataLoader workers on a GPU) is not.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback
 
-from conftest import SHARED_DATA, config_for
-from gpt2ft.data import DialogueCollator, plan_shapes, tokenize_dialogs
+from conftest import config_for
+from gpt2ft.data import DialogueCollator, tokenize_dialogs
 
 aten = torch.ops.aten
 READ_OPS = {aten._local_scalar_dense.default, aten.equal.default}
@@ -211,7 +209,7 @@ def epoch_shapes(loader) -> tuple[set[tuple[int, ...]], float, int, list[int]]:
         shapes.add(tuple(batch["input_ids"].shape))
         slots += batch["input_ids"].numel()
         targets += int((batch["labels"] != -100).sum())
-    fed = sorted(window for batch in loader.batch_sampler for row in batch for window in loader.dataset.groups[row])
+    fed = sorted(window for batch in loader.batch_sampler for row in batch for window in row)
     lengths = [len(ids) for ids in loader.dataset.windows["input_ids"]]
     return shapes, 1 - sum(lengths) / slots, targets, fed
 
