@@ -48,7 +48,7 @@ from .sources import DataError
 from .preferences import SKIP_TOO_LONG, SKIP_TURN_TOO_LONG, PreferenceData, Skips, read_preferences
 from .training import (
     METRICS, TRAIN_LOG, FitResult, JsonlLogCallback, LoadedModel, Published, RunPlan, RunTotals, WholeRunTrainer, attempt,
-    begin_system_log, finish_run, oom_message, resolve_max_length, resolve_optim, run_trainer, say,
+    begin_system_log, finish_run, oom_message, resolve_max_length, resolve_optim, run_trainer, say, trainer_settings,
 )
 
 SAMPLE_COUNT = 3
@@ -110,47 +110,8 @@ def build_preference_args(config: PreferConfig, precision: str, hardware: Any, o
     """
     from trl import DPOConfig, KTOConfig
 
-    strategy = "steps" if config.eval_steps > 0 else "epoch"
-    num_workers = config.num_workers if config.num_workers >= 0 else (2 if hardware.device == "cuda" else 0)
-    report_to = [] if config.report_to in ("", "none") else [p.strip() for p in config.report_to.split(",") if p.strip()]
     common = dict(
-        output_dir=str(output_dir),
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.eval_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=config.warmup_ratio,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        optim=resolve_optim(config, hardware),
-        fp16=precision == "fp16",
-        bf16=precision == "bf16",
-        tf32=True if hardware.capability and hardware.capability >= (8, 0) else None,
-        eval_strategy=strategy,
-        save_strategy=strategy,
-        eval_steps=config.eval_steps or None,
-        save_steps=config.eval_steps or None,
-        logging_strategy="steps",
-        logging_steps=config.logging_steps,
-        logging_first_step=True,
-        logging_nan_inf_filter=False,  # a NaN must reach RunTotals, not be averaged away
-        save_total_limit=config.save_total_limit,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        seed=config.seed,
-        data_seed=config.seed,
-        dataloader_num_workers=num_workers,
-        dataloader_pin_memory=hardware.device == "cuda",
-        use_cpu=hardware.device == "cpu",
-        activation_checkpointing=config.gradient_checkpointing,
-        report_to=report_to,
-        auto_find_batch_size=False,  # out of memory stops the run with settings that fit (training.oom_message)
-        restore_callback_states_from_checkpoint=True,  # RunTotals continues from the checkpoint
-        ddp_find_unused_parameters=False,
+        **trainer_settings(config, precision, hardware, output_dir),
         # Prompts are fitted to the window beforehand (fit_records), so TRL cuts no reply; the limit still bounds the
         # mismatched prompt + reply sequences KTO builds for its KL estimate.
         max_length=max_length,

@@ -304,16 +304,26 @@ def resolve_optim(config: TrainConfig, hardware: Hardware) -> str:
 
 
 def build_training_args(config: TrainConfig, precision: str, hardware: Hardware, output_dir: str | Path) -> TrainingArguments:
-    """TrainingArguments for a run: evaluation and checkpoints each epoch (or every `eval_steps`), the best model
-    kept, warmup then linear decay, precision and optimizer from the hardware.
+    """TrainingArguments for a run (`trainer_settings`), with gpt2ft's own batching and optional torch.compile.
 
     Raises:
         ValueError: the Trainer rejects a setting (an unknown --optim).
     """
+    return TrainingArguments(
+        **trainer_settings(config, precision, hardware, output_dir),
+        remove_unused_columns=False,  # DialogueCollator picks the columns and batches by `length`
+        torch_compile=config.compile,
+    )
+
+
+def trainer_settings(config: Any, precision: str, hardware: Hardware, output_dir: str | Path) -> dict[str, Any]:
+    """The Trainer settings every gpt2ft stage shares (train's TrainConfig, prefer's PreferConfig): evaluation and
+    checkpoints each epoch (or every `eval_steps`), the best model kept, warmup then linear decay, precision and
+    optimizer from the hardware, DataLoader workers, and the rules that keep a run's numbers and checkpoints honest."""
     strategy = "steps" if config.eval_steps > 0 else "epoch"
     num_workers = config.num_workers if config.num_workers >= 0 else (2 if hardware.device == "cuda" else 0)
     report_to = [] if config.report_to in ("", "none") else [p.strip() for p in config.report_to.split(",") if p.strip()]
-    return TrainingArguments(
+    return dict(
         output_dir=str(output_dir),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
@@ -343,7 +353,6 @@ def build_training_args(config: TrainConfig, precision: str, hardware: Hardware,
         greater_is_better=False,
         seed=config.seed,
         data_seed=config.seed,
-        remove_unused_columns=False,  # DialogueCollator picks the columns and batches by `length`
         dataloader_num_workers=num_workers,
         dataloader_pin_memory=hardware.device == "cuda",
         dataloader_persistent_workers=num_workers > 0,  # workers start once, not again every epoch
@@ -353,10 +362,9 @@ def build_training_args(config: TrainConfig, precision: str, hardware: Hardware,
         # `torchrun` launch on CPU trains N independent copies, each on all the data (world_size 1).
         use_cpu=hardware.device == "cpu",
         activation_checkpointing=config.gradient_checkpointing,
-        torch_compile=config.compile,
         report_to=report_to,
         # Halving the batch on out-of-memory would silently change the effective batch and the schedule, and under
-        # DDP one process's retry hangs the others: gpt2ft stops instead and says which settings fit (fit()).
+        # DDP one process's retry hangs the others: gpt2ft stops instead and says which settings fit (oom_message).
         auto_find_batch_size=False,
         restore_callback_states_from_checkpoint=True,  # RunTotals continues from the checkpoint
         ddp_find_unused_parameters=False,
