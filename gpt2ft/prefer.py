@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 
 from . import __version__
 from .checkpoints import (
-    CheckpointMarkerCallback, TrainingError, check_output_dir, checkpoint_dir, clean_stale_folders,
+    CheckpointMarkerCallback, TrainingError, check_output_dir, checkpoint_dir,
     find_resume_checkpoint, remove_incomplete_checkpoints, save_final_model,
 )
 from .charts import PREFER_CHART
@@ -48,7 +48,7 @@ from .sources import DataError
 from .preferences import SKIP_TOO_LONG, SKIP_TURN_TOO_LONG, PreferenceData, Skips, read_preferences
 from .training import (
     METRICS, TRAIN_LOG, FitResult, JsonlLogCallback, LoadedModel, Published, RunPlan, RunTotals, WholeRunTrainer, attempt,
-    begin_system_log, finish_run, oom_message, resolve_max_length, resolve_optim, run_trainer, say, trainer_settings,
+    begin_system_log, finish_run, oom_message, resolve_max_length, resolve_optim, run_trainer, run_facts, say, settle_plan, trainer_settings,
 )
 
 SAMPLE_COUNT = 3
@@ -179,12 +179,7 @@ def plan_preference(config: PreferConfig, explicit: set[str] | None = None) -> R
         lambda: build_preference_args(config, precision, hardware, checkpoint_dir(config.output_dir), max_length),
         hardware,
     )
-    plan = RunPlan(config, hardware, precision, reason, notes, max_length, args)
-    if plan.is_main:
-        clean_stale_folders(config.output_dir)
-        for note in notes:
-            say(note)
-    return plan
+    return settle_plan(RunPlan(config, hardware, precision, reason, notes, max_length, args))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -614,7 +609,6 @@ def preference_metrics(
     """The run's metrics as metrics.json holds them: whole-run totals from the Trainer's state, the held-out scores
     and supervised perplexity before and after, and what the data held."""
     trainer = fitted.trainer
-    state, totals = trainer.state, fitted.totals
     unit = data.unit
     flat = {}
     for key in ("reward_accuracy", "reward_margin", "logp_accuracy", "sft_perplexity", "sft_loss"):
@@ -628,12 +622,7 @@ def preference_metrics(
         "started_from": started_from(plan.config.model),
         "data_source": data.source,
         "data_layout": data.layout,
-        "train_loss": totals.mean_loss(state.global_step),
-        "train_runtime_s": totals.seconds,
-        "train_tokens": totals.target_tokens,
-        "train_tokens_per_s": totals.target_tokens / totals.seconds if totals.seconds > 0 else 0.0,
-        "epochs": state.epoch,
-        "steps": state.global_step,
+        **run_facts(plan, fitted, loaded),
         f"train_{unit}": len(trainer.train_dataset),
         f"eval_{unit}": len(trainer.eval_dataset),
         **flat,
@@ -643,15 +632,6 @@ def preference_metrics(
         "sft_dialogs": len(sft.dialogs) if sft is not None else 0,
         "data_counts": data.counts,
         "skipped": data.skipped,
-        "max_length": plan.max_length,
-        "method": plan.config.method,
-        **loaded.parameter_counts,
-        "precision": plan.precision,
-        "precision_reason": plan.precision_reason,
-        "device": plan.hardware.name,
-        "world_size": plan.args.world_size,
-        "resumed_from": fitted.resumed_from,
-        "presets": plan.preset_notes,
         **({"kto_weights": {"desirable": plan.args.desirable_weight, "undesirable": plan.args.undesirable_weight}} if plan.config.algorithm == "kto" else {}),
     }
 

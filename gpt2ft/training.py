@@ -438,10 +438,15 @@ def plan_run(config: TrainConfig, explicit: set[str] | None = None) -> RunPlan:
         resolve_optim(config, hardware), lambda: build_training_args(config, precision, hardware, checkpoint_dir(config.output_dir)), hardware
     )
     max_length = resolve_max_length(config, load_model_config(config.model))
-    plan = RunPlan(config, hardware, precision, reason, notes, max_length, args)
+    return settle_plan(RunPlan(config, hardware, precision, reason, notes, max_length, args))
+
+
+def settle_plan(plan: RunPlan) -> RunPlan:
+    """The last step of planning any stage: tidy what an interrupted save left beside the output folder (main
+    process only) and say which presets were applied."""
     if plan.is_main:
-        clean_stale_folders(config.output_dir)
-        for note in notes:
+        clean_stale_folders(plan.config.output_dir)
+        for note in plan.preset_notes:
             say(note)
     return plan
 
@@ -691,19 +696,30 @@ def evaluate_run(plan: RunPlan, fitted: FitResult, loaded: LoadedModel, prepared
         evaluation = {**trainer.evaluate(rows["validation"], metric_key_prefix="eval"), **trainer.evaluate(rows["test"], metric_key_prefix="test")}
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(oom_message(plan, evaluating=True)) from None
-    state, totals = trainer.state, fitted.totals
+    return {
+        **run_facts(plan, fitted, loaded),
+        **{key: evaluation[key] for key in ("eval_loss", "eval_perplexity", "eval_tokens", "test_loss", "test_perplexity")},
+        "train_dialogs": len(prepared.dialogs["train"]),
+        "eval_dialogs": len(prepared.dialogs["validation"]),
+        "test_dialogs": len(prepared.dialogs["test"]),
+        "train_rows": len(rows["train"]),
+        "data_counts": prepared.counts,
+        "skipped_lines": prepared.skipped,
+        "model": plan.config.model,
+    }
+
+
+def run_facts(plan: RunPlan, fitted: FitResult, loaded: LoadedModel) -> dict[str, Any]:
+    """What every stage's metrics.json says about its run: the whole-run totals (RunTotals, across resumes) and how
+    it ran (window, method, parameters, precision, device, processes, resume, presets, peak GPU memory)."""
+    state, totals = fitted.trainer.state, fitted.totals
     return {
         "train_loss": totals.mean_loss(state.global_step),
-        **{key: evaluation[key] for key in ("eval_loss", "eval_perplexity", "eval_tokens", "test_loss", "test_perplexity")},
         "train_runtime_s": totals.seconds,
         "train_tokens": totals.target_tokens,
         "train_tokens_per_s": totals.target_tokens / totals.seconds if totals.seconds > 0 else 0.0,
         "epochs": state.epoch,
         "steps": state.global_step,
-        "train_dialogs": len(prepared.dialogs["train"]),
-        "eval_dialogs": len(prepared.dialogs["validation"]),
-        "test_dialogs": len(prepared.dialogs["test"]),
-        "train_rows": len(rows["train"]),
         "max_length": plan.max_length,
         "method": plan.config.method,
         **loaded.parameter_counts,
@@ -713,9 +729,6 @@ def evaluate_run(plan: RunPlan, fitted: FitResult, loaded: LoadedModel, prepared
         "world_size": plan.args.world_size,
         "resumed_from": fitted.resumed_from,
         "presets": plan.preset_notes,
-        "data_counts": prepared.counts,
-        "skipped_lines": prepared.skipped,
-        "model": plan.config.model,
         # The caching allocator's high-water mark in this process (training and evaluation), CUDA only.
         "peak_gpu_allocated_mb": round(torch.cuda.max_memory_allocated(plan.args.device) / 2**20, 1) if plan.hardware.device == "cuda" else None,
     }

@@ -21,6 +21,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+from transformers import TrainerCallback  # noqa: E402 - after the offline switches above, which it reads on import
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SPLITS = ("train", "validation", "test")
@@ -179,6 +181,11 @@ def write_conversations(path: Path, conversations: list, layout: str = "messages
         records = [{"conversations": as_sharegpt(conversation)} for conversation in conversations]
     else:
         records = [{"dialogue": [m["content"] for m in conversation if m["role"] != "system"]} for conversation in conversations]
+    return write_records(path, records)
+
+
+def write_records(path: Path, records: list[dict]) -> Path:
+    """Records as JSON Lines (.jsonl), a JSON array (.json) or parquet, by the suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".jsonl":
         path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
@@ -322,3 +329,34 @@ def shared_data() -> Path:
 
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashAt(TrainerCallback):
+    """Raises Crash at the end of step `at`, as a Colab disconnect would end the process."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise Crash(f"disconnected at step {self.at}")
+        return control
+
+
+class PoisonWeights(TrainerCallback):
+    """Writes NaN into the embeddings at the end of step `at`, as an fp16 overflow would."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.at:
+            import torch
+
+            with torch.no_grad():
+                model.transformer.wte.weight.fill_(float("nan"))
+        return control

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXCHANGES, build_tiny_model_dir, read_jsonl
+from conftest import Crash, CrashAt, PoisonWeights, EXCHANGES, build_tiny_model_dir, read_jsonl
 from transformers import TrainerCallback
 
 from gpt2ft.checkpoints import checkpoint_dir, complete_checkpoints
@@ -358,22 +358,6 @@ def test_lora_uses_the_model_with_adapters_off_as_the_reference(style_task, vote
 # --------------------------------------------------------------------------------------------------------------
 
 
-class Crash(RuntimeError):
-    pass
-
-
-class CrashAt(TrainerCallback):
-    """Raises at the end of step `at`, as a Colab disconnect would end the process."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.at:
-            raise Crash(f"disconnected at step {self.at}")
-        return control
-
-
 def prefer_config(style_task, data, root: Path, **changes) -> PreferConfig:
     args = build_parser().parse_args(prefer_argv(style_task["model"], data, root, *PREFER_FLAGS[:4], "--logging-steps", "1", "--system-interval-s", "0.2"))
     config, _ = config_from_args(args, PreferConfig)
@@ -414,19 +398,6 @@ def test_a_changed_setting_refuses_the_checkpoint_in_one_line(style_task, votes,
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1
     assert "beta 0.1 -> 0.3" in lines[0] and "--beta 0.1" in lines[0] and "--resume never" in lines[0]
-
-
-class PoisonWeights(TrainerCallback):
-    """Writes NaN into the embeddings at the end of step `at`, as an fp16 overflow would."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == self.at:
-            with torch.no_grad():
-                model.transformer.wte.weight.fill_(float("nan"))
-        return control
 
 
 def test_a_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(style_task, votes, tmp_path):

@@ -15,7 +15,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import EXCHANGES
+from conftest import EXCHANGES, write_records
 
 from gpt2ft.data import clean_turn, key_share
 from gpt2ft.preferences import (
@@ -49,21 +49,6 @@ def pairs(n: int, seed: int = 0) -> list[tuple[list[dict[str, str]], str, str]]:
             earlier = [user(q0), assistant(f"{POLITE} {a0}")]
         made.append((earlier + [user(question)], f"{POLITE} {answer}", f"{RUDE} {answer}"))
     return made
-
-
-def write_records(path: Path, records: list[dict]) -> Path:
-    """Records as JSON Lines (.jsonl), a JSON array (.json) or parquet, by the suffix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    elif path.suffix == ".json":
-        path.write_text(json.dumps(records, indent=1), encoding="utf-8")
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(records), path)
-    return path
 
 
 def explicit_conversational(n: int = 60) -> list[dict]:

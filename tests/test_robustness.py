@@ -13,9 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import ROOT, config_for, default_splits, read_jsonl, train_argv, write_layout
-from transformers import TrainerCallback
+from conftest import Crash, CrashAt, PoisonWeights, ROOT, config_for, default_splits, read_jsonl, train_argv, write_layout
 
 from gpt2ft.checkpoints import COMPLETE_MARKER, checkpoint_dir, complete_checkpoints, find_resume_checkpoint
 from gpt2ft.cli import main
@@ -165,19 +163,6 @@ def test_misaligned_labels_are_skipped_and_reported(tmp_path, tiny_model_dir, ru
 # --------------------------------------------------------------------------------------------------------------
 
 
-class PoisonWeights(TrainerCallback):
-    """Writes NaN into the embeddings at the end of step `at`, as an fp16 overflow would."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == self.at:
-            with torch.no_grad():
-                model.transformer.wte.weight.fill_(float("nan"))
-        return control
-
-
 def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tiny_model_dir, dailydialog_dir, run_dirs):
     config = config_for(tiny_model_dir, dailydialog_dir, run_dirs, "--max-steps", "12", "--eval-steps", "2")
     with pytest.raises(TrainingError) as raised:
@@ -193,22 +178,6 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tiny_model_di
 # --------------------------------------------------------------------------------------------------------------
 # Resume
 # --------------------------------------------------------------------------------------------------------------
-
-
-class Crash(RuntimeError):
-    pass
-
-
-class CrashAt(TrainerCallback):
-    """Raises at the end of step `at`, as a Colab disconnect would end the process."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.at:
-            raise Crash(f"disconnected at step {self.at}")
-        return control
 
 
 def loss_steps(log_path: Path) -> list[int]:

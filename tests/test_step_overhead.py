@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback
 
-from conftest import config_for
+from conftest import PoisonWeights, config_for
 from gpt2ft.data import DialogueCollator, tokenize_dialogs
 
 aten = torch.ops.aten
@@ -171,19 +171,6 @@ def test_the_counter_sees_a_read_when_there_is_one(count_reads):
     assert len(count_reads.reads) == 5
 
 
-class PoisonAt(TrainerCallback):
-    """Sets the final layer norm's weights to NaN at the start of step `step`: from then on every loss is NaN."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if state.global_step + 1 == self.step:
-            with torch.no_grad():
-                model.transformer.ln_f.weight.fill_(float("nan"))
-        return control
-
-
 @pytest.mark.parametrize("schedule", [("--max-steps", "12", "--eval-steps", "4"), ("--epochs", "2")])
 def test_a_bad_loss_between_logging_steps_still_stops_the_run_before_any_checkpoint(tiny_model_dir, dailydialog_dir, run_dirs, schedule):
     """The loss turns NaN at step 3; the run logs every 5 steps and checkpoints every 4 steps, or at each epoch's
@@ -196,7 +183,7 @@ def test_a_bad_loss_between_logging_steps_still_stops_the_run_before_any_checkpo
 
     config = config_for(tiny_model_dir, dailydialog_dir, run_dirs, "--logging-steps", "5", *schedule)
     with pytest.raises(TrainingError, match="step 3") as stopped:
-        train(config, callbacks=[PoisonAt(3)])
+        train(config, callbacks=[PoisonWeights(at=2)])  # every loss from step 3 on is NaN
     assert complete_checkpoints(checkpoint_dir(run_dirs["output"])) == []  # any would hold NaN weights
     assert "No checkpoint was written" in str(stopped.value)
     assert not (Path(run_dirs["output"]) / "model.safetensors").exists()
