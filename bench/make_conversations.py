@@ -50,7 +50,9 @@ def main() -> None:
     with open(args.path, "w", encoding="utf-8") as out:
         for _ in range(args.count):
             out.write(json.dumps({"messages": conversation(rng)}) + "\n")
-    print(json.dumps({"path": args.path, "conversations": args.count, "seconds": round(time.perf_counter() - started, 1)}))
+    print(
+        json.dumps({"path": args.path, "conversations": args.count, "seconds": round(time.perf_counter() - started, 1)})
+    )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def main() -> None:
         blocked: set[int] = set()
         calls = {"reply": 0}
 
-        def with_guard(*positional, **kwargs):
+        def with_guard(*positional, guard=guard, blocked=blocked, calls=calls, **kwargs):
             calls["reply"] += 1
             if guard != "reply-only":  # generate_reply passes its reply-only guard; the others replace it
                 watch = WatchedPromptWideGuard(REPLY_NO_REPEAT_NGRAM, tokenizer.eos_token_id, blocked, calls["reply"])
@@ -59,7 +59,10 @@ def main() -> None:
 
         model.generate = with_guard
         records = sample_replies(model, tokenizer, dialogs, args.samples, greedy=args.greedy, seed=0)
-        print(json.dumps({"guard": guard, "greedy": args.greedy, **reply_metrics(records), "blocked": len(blocked)}), flush=True)
+        print(
+            json.dumps({"guard": guard, "greedy": args.greedy, **reply_metrics(records), "blocked": len(blocked)}),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -49,7 +49,12 @@ def main() -> int:
     args = parser.parse_args()
     results = {}
     for path in ("plain", "chunked"):
-        out = subprocess.run([sys.executable, "-c", STEP, path, args.device, str(args.rows), str(args.width)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", STEP, path, args.device, str(args.rows), str(args.width)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         record = json.loads(out.stdout.strip().splitlines()[-1])
         results[path] = record
         print(json.dumps(record))

@@ -69,8 +69,9 @@ import gc
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -224,7 +225,9 @@ class Schedule:
     counts: dict[str, int]  # of the timed batches: real, slots, targets, truncated, sum_len, sum_len_sq, shapes
 
 
-def timed_schedule(batches: list[list[int]], shape_of: Callable[[list[int]], tuple[int, ...]], steps: int) -> tuple[list[list[int]], int]:
+def timed_schedule(
+    batches: list[list[int]], shape_of: Callable[[list[int]], tuple[int, ...]], steps: int
+) -> tuple[list[list[int]], int]:
     """WARMUP_STEPS batches, then one batch of each shape the timed batches use that the warm-up has not shown yet
     (taken from after the timed ones, or else repeated from them), then `steps` timed batches.
 
@@ -232,12 +235,23 @@ def timed_schedule(batches: list[list[int]], shape_of: Callable[[list[int]], tup
         (the batches in order, how many of them are warm-up)
     """
     if len(batches) < WARMUP_STEPS + steps:
-        raise BenchError(f"--steps {steps}: the data gives only {len(batches)} batches; use more --dialogs or fewer --steps")
-    warmup, timed, rest = batches[:WARMUP_STEPS], batches[WARMUP_STEPS : WARMUP_STEPS + steps], batches[WARMUP_STEPS + steps :]
+        raise BenchError(
+            f"--steps {steps}: the data gives only {len(batches)} batches; use more --dialogs or fewer --steps"
+        )
+    warmup, timed, rest = (
+        batches[:WARMUP_STEPS],
+        batches[WARMUP_STEPS : WARMUP_STEPS + steps],
+        batches[WARMUP_STEPS + steps :],
+    )
     seen = {shape_of(batch) for batch in warmup}
     for shape in dict.fromkeys(shape_of(batch) for batch in timed):
         if shape not in seen:
-            warmup.append(next((batch for batch in rest if shape_of(batch) == shape), next(b for b in timed if shape_of(b) == shape)))
+            warmup.append(
+                next(
+                    (batch for batch in rest if shape_of(batch) == shape),
+                    next(b for b in timed if shape_of(b) == shape),
+                )
+            )
             seen.add(shape)
     return warmup + timed, len(warmup)
 
@@ -300,7 +314,11 @@ def tutorial_schedule(rows: Any, batch_size: int, steps: int, seed: int) -> Sche
 
 def schedule_loader(schedule: Schedule, num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
-        schedule.dataset, batch_sampler=schedule.batches, collate_fn=schedule.collate, num_workers=num_workers, pin_memory=pin_memory,
+        schedule.dataset,
+        batch_sampler=schedule.batches,
+        collate_fn=schedule.collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
     )
 
 
@@ -359,27 +377,46 @@ def bench_plan(variant: Variant, config: Any, output_dir: str, steps: int) -> An
     from .training import plan_run
 
     config = config.replace(
-        batching=variant.batching, precision=variant.precision, compile=variant.compile, output_dir=os.path.join(output_dir, "model"),
-        logs_dir=os.path.join(output_dir, "logs"), images_dir=os.path.join(output_dir, "images"), max_steps=steps,
+        batching=variant.batching,
+        precision=variant.precision,
+        compile=variant.compile,
+        output_dir=os.path.join(output_dir, "model"),
+        logs_dir=os.path.join(output_dir, "logs"),
+        images_dir=os.path.join(output_dir, "images"),
+        max_steps=steps,
     )
     plan = plan_run(config, explicit=set())
     plan.args = dataclasses.replace(
-        plan.args, eval_strategy="no", save_strategy="no", load_best_model_at_end=False, logging_steps=10**9, disable_tqdm=True,
+        plan.args,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+        logging_steps=10**9,
+        disable_tqdm=True,
     )
     return plan
 
 
-def train_variant(variant: Variant, model: Any, tokenizer: Any, schedule: Schedule, plan: Any) -> tuple[float, int, float | None]:
+def train_variant(
+    variant: Variant, model: Any, tokenizer: Any, schedule: Schedule, plan: Any
+) -> tuple[float, int, float | None]:
     """Train through training.build_trainer on the schedule; (timed seconds, timed steps, last logged loss)."""
     from .loss import core_model
     from .training import LoadedModel, build_trainer
 
-    trainer = build_trainer(plan, LoadedModel(model, tokenizer, {}), {"train": schedule.dataset, "validation": schedule.dataset}, settings={})
+    trainer = build_trainer(
+        plan,
+        LoadedModel(model, tokenizer, {}),
+        {"train": schedule.dataset, "validation": schedule.dataset},
+        settings={},
+    )
     if variant.recipe == "tutorial":
         vars(core_model(model)).pop("forward", None)  # the tutorial recipe: the model's own loss, full logits
     args = plan.args
     loader = schedule_loader(schedule, args.dataloader_num_workers, args.dataloader_pin_memory)
-    trainer.get_train_dataloader = lambda accelerator=trainer.accelerator: accelerator.prepare(loader)  # the schedule, not an epoch
+    trainer.get_train_dataloader = lambda accelerator=trainer.accelerator: accelerator.prepare(
+        loader
+    )  # the schedule, not an epoch
     clock = StepClock(schedule.warmup, args.device)
     trainer.add_callback(clock)
     for printer in (PrinterCallback, ProgressCallback):  # stdout carries the benchmark's JSON lines only
@@ -403,15 +440,20 @@ def run_torch_loop(model: Any, schedule: Schedule, plan: Any) -> tuple[float, in
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.learning_rate, fused=device.type == "cuda",
+        lr=config.learning_rate,
+        fused=device.type == "cuda",
     )
     total = len(schedule.batches)
     warm = max(1, int(config.warmup_ratio * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm))))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
+    )
     scaler = torch.amp.GradScaler(device.type) if plan.precision == "fp16" else None
     clock = StepClock(schedule.warmup, device)
     loss_sum = torch.zeros((), device=device)
-    for step, batch in enumerate(schedule_loader(schedule, plan.args.dataloader_num_workers, plan.args.dataloader_pin_memory), start=1):
+    for step, batch in enumerate(
+        schedule_loader(schedule, plan.args.dataloader_num_workers, plan.args.dataloader_pin_memory), start=1
+    ):
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         with autocast_context(plan.precision, device):
             loss = model(**batch).loss
@@ -433,7 +475,9 @@ def run_torch_loop(model: Any, schedule: Schedule, plan: Any) -> tuple[float, in
     return clock.elapsed, clock.timed_steps, float(loss_sum) / total  # the mean step loss, as the Trainer's train_loss
 
 
-def run_variant(variant: Variant, base: Any, tokenizer: Any, schedule: Schedule, config: Any, output_dir: str) -> dict[str, Any]:
+def run_variant(
+    variant: Variant, base: Any, tokenizer: Any, schedule: Schedule, config: Any, output_dir: str
+) -> dict[str, Any]:
     """One run of `variant` on its schedule, from a fresh copy of the base weights; its record."""
     from .monitor import SystemMonitor
 
@@ -470,7 +514,9 @@ def run_variant(variant: Variant, base: Any, tokenizer: Any, schedule: Schedule,
         "truncated_tokens": counts["truncated"],
         "real_tokens_per_s": round(counts["real"] / elapsed, 1) if elapsed > 0 else None,
         "step_time_ms": round(1000 * elapsed / max(1, timed_steps), 2),
-        "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else round(memory.peak_rss_mb, 1),
+        "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        if device.type == "cuda"
+        else round(memory.peak_rss_mb, 1),
         "last_loss": round(last_loss, 4) if last_loss is not None else None,
         # Other processes on the machine slow a variant down; the 1-minute load average makes that visible.
         "load_avg_1m": load_average(),
@@ -569,7 +615,14 @@ def ratio_lines(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_benchmarks(
-    model: str, data: str, dialogs: int, steps: int, batch_size: int, variants: str, cache_dir: str, emit: Callable[[dict], None],
+    model: str,
+    data: str,
+    dialogs: int,
+    steps: int,
+    batch_size: int,
+    variants: str,
+    cache_dir: str,
+    emit: Callable[[dict], None],
     repeats: int = 3,
 ) -> list[dict]:
     """Run the variants `repeats` times, interleaved; emit and return one record per variant (the median repeat),
@@ -599,13 +652,26 @@ def run_benchmarks(
     hardware = detect_hardware()
     base, tokenizer = load_model_and_tokenizer(model)
     context = model_context(base)
-    texts = [list(turns) for turns in prepare_dialogs(data, cache_dir, max_train_dialogs=dialogs).dialogs["train"]["dialog"]]
+    texts = [
+        list(turns) for turns in prepare_dialogs(data, cache_dir, max_train_dialogs=dialogs).dialogs["train"]["dialog"]
+    ]
     emit(
         {
-            "bench": "setup", "model": model, "params": sum(p.numel() for p in base.parameters()), "n_layer": base.config.n_layer,
-            "n_embd": base.config.n_embd, "vocab_size": base.config.vocab_size, "dialogs": len(texts), "steps": steps,
-            "warmup_steps": WARMUP_STEPS, "repeats": repeats, "batch_size": batch_size, "device": hardware.name,
-            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_avg_1m": load_average(),
+            "bench": "setup",
+            "model": model,
+            "params": sum(p.numel() for p in base.parameters()),
+            "n_layer": base.config.n_layer,
+            "n_embd": base.config.n_embd,
+            "vocab_size": base.config.vocab_size,
+            "dialogs": len(texts),
+            "steps": steps,
+            "warmup_steps": WARMUP_STEPS,
+            "repeats": repeats,
+            "batch_size": batch_size,
+            "device": hardware.name,
+            "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "load_avg_1m": load_average(),
         }
     )
     config = TrainConfig(model=model, data=data, cache_dir=cache_dir, batch_size=batch_size, logging_steps=10**6)
@@ -616,7 +682,9 @@ def run_benchmarks(
             continue
         if variant.recipe == "tutorial":
             length = min(variant.fixed_length or context, context)  # past the context would index past wpe
-            schedules[variant.name] = tutorial_schedule(tutorial_rows(texts, tokenizer, length)[0], batch_size, steps, config.seed)
+            schedules[variant.name] = tutorial_schedule(
+                tutorial_rows(texts, tokenizer, length)[0], batch_size, steps, config.seed
+            )
         else:
             collator = DialogueCollator(tokenizer, variant.batching, **dict(variant.collator_options))
             schedules[variant.name] = gpt2ft_schedule(collator, gpt2ft_rows, batch_size, steps, config.seed)
@@ -625,9 +693,22 @@ def run_benchmarks(
         for _ in range(repeats):
             for variant in training:
                 if variant.name in schedules:
-                    runs[variant.name].append(run_variant(variant, base, tokenizer, schedules[variant.name], config, os.path.join(scratch, variant.name)))
+                    runs[variant.name].append(
+                        run_variant(
+                            variant,
+                            base,
+                            tokenizer,
+                            schedules[variant.name],
+                            config,
+                            os.path.join(scratch, variant.name),
+                        )
+                    )
     for variant in training:
-        out(median_record(runs[variant.name]) if runs[variant.name] else {"variant": variant.name, "skipped": "needs a CUDA GPU"})
+        out(
+            median_record(runs[variant.name])
+            if runs[variant.name]
+            else {"variant": variant.name, "skipped": "needs a CUDA GPU"}
+        )
     for line in ratio_lines(records):
         out(line)
     return records

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -27,7 +28,12 @@ TRAIN_LOG = "train_log.jsonl"
 SYSTEM_LOG = "system.jsonl"
 CHART_FILES = ("chart_train.png", "chart_gpu.png", "chart_gpu2.png", "chart_memory.png", "chart_cpu_disk.png")
 GPU_FIELDS = (
-    "gpu_util_percent", "gpu_memory_used_mb", "gpu_power_w", "gpu_temperature_c", "torch_allocated_mb", "torch_reserved_mb",
+    "gpu_util_percent",
+    "gpu_memory_used_mb",
+    "gpu_power_w",
+    "gpu_temperature_c",
+    "torch_allocated_mb",
+    "torch_reserved_mb",
 )
 DPI = 100
 NAN = float("nan")
@@ -126,7 +132,9 @@ def _new_figure(rows: int, cols: int, title: str, width: float = 12.0, height: f
 def _no_data(axis: Any, message: str = "no data", title: str | None = None) -> None:
     if title:
         axis.set_title(title)
-    axis.text(0.5, 0.5, message, ha="center", va="center", fontsize=13, color="0.35", transform=axis.transAxes, wrap=True)
+    axis.text(
+        0.5, 0.5, message, ha="center", va="center", fontsize=13, color="0.35", transform=axis.transAxes, wrap=True
+    )
     axis.set_xticks([])
     axis.set_yticks([])
 
@@ -230,7 +238,14 @@ def plot_training(records: Sequence[dict[str, Any]]) -> Figure:
             loss_ax.plot(eval_steps, eval_loss, "o-", label="eval loss", color="tab:orange", markersize=6)
         if test_loss:
             loss_ax.plot(
-                test_steps, test_loss, "s", label="test loss", color="tab:red", markersize=10, markerfacecolor="none", markeredgewidth=2
+                test_steps,
+                test_loss,
+                "s",
+                label="test loss",
+                color="tab:red",
+                markersize=10,
+                markerfacecolor="none",
+                markeredgewidth=2,
             )
         _finish(loss_ax, "Loss", "step", "loss (nats per target token)")
     else:
@@ -260,7 +275,9 @@ def plot_training(records: Sequence[dict[str, Any]]) -> Figure:
         epoch_ax.set_ylabel("epoch")
         if speed:
             speed_ax = epoch_ax.twinx()
-            handles += speed_ax.plot(speed_steps, speed, color="tab:cyan", linestyle="--", label="tokens/s (mean so far)")
+            handles += speed_ax.plot(
+                speed_steps, speed, color="tab:cyan", linestyle="--", label="tokens/s (mean so far)"
+            )
             speed_ax.set_ylabel("target tokens per second")
             _from_zero(speed_ax)
         _from_zero(epoch_ax)
@@ -271,7 +288,9 @@ def plot_training(records: Sequence[dict[str, Any]]) -> Figure:
     else:
         _no_data(epoch_ax, title="Epoch and throughput")
     # Every panel spans the whole run (eval lines extend it past the last logged train step); steps are whole.
-    _same_x([loss_ax, lr_ax, grad_ax, epoch_ax], [s for s in (as_float(r.get("step")) for r in records) if s is not None])
+    _same_x(
+        [loss_ax, lr_ax, grad_ax, epoch_ax], [s for s in (as_float(r.get("step")) for r in records) if s is not None]
+    )
     for axis in (loss_ax, lr_ax, grad_ax, epoch_ax):
         if axis.has_data():
             axis.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -287,15 +306,33 @@ def plot_gpu(records: Sequence[dict[str, Any]]) -> Figure:
     figure, (util_ax, memory_ax) = _new_figure(2, 1, "GPU utilisation and memory")
     x, xlabel = time_axis(records)
     _system_panel(
-        util_ax, records, x, xlabel, "GPU utilisation", "%",
-        [("GPU busy (kernels running)", field_values(records, "gpu_util_percent"), {"color": "tab:green"}),
-         ("memory controller busy", field_values(records, "gpu_memory_util_percent"), {"color": "tab:olive", "alpha": 0.7})],
+        util_ax,
+        records,
+        x,
+        xlabel,
+        "GPU utilisation",
+        "%",
+        [
+            ("GPU busy (kernels running)", field_values(records, "gpu_util_percent"), {"color": "tab:green"}),
+            (
+                "memory controller busy",
+                field_values(records, "gpu_memory_util_percent"),
+                {"color": "tab:olive", "alpha": 0.7},
+            ),
+        ],
         ylim=(0, 105),
     )
     _system_panel(
-        memory_ax, records, x, xlabel, "GPU memory (whole device, NVML)", "GB",
-        [("used", field_values(records, "gpu_memory_used_mb", MB_PER_GB), {"color": "tab:blue"}),
-         ("total", field_values(records, "gpu_memory_total_mb", MB_PER_GB), {"color": "black", "linestyle": "--"})],
+        memory_ax,
+        records,
+        x,
+        xlabel,
+        "GPU memory (whole device, NVML)",
+        "GB",
+        [
+            ("used", field_values(records, "gpu_memory_used_mb", MB_PER_GB), {"color": "tab:blue"}),
+            ("total", field_values(records, "gpu_memory_total_mb", MB_PER_GB), {"color": "black", "linestyle": "--"}),
+        ],
     )
     _from_zero(memory_ax)
     _same_x([util_ax, memory_ax], x)
@@ -309,19 +346,46 @@ def plot_gpu2(records: Sequence[dict[str, Any]]) -> Figure:
     figure, (power_ax, temp_ax, torch_ax) = _new_figure(3, 1, "GPU power, temperature and PyTorch memory", height=10.0)
     x, xlabel = time_axis(records)
     _system_panel(
-        power_ax, records, x, xlabel, "GPU power draw", "W",
-        [("power", field_values(records, "gpu_power_w"), {"color": "tab:red"}),
-         ("power limit", field_values(records, "gpu_power_limit_w"), {"color": "black", "linestyle": "--"})],
+        power_ax,
+        records,
+        x,
+        xlabel,
+        "GPU power draw",
+        "W",
+        [
+            ("power", field_values(records, "gpu_power_w"), {"color": "tab:red"}),
+            ("power limit", field_values(records, "gpu_power_limit_w"), {"color": "black", "linestyle": "--"}),
+        ],
     )
     _system_panel(
-        temp_ax, records, x, xlabel, "GPU temperature", "°C",
+        temp_ax,
+        records,
+        x,
+        xlabel,
+        "GPU temperature",
+        "°C",
         [("temperature", field_values(records, "gpu_temperature_c"), {"color": "tab:orange"})],
     )
     _system_panel(
-        torch_ax, records, x, xlabel, "PyTorch CUDA memory (this process)", "GB",
-        [("allocated (tensors)", field_values(records, "torch_allocated_mb", MB_PER_GB), {"color": "tab:blue"}),
-         ("reserved (caching allocator)", field_values(records, "torch_reserved_mb", MB_PER_GB), {"color": "tab:purple"}),
-         ("peak reserved", field_values(records, "torch_max_reserved_mb", MB_PER_GB), {"color": "tab:gray", "linestyle": ":"})],
+        torch_ax,
+        records,
+        x,
+        xlabel,
+        "PyTorch CUDA memory (this process)",
+        "GB",
+        [
+            ("allocated (tensors)", field_values(records, "torch_allocated_mb", MB_PER_GB), {"color": "tab:blue"}),
+            (
+                "reserved (caching allocator)",
+                field_values(records, "torch_reserved_mb", MB_PER_GB),
+                {"color": "tab:purple"},
+            ),
+            (
+                "peak reserved",
+                field_values(records, "torch_max_reserved_mb", MB_PER_GB),
+                {"color": "tab:gray", "linestyle": ":"},
+            ),
+        ],
         empty="no data (torch.cuda was not initialised)",
     )
     _from_zero(power_ax, torch_ax)
@@ -334,10 +398,21 @@ def plot_memory(records: Sequence[dict[str, Any]]) -> Figure:
     figure, (axis,) = _new_figure(1, 1, "Memory (RAM)", height=5.5)
     x, xlabel = time_axis(records)
     _system_panel(
-        axis, records, x, xlabel, "Training process and whole machine", "GB",
-        [("training process (RSS)", field_values(records, "process_rss_mb", MB_PER_GB), {"color": "tab:blue"}),
-         ("system used", field_values(records, "system_ram_used_mb", MB_PER_GB), {"color": "tab:orange"}),
-         ("system total", field_values(records, "system_ram_total_mb", MB_PER_GB), {"color": "black", "linestyle": "--"})],
+        axis,
+        records,
+        x,
+        xlabel,
+        "Training process and whole machine",
+        "GB",
+        [
+            ("training process (RSS)", field_values(records, "process_rss_mb", MB_PER_GB), {"color": "tab:blue"}),
+            ("system used", field_values(records, "system_ram_used_mb", MB_PER_GB), {"color": "tab:orange"}),
+            (
+                "system total",
+                field_values(records, "system_ram_total_mb", MB_PER_GB),
+                {"color": "black", "linestyle": "--"},
+            ),
+        ],
         empty="no data (system.jsonl is missing or empty)",
     )
     _from_zero(axis)
@@ -351,21 +426,42 @@ def plot_cpu_disk(records: Sequence[dict[str, Any]]) -> Figure:
     cores = max((as_float(r.get("cpu_count")) or 0 for r in records), default=0)
     process_label = "training process (100 % = one core" + (f" of {int(cores)})" if cores else ")")
     _system_panel(
-        cpu_ax, records, x, xlabel, "CPU", "%",
-        [(process_label, field_values(records, "process_cpu_percent"), {"color": "tab:blue"}),
-         ("system (100 % = all cores)", field_values(records, "system_cpu_percent"), {"color": "tab:orange"})],
+        cpu_ax,
+        records,
+        x,
+        xlabel,
+        "CPU",
+        "%",
+        [
+            (process_label, field_values(records, "process_cpu_percent"), {"color": "tab:blue"}),
+            ("system (100 % = all cores)", field_values(records, "system_cpu_percent"), {"color": "tab:orange"}),
+        ],
         empty="no data (system.jsonl is missing or empty)",
     )
     _system_panel(
-        disk_ax, records, x, xlabel, "Disk throughput (whole machine)", "MB/s",
-        [("read", rates(records, "disk_read_bytes", 1e6), {"color": "tab:green"}),
-         ("write", rates(records, "disk_write_bytes", 1e6), {"color": "tab:red"})],
+        disk_ax,
+        records,
+        x,
+        xlabel,
+        "Disk throughput (whole machine)",
+        "MB/s",
+        [
+            ("read", rates(records, "disk_read_bytes", 1e6), {"color": "tab:green"}),
+            ("write", rates(records, "disk_write_bytes", 1e6), {"color": "tab:red"}),
+        ],
         empty="no data (needs two samples with disk counters)",
     )
     _system_panel(
-        net_ax, records, x, xlabel, "Network throughput (whole machine)", "MB/s",
-        [("received", rates(records, "net_recv_bytes", 1e6), {"color": "tab:purple"}),
-         ("sent", rates(records, "net_sent_bytes", 1e6), {"color": "tab:brown"})],
+        net_ax,
+        records,
+        x,
+        xlabel,
+        "Network throughput (whole machine)",
+        "MB/s",
+        [
+            ("received", rates(records, "net_recv_bytes", 1e6), {"color": "tab:purple"}),
+            ("sent", rates(records, "net_sent_bytes", 1e6), {"color": "tab:brown"}),
+        ],
         empty="no data (needs two samples with network counters)",
     )
     _from_zero(cpu_ax, disk_ax, net_ax)
@@ -383,7 +479,13 @@ def plot_length_histogram(
     if not values:
         _no_data(axis)
         return figure
-    axis.hist(values, bins=min(bins, max(1, len(set(values)))), color="tab:blue", alpha=0.8, label=f"{len(values):,} dialogues")
+    axis.hist(
+        values,
+        bins=min(bins, max(1, len(set(values)))),
+        color="tab:blue",
+        alpha=0.8,
+        label=f"{len(values):,} dialogues",
+    )
 
     for value, label, style in (
         (percentile(values, 0.5), "median", "--"),
@@ -451,14 +553,26 @@ def plot_preference(records: Sequence[dict[str, Any]], metrics: dict[str, Any]) 
     train = [record for record in records if "loss" in record]
     evals = [record for record in records if "eval_loss" in record]
     lines = {
-        loss_ax: [("train loss", train, "loss", "tab:blue", "-"), ("eval loss", evals, "eval_loss", "tab:orange", "o-")],
-        reward_ax: [
-            ("chosen (train)", train, "rewards/chosen", "tab:green", "-"), ("rejected (train)", train, "rewards/rejected", "tab:red", "-"),
-            ("chosen (eval)", evals, "eval_rewards/chosen", "tab:green", "o--"), ("rejected (eval)", evals, "eval_rewards/rejected", "tab:red", "o--"),
+        loss_ax: [
+            ("train loss", train, "loss", "tab:blue", "-"),
+            ("eval loss", evals, "eval_loss", "tab:orange", "o-"),
         ],
-        margin_ax: [("margin (train)", train, "rewards/margins", "tab:purple", "-"), ("margin (eval)", evals, "eval_rewards/margins", "tab:purple", "o--")],
+        reward_ax: [
+            ("chosen (train)", train, "rewards/chosen", "tab:green", "-"),
+            ("rejected (train)", train, "rewards/rejected", "tab:red", "-"),
+            ("chosen (eval)", evals, "eval_rewards/chosen", "tab:green", "o--"),
+            ("rejected (eval)", evals, "eval_rewards/rejected", "tab:red", "o--"),
+        ],
+        margin_ax: [
+            ("margin (train)", train, "rewards/margins", "tab:purple", "-"),
+            ("margin (eval)", evals, "eval_rewards/margins", "tab:purple", "o--"),
+        ],
     }
-    titles = {loss_ax: ("Loss", "loss"), reward_ax: ("Implicit reward: beta * log(pi / pi_ref)", "reward"), margin_ax: ("Reward margin (chosen - rejected)", "reward")}
+    titles = {
+        loss_ax: ("Loss", "loss"),
+        reward_ax: ("Implicit reward: beta * log(pi / pi_ref)", "reward"),
+        margin_ax: ("Reward margin (chosen - rejected)", "reward"),
+    }
     for axis, specs in lines.items():
         drawn = False
         for label, subset, key, color, style in specs:
@@ -476,7 +590,9 @@ def plot_preference(records: Sequence[dict[str, Any]], metrics: dict[str, Any]) 
     if accuracy or eval_accuracy:
         twin = margin_ax.twinx()
         if accuracy:
-            twin.plot(accuracy_steps, accuracy, color="tab:gray", linewidth=1.0, alpha=0.7, label="reward accuracy (train)")
+            twin.plot(
+                accuracy_steps, accuracy, color="tab:gray", linewidth=1.0, alpha=0.7, label="reward accuracy (train)"
+            )
         if eval_accuracy:
             twin.plot(eval_steps, eval_accuracy, "s--", color="black", markersize=5, label="reward accuracy (eval)")
         twin.set_ylim(-0.02, 1.02)
@@ -495,19 +611,28 @@ def plot_preference(records: Sequence[dict[str, Any]], metrics: dict[str, Any]) 
         after = [NAN if a is None else a for _, _, a in bars]
         summary_ax.bar([p - 0.2 for p in positions], before, width=0.4, label="before", color="tab:gray")
         summary_ax.bar([p + 0.2 for p in positions], after, width=0.4, label="after", color="tab:blue")
-        for position, value in [(p - 0.2, v) for p, v in zip(positions, before)] + [(p + 0.2, v) for p, v in zip(positions, after)]:
+        for position, value in [(p - 0.2, v) for p, v in zip(positions, before)] + [
+            (p + 0.2, v) for p, v in zip(positions, after)
+        ]:
             if math.isfinite(value):
                 summary_ax.text(position, value + 0.02, f"{value:.2f}", ha="center", fontsize=9)
         summary_ax.set_xticks(list(positions), [label for label, _, _ in bars])
         summary_ax.set_ylim(0, 1.12)
-        before_ppl, after_ppl = as_float(metrics.get("sft_perplexity_before")), as_float(metrics.get("sft_perplexity_after"))
+        before_ppl, after_ppl = (
+            as_float(metrics.get("sft_perplexity_before")),
+            as_float(metrics.get("sft_perplexity_after")),
+        )
         if before_ppl is not None and after_ppl is not None:
             title += f"\nsupervised validation perplexity {before_ppl:,.2f} -> {after_ppl:,.2f}"
         _finish(summary_ax, title, "", "share of held-out records")
     else:
         _no_data(summary_ax, "no held-out scores (metrics.json is missing)", title=title)
     if not records:
-        figure.suptitle(f"Preference tuning ({algorithm}; no data: train_log.jsonl is missing or empty)", fontsize=14, fontweight="bold")
+        figure.suptitle(
+            f"Preference tuning ({algorithm}; no data: train_log.jsonl is missing or empty)",
+            fontsize=14,
+            fontweight="bold",
+        )
     return figure
 
 
@@ -520,7 +645,10 @@ def write_preference_chart(logs_dir: str | Path, images_dir: str | Path) -> Path
         metrics = json.loads((logs / METRICS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         metrics = {}
-    return save_figure(plot_preference(read_jsonl(logs / TRAIN_LOG), metrics if isinstance(metrics, dict) else {}), Path(images_dir) / PREFER_CHART)
+    return save_figure(
+        plot_preference(read_jsonl(logs / TRAIN_LOG), metrics if isinstance(metrics, dict) else {}),
+        Path(images_dir) / PREFER_CHART,
+    )
 
 
 def is_preference_run(logs_dir: str | Path) -> bool:

@@ -16,7 +16,8 @@ dialogues in tests/test_chat_format.py).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 # Contents are trimmed in the template as they are when data is loaded, so a stray space typed in a chat box
 # renders as in training.
@@ -32,7 +33,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def as_messages(conversation: Sequence[str | Mapping[str, Any]], roles: Sequence[str] | None = None) -> list[dict[str, str]]:
+def as_messages(
+    conversation: Sequence[str | Mapping[str, Any]], roles: Sequence[str] | None = None
+) -> list[dict[str, str]]:
     """A conversation as chat messages.
 
     Messages ({"role", "content"}) are kept as they are. Plain strings take their role from `roles` (a prepared
@@ -46,7 +49,9 @@ def as_messages(conversation: Sequence[str | Mapping[str, Any]], roles: Sequence
             messages.append({"role": str(turn["role"]), "content": str(turn["content"])})
             continue
         role = roles[index] if roles is not None and index < len(roles) and roles[index] else ""
-        messages.append({"role": role or ("user" if (count - 1 - index) % 2 == 0 else "assistant"), "content": str(turn)})
+        messages.append(
+            {"role": role or ("user" if (count - 1 - index) % 2 == 0 else "assistant"), "content": str(turn)}
+        )
     return messages
 
 
@@ -65,4 +70,3 @@ def render_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[in
         list(messages), chat_template=template, tokenize=True, add_generation_prompt=True, return_dict=False
     )
     return list(ids)
-

@@ -160,7 +160,8 @@ def complete_checkpoints(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [
-        path for path in folder.glob("checkpoint-*")
+        path
+        for path in folder.glob("checkpoint-*")
         if checkpoint_step(path) >= 0 and (path / COMPLETE_MARKER).is_file() and (path / "trainer_state.json").is_file()
     ]
     return sorted(found, key=checkpoint_step)
@@ -188,7 +189,10 @@ class CheckpointMarkerCallback(TrainerCallback):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                write_text_atomic(folder / COMPLETE_MARKER, json.dumps({"step": state.global_step, "run": self.run_settings}, indent=2))
+                write_text_atomic(
+                    folder / COMPLETE_MARKER,
+                    json.dumps({"step": state.global_step, "run": self.run_settings}, indent=2),
+                )
         return control
 
 
@@ -199,7 +203,9 @@ def read_run_settings(checkpoint: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def describe_differences(old: dict[str, Any], new: dict[str, Any], config_class: type | None = None) -> tuple[list[str], list[str]]:
+def describe_differences(
+    old: dict[str, Any], new: dict[str, Any], config_class: type | None = None
+) -> tuple[list[str], list[str]]:
     """(each differing setting as `name old -> new`, the flags that give the old values back); the flags are the
     fields of the stage's config (TrainConfig unless another class is given)."""
     flags = {item.name for item in config_fields(config_class)}
@@ -209,7 +215,9 @@ def describe_differences(old: dict[str, Any], new: dict[str, Any], config_class:
             changes.append(f"{name} {old.get(name)!r} -> {new.get(name)!r}")
             if name in flags:
                 # A setting that was unset (None) comes back by leaving its flag out.
-                restore.append(render_flag(name, old[name]) if old.get(name) is not None else f"without {flag_name(name)}")
+                restore.append(
+                    render_flag(name, old[name]) if old.get(name) is not None else f"without {flag_name(name)}"
+                )
     return changes, restore
 
 
@@ -237,7 +245,11 @@ def find_resume_checkpoint(
     saved = read_run_settings(checkpoint)
     if saved is not None and saved != run_settings:
         changes, restore = describe_differences(saved, run_settings, config_class)
-        old_way = f"run again with the old settings ({' '.join(restore)})" if restore else "run again with the old settings and data"
+        old_way = (
+            f"run again with the old settings ({' '.join(restore)})"
+            if restore
+            else "run again with the old settings and data"
+        )
         raise TrainingError(
             f"--resume {resume}: {checkpoint} belongs to a run with other settings: {'; '.join(changes)}. "
             f"To continue that run, {old_way}; to start a new one, add --resume never"

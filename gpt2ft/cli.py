@@ -23,11 +23,21 @@ import dataclasses
 import functools
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .config import (
-    DATA_DIR, IMAGES_DIR, LOGS_DIR, OUTPUT_DIR, ConfigError, PreferConfig, build_config, config_fields, flag_name, load_config_file,
+    DATA_DIR,
+    IMAGES_DIR,
+    LOGS_DIR,
+    OUTPUT_DIR,
+    ConfigError,
+    PreferConfig,
+    build_config,
+    config_fields,
+    flag_name,
+    load_config_file,
     saved_run_config,
 )
 
@@ -56,12 +66,24 @@ def field_type(field: dataclasses.Field) -> Callable[[str], Any]:
 
 # The settings `prepare` takes: those that decide the prepared and tokenised data (the cache `train` then reuses).
 PREPARE_FIELDS = (
-    "data", "model", "cache_dir", "max_length", "max_train_dialogs", "max_eval_dialogs", "keep_overlap", "clean_text",
-    "dialog_column", "validation_fraction", "test_fraction", "loss_on",
+    "data",
+    "model",
+    "cache_dir",
+    "max_length",
+    "max_train_dialogs",
+    "max_eval_dialogs",
+    "keep_overlap",
+    "clean_text",
+    "dialog_column",
+    "validation_fraction",
+    "test_fraction",
+    "loss_on",
 )
 
 
-def add_config_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None = None, config_class: type | None = None) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser, only: Sequence[str] | None = None, config_class: type | None = None
+) -> None:
     """One flag per field of a stage's config (TrainConfig unless another class is given; or per field in `only`);
     defaults are suppressed so only flags the user typed override --config.
 
@@ -74,15 +96,33 @@ def add_config_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None
         if str(field.type).startswith("bool"):
             dashed = field.name.replace("_", "-")
             if field.default is None:
-                parser.add_argument(flag_name(field.name), dest=field.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+                parser.add_argument(
+                    flag_name(field.name),
+                    dest=field.name,
+                    action=argparse.BooleanOptionalAction,
+                    default=argparse.SUPPRESS,
+                    help=help_text,
+                )
             elif field.default is True:
-                parser.add_argument("--no-" + dashed, dest=field.name, action="store_false", default=argparse.SUPPRESS, help=help_text)
+                parser.add_argument(
+                    "--no-" + dashed, dest=field.name, action="store_false", default=argparse.SUPPRESS, help=help_text
+                )
             else:
-                parser.add_argument(flag_name(field.name), dest=field.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+                parser.add_argument(
+                    flag_name(field.name),
+                    dest=field.name,
+                    action="store_true",
+                    default=argparse.SUPPRESS,
+                    help=help_text,
+                )
             continue
         parser.add_argument(
-            flag_name(field.name), dest=field.name, type=field_type(field), choices=field.metadata.get("choices"),
-            default=argparse.SUPPRESS, help=f"{help_text} (default: {field.default})",
+            flag_name(field.name),
+            dest=field.name,
+            type=field_type(field),
+            choices=field.metadata.get("choices"),
+            default=argparse.SUPPRESS,
+            help=f"{help_text} (default: {field.default})",
         )
 
 
@@ -90,7 +130,9 @@ def config_from_args(args: argparse.Namespace, config_class: type | None = None)
     """The config of a stage's flags (TrainConfig for `train` unless another class is given; over --config), and the
     names of the settings the user set."""
     file_values = load_config_file(args.config, config_class) if getattr(args, "config", None) else {}
-    flags = {f.name: getattr(args, f.name) for f in config_fields(config_class) if hasattr(args, f.name)}  # typed flags only
+    flags = {
+        f.name: getattr(args, f.name) for f in config_fields(config_class) if hasattr(args, f.name)
+    }  # typed flags only
     return build_config(file_values, config_class=config_class, **flags), set(file_values) | set(flags)
 
 
@@ -100,7 +142,9 @@ def build_parser() -> Parser:
     from .votes import DEFAULT_VOTES_DB
 
     # allow_abbrev=False: a typo such as --epoch must be an error, not silently taken as --epochs.
-    parser = Parser(prog="python -m gpt2ft", description="Fine-tune GPT-2 on DailyDialog and talk to it.", allow_abbrev=False)
+    parser = Parser(
+        prog="python -m gpt2ft", description="Fine-tune GPT-2 on DailyDialog and talk to it.", allow_abbrev=False
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     commands.add_parser = functools.partial(commands.add_parser, allow_abbrev=False)  # type: ignore[method-assign]
 
@@ -108,7 +152,9 @@ def build_parser() -> Parser:
     train.add_argument("--config", metavar="FILE.json", help="settings as a JSON object; flags override it")
     add_config_flags(train)
 
-    prepare = commands.add_parser("prepare", help="load, clean, split, de-duplicate and tokenise the data into the cache train uses")
+    prepare = commands.add_parser(
+        "prepare", help="load, clean, split, de-duplicate and tokenise the data into the cache train uses"
+    )
     add_config_flags(prepare, only=PREPARE_FIELDS)
 
     evaluate = commands.add_parser("eval", help="loss and perplexity on a held-out split")
@@ -153,32 +199,58 @@ def build_parser() -> Parser:
     bench.add_argument("--dialogs", type=int, default=1024, help="training dialogues the batches are drawn from")
     bench.add_argument("--steps", type=int, default=30, help="timed steps a run (after its warm-up)")
     bench.add_argument("--batch-size", type=int, default=16, help="dialogues a step, as train's --batch-size")
-    bench.add_argument("--repeats", type=int, default=3, help="runs of each variant, interleaved; the median is reported")
+    bench.add_argument(
+        "--repeats", type=int, default=3, help="runs of each variant, interleaved; the median is reported"
+    )
     bench.add_argument("--variants", default="default", help="comma-separated variants, or 'default' / 'all'")
     bench.add_argument("--cache-dir", default=DATA_DIR)
 
-    export = commands.add_parser("export", help="write the model as GGUF (llama.cpp, Ollama, LM Studio) + an Ollama Modelfile")
+    export = commands.add_parser(
+        "export", help="write the model as GGUF (llama.cpp, Ollama, LM Studio) + an Ollama Modelfile"
+    )
     export.add_argument("--model", default=OUTPUT_DIR, help="the model folder (a LoRA run's holds the merged model)")
     export.add_argument("--format", default=FORMATS[0], choices=FORMATS)
-    export.add_argument("--outtype", default=DEFAULT_OUTTYPE, choices=OUTTYPES, help=f"weight type (default: {DEFAULT_OUTTYPE})")
-    export.add_argument("--output", metavar="FILE.gguf", help="default: <model folder>-<outtype>.gguf beside the folder")
+    export.add_argument(
+        "--outtype", default=DEFAULT_OUTTYPE, choices=OUTTYPES, help=f"weight type (default: {DEFAULT_OUTTYPE})"
+    )
+    export.add_argument(
+        "--output", metavar="FILE.gguf", help="default: <model folder>-<outtype>.gguf beside the folder"
+    )
     export.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     serve = commands.add_parser("serve", help="a web page: chat with the model, and blind A/B votes against another")
     serve.add_argument("--model", default=OUTPUT_DIR, help="the model folder to serve")
-    serve.add_argument("--compare-with", metavar="MODEL", help="model for the blind comparison (default: the base model in --model's training_config.json)")
+    serve.add_argument(
+        "--compare-with",
+        metavar="MODEL",
+        help="model for the blind comparison (default: the base model in --model's training_config.json)",
+    )
     serve.add_argument("--votes-db", default=DEFAULT_VOTES_DB, metavar="PATH", help="SQLite file the votes go to")
     serve.add_argument("--host", default=DEFAULT_HOST, help="interface to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
     serve.add_argument("--share", action="store_true", help="also create a public gradio.live link (needs internet)")
     serve.add_argument("--auth", metavar="USER:PASSWORD", help="ask for this user name and password")
-    serve.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S, metavar="SECONDS", help="longest time a reply may take")
-    serve.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="replies generated at once; more requests wait in the queue")
+    serve.add_argument(
+        "--time-limit",
+        type=float,
+        default=DEFAULT_TIME_LIMIT_S,
+        metavar="SECONDS",
+        help="longest time a reply may take",
+    )
+    serve.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help="replies generated at once; more requests wait in the queue",
+    )
 
     votes = commands.add_parser("votes", help="the blind votes counted per pair of models, as one JSON line")
     votes.add_argument("--db", default=DEFAULT_VOTES_DB, metavar="PATH", help="the votes database written by serve")
 
-    prefer = commands.add_parser("prefer", help="preference tuning (DPO, KTO) on the page's votes or a preference dataset (flags mirror PreferConfig)")
+    prefer = commands.add_parser(
+        "prefer",
+        help="preference tuning (DPO, KTO) on the page's votes or a preference dataset (flags mirror PreferConfig)",
+    )
     prefer.add_argument("--config", metavar="FILE.json", help="settings as a JSON object; flags override it")
     add_config_flags(prefer, config_class=PreferConfig)
     return parser
@@ -186,9 +258,13 @@ def build_parser() -> Parser:
 
 def add_data_override_flags(parser: argparse.ArgumentParser) -> None:
     """--data and the data settings; each left unset takes the value the model was trained with."""
-    parser.add_argument("--data", default=None, help="the data source (default: the one the model was trained on, else 'hub')")
+    parser.add_argument(
+        "--data", default=None, help="the data source (default: the one the model was trained on, else 'hub')"
+    )
     parser.add_argument("--keep-overlap", action="store_true", default=None, help="use the source's splits as they are")
-    parser.add_argument("--clean-text", action=argparse.BooleanOptionalAction, default=None, help="detokenise the text (or not)")
+    parser.add_argument(
+        "--clean-text", action=argparse.BooleanOptionalAction, default=None, help="detokenise the text (or not)"
+    )
 
 
 def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
@@ -289,9 +365,13 @@ def run_eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_generation(args.model)
     dialogs, loss_on, max_length = held_out_dialogs(args, args.model)
     result = {"split": args.split, "model": args.model}
-    result.update(evaluate_dialogs(model, tokenizer, dialogs, max_length, loss_on, args.batch_size, dump_path=args.dump_tokens))
+    result.update(
+        evaluate_dialogs(model, tokenizer, dialogs, max_length, loss_on, args.batch_size, dump_path=args.dump_tokens)
+    )
     if args.samples:
-        result.update(evaluate_replies(model, tokenizer, dialogs, args.samples, samples_out=args.samples_out, **decoding))
+        result.update(
+            evaluate_replies(model, tokenizer, dialogs, args.samples, samples_out=args.samples_out, **decoding)
+        )
     if args.dump_tokens:
         print(f"scored sequences written to {args.dump_tokens}", file=sys.stderr)
     print_json(result)
@@ -323,7 +403,12 @@ def run_compare(args: argparse.Namespace) -> int:
     decoding = decoding_from_args(args)
     dialogs, loss_on, max_length = held_out_dialogs(args, args.tuned)
     rows = compare_models(
-        {"base": args.base, "fine-tuned": args.tuned}, dialogs, samples=args.samples, loss_on=loss_on, max_length=max_length, **decoding
+        {"base": args.base, "fine-tuned": args.tuned},
+        dialogs,
+        samples=args.samples,
+        loss_on=loss_on,
+        max_length=max_length,
+        **decoding,
     )
     print(format_comparison(rows))
     return 0
@@ -344,7 +429,17 @@ def run_bench(args: argparse.Namespace) -> int:
 
     for name in ("dialogs", "steps", "batch_size", "repeats"):
         check_positive(name, getattr(args, name))
-    run_benchmarks(args.model, args.data, args.dialogs, args.steps, args.batch_size, args.variants, args.cache_dir, print_json, args.repeats)
+    run_benchmarks(
+        args.model,
+        args.data,
+        args.dialogs,
+        args.steps,
+        args.batch_size,
+        args.variants,
+        args.cache_dir,
+        print_json,
+        args.repeats,
+    )
     return 0
 
 

@@ -53,61 +53,198 @@ class TrainConfig:
     """Every setting of a fine-tuning run. Defaults target GPT-2 small (124M) on a free Colab T4 (15 GB)."""
 
     # --- what to train on -------------------------------------------------------------------------------------
-    model: str = field(default="gpt2", metadata={"help": "Hub id (gpt2, gpt2-medium, ...) or a local save_pretrained folder.", "run": True})
-    data: str = field(default="hub", metadata={"help": "'hub' (DailyDialog), a DailyDialog copy, a .jsonl/.json/.parquet file of conversations, a folder of train/validation/test files, or hub:OWNER/NAME[@REV][:CONFIG].", "run": True})
-    output_dir: str = field(default=OUTPUT_DIR, metadata={"help": "Where the final model, tokenizer and configs are written."})
+    model: str = field(
+        default="gpt2",
+        metadata={"help": "Hub id (gpt2, gpt2-medium, ...) or a local save_pretrained folder.", "run": True},
+    )
+    data: str = field(
+        default="hub",
+        metadata={
+            "help": "'hub' (DailyDialog), a DailyDialog copy, a .jsonl/.json/.parquet file of conversations, a folder of train/validation/test files, or hub:OWNER/NAME[@REV][:CONFIG].",
+            "run": True,
+        },
+    )
+    output_dir: str = field(
+        default=OUTPUT_DIR, metadata={"help": "Where the final model, tokenizer and configs are written."}
+    )
     logs_dir: str = field(default=LOGS_DIR, metadata={"help": "Where metrics.json and the JSONL logs are written."})
     images_dir: str = field(default=IMAGES_DIR, metadata={"help": "Where the charts are written."})
     cache_dir: str = field(default=DATA_DIR, metadata={"help": "Where downloads and the tokenised-data cache live."})
 
     # --- data preparation ---------------------------------------------------------------------------------------
-    max_length: int = field(default=0, metadata={"help": "Longest training sequence in tokens; 0 = the model's context (1024 for GPT-2).", "run": True})
-    max_train_dialogs: int | None = field(default=None, metadata={"help": "Use only the first N training dialogues (debugging).", "run": True})
-    max_eval_dialogs: int | None = field(default=None, metadata={"help": "Use only the first N validation dialogues (debugging).", "run": True})
-    keep_overlap: bool = field(default=False, metadata={"help": "Keep the splits as they are: no de-duplication of train, no removal of train dialogues from validation/test.", "run": True})
-    clean_text: bool | None = field(default=None, metadata={"help": "Detokenise the text ('it ' s' -> 'it's'): by default DailyDialog only; --clean-text for any source, --no-clean-text for none.", "run": True})
-    dialog_column: str | None = field(default=None, metadata={"help": "The column holding each conversation (messages, ShareGPT turns or a list of strings), when it is not detected.", "run": True})
-    validation_fraction: float = field(default=0.05, metadata={"help": "Share of a source without a validation split held out for it (chosen by a hash of each dialogue).", "run": True})
-    test_fraction: float = field(default=0.05, metadata={"help": "Share of a source without a test split held out for it (chosen by a hash of each dialogue).", "run": True})
-    loss_on: str = field(default="auto", metadata={"help": "'auto': 'assistant' for data with roles, else 'all'; 'all': every turn is a target; 'responses': all but the first; 'assistant': assistant turns only.", "choices": ("auto", "all", "responses", "assistant"), "run": True})
-    batching: str = field(default="pack", metadata={"help": "'pack': several dialogues a row of 512 tokens, attention kept inside each; 'pad': one dialogue a row, padded to the next of a few fixed widths.", "choices": ("pack", "pad"), "run": True})
+    max_length: int = field(
+        default=0,
+        metadata={
+            "help": "Longest training sequence in tokens; 0 = the model's context (1024 for GPT-2).",
+            "run": True,
+        },
+    )
+    max_train_dialogs: int | None = field(
+        default=None, metadata={"help": "Use only the first N training dialogues (debugging).", "run": True}
+    )
+    max_eval_dialogs: int | None = field(
+        default=None, metadata={"help": "Use only the first N validation dialogues (debugging).", "run": True}
+    )
+    keep_overlap: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the splits as they are: no de-duplication of train, no removal of train dialogues from validation/test.",
+            "run": True,
+        },
+    )
+    clean_text: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Detokenise the text ('it ' s' -> 'it's'): by default DailyDialog only; --clean-text for any source, --no-clean-text for none.",
+            "run": True,
+        },
+    )
+    dialog_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "The column holding each conversation (messages, ShareGPT turns or a list of strings), when it is not detected.",
+            "run": True,
+        },
+    )
+    validation_fraction: float = field(
+        default=0.05,
+        metadata={
+            "help": "Share of a source without a validation split held out for it (chosen by a hash of each dialogue).",
+            "run": True,
+        },
+    )
+    test_fraction: float = field(
+        default=0.05,
+        metadata={
+            "help": "Share of a source without a test split held out for it (chosen by a hash of each dialogue).",
+            "run": True,
+        },
+    )
+    loss_on: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto': 'assistant' for data with roles, else 'all'; 'all': every turn is a target; 'responses': all but the first; 'assistant': assistant turns only.",
+            "choices": ("auto", "all", "responses", "assistant"),
+            "run": True,
+        },
+    )
+    batching: str = field(
+        default="pack",
+        metadata={
+            "help": "'pack': several dialogues a row of 512 tokens, attention kept inside each; 'pad': one dialogue a row, padded to the next of a few fixed widths.",
+            "choices": ("pack", "pad"),
+            "run": True,
+        },
+    )
 
     # --- optimisation -------------------------------------------------------------------------------------------
     epochs: float = field(default=3.0, metadata={"help": "Passes over the training data.", "run": True})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimiser steps (overrides --epochs when > 0).", "run": True})
+    max_steps: int = field(
+        default=-1,
+        metadata={"help": "Stop after this many optimiser steps (overrides --epochs when > 0).", "run": True},
+    )
     # 16 dialogues of ~123 tokens (~2k tokens a step) keep GPT-2 small's activations at a few GB in fp16, far below
     # a T4's 15 GB even for the longest (~900-token) dialogues. Out of memory stops the run with settings that fit.
-    batch_size: int = field(default=16, metadata={"help": "Dialogues per device per step (before gradient accumulation); packed, a token budget: as many 512-token rows as this many dialogues of the data's mean length fill.", "run": True})
+    batch_size: int = field(
+        default=16,
+        metadata={
+            "help": "Dialogues per device per step (before gradient accumulation); packed, a token budget: as many 512-token rows as this many dialogues of the data's mean length fill.",
+            "run": True,
+        },
+    )
     eval_batch_size: int = field(default=32, metadata={"help": "Dialogues per device per evaluation batch."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches accumulated into one optimiser step.", "run": True})
-    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (AdamW), reached after warmup, then linear decay to 0.", "run": True})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of the steps spent warming the learning rate up.", "run": True})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches accumulated into one optimiser step.", "run": True}
+    )
+    learning_rate: float = field(
+        default=5e-5,
+        metadata={"help": "Peak learning rate (AdamW), reached after warmup, then linear decay to 0.", "run": True},
+    )
+    warmup_ratio: float = field(
+        default=0.05, metadata={"help": "Share of the steps spent warming the learning rate up.", "run": True}
+    )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay.", "run": True})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm.", "run": True})
-    optim: str = field(default="auto", metadata={"help": "Trainer optimiser name (adamw_torch_fused, adamw_bnb_8bit, ...); 'auto' = fused AdamW on CUDA, AdamW elsewhere.", "run": True})
-    precision: str = field(default="auto", metadata={"help": "'auto' (fp16 below compute capability 8.0, bf16 from 8.0, fp32 on CPU), 'fp16', 'bf16' or 'fp32'.", "choices": ("auto", "fp16", "bf16", "fp32")})
+    optim: str = field(
+        default="auto",
+        metadata={
+            "help": "Trainer optimiser name (adamw_torch_fused, adamw_bnb_8bit, ...); 'auto' = fused AdamW on CUDA, AdamW elsewhere.",
+            "run": True,
+        },
+    )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto' (fp16 below compute capability 8.0, bf16 from 8.0, fp32 on CPU), 'fp16', 'bf16' or 'fp32'.",
+            "choices": ("auto", "fp16", "bf16", "fp32"),
+        },
+    )
     seed: int = field(default=42, metadata={"help": "Seed for initialisation, shuffling and dropout.", "run": True})
 
     # --- evaluation, logging, checkpoints ---------------------------------------------------------------------------
     eval_steps: int = field(default=0, metadata={"help": "Evaluate (and checkpoint) every N steps; 0 = once an epoch."})
     logging_steps: int = field(default=10, metadata={"help": "Log training loss every N steps."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (the best one is always kept)."})
-    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep the checkpoints after a successful run (by default they are deleted once the final model is saved)."})
-    resume: str = field(default="auto", metadata={"help": "'auto': continue from the latest complete checkpoint if one exists; 'never'; or a checkpoint path."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an output folder that holds something other than a gpt2ft model."})
-    report_to: str = field(default="none", metadata={"help": "Also report to 'tensorboard' or 'wandb' (comma-separated), through the Trainer."})
-    system_interval_s: float = field(default=2.0, metadata={"help": "Seconds between system-metric samples (CPU, memory, disk, GPU)."})
+    keep_checkpoints: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the checkpoints after a successful run (by default they are deleted once the final model is saved)."
+        },
+    )
+    resume: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto': continue from the latest complete checkpoint if one exists; 'never'; or a checkpoint path."
+        },
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace an output folder that holds something other than a gpt2ft model."}
+    )
+    report_to: str = field(
+        default="none",
+        metadata={"help": "Also report to 'tensorboard' or 'wandb' (comma-separated), through the Trainer."},
+    )
+    system_interval_s: float = field(
+        default=2.0, metadata={"help": "Seconds between system-metric samples (CPU, memory, disk, GPU)."}
+    )
     num_workers: int = field(default=-1, metadata={"help": "DataLoader worker processes; -1 = 2 on CUDA, 0 on CPU."})
 
     # --- speed and scale ----------------------------------------------------------------------------------------
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (pays a warm-up; batches come in a few fixed shapes, so it compiles a few graphs)."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass to save memory."})
-    method: str = field(default="full", metadata={"help": "'full' fine-tuning or 'lora' (PEFT adapters, merged into the saved model).", "choices": ("full", "lora"), "run": True})
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the model (pays a warm-up; batches come in a few fixed shapes, so it compiles a few graphs)."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
+    )
+    method: str = field(
+        default="full",
+        metadata={
+            "help": "'full' fine-tuning or 'lora' (PEFT adapters, merged into the saved model).",
+            "choices": ("full", "lora"),
+            "run": True,
+        },
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank.", "run": True})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling (alpha / r multiplies the update).", "run": True})
+    lora_alpha: int = field(
+        default=32, metadata={"help": "LoRA scaling (alpha / r multiplies the update).", "run": True}
+    )
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input.", "run": True})
-    lora_targets: str = field(default="c_attn,c_proj", metadata={"help": "Comma-separated GPT-2 Conv1D modules that get adapters (c_attn, c_proj, c_fc).", "run": True})
-    t4_presets: bool = field(default=True, metadata={"help": "On a ~15 GB GPU, switch large GPT-2 sizes to settings that fit (LoRA, 8-bit optimiser, checkpointing)."})
+    lora_targets: str = field(
+        default="c_attn,c_proj",
+        metadata={
+            "help": "Comma-separated GPT-2 Conv1D modules that get adapters (c_attn, c_proj, c_fc).",
+            "run": True,
+        },
+    )
+    t4_presets: bool = field(
+        default=True,
+        metadata={
+            "help": "On a ~15 GB GPU, switch large GPT-2 sizes to settings that fit (LoRA, 8-bit optimiser, checkpointing)."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_training_settings(self)
@@ -122,10 +259,9 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
 
 
 @dataclass
@@ -134,64 +270,185 @@ class PreferConfig:
     small (124M) on a free Colab T4 (15 GB), starting from the model `train` wrote."""
 
     # --- what to tune, and on what ------------------------------------------------------------------------------
-    model: str = field(default=OUTPUT_DIR, metadata={"help": "The model to start from: a folder written by train (or prefer), another GPT-2 folder, or a Hub id.", "run": True})
-    data: str = field(default=VOTES_DB, metadata={"help": "The preferences: a votes database written by serve, a .jsonl/.json/.parquet file or a folder in TRL's preference layouts, or hub:OWNER/NAME[@REV][:CONFIG].", "run": True})
-    algorithm: str = field(default="dpo", metadata={"help": "'dpo': learns from pairs (a better and a worse reply); 'kto': from single replies marked good or bad.", "choices": ("dpo", "kto"), "run": True})
-    output_dir: str = field(default=PREFER_OUTPUT_DIR, metadata={"help": "Where the preference-tuned model is written."})
-    logs_dir: str = field(default=PREFER_LOGS_DIR, metadata={"help": "Where metrics.json and the JSONL logs are written."})
+    model: str = field(
+        default=OUTPUT_DIR,
+        metadata={
+            "help": "The model to start from: a folder written by train (or prefer), another GPT-2 folder, or a Hub id.",
+            "run": True,
+        },
+    )
+    data: str = field(
+        default=VOTES_DB,
+        metadata={
+            "help": "The preferences: a votes database written by serve, a .jsonl/.json/.parquet file or a folder in TRL's preference layouts, or hub:OWNER/NAME[@REV][:CONFIG].",
+            "run": True,
+        },
+    )
+    algorithm: str = field(
+        default="dpo",
+        metadata={
+            "help": "'dpo': learns from pairs (a better and a worse reply); 'kto': from single replies marked good or bad.",
+            "choices": ("dpo", "kto"),
+            "run": True,
+        },
+    )
+    output_dir: str = field(
+        default=PREFER_OUTPUT_DIR, metadata={"help": "Where the preference-tuned model is written."}
+    )
+    logs_dir: str = field(
+        default=PREFER_LOGS_DIR, metadata={"help": "Where metrics.json and the JSONL logs are written."}
+    )
     images_dir: str = field(default=PREFER_IMAGES_DIR, metadata={"help": "Where the charts are written."})
     cache_dir: str = field(default=DATA_DIR, metadata={"help": "Where downloads and the datasets cache live."})
-    sft_data: str | None = field(default=None, metadata={"help": "Conversations whose validation perplexity is measured before and after (default: the data recorded in --model's folder; 'none' skips it)."})
-    max_sft_dialogs: int | None = field(default=None, metadata={"help": "Score at most N of those validation dialogues (default: all)."})
+    sft_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Conversations whose validation perplexity is measured before and after (default: the data recorded in --model's folder; 'none' skips it)."
+        },
+    )
+    max_sft_dialogs: int | None = field(
+        default=None, metadata={"help": "Score at most N of those validation dialogues (default: all)."}
+    )
 
     # --- data -------------------------------------------------------------------------------------------------------
-    max_length: int = field(default=0, metadata={"help": "Longest prompt + reply in tokens; 0 = the model's context (1024 for GPT-2). A longer prompt keeps its latest turns.", "run": True})
-    max_train_pairs: int | None = field(default=None, metadata={"help": "Use only the first N training pairs (KTO: examples).", "run": True})
-    max_eval_pairs: int | None = field(default=None, metadata={"help": "Use only the first N held-out pairs (KTO: examples).", "run": True})
-    validation_fraction: float = field(default=0.1, metadata={"help": "Share of conversations held out (by a hash of the conversation) when the source has no validation or test split.", "run": True})
+    max_length: int = field(
+        default=0,
+        metadata={
+            "help": "Longest prompt + reply in tokens; 0 = the model's context (1024 for GPT-2). A longer prompt keeps its latest turns.",
+            "run": True,
+        },
+    )
+    max_train_pairs: int | None = field(
+        default=None, metadata={"help": "Use only the first N training pairs (KTO: examples).", "run": True}
+    )
+    max_eval_pairs: int | None = field(
+        default=None, metadata={"help": "Use only the first N held-out pairs (KTO: examples).", "run": True}
+    )
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Share of conversations held out (by a hash of the conversation) when the source has no validation or test split.",
+            "run": True,
+        },
+    )
 
     # --- the objective ------------------------------------------------------------------------------------------------
     # 0.1 is the DPO and KTO papers' (and TRL's) default: higher keeps the model closer to where it started.
-    beta: float = field(default=0.1, metadata={"help": "How far the model may move from the model it started from (higher: less).", "run": True})
-    desirable_weight: float | None = field(default=None, metadata={"help": "KTO: weight of the good replies' loss; unset: chosen from the counts so both sides weigh alike (KTO paper, eq. 8).", "run": True})
-    undesirable_weight: float | None = field(default=None, metadata={"help": "KTO: weight of the bad replies' loss; unset: chosen from the counts.", "run": True})
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "How far the model may move from the model it started from (higher: less).", "run": True},
+    )
+    desirable_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "KTO: weight of the good replies' loss; unset: chosen from the counts so both sides weigh alike (KTO paper, eq. 8).",
+            "run": True,
+        },
+    )
+    undesirable_weight: float | None = field(
+        default=None,
+        metadata={"help": "KTO: weight of the bad replies' loss; unset: chosen from the counts.", "run": True},
+    )
 
     # --- optimisation -------------------------------------------------------------------------------------------------
     # A few hundred votes make a small data set: several passes, at a learning rate ten times below fine-tuning's
     # (DPO moves a model fast; TRL's default of 1e-6 is for 7B models).
     epochs: float = field(default=3.0, metadata={"help": "Passes over the preference data.", "run": True})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimiser steps (overrides --epochs when > 0).", "run": True})
+    max_steps: int = field(
+        default=-1,
+        metadata={"help": "Stop after this many optimiser steps (overrides --epochs when > 0).", "run": True},
+    )
     # Each pair is two sequences, each scored by the model and by the reference: 8 pairs is 32 forward passes a step.
-    batch_size: int = field(default=8, metadata={"help": "Pairs (KTO: examples) per device per step, before gradient accumulation.", "run": True})
-    eval_batch_size: int = field(default=16, metadata={"help": "Pairs (KTO: examples) per device per evaluation batch."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches accumulated into one optimiser step.", "run": True})
-    learning_rate: float = field(default=5e-6, metadata={"help": "Peak learning rate (AdamW), reached after warmup, then linear decay to 0.", "run": True})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of the steps spent warming the learning rate up.", "run": True})
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "Pairs (KTO: examples) per device per step, before gradient accumulation.", "run": True},
+    )
+    eval_batch_size: int = field(
+        default=16, metadata={"help": "Pairs (KTO: examples) per device per evaluation batch."}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches accumulated into one optimiser step.", "run": True}
+    )
+    learning_rate: float = field(
+        default=5e-6,
+        metadata={"help": "Peak learning rate (AdamW), reached after warmup, then linear decay to 0.", "run": True},
+    )
+    warmup_ratio: float = field(
+        default=0.1, metadata={"help": "Share of the steps spent warming the learning rate up.", "run": True}
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay.", "run": True})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm.", "run": True})
-    optim: str = field(default="auto", metadata={"help": "Trainer optimiser name (adamw_torch_fused, adamw_bnb_8bit, ...); 'auto' = fused AdamW on CUDA, AdamW elsewhere.", "run": True})
-    precision: str = field(default="auto", metadata={"help": "'auto' (fp16 below compute capability 8.0, bf16 from 8.0, fp32 on CPU), 'fp16', 'bf16' or 'fp32'.", "choices": ("auto", "fp16", "bf16", "fp32")})
-    seed: int = field(default=42, metadata={"help": "Seed for shuffling, dropout and LoRA initialisation.", "run": True})
+    optim: str = field(
+        default="auto",
+        metadata={
+            "help": "Trainer optimiser name (adamw_torch_fused, adamw_bnb_8bit, ...); 'auto' = fused AdamW on CUDA, AdamW elsewhere.",
+            "run": True,
+        },
+    )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto' (fp16 below compute capability 8.0, bf16 from 8.0, fp32 on CPU), 'fp16', 'bf16' or 'fp32'.",
+            "choices": ("auto", "fp16", "bf16", "fp32"),
+        },
+    )
+    seed: int = field(
+        default=42, metadata={"help": "Seed for shuffling, dropout and LoRA initialisation.", "run": True}
+    )
 
     # --- evaluation, logging, checkpoints ---------------------------------------------------------------------------
     eval_steps: int = field(default=0, metadata={"help": "Evaluate (and checkpoint) every N steps; 0 = once an epoch."})
     logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (the best one is always kept)."})
     keep_checkpoints: bool = field(default=False, metadata={"help": "Keep the checkpoints after a successful run."})
-    resume: str = field(default="auto", metadata={"help": "'auto': continue from the latest complete checkpoint of this run; 'never'; or a checkpoint path."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an output folder that holds something other than a gpt2ft model."})
-    report_to: str = field(default="none", metadata={"help": "Also report to 'tensorboard' or 'wandb' (comma-separated), through the Trainer."})
-    system_interval_s: float = field(default=2.0, metadata={"help": "Seconds between system-metric samples (CPU, memory, disk, GPU)."})
+    resume: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto': continue from the latest complete checkpoint of this run; 'never'; or a checkpoint path."
+        },
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace an output folder that holds something other than a gpt2ft model."}
+    )
+    report_to: str = field(
+        default="none",
+        metadata={"help": "Also report to 'tensorboard' or 'wandb' (comma-separated), through the Trainer."},
+    )
+    system_interval_s: float = field(
+        default=2.0, metadata={"help": "Seconds between system-metric samples (CPU, memory, disk, GPU)."}
+    )
     num_workers: int = field(default=-1, metadata={"help": "DataLoader worker processes; -1 = 2 on CUDA, 0 on CPU."})
 
     # --- scale ----------------------------------------------------------------------------------------------------------
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass to save memory."})
-    method: str = field(default="full", metadata={"help": "'full': tune every weight (the reference is a frozen copy); 'lora': PEFT adapters, merged into the saved model (the reference is the model with its adapters off: no second copy).", "choices": ("full", "lora"), "run": True})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
+    )
+    method: str = field(
+        default="full",
+        metadata={
+            "help": "'full': tune every weight (the reference is a frozen copy); 'lora': PEFT adapters, merged into the saved model (the reference is the model with its adapters off: no second copy).",
+            "choices": ("full", "lora"),
+            "run": True,
+        },
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank.", "run": True})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling (alpha / r multiplies the update).", "run": True})
+    lora_alpha: int = field(
+        default=32, metadata={"help": "LoRA scaling (alpha / r multiplies the update).", "run": True}
+    )
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input.", "run": True})
-    lora_targets: str = field(default="c_attn,c_proj", metadata={"help": "Comma-separated GPT-2 Conv1D modules that get adapters (c_attn, c_proj, c_fc).", "run": True})
-    t4_presets: bool = field(default=True, metadata={"help": "On a ~15 GB GPU, switch large GPT-2 sizes to settings that fit (LoRA, 8-bit optimiser, checkpointing)."})
+    lora_targets: str = field(
+        default="c_attn,c_proj",
+        metadata={
+            "help": "Comma-separated GPT-2 Conv1D modules that get adapters (c_attn, c_proj, c_fc).",
+            "run": True,
+        },
+    )
+    t4_presets: bool = field(
+        default=True,
+        metadata={
+            "help": "On a ~15 GB GPU, switch large GPT-2 sizes to settings that fit (LoRA, 8-bit optimiser, checkpointing)."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_training_settings(self)
@@ -207,16 +464,19 @@ class PreferConfig:
                 raise ConfigError(f"{flag_name(name)}: must be > 0, got {value}")
         if self.algorithm == "kto" and self.batch_size < 2:
             # TRL's KTO estimates its KL term by pairing each example with another reply of the same micro-batch.
-            raise ConfigError(f"--batch-size: KTO needs at least 2 examples a micro-batch (its KL estimate pairs each with another), got {self.batch_size}")
+            raise ConfigError(
+                f"--batch-size: KTO needs at least 2 examples a micro-batch (its KL estimate pairs each with another), got {self.batch_size}"
+            )
         if self.sft_data is not None and not self.sft_data.strip():
             raise ConfigError("--sft-data: must not be empty (use 'none' to skip the perplexity measurement)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "PreferConfig":
+    def replace(self, **changes: Any) -> PreferConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
 
 def check_training_settings(config: Any) -> None:
     """The checks every stage's config shares (TrainConfig, PreferConfig): the optimisation, logging and LoRA
@@ -233,7 +493,15 @@ def check_training_settings(config: Any) -> None:
         raise bad("epochs", f"must be a positive number, got {config.epochs}")
     if config.max_steps == 0 or config.max_steps < -1:
         raise bad("max_steps", f"must be a positive number of steps or -1 (use --epochs), got {config.max_steps}")
-    for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps", "save_total_limit", "lora_r", "lora_alpha"):
+    for name in (
+        "batch_size",
+        "eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "save_total_limit",
+        "lora_r",
+        "lora_alpha",
+    ):
         if getattr(config, name) < 1:
             raise bad(name, f"must be at least 1, got {getattr(config, name)}")
     if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
@@ -255,7 +523,9 @@ def check_training_settings(config: Any) -> None:
     for item in dataclasses.fields(config):
         allowed = item.metadata.get("choices")
         if allowed and getattr(config, item.name) not in allowed:
-            raise ConfigError(f"{flag_name(item.name)}: must be one of {', '.join(allowed)}, got {getattr(config, item.name)!r}")
+            raise ConfigError(
+                f"{flag_name(item.name)}: must be one of {', '.join(allowed)}, got {getattr(config, item.name)!r}"
+            )
     for name in ("model", "data", "output_dir", "logs_dir", "images_dir", "cache_dir"):
         if not str(getattr(config, name)).strip():
             raise ConfigError(f"{flag_name(name)}: must not be empty")
@@ -281,7 +551,9 @@ def run_defining_fields(config_class: type | None = None) -> list[str]:
 def changed_fields(config: Any) -> set[str]:
     """The settings that differ from their defaults: what a caller that cannot say which it typed has chosen."""
     defaults = type(config)()
-    return {item.name for item in config_fields(type(config)) if getattr(config, item.name) != getattr(defaults, item.name)}
+    return {
+        item.name for item in config_fields(type(config)) if getattr(config, item.name) != getattr(defaults, item.name)
+    }
 
 
 def load_config_file(path: str | Path, config_class: type | None = None) -> dict[str, Any]:
@@ -308,7 +580,9 @@ def load_config_file(path: str | Path, config_class: type | None = None) -> dict
     return normalised
 
 
-def build_config(file_values: dict[str, Any] | None = None, *, config_class: type | None = None, **overrides: Any) -> Any:
+def build_config(
+    file_values: dict[str, Any] | None = None, *, config_class: type | None = None, **overrides: Any
+) -> Any:
     """A stage's config (TrainConfig unless another class is given) from file values, then explicit overrides on top
     (flags beat the file).
 

@@ -30,9 +30,10 @@ import math
 import os
 import random
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import datasets
 import numpy as np
@@ -222,9 +223,13 @@ def prepare_dialogs(
     with quiet_datasets():
         for split, dataset in raw.splits.items():
             rows = dataset.map(
-                normalize_batch, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                normalize_batch,
+                batched=True,
+                with_indices=True,
+                remove_columns=dataset.column_names,
                 fn_kwargs={"layout": raw.layout, "origin": raw.origins[split], "clean": clean, "loss_on": loss_on},
-                num_proc=parallel_workers(len(dataset)), new_fingerprint=fingerprint(identity, split, "normalize"),
+                num_proc=parallel_workers(len(dataset)),
+                new_fingerprint=fingerprint(identity, split, "normalize"),
                 desc=f"reading {split}",
             )
             reasons = column(rows, "skip")
@@ -235,7 +240,9 @@ def prepare_dialogs(
                 )
             skipped_count[split] = sum(1 for reason in reasons if reason)
             rows = rows.remove_columns("skip")
-            normalized[split] = rows.select([i for i, reason in enumerate(reasons) if not reason]) if skipped_count[split] else rows
+            normalized[split] = (
+                rows.select([i for i, reason in enumerate(reasons) if not reason]) if skipped_count[split] else rows
+            )
         held_out = hold_out_splits(normalized, validation_fraction, test_fraction)
         kept = held_out if keep_overlap else remove_overlap(held_out)
     # "release": what the source holds for a split (validation/test held out from train: what was moved there).
@@ -245,7 +252,9 @@ def prepare_dialogs(
     dialogs, counts = {}, {}
     for split in SPLITS:
         limit = limits[split]
-        dialogs[split] = kept[split].select(range(limit)) if limit is not None and limit < len(kept[split]) else kept[split]
+        dialogs[split] = (
+            kept[split].select(range(limit)) if limit is not None and limit < len(kept[split]) else kept[split]
+        )
         counts[split] = {
             "release": release[split],
             **({"skipped": skipped_count[split]} if skipped_count[split] else {}),
@@ -254,13 +263,22 @@ def prepare_dialogs(
             "used": len(dialogs[split]),
         }
         if not len(dialogs[split]):
-            raise DataError(f"{raw.source}: the {split} split has no conversations left (after skipping and de-duplication)")
+            raise DataError(
+                f"{raw.source}: the {split} split has no conversations left (after skipping and de-duplication)"
+            )
     unlimited = fingerprint(identity, keep_overlap, validation_fraction, test_fraction)
     cut = {split: limit for split, limit in limits.items() if limit is not None and limit < len(kept[split])}
     return PreparedDialogs(
-        dialogs=DatasetDict(dialogs), counts=counts, skipped=skipped, source=raw.source, has_roles=raw.layout.has_roles,
-        loss_on=loss_on, is_dailydialog=raw.is_dailydialog, identity=fingerprint(unlimited, sorted(cut.items())) if cut else unlimited,
-        unlimited_identity=unlimited, limits=cut,
+        dialogs=DatasetDict(dialogs),
+        counts=counts,
+        skipped=skipped,
+        source=raw.source,
+        has_roles=raw.layout.has_roles,
+        loss_on=loss_on,
+        is_dailydialog=raw.is_dailydialog,
+        identity=fingerprint(unlimited, sorted(cut.items())) if cut else unlimited,
+        unlimited_identity=unlimited,
+        limits=cut,
     )
 
 
@@ -375,7 +393,9 @@ ROW_FEATURES = datasets.Features(
 )
 
 
-def tokenize_batch(batch: dict[str, list], indices: list[int], tokenizer: Any, max_length: int, loss_on: str) -> dict[str, list]:
+def tokenize_batch(
+    batch: dict[str, list], indices: list[int], tokenizer: Any, max_length: int, loss_on: str
+) -> dict[str, list]:
     """Training rows (one a window) of a batch of dialogues: the turns in one call of the fast tokenizer."""
     eos_id = tokenizer.eos_token_id
     all_turns = [turn for turns in batch["dialog"] for turn in turns]
@@ -397,11 +417,18 @@ def tokenize_batch(batch: dict[str, list], indices: list[int], tokenizer: Any, m
 
 def tokenizer_hash(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    return fingerprint(backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()), tokenizer.eos_token_id)
+    return fingerprint(
+        backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()), tokenizer.eos_token_id
+    )
 
 
 def tokenize_dialogs(
-    dialogs: Dataset, tokenizer: Any, max_length: int, loss_on: str = "all", key: str | None = None, cache_file: str | Path | None = None
+    dialogs: Dataset,
+    tokenizer: Any,
+    max_length: int,
+    loss_on: str = "all",
+    key: str | None = None,
+    cache_file: str | Path | None = None,
 ) -> Dataset:
     """Tokenise dialogues into training rows (one per window), in the chat template's format, with a batched
     `Dataset.map` (several processes for large data).
@@ -420,18 +447,32 @@ def tokenize_dialogs(
 
     with quiet_datasets():
         return dialogs.map(
-            tokenize_batch, batched=True, with_indices=True, remove_columns=dialogs.column_names, features=ROW_FEATURES,
+            tokenize_batch,
+            batched=True,
+            with_indices=True,
+            remove_columns=dialogs.column_names,
+            features=ROW_FEATURES,
             fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "loss_on": loss_on},
-            num_proc=parallel_workers(len(dialogs)), cache_file_name=str(cache_file) if cache_file else None,
+            num_proc=parallel_workers(len(dialogs)),
+            cache_file_name=str(cache_file) if cache_file else None,
             load_from_cache_file=cache_file is None,
-            new_fingerprint=fingerprint(key, tokenizer_hash(tokenizer), max_length, loss_on, TOKENIZED_FORMAT_VERSION) if key else None,
+            new_fingerprint=fingerprint(key, tokenizer_hash(tokenizer), max_length, loss_on, TOKENIZED_FORMAT_VERSION)
+            if key
+            else None,
             desc="tokenising",
         )
 
 
-def tokenize_splits(dialogs: DatasetDict, tokenizer: Any, max_length: int, loss_on: str = "all", key: str | None = None) -> DatasetDict:
+def tokenize_splits(
+    dialogs: DatasetDict, tokenizer: Any, max_length: int, loss_on: str = "all", key: str | None = None
+) -> DatasetDict:
     """`tokenize_dialogs` of every split, without a cache folder."""
-    return DatasetDict({split: tokenize_dialogs(dialogs[split], tokenizer, max_length, loss_on, key and fingerprint(key, split)) for split in dialogs})
+    return DatasetDict(
+        {
+            split: tokenize_dialogs(dialogs[split], tokenizer, max_length, loss_on, key and fingerprint(key, split))
+            for split in dialogs
+        }
+    )
 
 
 def token_stats(rows: Dataset) -> dict[str, float]:
@@ -532,7 +573,11 @@ def plan_shapes(lengths: Sequence[int], batch_size: int, batching: str, row_toke
 
 
 def pack_rows(
-    lengths: Sequence[int], widths: Sequence[int], order: Sequence[int] | None = None, chunk: int = PACK_CHUNK, longest_first: bool = True
+    lengths: Sequence[int],
+    widths: Sequence[int],
+    order: Sequence[int] | None = None,
+    chunk: int = PACK_CHUNK,
+    longest_first: bool = True,
 ) -> list[list[int]]:
     """Pack windows into rows: best fit, within chunks of `chunk` windows taken in `order`.
 
@@ -578,13 +623,18 @@ class DialogueBatchSampler(torch.utils.data.Sampler):
     after a resume, which the Trainer reaches by skipping batches.
     """
 
-    def __init__(self, rows: list[list[int]], lengths: Sequence[int], shapes: BatchShapes, shuffle: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self, rows: list[list[int]], lengths: Sequence[int], shapes: BatchShapes, shuffle: bool = False, seed: int = 0
+    ) -> None:
         self.rows, self.shapes, self.shuffle, self.seed, self.epoch = rows, shapes, shuffle, seed, 0
         widths = [shapes.width_for(sum(lengths[i] for i in row)) for row in rows]
         self.by_width = {width: [r for r, w in enumerate(widths) if w == width] for width in shapes.widths}
         # Every place in the layout, ordered by the length of the window it holds, and the runs of equal length in
         # that order (a run of one has nothing to trade with).
-        self.places = sorted(((r, p) for r, row in enumerate(rows) for p in range(len(row))), key=lambda place: lengths[rows[place[0]][place[1]]])
+        self.places = sorted(
+            ((r, p) for r, row in enumerate(rows) for p in range(len(row))),
+            key=lambda place: lengths[rows[place[0]][place[1]]],
+        )
         place_lengths = [lengths[rows[r][p]] for r, p in self.places]
         starts = [0] + [i for i in range(1, len(place_lengths)) if place_lengths[i] != place_lengths[i - 1]]
         self.runs = [(start, end) for start, end in zip(starts, starts[1:] + [len(place_lengths)]) if end - start > 1]
@@ -618,7 +668,9 @@ class DialogueBatchSampler(torch.utils.data.Sampler):
             if self.shuffle:
                 rng.shuffle(members)
             per = self.shapes.rows_for(width)
-            batches.extend([tuple(rows[r]) for r in members[start : start + per]] for start in range(0, len(members), per))
+            batches.extend(
+                [tuple(rows[r]) for r in members[start : start + per]] for start in range(0, len(members), per)
+            )
         if self.shuffle:
             rng.shuffle(batches)
         return batches
@@ -658,7 +710,9 @@ class PackedRows(torch.utils.data.Dataset):
         flat = [window for row in rows for window in row]
         if isinstance(self.windows, Dataset):
             columns = self.windows[flat]
-            read = [{"input_ids": ids, "labels": labels} for ids, labels in zip(columns["input_ids"], columns["labels"])]
+            read = [
+                {"input_ids": ids, "labels": labels} for ids, labels in zip(columns["input_ids"], columns["labels"])
+            ]
         else:
             read = [self.windows[window] for window in flat]
         out, at = [], 0
@@ -691,7 +745,9 @@ class DialogueCollator:
     `pad_to_multiple_of`.
     """
 
-    def __init__(self, tokenizer: Any, batching: str = "pack", pad_to_multiple_of: int = 8, row_tokens: int = ROW_TOKENS):
+    def __init__(
+        self, tokenizer: Any, batching: str = "pack", pad_to_multiple_of: int = 8, row_tokens: int = ROW_TOKENS
+    ):
         """
         Args:
             tokenizer: supplies the pad id.
@@ -706,7 +762,9 @@ class DialogueCollator:
         self.row_tokens = row_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def group(self, lengths: Sequence[int], widths: Sequence[int], order: Sequence[int] | None = None) -> list[list[int]]:
+    def group(
+        self, lengths: Sequence[int], widths: Sequence[int], order: Sequence[int] | None = None
+    ) -> list[list[int]]:
         """Windows into rows: packed (`pack_rows`; in `order` when one is given, for training), or one a row."""
         if self.batching == "pad":
             return [[index] for index in (range(len(lengths)) if order is None else order)]
@@ -749,7 +807,9 @@ class DialogueCollator:
             "attention_mask": torch.from_numpy(mask[:, None]),
         }
 
-    def loader(self, rows: Any, batch_size: int, shuffle: bool = False, seed: int = 0, **dataloader_options: Any) -> torch.utils.data.DataLoader:
+    def loader(
+        self, rows: Any, batch_size: int, shuffle: bool = False, seed: int = 0, **dataloader_options: Any
+    ) -> torch.utils.data.DataLoader:
         """A DataLoader over a tokenised split: windows packed into rows (in a seeded random order when `shuffle`,
         so each row holds unrelated dialogues), batches of one shape each (`plan_shapes`), dealt and reshuffled
         every epoch (DialogueBatchSampler).
@@ -765,9 +825,14 @@ class DialogueCollator:
         shapes = plan_shapes(lengths, batch_size, self.batching, self.row_tokens)
         order = random.Random(seed).sample(range(len(lengths)), len(lengths)) if shuffle else None
         dataset = PackedRows(rows)
-        dataset.batch_sampler = DialogueBatchSampler(self.group(lengths, shapes.widths, order), lengths, shapes, shuffle, seed)
+        dataset.batch_sampler = DialogueBatchSampler(
+            self.group(lengths, shapes.widths, order), lengths, shapes, shuffle, seed
+        )
         return torch.utils.data.DataLoader(
-            dataset, batch_sampler=dataset.batch_sampler, collate_fn=partial(self.collate_rows, shapes=shapes), **dataloader_options,
+            dataset,
+            batch_sampler=dataset.batch_sampler,
+            collate_fn=partial(self.collate_rows, shapes=shapes),
+            **dataloader_options,
         )
 
 
@@ -775,7 +840,11 @@ TOKENIZED_FORMAT_VERSION = 2  # bump when the format or labels change, so old ca
 
 
 def tokenize_prepared(
-    prepared: PreparedDialogs, tokenizer: Any, max_length: int, cache_dir: str | Path | None = "data", write: bool = True
+    prepared: PreparedDialogs,
+    tokenizer: Any,
+    max_length: int,
+    cache_dir: str | Path | None = "data",
+    write: bool = True,
 ) -> DatasetDict:
     """`tokenize_splits` of prepared dialogues, cached under `<cache_dir>/tokenized/<key>/` (Arrow files, memory-mapped
     when read back, no pickle), so a re-run and `train` after `prepare` skip it.
@@ -817,7 +886,9 @@ def tokenize_prepared(
         folder.mkdir(parents=True)
         rows = DatasetDict(
             {
-                split: tokenize_dialogs(dialogs, tokenizer, max_length, prepared.loss_on, fingerprint(key, split), folder / f"{split}.arrow")
+                split: tokenize_dialogs(
+                    dialogs, tokenizer, max_length, prepared.loss_on, fingerprint(key, split), folder / f"{split}.arrow"
+                )
                 for split, dialogs in prepared.dialogs.items()
             }
         )

@@ -10,7 +10,8 @@ training each process scores its own share of the rows and the sums are added ac
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -80,7 +81,11 @@ def evaluate_loss(
     count = torch.zeros((), dtype=torch.int64, device=device)
     with autocast_context(precision, device), without_kv_cache(model):
         for batch in loader:
-            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items() if isinstance(value, torch.Tensor)}
+            batch = {
+                key: value.to(device, non_blocking=True)
+                for key, value in batch.items()
+                if isinstance(value, torch.Tensor)
+            }
             total, tokens = batch_nll(model, batch)
             nll_sum += total.double()
             count += tokens
@@ -145,7 +150,12 @@ def evaluate_dialogs(
     device = next(model.parameters()).device
     precision = precision or device_precision(device)
     result = evaluate_loss(model, rows, DialogueCollator(tokenizer, batching), batch_size, device, precision)
-    return {"dialogs": len(dialogs), "tokens": result["tokens"], "loss": result["loss"], "perplexity": result["perplexity"]}
+    return {
+        "dialogs": len(dialogs),
+        "tokens": result["tokens"],
+        "loss": result["loss"],
+        "perplexity": result["perplexity"],
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -244,7 +254,11 @@ def sample_replies(
         if cut is None:
             continue
         context = as_messages(turns[:cut], roles[:cut])  # plain turns: the last one is the user's
-        record: dict[str, Any] = {"context": list(turns[:cut]), "roles": [m["role"] for m in context], "reference": turns[cut]}
+        record: dict[str, Any] = {
+            "context": list(turns[:cut]),
+            "roles": [m["role"] for m in context],
+            "reference": turns[cut],
+        }
         if before_each is not None:
             before_each(record)
         reply = generate_reply(model, tokenizer, context, greedy=greedy, streamer=streamer, **settings)

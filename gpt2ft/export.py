@@ -216,8 +216,12 @@ def add_tokenizer(writer: Any, tokenizer: Any, model_dir: Path, vocab_size: int)
     # Ids from the loaded tokenizer, not only from files: GPT-2 has no pad token and gpt2ft pads with EOS.
     special.special_token_ids = {
         kind: int(token_id)
-        for kind, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
-                               ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id))
+        for kind, token_id in (
+            ("bos", tokenizer.bos_token_id),
+            ("eos", tokenizer.eos_token_id),
+            ("unk", tokenizer.unk_token_id),
+            ("pad", tokenizer.pad_token_id),
+        )
         if token_id is not None
     }
     special.add_special_token = {"bos": False, "eos": False}
@@ -227,9 +231,9 @@ def add_tokenizer(writer: Any, tokenizer: Any, model_dir: Path, vocab_size: int)
 
 def add_hyperparameters(writer: Any, config: Any, name: str, file_type: int, generation: dict[str, Any]) -> None:
     """GPT-2's shape and norm epsilon under llama.cpp's `gpt2.*` keys, plus the name and sampling defaults."""
-    from .modeling import config_context  # torch: imported only when exporting
-
     import gguf
+
+    from .modeling import config_context  # torch: imported only when exporting
 
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
@@ -356,8 +360,11 @@ def export_gguf(
     model, tokenizer = load_model_and_tokenizer(model_dir)
     check_gguf_compatible(model.config, model_dir)
     generation = read_generation_settings(model_dir)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[outtype]
 
     # Hidden names in the same folder, so the renames are atomic and an interrupted export leaves no .gguf behind.
     partial = gguf_path.with_name(f".{gguf_path.name}.partial-{os.getpid()}")
@@ -373,7 +380,8 @@ def export_gguf(
         writer.write_tensors_to_file()
         writer.close()
         partial_modelfile.write_text(
-            build_modelfile(gguf_path.name, tokenizer.eos_token, config_context(model.config), generation), encoding="utf-8"
+            build_modelfile(gguf_path.name, tokenizer.eos_token, config_context(model.config), generation),
+            encoding="utf-8",
         )
         os.replace(partial, gguf_path)
         os.replace(partial_modelfile, modelfile_path)
@@ -383,8 +391,12 @@ def export_gguf(
             path.unlink(missing_ok=True)
         raise
     return ExportResult(
-        gguf_path=gguf_path, modelfile_path=modelfile_path, outtype=outtype, size_bytes=gguf_path.stat().st_size,
-        tensors=tensors, seconds=time.perf_counter() - start,
+        gguf_path=gguf_path,
+        modelfile_path=modelfile_path,
+        outtype=outtype,
+        size_bytes=gguf_path.stat().st_size,
+        tensors=tensors,
+        seconds=time.perf_counter() - start,
     )
 
 

@@ -11,8 +11,9 @@ up to its next EOS. Only the most recent whole turns that fit the context (with 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -65,7 +66,9 @@ def build_generation_config(tokenizer: Any, **overrides: Any) -> Any:
     from transformers import GenerationConfig
 
     eos = tokenizer.eos_token_id
-    return GenerationConfig(**{**GENERATION_DEFAULTS, **overrides}, eos_token_id=eos, pad_token_id=eos, bos_token_id=eos)
+    return GenerationConfig(
+        **{**GENERATION_DEFAULTS, **overrides}, eos_token_id=eos, pad_token_id=eos, bos_token_id=eos
+    )
 
 
 def keep_latest_turns(
@@ -78,7 +81,7 @@ def keep_latest_turns(
     """
     messages = as_messages(conversation)
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    turns = messages[len(system):]
+    turns = messages[len(system) :]
     for head in (system, []) if system else ([],):
         # More turns render to more tokens, so the longest suffix that fits is found by bisection: a few renders
         # (fast tokenizer passes) even for a long chat or a huge message.
@@ -94,7 +97,9 @@ def keep_latest_turns(
     return None
 
 
-def build_prompt_ids(tokenizer: Any, conversation: Sequence[str | Mapping[str, Any]], max_prompt_tokens: int) -> list[int]:
+def build_prompt_ids(
+    tokenizer: Any, conversation: Sequence[str | Mapping[str, Any]], max_prompt_tokens: int
+) -> list[int]:
     """Token ids of the conversation so far, keeping the most recent whole turns that fit in `max_prompt_tokens`.
 
     A leading system message is kept while it fits; other turns are dropped oldest first, never cut in half. Only
@@ -110,8 +115,8 @@ def build_prompt_ids(tokenizer: Any, conversation: Sequence[str | Mapping[str, A
         return render_ids(tokenizer, kept)
     messages = as_messages(conversation)
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    last = render_ids(tokenizer, messages[len(system):][-1:] or system)
-    return [tokenizer.eos_token_id] + last[-(max_prompt_tokens - 1):]
+    last = render_ids(tokenizer, messages[len(system) :][-1:] or system)
+    return [tokenizer.eos_token_id] + last[-(max_prompt_tokens - 1) :]
 
 
 @dataclass
@@ -250,4 +255,6 @@ def chat_in_terminal(model: Any, tokenizer: Any, system: str | None = None, **de
     def write(text: str) -> None:
         print(("bot> " if interactive else "") + text, flush=True)
 
-    return chat(model, tokenizer, sys.stdin, write, prompt=show_prompt if interactive else None, system=system, **decoding)
+    return chat(
+        model, tokenizer, sys.stdin, write, prompt=show_prompt if interactive else None, system=system, **decoding
+    )

@@ -39,8 +39,14 @@ def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
 
 
 def _chunked_pass(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, dtype: torch.dtype, want_hidden: bool,
-    want_weight: bool, grad_scale: torch.Tensor | None = None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int,
+    dtype: torch.dtype,
+    want_hidden: bool,
+    want_weight: bool,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Sum of token NLLs over `targets` (-100 ignored) and, when asked, its gradients with respect to `hidden` and
     `weight`, times `grad_scale`: d(sum)/d(logits) = softmax - one_hot, times 0 at ignored positions. The matrix
@@ -99,7 +105,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         if ctx.deferred:
             hidden, weight, targets = ctx.saved_tensors
             _, grad_hidden, grad_weight = _chunked_pass(
-                hidden, weight, targets, ctx.chunk, ctx.dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[1], grad_scale=grad_total.float()
+                hidden,
+                weight,
+                targets,
+                ctx.chunk,
+                ctx.dtype,
+                ctx.needs_input_grad[0],
+                ctx.needs_input_grad[1],
+                grad_scale=grad_total.float(),
             )
             return grad_hidden, grad_weight.to(ctx.weight_dtype) if grad_weight is not None else None, None, None
         grad_hidden, grad_weight = ctx.saved_tensors
@@ -111,7 +124,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def token_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token NLLs of a batch from the last hidden states (rows, width, n_embd) and the output
     embedding, and how many positions have a target; both stay on the device.
 
@@ -123,7 +138,9 @@ def token_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     if torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad):
         total = LinearCrossEntropy.apply(flat, weight, targets, chunk)
     else:
-        total = _chunked_pass(flat, weight, targets, chunk, _compute_dtype(flat.device.type, weight.dtype), False, False)[0]
+        total = _chunked_pass(
+            flat, weight, targets, chunk, _compute_dtype(flat.device.type, weight.dtype), False, False
+        )[0]
     return total, (targets != IGNORE_INDEX).sum()
 
 
@@ -133,16 +150,28 @@ def core_model(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def chunked_loss_forward(self: Any, input_ids=None, attention_mask=None, position_ids=None, labels=None, num_items_in_batch=None, **kwargs: Any) -> Any:
+def chunked_loss_forward(
+    self: Any,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    labels=None,
+    num_items_in_batch=None,
+    **kwargs: Any,
+) -> Any:
     """GPT2LMHeadModel.forward for training: with labels, the loss from `token_nll_sum` and no logits; without,
     the model's own forward. The loss is the mean over `num_items_in_batch` targets when the Trainer gives it (the
     whole optimiser step's count, as transformers' own loss), else over this batch's."""
     from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
     if labels is None:
-        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        return type(self).forward(
+            self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
     kwargs.pop("use_cache", None)
-    hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs).last_hidden_state
+    hidden = self.transformer(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
+    ).last_hidden_state
     total, count = token_nll_sum(hidden, self.lm_head.weight, labels)
     if num_items_in_batch is None:
         num_items_in_batch = count.clamp(min=1)

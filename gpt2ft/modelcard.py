@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from .sources import DATA_LICENSE, HUB_REPO
 from .logs import as_float
+from .sources import DATA_LICENSE, HUB_REPO
 
 NA = "n/a"
 DATA_LICENSE_URL = "https://creativecommons.org/licenses/by-nc-sa/4.0/"
@@ -83,7 +84,7 @@ def format_short(value: Any) -> str:
 
 
 def format_duration(seconds: Any) -> str:
-    """"42.0 s", "12 min 05 s" or "2 h 03 min 10 s"."""
+    """ "42.0 s", "12 min 05 s" or "2 h 03 min 10 s"."""
     number = as_float(seconds)
     if number is None or math.isinf(number) or number < 0:
         return NA
@@ -121,15 +122,20 @@ def is_hub_id(name: Any) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _front_matter(base_model: str, metrics: Mapping[str, Any], data: "DataFacts") -> str:
+def _front_matter(base_model: str, metrics: Mapping[str, Any], data: DataFacts) -> str:
     """The Hub's YAML metadata, built with huggingface_hub's ModelCardData: licence, tags, data, base model, and the
     held-out perplexities as model-index eval results (what the Hub shows as the model's scores)."""
     from huggingface_hub import EvalResult, ModelCardData
 
     results = [
         EvalResult(
-            task_type="text-generation", dataset_type=HUB_REPO, dataset_name=data.name, dataset_split=split,
-            metric_type="perplexity", metric_name=f"{split} perplexity", metric_value=round(value, 4),
+            task_type="text-generation",
+            dataset_type=HUB_REPO,
+            dataset_name=data.name,
+            dataset_split=split,
+            metric_type="perplexity",
+            metric_name=f"{split} perplexity",
+            metric_value=round(value, 4),
         )
         for split, key in (("validation", "eval_perplexity"), ("test", "test_perplexity"))
         if (value := as_float(metrics.get(key))) is not None and math.isfinite(value)
@@ -164,26 +170,41 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numbers: bool =
 
 
 def _results(metrics: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
-    rows = [["train (mean over the run)", format_loss(metrics.get("train_loss")), NA, format_int(metrics.get("train_dialogs"))]]
+    rows = [
+        [
+            "train (mean over the run)",
+            format_loss(metrics.get("train_loss")),
+            NA,
+            format_int(metrics.get("train_dialogs")),
+        ]
+    ]
     for name, prefix, dialogs in (("validation", "eval", "eval_dialogs"), ("test", "test", "test_dialogs")):
-        rows.append([
-            name,
-            format_loss(metrics.get(f"{prefix}_loss")),
-            format_perplexity(metrics.get(f"{prefix}_perplexity")),
-            format_int(metrics.get(dialogs)),
-        ])
-    return "\n".join([
-        "## Results",
-        "",
-        _table(["split", "loss", "perplexity", "dialogues"], rows),
-        "",
-        "Loss is the mean cross-entropy (nats) per predicted token, weighted by tokens over the whole split; "
-        "perplexity = exp(loss). "
-        + ("" if settings.get("keep_overlap") is True else "Validation and test hold no dialogue that also occurs in train. ")
-        + "The train loss is the Trainer's average over all training steps, so it is usually higher than the loss at the end.",
-        "",
-        "![training](chart_train.png)",
-    ])
+        rows.append(
+            [
+                name,
+                format_loss(metrics.get(f"{prefix}_loss")),
+                format_perplexity(metrics.get(f"{prefix}_perplexity")),
+                format_int(metrics.get(dialogs)),
+            ]
+        )
+    return "\n".join(
+        [
+            "## Results",
+            "",
+            _table(["split", "loss", "perplexity", "dialogues"], rows),
+            "",
+            "Loss is the mean cross-entropy (nats) per predicted token, weighted by tokens over the whole split; "
+            "perplexity = exp(loss). "
+            + (
+                ""
+                if settings.get("keep_overlap") is True
+                else "Validation and test hold no dialogue that also occurs in train. "
+            )
+            + "The train loss is the Trainer's average over all training steps, so it is usually higher than the loss at the end.",
+            "",
+            "![training](chart_train.png)",
+        ]
+    )
 
 
 @dataclass
@@ -203,7 +224,7 @@ class DataFacts:
     def hub_id(self) -> str | None:
         if self.is_dailydialog:
             return HUB_REPO
-        return self.source[len("hub:"):].split("@")[0].split(":")[0] if self.source.startswith("hub:") else None
+        return self.source[len("hub:") :].split("@")[0].split(":")[0] if self.source.startswith("hub:") else None
 
 
 def data_facts(training_config: Mapping[str, Any], settings: Mapping[str, Any]) -> DataFacts:
@@ -222,7 +243,9 @@ LOSS_ON_TEXT = {
 }
 
 
-def _data(metrics: Mapping[str, Any], training_config: Mapping[str, Any], settings: Mapping[str, Any], data: DataFacts) -> str:
+def _data(
+    metrics: Mapping[str, Any], training_config: Mapping[str, Any], settings: Mapping[str, Any], data: DataFacts
+) -> str:
     counts = metrics.get("data_counts") or training_config.get("data_counts") or {}
     rows = []
     for split in SPLITS:
@@ -250,20 +273,22 @@ def _data(metrics: Mapping[str, Any], training_config: Mapping[str, Any], settin
             + ". Splits the source did not have were held out from train by a hash of each conversation, so they are "
             "the same on every run. **Licence: that of the training data**: check it before you share this model."
         )
-    return "\n".join([
-        "## Data",
-        "",
-        about,
-        "",
-        f"- Source: {code(data.source)}",
-        f"- Text cleaning (detokenised text): {format_short(settings.get('clean_text', data.is_dailydialog))}",
-        "- Format: DialoGPT's, `<|endoftext|>turn 1<|endoftext|>turn 2<|endoftext|>...` (a system message is the first "
-        f"turn), the model's chat template; loss on {LOSS_ON_TEXT.get(data.loss_on, data.loss_on)}",
-        "",
-        leakage,
-        "",
-        _table(["split", "in the source", "removed (leakage / duplicates)", "kept", "used in this run"], rows),
-    ])
+    return "\n".join(
+        [
+            "## Data",
+            "",
+            about,
+            "",
+            f"- Source: {code(data.source)}",
+            f"- Text cleaning (detokenised text): {format_short(settings.get('clean_text', data.is_dailydialog))}",
+            "- Format: DialoGPT's, `<|endoftext|>turn 1<|endoftext|>turn 2<|endoftext|>...` (a system message is the first "
+            f"turn), the model's chat template; loss on {LOSS_ON_TEXT.get(data.loss_on, data.loss_on)}",
+            "",
+            leakage,
+            "",
+            _table(["split", "in the source", "removed (leakage / duplicates)", "kept", "used in this run"], rows),
+        ]
+    )
 
 
 def _settings(
@@ -285,25 +310,41 @@ def _settings(
     rows = [
         ("base model", code(base_model) if base_model else NA),
         ("method", str(method)),
-        ("trainable / total parameters",
-         f"{format_int(metrics.get('trainable_parameters'))} / {format_int(metrics.get('total_parameters'))}"),
-        ("epochs", f"{format_float(metrics.get('epochs'), 2)} completed ({format_short(settings.get('epochs'))} configured"
-         + (f", stopped at --max-steps {format_short(max_steps)})" if (as_float(max_steps) or 0) > 0 else ")")),
+        (
+            "trainable / total parameters",
+            f"{format_int(metrics.get('trainable_parameters'))} / {format_int(metrics.get('total_parameters'))}",
+        ),
+        (
+            "epochs",
+            f"{format_float(metrics.get('epochs'), 2)} completed ({format_short(settings.get('epochs'))} configured"
+            + (f", stopped at --max-steps {format_short(max_steps)})" if (as_float(max_steps) or 0) > 0 else ")"),
+        ),
         ("optimiser steps", format_int(metrics.get("steps"))),
-        ("batch size per device x accumulation x devices", f"{format_short(settings.get('batch_size'))} x "
-         f"{format_short(settings.get('gradient_accumulation_steps'))} x {format_int(world)} = {effective} dialogues"),
+        (
+            "batch size per device x accumulation x devices",
+            f"{format_short(settings.get('batch_size'))} x "
+            f"{format_short(settings.get('gradient_accumulation_steps'))} x {format_int(world)} = {effective} dialogues",
+        ),
         ("batching", format_short(settings.get("batching"))),
         ("max sequence length", f"{format_int(training_config.get('max_length', metrics.get('max_length')))} tokens"),
-        ("learning rate", f"{format_short(settings.get('learning_rate'))} "
-         f"(warmup {format_short(settings.get('warmup_ratio'))} of the steps, then linear decay)"),
+        (
+            "learning rate",
+            f"{format_short(settings.get('learning_rate'))} "
+            f"(warmup {format_short(settings.get('warmup_ratio'))} of the steps, then linear decay)",
+        ),
         ("weight decay", format_short(settings.get("weight_decay"))),
         ("gradient clipping", format_short(settings.get("max_grad_norm"))),
         ("optimiser", format_short(settings.get("optim"))),
-        ("precision", format_short(metrics.get("precision") or training_config.get("precision") or settings.get("precision"))),
+        (
+            "precision",
+            format_short(metrics.get("precision") or training_config.get("precision") or settings.get("precision")),
+        ),
         ("seed", format_short(settings.get("seed"))),
         ("gpt2ft version", format_short(training_config.get("gpt2ft_version"))),
     ]
-    return "\n".join(["## Training", "", _table(["setting", "value"], [[name, value] for name, value in rows], numbers=False)])
+    return "\n".join(
+        ["## Training", "", _table(["setting", "value"], [[name, value] for name, value in rows], numbers=False)]
+    )
 
 
 def _hardware(metrics: Mapping[str, Any], hardware_name: str) -> str:
@@ -324,22 +365,29 @@ def _samples(samples: Sequence[Mapping[str, Any]]) -> str:
     lines = ["## Sample replies", ""]
     if not samples:
         return "\n".join(lines + ["No samples were generated for this run."])
-    lines += ["The model's next turn in held-out validation dialogues (the first half of each is the context; with roles, "
-              "the model answers an assistant turn), decoded greedily (the saved defaults sample, so replies in use "
-              "vary):", ""]
+    lines += [
+        "The model's next turn in held-out validation dialogues (the first half of each is the context; with roles, "
+        "the model answers an assistant turn), decoded greedily (the saved defaults sample, so replies in use "
+        "vary):",
+        "",
+    ]
     for number, sample in enumerate(samples, 1):
         context = sample.get("context") or []
         if isinstance(context, str):
             context = [context]
         roles = list(sample.get("roles") or [])
         # Without recorded roles the speakers alternate, the last one before the model being the user.
-        roles += ["user" if (len(context) - 1 - index) % 2 == 0 else "assistant" for index in range(len(roles), len(context))]
+        roles += [
+            "user" if (len(context) - 1 - index) % 2 == 0 else "assistant" for index in range(len(roles), len(context))
+        ]
         reply = str(sample.get("reply") or "").strip()
         lines.append(f"**Dialogue {number}**")
         lines.append("")
         for role, turn in zip(roles, context):
             turn = str(turn)
-            lines.append(f"- *{role.capitalize()}:* {md_escape(turn[:CONTEXT_CHARS] + ('...' if len(turn) > CONTEXT_CHARS else ''))}")
+            lines.append(
+                f"- *{role.capitalize()}:* {md_escape(turn[:CONTEXT_CHARS] + ('...' if len(turn) > CONTEXT_CHARS else ''))}"
+            )
         lines.append(f"- *Model:* {md_escape(reply) if reply else '*(empty reply)*'}")
         if sample.get("reference"):
             lines.append(f"- *Reference (the dataset's reply):* {md_escape(sample['reference'])}")
@@ -349,39 +397,41 @@ def _samples(samples: Sequence[Mapping[str, Any]]) -> str:
 
 def _usage(folder: str) -> str:
     folder_literal = json.dumps(folder)
-    return "\n".join([
-        "## How to use",
-        "",
-        "The tokenizer carries a chat template with the training format (`<|endoftext|>`, then every turn followed by "
-        "`<|endoftext|>`), so a list of chat messages is all a pipeline needs; the reply is what the model writes up to "
-        "its next `<|endoftext|>`. `generation_config.json` holds the decoding defaults (sampling, temperature 0.8, "
-        "top-p 0.9) and stops at `<|endoftext|>`.",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
-        "",
-        f"folder = {folder_literal}  # this folder",
-        'messages = [{"role": "user", "content": "Hi, how are you today?"}]',
-        "",
-        'chat = pipeline("text-generation", model=folder)',
-        'print(chat(messages, max_new_tokens=50)[0]["generated_text"][-1]["content"])',
-        "",
-        "# or step by step",
-        "tokenizer = AutoTokenizer.from_pretrained(folder)",
-        "model = AutoModelForCausalLM.from_pretrained(folder)",
-        'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)',
-        "output = model.generate(**inputs, max_new_tokens=50)",
-        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
-        "```",
-        "",
-        "With gpt2ft installed:",
-        "",
-        "```bash",
-        f"python -m gpt2ft chat --model {folder}",
-        f'python -m gpt2ft generate --model {folder} "Hi, how are you today?"',
-        f"python -m gpt2ft serve --model {folder}      # a chat page in the browser",
-        "```",
-    ])
+    return "\n".join(
+        [
+            "## How to use",
+            "",
+            "The tokenizer carries a chat template with the training format (`<|endoftext|>`, then every turn followed by "
+            "`<|endoftext|>`), so a list of chat messages is all a pipeline needs; the reply is what the model writes up to "
+            "its next `<|endoftext|>`. `generation_config.json` holds the decoding defaults (sampling, temperature 0.8, "
+            "top-p 0.9) and stops at `<|endoftext|>`.",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
+            "",
+            f"folder = {folder_literal}  # this folder",
+            'messages = [{"role": "user", "content": "Hi, how are you today?"}]',
+            "",
+            'chat = pipeline("text-generation", model=folder)',
+            'print(chat(messages, max_new_tokens=50)[0]["generated_text"][-1]["content"])',
+            "",
+            "# or step by step",
+            "tokenizer = AutoTokenizer.from_pretrained(folder)",
+            "model = AutoModelForCausalLM.from_pretrained(folder)",
+            'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)',
+            "output = model.generate(**inputs, max_new_tokens=50)",
+            'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+            "```",
+            "",
+            "With gpt2ft installed:",
+            "",
+            "```bash",
+            f"python -m gpt2ft chat --model {folder}",
+            f'python -m gpt2ft generate --model {folder} "Hi, how are you today?"',
+            f"python -m gpt2ft serve --model {folder}      # a chat page in the browser",
+            "```",
+        ]
+    )
 
 
 LIMITATIONS = """## Limitations
@@ -407,7 +457,10 @@ GENERIC_LIMITATIONS = """## Limitations
 
 
 def render_model_card(
-    metrics: Mapping[str, Any], training_config: Mapping[str, Any], samples: Sequence[Mapping[str, Any]], hardware_name: str = ""
+    metrics: Mapping[str, Any],
+    training_config: Mapping[str, Any],
+    samples: Sequence[Mapping[str, Any]],
+    hardware_name: str = "",
 ) -> str:
     """The Markdown README.md of a saved model.
 
@@ -461,7 +514,11 @@ def render_model_card(
         "",
         LIMITATIONS if data.is_dailydialog else GENERIC_LIMITATIONS,
         "",
-        *(["## Citation", "", "The training data:", "", "```bibtex", DAILYDIALOG_BIBTEX, "```", ""] if data.is_dailydialog else []),
+        *(
+            ["## Citation", "", "The training data:", "", "```bibtex", DAILYDIALOG_BIBTEX, "```", ""]
+            if data.is_dailydialog
+            else []
+        ),
     ]
     return "\n".join(parts)
 
@@ -480,7 +537,7 @@ def _preference_front_matter(started: str, data_source: str, algorithm: str) -> 
     """The Hub's YAML metadata of a preference-tuned model, with huggingface_hub's ModelCardData."""
     from huggingface_hub import ModelCardData
 
-    hub_data = data_source[len("hub:"):].split("@")[0].split(":")[0] if data_source.startswith("hub:") else None
+    hub_data = data_source[len("hub:") :].split("@")[0].split(":")[0] if data_source.startswith("hub:") else None
     card_data = ModelCardData(
         # The licence is that of the starting model's training data and of the preferences: gpt2ft cannot know it.
         license="other",
@@ -497,12 +554,32 @@ def _preference_front_matter(started: str, data_source: str, algorithm: str) -> 
 def _preference_results(metrics: Mapping[str, Any]) -> str:
     dpo = metrics.get("algorithm") == "dpo"
     rows = [
-        ["reward accuracy", format_float(metrics.get("reward_accuracy_before"), 3), format_float(metrics.get("reward_accuracy_after"), 3)],
-        ["reward margin", format_float(metrics.get("reward_margin_before"), 3), format_float(metrics.get("reward_margin_after"), 3)],
+        [
+            "reward accuracy",
+            format_float(metrics.get("reward_accuracy_before"), 3),
+            format_float(metrics.get("reward_accuracy_after"), 3),
+        ],
+        [
+            "reward margin",
+            format_float(metrics.get("reward_margin_before"), 3),
+            format_float(metrics.get("reward_margin_after"), 3),
+        ],
     ]
     if dpo:
-        rows.append(["the model finds the chosen reply likelier", format_float(metrics.get("logp_accuracy_before"), 3), format_float(metrics.get("logp_accuracy_after"), 3)])
-    rows.append(["supervised validation perplexity", format_perplexity(metrics.get("sft_perplexity_before")), format_perplexity(metrics.get("sft_perplexity_after"))])
+        rows.append(
+            [
+                "the model finds the chosen reply likelier",
+                format_float(metrics.get("logp_accuracy_before"), 3),
+                format_float(metrics.get("logp_accuracy_after"), 3),
+            ]
+        )
+    rows.append(
+        [
+            "supervised validation perplexity",
+            format_perplexity(metrics.get("sft_perplexity_before")),
+            format_perplexity(metrics.get("sft_perplexity_after")),
+        ]
+    )
     unit = "pairs" if dpo else "examples"
     held_out = format_int(metrics.get(f"eval_{unit}"))
     reward = (
@@ -526,26 +603,32 @@ def _preference_results(metrics: Mapping[str, Any]) -> str:
         if sft
         else "No supervised data was recorded with the starting model, so its perplexity was not measured."
     )
-    return "\n".join([
-        "## Results",
-        "",
-        _table(["held-out measure", "before", "after"], rows),
-        "",
-        reward,
-        "",
-        perplexity,
-        "",
-        "![preference tuning](chart_prefer.png)",
-        "",
-        "![training](chart_train.png)",
-    ])
+    return "\n".join(
+        [
+            "## Results",
+            "",
+            _table(["held-out measure", "before", "after"], rows),
+            "",
+            reward,
+            "",
+            perplexity,
+            "",
+            "![preference tuning](chart_prefer.png)",
+            "",
+            "![training](chart_train.png)",
+        ]
+    )
 
 
 def _preference_data(metrics: Mapping[str, Any]) -> str:
     counts = metrics.get("data_counts") if isinstance(metrics.get("data_counts"), Mapping) else {}
     winners = counts.get("winners") if isinstance(counts.get("winners"), Mapping) else None
     unit = "pairs" if metrics.get("algorithm") == "dpo" else "examples"
-    lines = ["## Preference data", "", f"- Source: {code(metrics.get('data_source'))} ({format_short(metrics.get('data_layout'))} layout)"]
+    lines = [
+        "## Preference data",
+        "",
+        f"- Source: {code(metrics.get('data_source'))} ({format_short(metrics.get('data_layout'))} layout)",
+    ]
     if winners:
         lines.append(
             f"- Votes of the blind comparison page: {format_int(winners.get('votes'))} in all, "
@@ -574,16 +657,33 @@ def _preference_settings(metrics: Mapping[str, Any], settings: Mapping[str, Any]
         ("started from", code(started) if started else NA),
         ("beta", format_short(metrics.get("beta"))),
         ("method", method_text),
-        ("trainable / total parameters", f"{format_int(metrics.get('trainable_parameters'))} / {format_int(metrics.get('total_parameters'))}"),
-        ("epochs", f"{format_float(metrics.get('epochs'), 2)} completed ({format_short(settings.get('epochs'))} configured)"),
+        (
+            "trainable / total parameters",
+            f"{format_int(metrics.get('trainable_parameters'))} / {format_int(metrics.get('total_parameters'))}",
+        ),
+        (
+            "epochs",
+            f"{format_float(metrics.get('epochs'), 2)} completed ({format_short(settings.get('epochs'))} configured)",
+        ),
         ("optimiser steps", format_int(metrics.get("steps"))),
-        ("batch size per device x accumulation", f"{format_short(settings.get('batch_size'))} x {format_short(settings.get('gradient_accumulation_steps'))}"),
-        ("learning rate", f"{format_short(settings.get('learning_rate'))} (warmup {format_short(settings.get('warmup_ratio'))} of the steps, then linear decay)"),
-        ("max sequence length", f"{format_int(metrics.get('max_length'))} tokens (prompt + reply; a longer prompt keeps its latest turns)"),
+        (
+            "batch size per device x accumulation",
+            f"{format_short(settings.get('batch_size'))} x {format_short(settings.get('gradient_accumulation_steps'))}",
+        ),
+        (
+            "learning rate",
+            f"{format_short(settings.get('learning_rate'))} (warmup {format_short(settings.get('warmup_ratio'))} of the steps, then linear decay)",
+        ),
+        (
+            "max sequence length",
+            f"{format_int(metrics.get('max_length'))} tokens (prompt + reply; a longer prompt keeps its latest turns)",
+        ),
         ("precision", format_short(metrics.get("precision"))),
         ("seed", format_short(settings.get("seed"))),
     ]
-    return "\n".join(["## Training", "", _table(["setting", "value"], [[name, value] for name, value in rows], numbers=False)])
+    return "\n".join(
+        ["## Training", "", _table(["setting", "value"], [[name, value] for name, value in rows], numbers=False)]
+    )
 
 
 def _preference_samples(samples: Sequence[Mapping[str, Any]]) -> str:
@@ -595,7 +695,9 @@ def _preference_samples(samples: Sequence[Mapping[str, Any]]) -> str:
         lines += [f"**Conversation {number}**", ""]
         for message in sample.get("prompt") or []:
             text = str(message.get("content", ""))
-            lines.append(f"- *{str(message.get('role', '')).capitalize()}:* {md_escape(text[:CONTEXT_CHARS] + ('...' if len(text) > CONTEXT_CHARS else ''))}")
+            lines.append(
+                f"- *{str(message.get('role', '')).capitalize()}:* {md_escape(text[:CONTEXT_CHARS] + ('...' if len(text) > CONTEXT_CHARS else ''))}"
+            )
         reply = str(sample.get("reply") or "").strip()
         lines.append(f"- *Model:* {md_escape(reply) if reply else '*(empty reply)*'}")
         if "chosen" in sample:
@@ -609,7 +711,10 @@ def _preference_samples(samples: Sequence[Mapping[str, Any]]) -> str:
 
 
 def render_preference_card(
-    metrics: Mapping[str, Any], training_config: Mapping[str, Any], samples: Sequence[Mapping[str, Any]], hardware_name: str = ""
+    metrics: Mapping[str, Any],
+    training_config: Mapping[str, Any],
+    samples: Sequence[Mapping[str, Any]],
+    hardware_name: str = "",
 ) -> str:
     """The Markdown README.md of a preference-tuned model: which stage made it, from which model and data, the
     held-out scores and supervised perplexity before and after, the settings, samples, usage and limitations.
@@ -628,7 +733,9 @@ def render_preference_card(
     algorithm = str(metrics.get("algorithm") or settings.get("algorithm") or "dpo")
     source = str(metrics.get("data_source") or settings.get("data") or NA)
     folder = str(settings.get("output_dir") or "gpt2_preferred")
-    started_text = f"[{code(started)}](https://huggingface.co/{started})" if is_hub_id(started) else code(started or "GPT-2")
+    started_text = (
+        f"[{code(started)}](https://huggingface.co/{started})" if is_hub_id(started) else code(started or "GPT-2")
+    )
     summary = (
         f"{started_text} tuned to the preferences in {code(source)} with {algorithm.upper()}, by gpt2ft "
         f"{format_short(training_config.get('gpt2ft_version'))}: {ALGORITHM_TEXT.get(algorithm, algorithm)}. "
@@ -641,25 +748,27 @@ def render_preference_card(
         "and a model tuned too far on them loses what fine-tuning taught: compare it blind with the model it started "
         "from (`python -m gpt2ft serve --model " + folder + "`) before you use it."
     )
-    return "\n".join([
-        _preference_front_matter(started, source, algorithm),
-        "",
-        f"# GPT-2 preference-tuned with {algorithm.upper()}",
-        "",
-        summary,
-        "",
-        _preference_results(metrics),
-        "",
-        _preference_samples(samples or []),
-        "",
-        _usage(folder),
-        "",
-        _preference_data(metrics),
-        "",
-        _preference_settings(metrics, settings, started),
-        "",
-        _hardware(metrics, hardware_name),
-        "",
-        limitations,
-        "",
-    ])
+    return "\n".join(
+        [
+            _preference_front_matter(started, source, algorithm),
+            "",
+            f"# GPT-2 preference-tuned with {algorithm.upper()}",
+            "",
+            summary,
+            "",
+            _preference_results(metrics),
+            "",
+            _preference_samples(samples or []),
+            "",
+            _usage(folder),
+            "",
+            _preference_data(metrics),
+            "",
+            _preference_settings(metrics, settings, started),
+            "",
+            _hardware(metrics, hardware_name),
+            "",
+            limitations,
+            "",
+        ]
+    )

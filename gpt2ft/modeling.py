@@ -72,7 +72,9 @@ def load_tokenizer(name: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
     except Exception as error:
-        raise ModelError(f"--model {name}: cannot load the tokenizer ({type(error).__name__}: {first_line(error)})") from None
+        raise ModelError(
+            f"--model {name}: cannot load the tokenizer ({type(error).__name__}: {first_line(error)})"
+        ) from None
     if tokenizer.eos_token_id is None:
         raise ModelError(f"--model {name}: the tokenizer has no EOS token")
     if tokenizer.pad_token_id is None:
@@ -87,7 +89,6 @@ def load_model(name: str, dtype: torch.dtype | None = None) -> Any:
         ModelError: not loadable, not GPT-2, or pickle-only weights.
     """
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     check_model_source(name)
@@ -98,7 +99,9 @@ def load_model(name: str, dtype: torch.dtype | None = None) -> Any:
             name, use_safetensors=True, attn_implementation="sdpa", dtype=dtype or torch.float32
         )
     except Exception as error:
-        raise ModelError(f"--model {name}: cannot load the model ({type(error).__name__}: {first_line(error)})") from None
+        raise ModelError(
+            f"--model {name}: cannot load the model ({type(error).__name__}: {first_line(error)})"
+        ) from None
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
@@ -128,9 +131,13 @@ def load_model_config(name: str) -> Any:
     try:
         config = AutoConfig.from_pretrained(name)
     except Exception as error:
-        raise ModelError(f"--model {name}: cannot load the model config ({type(error).__name__}: {first_line(error)})") from None
+        raise ModelError(
+            f"--model {name}: cannot load the model config ({type(error).__name__}: {first_line(error)})"
+        ) from None
     if config.model_type != "gpt2":
-        raise ModelError(f"--model {name}: model_type is {config.model_type!r}, but gpt2ft fine-tunes GPT-2 models only")
+        raise ModelError(
+            f"--model {name}: model_type is {config.model_type!r}, but gpt2ft fine-tunes GPT-2 models only"
+        )
     return config
 
 
@@ -198,8 +205,14 @@ def choose_precision(requested: str, hardware: Hardware) -> tuple[str, str]:
         return "fp32", f"no CUDA GPU ({hardware.name}): full precision"
     major, minor = hardware.capability
     if hardware.capability >= (8, 0):
-        return "bf16", f"{hardware.name} has compute capability {major}.{minor} >= 8.0: bf16 units (no loss scaling needed)"
-    return "fp16", f"{hardware.name} has compute capability {major}.{minor} < 8.0: fp16 with loss scaling (no bf16 units)"
+        return (
+            "bf16",
+            f"{hardware.name} has compute capability {major}.{minor} >= 8.0: bf16 units (no loss scaling needed)",
+        )
+    return (
+        "fp16",
+        f"{hardware.name} has compute capability {major}.{minor} < 8.0: fp16 with loss scaling (no bf16 units)",
+    )
 
 
 def autocast_context(precision: str, device: torch.device | str) -> Any:

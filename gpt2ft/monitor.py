@@ -24,8 +24,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 MB = 1_000_000
 
@@ -105,7 +106,7 @@ class SystemMonitor:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self) -> "SystemMonitor":
+    def start(self) -> SystemMonitor:
         """Write the first sample now, then keep sampling on a daemon thread. A no-op while already running."""
         if self.running:
             return self
@@ -128,7 +129,7 @@ class SystemMonitor:
             self._thread = None
             self._shutdown_nvml()
 
-    def __enter__(self) -> "SystemMonitor":
+    def __enter__(self) -> SystemMonitor:
         return self.start()
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -192,9 +193,18 @@ class SystemMonitor:
     def sample(self) -> dict[str, Any]:
         """One reading of every metric (what each line of the file holds)."""
         now = time.time()
-        record: dict[str, Any] = {"timestamp": round(now, 3), "elapsed_s": round(now - self._started_at, 3), "step": None}
-        readers = [("step", self._read_step), ("cpu", self._read_cpu), ("memory", self._read_memory), ("disk", self._read_disk),
-                   ("network", self._read_network)]
+        record: dict[str, Any] = {
+            "timestamp": round(now, 3),
+            "elapsed_s": round(now - self._started_at, 3),
+            "step": None,
+        }
+        readers = [
+            ("step", self._read_step),
+            ("cpu", self._read_cpu),
+            ("memory", self._read_memory),
+            ("disk", self._read_disk),
+            ("network", self._read_network),
+        ]
         if self._gpu_wanted:
             readers += [("nvml", self._read_nvml), ("torch_cuda", self._read_torch_cuda)]
         if self.only is not None:
@@ -315,8 +325,14 @@ class SystemMonitor:
             (lambda: self._nvml_utilisation(nvml, handle), "nvml_utilisation"),
             (lambda: self._nvml_memory(nvml, handle), "nvml_memory"),
             (lambda: {"gpu_power_w": round(nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0, 2)}, "nvml_power"),
-            (lambda: {"gpu_power_limit_w": round(nvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0, 2)}, "nvml_power_limit"),
-            (lambda: {"gpu_temperature_c": nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)}, "nvml_temperature"),
+            (
+                lambda: {"gpu_power_limit_w": round(nvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0, 2)},
+                "nvml_power_limit",
+            ),
+            (
+                lambda: {"gpu_temperature_c": nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)},
+                "nvml_temperature",
+            ),
         ]
         for read, name in readings:
             try:

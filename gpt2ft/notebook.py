@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import gc
 import platform
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 from .colab import in_colab
 from .config import TrainConfig, build_config, config_fields, render_flag
@@ -39,7 +40,9 @@ def mount_drive(mount_point: str = DRIVE_MOUNT, folder: str = DRIVE_FOLDER) -> P
         RuntimeError: not running in Colab (Drive mounting exists only there).
     """
     if not in_colab():
-        raise RuntimeError("use_drive=True needs Google Colab; locally, set output_dir/logs_dir/images_dir to any folder instead")
+        raise RuntimeError(
+            "use_drive=True needs Google Colab; locally, set output_dir/logs_dir/images_dir to any folder instead"
+        )
     from google.colab import drive  # type: ignore[import-not-found]
 
     drive.mount(mount_point)
@@ -49,7 +52,9 @@ def mount_drive(mount_point: str = DRIVE_MOUNT, folder: str = DRIVE_FOLDER) -> P
     return root
 
 
-def resolve_paths(output_dir: str, logs_dir: str, images_dir: str, drive_root: str | Path | None = None) -> dict[str, str]:
+def resolve_paths(
+    output_dir: str, logs_dir: str, images_dir: str, drive_root: str | Path | None = None
+) -> dict[str, str]:
     """The run's artifact folders: relative ones go under `drive_root` when Drive is used; absolute ones stay.
 
     The data cache is not moved to Drive: the download takes seconds, and Drive is slow with many small files.
@@ -60,7 +65,9 @@ def resolve_paths(output_dir: str, logs_dir: str, images_dir: str, drive_root: s
     paths = {"output_dir": output_dir, "logs_dir": logs_dir, "images_dir": images_dir}
     if drive_root is None:
         return {name: str(path) for name, path in paths.items()}
-    return {name: str(Path(path) if Path(path).is_absolute() else Path(drive_root) / path) for name, path in paths.items()}
+    return {
+        name: str(Path(path) if Path(path).is_absolute() else Path(drive_root) / path) for name, path in paths.items()
+    }
 
 
 def make_config(
@@ -137,8 +144,10 @@ def environment_report(plan: Any) -> dict[str, Any]:
     for key, value in report.items():
         print(f"{key:>20}: {'-' if value is None else value}")
     if hardware.device != "cuda":
-        print("\nNo GPU found: everything runs on the CPU, which is fine for a tiny test run but far too slow for GPT-2 "
-              "on all of DailyDialog. In Colab: Runtime -> Change runtime type -> T4 GPU, then run all cells again.")
+        print(
+            "\nNo GPU found: everything runs on the CPU, which is fine for a tiny test run but far too slow for GPT-2 "
+            "on all of DailyDialog. In Colab: Runtime -> Change runtime type -> T4 GPU, then run all cells again."
+        )
     return report
 
 
@@ -159,7 +168,11 @@ def gpu_memory_report(stage: str, reset_peak: bool = False, train_seconds: float
     """
     import torch
 
-    report: dict[str, Any] = {"stage": stage, "device": "cuda" if torch.cuda.is_available() else "cpu", "train_seconds": train_seconds}
+    report: dict[str, Any] = {
+        "stage": stage,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "train_seconds": train_seconds,
+    }
     lines = [f"{stage}:"]
     if train_seconds is not None:
         lines.append(f"  training time: {train_seconds:,.1f} s ({train_seconds / 60:.1f} min)")
@@ -216,7 +229,12 @@ def format_turns(turns: Sequence[str], roles: Sequence[str] | None = None) -> st
     return "\n".join(f"{'AB'[index % 2]}: {turn}" for index, turn in enumerate(turns))
 
 
-def plot_token_lengths(lengths: Sequence[int], images_dir: str | Path, limit: int | None = None, title: str = "Tokens per training dialogue") -> Path:
+def plot_token_lengths(
+    lengths: Sequence[int],
+    images_dir: str | Path,
+    limit: int | None = None,
+    title: str = "Tokens per training dialogue",
+) -> Path:
     """Draw the token-length histogram, save it as `<images_dir>/token_lengths.png`, show it, and print its summary.
 
     Args:
@@ -276,7 +294,12 @@ def label_table(row: dict[str, Any], tokenizer: Any, limit: int = 40) -> Any:
     from .data import IGNORE_INDEX
 
     rows = [
-        {"token": repr(tokenizer.decode([token])), "id": token, "label": label, "trained": "no" if label == IGNORE_INDEX else "yes"}
+        {
+            "token": repr(tokenizer.decode([token])),
+            "id": token,
+            "label": label,
+            "trained": "no" if label == IGNORE_INDEX else "yes",
+        }
         for token, label in zip(row["input_ids"][:limit], row["labels"][:limit])
     ]
     return pd.DataFrame(rows)
@@ -296,7 +319,9 @@ def token_stats_table(rows: Any) -> Any:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def score_splits(model: Any, tokenizer: Any, rows: Any, plan: Any, splits: Sequence[str] = ("validation", "test"), label: str = "") -> dict[str, dict[str, Any]]:
+def score_splits(
+    model: Any, tokenizer: Any, rows: Any, plan: Any, splits: Sequence[str] = ("validation", "test"), label: str = ""
+) -> dict[str, dict[str, Any]]:
     """Loss and perplexity of `model` on the tokenised held-out splits, scored exactly as training evaluates them
     (same rows, collator, batch size and precision), on the training device.
 
@@ -310,7 +335,9 @@ def score_splits(model: Any, tokenizer: Any, rows: Any, plan: Any, splits: Seque
     collator = DialogueCollator(tokenizer, plan.config.batching)
     results = {}
     for split in splits:
-        result = evaluate_loss(model, rows[split], collator, plan.config.eval_batch_size, plan.args.device, plan.precision)
+        result = evaluate_loss(
+            model, rows[split], collator, plan.config.eval_batch_size, plan.args.device, plan.precision
+        )
         results[split] = result
         print(
             f"{split}{' ' + label if label else ''}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
@@ -356,7 +383,9 @@ def score_replies(model: Any, tokenizer: Any, dialogs: Any, samples: int, seed: 
     return {**reply_metrics(records), "records": records}
 
 
-def comparison_table(before: dict[str, Any], before_replies: dict[str, Any], metrics: dict[str, Any], after_replies: dict[str, Any]) -> str:
+def comparison_table(
+    before: dict[str, Any], before_replies: dict[str, Any], metrics: dict[str, Any], after_replies: dict[str, Any]
+) -> str:
     """Print and return the before/after table of test perplexity and reply statistics (evaluation.format_comparison).
 
     Both models answered the same held-out contexts with the same decoding settings; see evaluation.reply_metrics
@@ -438,7 +467,9 @@ def make_streamer(tokenizer: Any) -> Any:
     return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def show_replies(model: Any, tokenizer: Any, dialogs: Any, count: int, seed: int | None = None, **decoding: Any) -> list[dict[str, Any]]:
+def show_replies(
+    model: Any, tokenizer: Any, dialogs: Any, count: int, seed: int | None = None, **decoding: Any
+) -> list[dict[str, Any]]:
     """The model's reply to a few held-out conversations, streamed as it is written, next to the real reply
     (evaluation.sample_replies: the first half of each conversation is the context).
 
@@ -452,7 +483,16 @@ def show_replies(model: Any, tokenizer: Any, dialogs: Any, count: int, seed: int
         print(f"real:  {record['reference']}")
         print("model: ", end="", flush=True)
 
-    records = sample_replies(model, tokenizer, dialogs, count, seed=seed, before_each=show_context, streamer=make_streamer(tokenizer), **decoding)
+    records = sample_replies(
+        model,
+        tokenizer,
+        dialogs,
+        count,
+        seed=seed,
+        before_each=show_context,
+        streamer=make_streamer(tokenizer),
+        **decoding,
+    )
     print()
     return records
 
@@ -483,7 +523,9 @@ def typed_lines(prompt: str = "you> ") -> Iterator[str]:
         yield line
 
 
-def chat_in_notebook(model: Any, tokenizer: Any, lines: Sequence[str] | None = None, stream: bool = True, **decoding: Any) -> int:
+def chat_in_notebook(
+    model: Any, tokenizer: Any, lines: Sequence[str] | None = None, stream: bool = True, **decoding: Any
+) -> int:
     """A multi-turn conversation through generate.chat: typed in an input box when `lines` is None, else scripted.
 
     Typing needs a person at the notebook, so papermill and "run all" use the scripted lines unless the notebook's
@@ -597,20 +639,35 @@ def prefer_in_notebook(
         DataError, ModelError, ConfigError, TrainingError: bad input, with a one-line message.
     """
     if not enabled:
-        print("Preference tuning off: set preference_tuning = True in the parameters cell (after votes on the web page, or with preference_data).")
+        print(
+            "Preference tuning off: set preference_tuning = True in the parameters cell (after votes on the web page, or with preference_data)."
+        )
         return None
     from .config import PREFER_OUTPUT_DIR, PreferConfig, render_flag
     from .prefer import prefer
 
-    paths = resolve_paths(output_dir or PREFER_OUTPUT_DIR, str(Path(logs_dir) / "prefer"), str(Path(images_dir) / "prefer"), drive_root)
+    paths = resolve_paths(
+        output_dir or PREFER_OUTPUT_DIR, str(Path(logs_dir) / "prefer"), str(Path(images_dir) / "prefer"), drive_root
+    )
     chosen = {name: value for name, value in settings.items() if value is not None}
-    values = dict(model=str(model_dir), data=data or str(Path(logs_dir) / "votes.sqlite"), algorithm=algorithm, cache_dir=cache_dir, **paths, **chosen)
+    values = dict(
+        model=str(model_dir),
+        data=data or str(Path(logs_dir) / "votes.sqlite"),
+        algorithm=algorithm,
+        cache_dir=cache_dir,
+        **paths,
+        **chosen,
+    )
     config = build_config(config_class=PreferConfig, **values)
     defaults = PreferConfig()
-    print("python -m gpt2ft prefer " + " ".join(
-        render_flag(field.name, getattr(config, field.name)) for field in config_fields(PreferConfig)
-        if getattr(config, field.name) != getattr(defaults, field.name) and getattr(config, field.name) is not None
-    ))
+    print(
+        "python -m gpt2ft prefer "
+        + " ".join(
+            render_flag(field.name, getattr(config, field.name))
+            for field in config_fields(PreferConfig)
+            if getattr(config, field.name) != getattr(defaults, field.name) and getattr(config, field.name) is not None
+        )
+    )
     return prefer(config, explicit=set(values))
 
 
@@ -630,12 +687,16 @@ def preference_table(result: Any) -> Any:
     rows = {
         label: {"before": metrics.get(f"{key}_before"), "after": metrics.get(f"{key}_after")}
         for key, label in (
-            ("reward_accuracy", "reward accuracy (held out)"), ("reward_margin", "reward margin (held out)"),
-            ("logp_accuracy", "model finds the better reply likelier"), ("sft_perplexity", "supervised validation perplexity"),
+            ("reward_accuracy", "reward accuracy (held out)"),
+            ("reward_margin", "reward margin (held out)"),
+            ("logp_accuracy", "model finds the better reply likelier"),
+            ("sft_perplexity", "supervised validation perplexity"),
         )
         if metrics.get(f"{key}_after") is not None
     }
-    print(f"{metrics['algorithm'].upper()} from {metrics['started_from']} on {metrics['data_source']}: model in {result.output_dir}")
+    print(
+        f"{metrics['algorithm'].upper()} from {metrics['started_from']} on {metrics['data_source']}: model in {result.output_dir}"
+    )
     charts = [Path(path) for path in result.published.charts if Path(path).name == "chart_prefer.png"]
     for path in charts:
         show_image(path)

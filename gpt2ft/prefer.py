@@ -26,29 +26,53 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from . import __version__
-from .checkpoints import (
-    CheckpointMarkerCallback, TrainingError, check_output_dir, checkpoint_dir,
-    find_resume_checkpoint, remove_incomplete_checkpoints, save_final_model,
-)
 from .charts import PREFER_CHART
+from .checkpoints import (
+    CheckpointMarkerCallback,
+    TrainingError,
+    check_output_dir,
+    checkpoint_dir,
+    find_resume_checkpoint,
+    remove_incomplete_checkpoints,
+    save_final_model,
+)
 from .config import PreferConfig, changed_fields, run_defining_fields
 from .data import IGNORE_INDEX
 from .logs import write_json, write_jsonl, write_text_atomic
 from .modeling import autocast_context, choose_precision, detect_hardware, load_model_and_tokenizer, load_model_config
-from .sources import DataError
 from .preferences import SKIP_TOO_LONG, SKIP_TURN_TOO_LONG, PreferenceData, Skips, read_preferences
+from .sources import DataError
 from .training import (
-    METRICS, TRAIN_LOG, FitResult, JsonlLogCallback, LoadedModel, Published, RunPlan, RunTotals, WholeRunTrainer, attempt,
-    begin_system_log, finish_run, oom_message, resolve_max_length, resolve_optim, run_trainer, run_facts, say, settle_plan, trainer_settings,
+    METRICS,
+    TRAIN_LOG,
+    FitResult,
+    JsonlLogCallback,
+    LoadedModel,
+    Published,
+    RunPlan,
+    RunTotals,
+    WholeRunTrainer,
+    attempt,
+    begin_system_log,
+    finish_run,
+    oom_message,
+    resolve_max_length,
+    resolve_optim,
+    run_facts,
+    run_trainer,
+    say,
+    settle_plan,
+    trainer_settings,
 )
 
 SAMPLE_COUNT = 3
@@ -97,7 +121,9 @@ def trainer_classes() -> dict[str, type]:
     return {"dpo": PreferenceDPOTrainer, "kto": PreferenceKTOTrainer}
 
 
-def build_preference_args(config: PreferConfig, precision: str, hardware: Any, output_dir: str | Path, max_length: int) -> Any:
+def build_preference_args(
+    config: PreferConfig, precision: str, hardware: Any, output_dir: str | Path, max_length: int
+) -> Any:
     """TRL's DPOConfig or KTOConfig for a run: the same schedule, precision, checkpointing and evaluation rules as
     `train` (training.build_training_args), with the preference settings on top.
 
@@ -122,8 +148,10 @@ def build_preference_args(config: PreferConfig, precision: str, hardware: Any, o
     # KTO's KL estimate pairs each example with its neighbour in a fixed-order batch: TRL needs sequential sampling
     # (prepare_preferences shuffles the examples once, with the seed, instead).
     return KTOConfig(
-        **common, train_sampling_strategy="sequential",
-        desirable_weight=config.desirable_weight or 1.0, undesirable_weight=config.undesirable_weight or 1.0,
+        **common,
+        train_sampling_strategy="sequential",
+        desirable_weight=config.desirable_weight or 1.0,
+        undesirable_weight=config.undesirable_weight or 1.0,
     )
 
 
@@ -171,7 +199,9 @@ def plan_preference(config: PreferConfig, explicit: set[str] | None = None) -> R
             "folder, so the starting model stays for the reference, for resuming and for the next round of votes"
         )
     hardware = detect_hardware()
-    config, notes = choose_presets(config, hardware, changed_fields(config) if explicit is None else explicit, leave=("learning_rate",))
+    config, notes = choose_presets(
+        config, hardware, changed_fields(config) if explicit is None else explicit, leave=("learning_rate",)
+    )
     precision, reason = choose_precision(config.precision, hardware)
     max_length = resolve_max_length(config, load_model_config(config.model))
     args = check_optimizer(
@@ -197,7 +227,12 @@ def prepare_preferences(plan: RunPlan) -> PreferenceData:
 
     config = plan.config
     data = read_preferences(
-        config.data, config.algorithm, config.cache_dir, config.validation_fraction, config.max_train_pairs, config.max_eval_pairs
+        config.data,
+        config.algorithm,
+        config.cache_dir,
+        config.validation_fraction,
+        config.max_train_pairs,
+        config.max_eval_pairs,
     )
     if config.algorithm == "kto":
         # TRL's KTO reads the examples in order (see build_preference_args): shuffle them once, reproducibly, so a
@@ -215,7 +250,9 @@ def report_data(plan: RunPlan, data: PreferenceData) -> None:
     winners = counts.get("winners")
     read = (
         f"{winners['votes']:,} votes ({winners['a']:,} A better, {winners['b']:,} B better, {winners['tie']:,} ties, "
-        f"{winners['both_bad']:,} both bad)" if winners else f"{counts['read']:,} records ({data.layout} layout)"
+        f"{winners['both_bad']:,} both bad)"
+        if winners
+        else f"{counts['read']:,} records ({data.layout} layout)"
     )
     say(
         f"preferences from {data.source}: {read} -> {len(data.records['train']):,} training and "
@@ -235,7 +272,12 @@ def load_policy(plan: RunPlan) -> LoadedModel:
 
 
 def fit_records(
-    records: list[dict[str, Any]], tokenizer: Any, max_length: int, skips: Skips, split: str, model_name: str = "--model"
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    max_length: int,
+    skips: Skips,
+    split: str,
+    model_name: str = "--model",
 ) -> list[dict[str, Any]]:
     """The records whose prompt and longest reply fit in `max_length` tokens; a prompt too long keeps its latest whole
     turns (generate.keep_latest_turns, as the chat does). Records that cannot fit are skipped and counted.
@@ -289,7 +331,8 @@ def fit_prompts(plan: RunPlan, data: PreferenceData, tokenizer: Any) -> Any:
 
     skips = Skips()
     fitted = {
-        split: fit_records(records, tokenizer, plan.max_length, skips, split, plan.config.model) for split, records in data.records.items()
+        split: fit_records(records, tokenizer, plan.max_length, skips, split, plan.config.model)
+        for split, records in data.records.items()
     }
     for reason, count in skips.counts.items():
         data.counts["skipped"][reason] = data.counts["skipped"].get(reason, 0) + count
@@ -364,10 +407,15 @@ def supervised_dialogs(plan: RunPlan) -> SupervisedDialogs | None:
     recorded, max_length = saved_run_config(config.model)
     if config.sft_data is None and "config" not in read_training_config(config.model):
         if plan.is_main:
-            say(f"no supervised data recorded in {config.model}: perplexity before/after not measured (pass --sft-data SRC)")
+            say(
+                f"no supervised data recorded in {config.model}: perplexity before/after not measured (pass --sft-data SRC)"
+            )
         return None
     settings = recorded.replace(
-        data=config.sft_data or recorded.data, cache_dir=config.cache_dir, max_train_dialogs=None, max_eval_dialogs=config.max_sft_dialogs,
+        data=config.sft_data or recorded.data,
+        cache_dir=config.cache_dir,
+        max_train_dialogs=None,
+        max_eval_dialogs=config.max_sft_dialogs,
     )
     try:
         prepared = prepare_dialogs(**data_options(settings))
@@ -377,7 +425,9 @@ def supervised_dialogs(plan: RunPlan) -> SupervisedDialogs | None:
         if plan.is_main:
             say(f"perplexity before/after not measured: the recorded supervised data cannot be read ({error})")
         return None
-    return SupervisedDialogs(prepared.dialogs["validation"], prepared.loss_on, max_length or plan.max_length, prepared.source)
+    return SupervisedDialogs(
+        prepared.dialogs["validation"], prepared.loss_on, max_length or plan.max_length, prepared.source
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -386,7 +436,11 @@ def supervised_dialogs(plan: RunPlan) -> SupervisedDialogs | None:
 
 
 def build_preference_trainer(
-    plan: RunPlan, loaded: LoadedModel, rows: Any, data: PreferenceData, callbacks: Sequence[TrainerCallback] | None = None
+    plan: RunPlan,
+    loaded: LoadedModel,
+    rows: Any,
+    data: PreferenceData,
+    callbacks: Sequence[TrainerCallback] | None = None,
 ) -> Any:
     """TRL's DPOTrainer or KTOTrainer (with WholeRunTrainerMixin) over the fitted records: TRL renders them with the
     model's chat template and tokenises them. With --method lora TRL wraps the model in the adapters itself, so the
@@ -416,7 +470,12 @@ def build_preference_trainer(
                 processing_class=loaded.tokenizer,
                 peft_config=peft_config,
                 precision=plan.precision,
-                callbacks=[RunTotals(), CheckpointMarkerCallback(run_settings(plan, data, rows)), JsonlLogCallback(plan.logs_dir / TRAIN_LOG), *(callbacks or [])],
+                callbacks=[
+                    RunTotals(),
+                    CheckpointMarkerCallback(run_settings(plan, data, rows)),
+                    JsonlLogCallback(plan.logs_dir / TRAIN_LOG),
+                    *(callbacks or []),
+                ],
             )
     finally:
         if bar_was_on:
@@ -443,7 +502,11 @@ SCORE_CHUNK_POSITIONS = 1024
 
 @torch.no_grad()
 def completion_logps(
-    model: Any, prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]], batch_size: int, precision: str = "fp32"
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    replies: Sequence[Sequence[int]],
+    batch_size: int,
+    precision: str = "fp32",
 ) -> list[float]:
     """log p(reply | prompt) of each sequence under `model`: the sum of the reply tokens' log-probabilities, its
     closing EOS included (what DPO's and KTO's implicit reward is built from).
@@ -461,7 +524,10 @@ def completion_logps(
     try:
         with autocast_context(precision, device):
             for start in range(0, len(prompts), batch_size):
-                batch = [list(p) + list(r) for p, r in zip(prompts[start : start + batch_size], replies[start : start + batch_size])]
+                batch = [
+                    list(p) + list(r)
+                    for p, r in zip(prompts[start : start + batch_size], replies[start : start + batch_size])
+                ]
                 width = max(len(ids) for ids in batch)
                 input_ids = torch.zeros((len(batch), width), dtype=torch.long)
                 attention = torch.zeros_like(input_ids)
@@ -471,7 +537,9 @@ def completion_logps(
                     attention[row, : len(ids)] = 1
                     labels[row, len(prompt) : len(ids)] = torch.tensor(ids[len(prompt) :])
                 input_ids, attention, labels = input_ids.to(device), attention.to(device), labels.to(device)
-                hidden = core.transformer(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state[:, :-1]
+                hidden = core.transformer(
+                    input_ids=input_ids, attention_mask=attention, use_cache=False
+                ).last_hidden_state[:, :-1]
                 targets = labels[:, 1:]
                 scored = targets != IGNORE_INDEX
                 rows = scored.nonzero(as_tuple=True)[0]
@@ -488,7 +556,9 @@ def completion_logps(
     return sums
 
 
-def reference_logps(trainer: Any, prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]], batch_size: int, precision: str) -> list[float]:
+def reference_logps(
+    trainer: Any, prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]], batch_size: int, precision: str
+) -> list[float]:
     """Reply log-probabilities under the reference: TRL's frozen copy, or (LoRA) the model with its adapters off."""
     if trainer.ref_model is not None:
         return completion_logps(trainer.ref_model, prompts, replies, batch_size, precision)
@@ -501,7 +571,13 @@ def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def preference_scores(algorithm: str, beta: float, policy: dict[str, list[float]], reference: dict[str, list[float]], labels: Sequence[bool] = ()) -> dict[str, Any]:
+def preference_scores(
+    algorithm: str,
+    beta: float,
+    policy: dict[str, list[float]],
+    reference: dict[str, list[float]],
+    labels: Sequence[bool] = (),
+) -> dict[str, Any]:
     """Held-out preference numbers from reply log-probabilities under the model and the reference.
 
     DPO (pairs): reward accuracy = share of pairs whose chosen reply's implicit reward beta*(log pi - log pi_ref)
@@ -549,11 +625,17 @@ class Measurement:
     reference: dict[str, list[float]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        sft = {f"sft_{key}": value for key, value in (self.sft or {}).items() if key in ("loss", "perplexity", "dialogs", "tokens")}
+        sft = {
+            f"sft_{key}": value
+            for key, value in (self.sft or {}).items()
+            if key in ("loss", "perplexity", "dialogs", "tokens")
+        }
         return {**self.scores, **sft}
 
 
-def measure(plan: RunPlan, trainer: Any, tokenizer: Any, sft: SupervisedDialogs | None, reference: Measurement | None = None) -> Measurement:
+def measure(
+    plan: RunPlan, trainer: Any, tokenizer: Any, sft: SupervisedDialogs | None, reference: Measurement | None = None
+) -> Measurement:
     """Score the model as it is now: the held-out preference numbers (preference_scores, every record counted once)
     and, when there are supervised dialogues, their loss and perplexity (evaluation.evaluate_dialogs, as `eval`
     measures). Call it before fit_preferences and after, passing the first measurement as `reference`."""
@@ -567,7 +649,11 @@ def measure(plan: RunPlan, trainer: Any, tokenizer: Any, sft: SupervisedDialogs 
         for name in reply_columns(rows):
             replies = rows[name][:]
             policy[name] = completion_logps(trainer.model, prompts, replies, batch_size, plan.precision)
-            ref[name] = reference.reference[name] if reference is not None else reference_logps(trainer, prompts, replies, batch_size, plan.precision)
+            ref[name] = (
+                reference.reference[name]
+                if reference is not None
+                else reference_logps(trainer, prompts, replies, batch_size, plan.precision)
+            )
         labels = rows["label"][:] if "label" in rows.column_names else ()
         scores = preference_scores(plan.config.algorithm, plan.config.beta, policy, ref, labels)
         scored = None
@@ -594,7 +680,9 @@ def fit_preferences(plan: RunPlan, trainer: Any, resume_from: str | None) -> Fit
     begin_system_log(plan, resume_from)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TRL still asks for transformers' is_gradient_checkpointing
-        return run_trainer(plan, trainer, resume_from, stage="preference tuning", advice="a lower --learning-rate, a higher --beta")
+        return run_trainer(
+            plan, trainer, resume_from, stage="preference tuning", advice="a lower --learning-rate, a higher --beta"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -603,7 +691,12 @@ def fit_preferences(plan: RunPlan, trainer: Any, resume_from: str | None) -> Fit
 
 
 def preference_metrics(
-    plan: RunPlan, fitted: FitResult, loaded: LoadedModel, data: PreferenceData, before: Measurement, after: Measurement,
+    plan: RunPlan,
+    fitted: FitResult,
+    loaded: LoadedModel,
+    data: PreferenceData,
+    before: Measurement,
+    after: Measurement,
     sft: SupervisedDialogs | None,
 ) -> dict[str, Any]:
     """The run's metrics as metrics.json holds them: whole-run totals from the Trainer's state, the held-out scores
@@ -632,11 +725,17 @@ def preference_metrics(
         "sft_dialogs": len(sft.dialogs) if sft is not None else 0,
         "data_counts": data.counts,
         "skipped": data.skipped,
-        **({"kto_weights": {"desirable": plan.args.desirable_weight, "undesirable": plan.args.undesirable_weight}} if plan.config.algorithm == "kto" else {}),
+        **(
+            {"kto_weights": {"desirable": plan.args.desirable_weight, "undesirable": plan.args.undesirable_weight}}
+            if plan.config.algorithm == "kto"
+            else {}
+        ),
     }
 
 
-def save_preferred(plan: RunPlan, fitted: FitResult, metrics: dict[str, Any], tokenizer: Any, data: PreferenceData) -> Path:
+def save_preferred(
+    plan: RunPlan, fitted: FitResult, metrics: dict[str, Any], tokenizer: Any, data: PreferenceData
+) -> Path:
     """Write the preferred model atomically (merged, for LoRA; with the starting model's tokenizer and chat
     template), metrics.json and the final train_log.jsonl. training_config.json records which stage made it, from
     which model and data, and carries the starting model's own training settings, so `eval`, `compare` and a next
@@ -663,17 +762,34 @@ def save_preferred(plan: RunPlan, fitted: FitResult, metrics: dict[str, Any], to
             "prefer_config": plan.config.to_dict(),
             # The starting model's own settings (its supervised data, format, loss mode): what `eval` and `compare`
             # read to score this model the way its predecessor was scored.
-            **{key: recorded[key] for key in ("config", "data_source", "data_is_dailydialog", "has_roles", "loss_on") if key in recorded},
+            **{
+                key: recorded[key]
+                for key in ("config", "data_source", "data_is_dailydialog", "has_roles", "loss_on")
+                if key in recorded
+            },
             "max_length": recorded.get("max_length", plan.max_length),
             "precision": plan.precision,
             "preference_data": data.source,
             "preference_counts": data.counts,
             "metrics": {
-                "eval_perplexity": metrics["sft_perplexity_after"],  # the supervised validation data's, as serve shows it
-                **{key: metrics[key] for key in ("reward_accuracy_before", "reward_accuracy_after", "reward_margin_after", "sft_perplexity_before", "sft_perplexity_after")},
+                "eval_perplexity": metrics[
+                    "sft_perplexity_after"
+                ],  # the supervised validation data's, as serve shows it
+                **{
+                    key: metrics[key]
+                    for key in (
+                        "reward_accuracy_before",
+                        "reward_accuracy_after",
+                        "reward_margin_after",
+                        "sft_perplexity_before",
+                        "sft_perplexity_after",
+                    )
+                },
             },
         }
-        save_final_model(model, tokenizer, build_generation_config(tokenizer), training_config, plan.output_dir, adapter=adapter)
+        save_final_model(
+            model, tokenizer, build_generation_config(tokenizer), training_config, plan.output_dir, adapter=adapter
+        )
     trainer.accelerator.wait_for_everyone()
     if trainer.ref_model is not None:
         trainer.ref_model = None  # the frozen copy is not needed any more
@@ -731,16 +847,34 @@ def publish_preferred(plan: RunPlan, data: PreferenceData, samples: int = SAMPLE
     if not plan.is_main:
         return published
     problems = published.problems
-    charts = attempt("drawing the charts", lambda: write_charts(plan.logs_dir, plan.config.images_dir), plan, problems) or []
-    chart = attempt("drawing the preference chart", lambda: write_preference_chart(plan.logs_dir, plan.config.images_dir), plan, problems)
+    charts = (
+        attempt("drawing the charts", lambda: write_charts(plan.logs_dir, plan.config.images_dir), plan, problems) or []
+    )
+    chart = attempt(
+        "drawing the preference chart",
+        lambda: write_preference_chart(plan.logs_dir, plan.config.images_dir),
+        plan,
+        problems,
+    )
     published.charts = charts + ([chart] if chart else [])
     loaded = attempt("loading the saved model", lambda: load_for_generation(str(plan.output_dir)), plan, problems)
     if loaded is not None:
         published.model, published.tokenizer = loaded
-        published.samples = attempt(
-            "sampling replies", lambda: sample_preferred_replies(published.model, published.tokenizer, data, samples), plan, problems
-        ) or []
-    published.card = attempt("writing the model card", lambda: write_preference_card(plan, published.charts, published.samples), plan, problems)
+        published.samples = (
+            attempt(
+                "sampling replies",
+                lambda: sample_preferred_replies(published.model, published.tokenizer, data, samples),
+                plan,
+                problems,
+            )
+            or []
+        )
+    published.card = attempt(
+        "writing the model card",
+        lambda: write_preference_card(plan, published.charts, published.samples),
+        plan,
+        problems,
+    )
     return published
 
 

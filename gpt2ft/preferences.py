@@ -32,9 +32,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from .data import dialog_key, key_share
 from .sources import DataError, Layout, locate, read_record
@@ -119,7 +120,9 @@ def messages_of(value: Any, column: str, role: str, where: str) -> list[dict[str
         kind = "sharegpt" if isinstance(first, dict) and ("from" in first or "value" in first) else "messages"
         turns, roles = read_record({column: value}, Layout(kind, column), f"{where}: {column}")
         return [{"role": speaker, "content": turn} for turn, speaker in zip(turns, roles)]
-    raise DataError(f"{where}: {column} is {'missing' if value is None else 'a ' + type(value).__name__}, not text or a list of messages")
+    raise DataError(
+        f"{where}: {column} is {'missing' if value is None else 'a ' + type(value).__name__}, not text or a list of messages"
+    )
 
 
 def conversation_key(prompt: Sequence[Mapping[str, str]]) -> str:
@@ -141,7 +144,9 @@ def shared_text_prefix(chosen: str, rejected: str) -> int:
     return max(chosen.rfind(space, 0, length) for space in (" ", "\n", "\t")) + 1
 
 
-def split_implicit(chosen: Any, rejected: Any, where: str) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]]]:
+def split_implicit(
+    chosen: Any, rejected: Any, where: str
+) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]]]:
     """(prompt, chosen, rejected) of an implicit-prompt pair: the turns (for text, the words) both begin with are the
     prompt.
 
@@ -152,9 +157,14 @@ def split_implicit(chosen: Any, rejected: Any, where: str) -> tuple[list[dict[st
         cut = shared_text_prefix(chosen, rejected)
         prompt_text, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
         if not prompt_text.strip():
-            raise DataError(f"{where}: empty prompt: chosen and rejected share no words at their start (put the prompt in a prompt column)")
-        return (messages_of(prompt_text, "prompt", "user", where), messages_of(chosen, "chosen", "assistant", where),
-                messages_of(rejected, "rejected", "assistant", where))
+            raise DataError(
+                f"{where}: empty prompt: chosen and rejected share no words at their start (put the prompt in a prompt column)"
+            )
+        return (
+            messages_of(prompt_text, "prompt", "user", where),
+            messages_of(chosen, "chosen", "assistant", where),
+            messages_of(rejected, "rejected", "assistant", where),
+        )
     chosen_messages = messages_of(chosen, "chosen", "assistant", where)
     rejected_messages = messages_of(rejected, "rejected", "assistant", where)
     shared = 0
@@ -163,7 +173,9 @@ def split_implicit(chosen: Any, rejected: Any, where: str) -> tuple[list[dict[st
             break
         shared += 1
     if shared == 0:
-        raise DataError(f"{where}: empty prompt: chosen and rejected share no turns at their start (put the prompt in a prompt column)")
+        raise DataError(
+            f"{where}: empty prompt: chosen and rejected share no turns at their start (put the prompt in a prompt column)"
+        )
     for name, messages in (("chosen", chosen_messages), ("rejected", rejected_messages)):
         if len(messages) == shared:
             raise DataError(f"{where}: {name} has no reply after the prompt it shares with the other")
@@ -176,7 +188,7 @@ def split_implicit(chosen: Any, rejected: Any, where: str) -> tuple[list[dict[st
 
 
 def detect_preference_layout(columns: Sequence[str], origin: str) -> str:
-    """"explicit" (prompt/chosen/rejected), "implicit" (chosen/rejected) or "unpaired" (prompt/completion/label).
+    """ "explicit" (prompt/chosen/rejected), "implicit" (chosen/rejected) or "unpaired" (prompt/completion/label).
 
     Raises:
         DataError: none of them; the message lists the columns found.
@@ -281,7 +293,9 @@ def read_record_splits(source: str, cache_dir: str | Path | None) -> tuple[dict[
         return read_hub(source, datasets_cache)
     path = Path(source).expanduser()
     if not path.exists():
-        raise DataError(f"{path}: no such file or folder (pass a votes database, a .jsonl/.json/.parquet file, a folder or hub:OWNER/NAME)")
+        raise DataError(
+            f"{path}: no such file or folder (pass a votes database, a .jsonl/.json/.parquet file, a folder or hub:OWNER/NAME)"
+        )
     files = {"train": path} if path.is_file() else split_files(path)
     for file in files.values():
         if file.suffix not in FILE_BUILDERS:
@@ -311,7 +325,11 @@ def vote_prompt(conversation: Any) -> list[dict[str, str]] | None:
         return None
     messages = []
     for message in conversation:
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in ROLES
+            or not isinstance(message.get("content"), str)
+        ):
             return None
         messages.append({"role": message["role"], "content": message["content"].strip()})
     return messages
@@ -332,7 +350,9 @@ def votes_records(path: Path, algorithm: str, skips: Skips) -> tuple[list[dict[s
     try:
         votes = read_votes(path)
     except VotesError as error:
-        raise DataError(f"--data {path}: {error}; expected a votes database written by python -m gpt2ft serve") from None
+        raise DataError(
+            f"--data {path}: {error}; expected a votes database written by python -m gpt2ft serve"
+        ) from None
     winners: Counter[str] = Counter(vote["winner"] for vote in votes)
     records: list[dict[str, Any]] = []
     for vote in votes:
@@ -362,7 +382,9 @@ def votes_records(path: Path, algorithm: str, skips: Skips) -> tuple[list[dict[s
     if not records:
         verdicts = ", ".join(f"{count} {name}" for name, count in sorted(winners.items())) or "none"
         wanted = "an 'A is better' or 'B is better' vote" if algorithm == "dpo" else "a vote other than a tie"
-        raise DataError(f"--data {path}: no decisive vote to learn from ({len(votes)} votes: {verdicts}); {algorithm.upper()} needs {wanted}")
+        raise DataError(
+            f"--data {path}: no decisive vote to learn from ({len(votes)} votes: {verdicts}); {algorithm.upper()} needs {wanted}"
+        )
     return records, {"votes": len(votes), **{name: winners.get(name, 0) for name in ("a", "b", "tie", "both_bad")}}
 
 
@@ -371,7 +393,9 @@ def votes_records(path: Path, algorithm: str, skips: Skips) -> tuple[list[dict[s
 # --------------------------------------------------------------------------------------------------------------
 
 
-def hold_out_by_key(records: list[dict[str, Any]], validation_fraction: float, source: str) -> dict[str, list[dict[str, Any]]]:
+def hold_out_by_key(
+    records: list[dict[str, Any]], validation_fraction: float, source: str
+) -> dict[str, list[dict[str, Any]]]:
     """Train and validation records: a record whose conversation key falls below `validation_fraction` (key_share)
     is held out. With few conversations none may fall there: then the one with the lowest share is held out (still
     by its hash, so the same one every run).
@@ -384,10 +408,14 @@ def hold_out_by_key(records: list[dict[str, Any]], validation_fraction: float, s
     if not any(share < cut for share in shares):
         distinct = sorted(set(shares))
         if len(distinct) < 2:
-            raise DataError(f"{source}: all records share one conversation; at least two different conversations are needed (one is held out)")
+            raise DataError(
+                f"{source}: all records share one conversation; at least two different conversations are needed (one is held out)"
+            )
         cut = distinct[1]  # everything at the lowest share: that conversation and its duplicates
     if all(share < cut for share in shares):
-        raise DataError(f"{source}: every conversation fell into the held-out share; add more or lower --validation-fraction")
+        raise DataError(
+            f"{source}: every conversation fell into the held-out share; add more or lower --validation-fraction"
+        )
     return {
         "train": [record for record, share in zip(records, shares) if share >= cut],
         "validation": [record for record, share in zip(records, shares) if share < cut],
@@ -422,15 +450,22 @@ def read_preferences(
     counts: dict[str, Any] = {}
     if path.is_file() and (is_sqlite_file(path) or path.suffix in SQLITE_SUFFIXES):
         if not is_sqlite_file(path):
-            raise DataError(f"--data {path}: not an SQLite database (expected a votes database written by python -m gpt2ft serve)")
+            raise DataError(
+                f"--data {path}: not an SQLite database (expected a votes database written by python -m gpt2ft serve)"
+            )
         records, counts["winners"] = votes_records(path, algorithm, skips)
         by_split, layout = {"train": with_keys(records)}, "votes"
         counts["read"] = counts["winners"]["votes"]
     else:
         splits, origins, _ = read_record_splits(source, cache_dir)
-        layouts = {split: detect_preference_layout(list(dataset.column_names), origins[split]) for split, dataset in splits.items()}
+        layouts = {
+            split: detect_preference_layout(list(dataset.column_names), origins[split])
+            for split, dataset in splits.items()
+        }
         if len(set(layouts.values())) > 1:
-            raise DataError(f"{source}: the splits hold different preference layouts ({', '.join(f'{s}: {l}' for s, l in layouts.items())})")
+            raise DataError(
+                f"{source}: the splits hold different preference layouts ({', '.join(f'{s}: {kind}' for s, kind in layouts.items())})"
+            )
         layout = layouts["train"]
         by_split = {
             split: with_keys(records_from_dataset(dataset, origins[split], layout, algorithm, skips))

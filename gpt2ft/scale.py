@@ -22,8 +22,9 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .config import ConfigError, TrainConfig, render_flag
 from .modeling import GPT2_SIZES, Hardware
@@ -56,7 +57,7 @@ def model_size(model: str) -> tuple[str, float] | None:
     A Hub id is matched by name (with or without `openai-community/`); a local folder by its config.json, so a
     fine-tuned gpt2-large saved locally counts as large.
     """
-    name = model[len(HUB_PREFIX):] if model.startswith(HUB_PREFIX) else model
+    name = model[len(HUB_PREFIX) :] if model.startswith(HUB_PREFIX) else model
     if name in GPT2_SIZES:
         return name, GPT2_SIZES[name]
     config_path = Path(model).expanduser() / "config.json"
@@ -65,7 +66,10 @@ def model_size(model: str) -> tuple[str, float] | None:
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
         params = gpt2_parameter_count(
-            int(config["n_embd"]), int(config["n_layer"]), int(config.get("vocab_size", 50257)), int(config.get("n_positions", 1024))
+            int(config["n_embd"]),
+            int(config["n_layer"]),
+            int(config.get("vocab_size", 50257)),
+            int(config.get("n_positions", 1024)),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None  # not a GPT-2 config; load_model reports that with a proper message
@@ -100,26 +104,45 @@ def preset_changes(size: str, eight_bit: bool) -> tuple[dict[str, Any], str]:
     if size == "gpt2-large":
         if eight_bit:
             return (
-                {"optim": EIGHT_BIT_OPTIM, "gradient_checkpointing": True, "batch_size": 4, "gradient_accumulation_steps": 4, "eval_batch_size": 8},
+                {
+                    "optim": EIGHT_BIT_OPTIM,
+                    "gradient_checkpointing": True,
+                    "batch_size": 4,
+                    "gradient_accumulation_steps": 4,
+                    "eval_batch_size": 8,
+                },
                 "gpt2-large (774M): with fp32 AdamW the weights, grads and states alone take 16 bytes/param = 11.5 GiB "
                 "of the ~14.7 GiB usable; 8-bit AdamW (10 bytes/param = 7.2 GiB), gradient checkpointing and batch "
                 "4 x 4 accumulation need ~8 GiB in all",
             )
         return (
-            {"method": "lora", "learning_rate": LORA_LEARNING_RATE, "gradient_checkpointing": True, "batch_size": 4,
-             "gradient_accumulation_steps": 4, "eval_batch_size": 8},
+            {
+                "method": "lora",
+                "learning_rate": LORA_LEARNING_RATE,
+                "gradient_checkpointing": True,
+                "batch_size": 4,
+                "gradient_accumulation_steps": 4,
+                "eval_batch_size": 8,
+            },
             "gpt2-large (774M): fp32 AdamW takes 16 bytes/param = 11.5 GiB and bitsandbytes (8-bit AdamW) is not "
             "installed, so LoRA adapters (frozen fp32 base = 2.9 GiB), gradient checkpointing and batch 4 x 4",
         )
     if size == "gpt2-xl":
-        changes = {"method": "lora", "learning_rate": LORA_LEARNING_RATE, "gradient_checkpointing": True, "batch_size": 4,
-                   "gradient_accumulation_steps": 4, "eval_batch_size": 8}
+        changes = {
+            "method": "lora",
+            "learning_rate": LORA_LEARNING_RATE,
+            "gradient_checkpointing": True,
+            "batch_size": 4,
+            "gradient_accumulation_steps": 4,
+            "eval_batch_size": 8,
+        }
         if eight_bit:
             changes["optim"] = EIGHT_BIT_OPTIM
         return (
             changes,
             "gpt2-xl (1.56B): even 8-bit AdamW needs 10 bytes/param = 14.5 GiB; LoRA adapters train ~1% of the "
-            "weights on a frozen fp32 base (4 bytes/param = 5.8 GiB)" + (", with 8-bit AdamW" if eight_bit else "")
+            "weights on a frozen fp32 base (4 bytes/param = 5.8 GiB)"
+            + (", with 8-bit AdamW" if eight_bit else "")
             + ", gradient checkpointing and batch 4 x 4 accumulation",
         )
     return {}, ""
@@ -144,14 +167,22 @@ def choose_presets(
     size, _ = found
     changes, reason = preset_changes(size, bitsandbytes_installed())
     changes = {name: value for name, value in changes.items() if name not in leave}
-    applied = {name: value for name, value in changes.items() if name not in explicit and getattr(config, name) != value}
-    kept = [render_flag(name, getattr(config, name)) for name, value in changes.items() if name in explicit and getattr(config, name) != value]
+    applied = {
+        name: value for name, value in changes.items() if name not in explicit and getattr(config, name) != value
+    }
+    kept = [
+        render_flag(name, getattr(config, name))
+        for name, value in changes.items()
+        if name in explicit and getattr(config, name) != value
+    ]
     # Batch size and accumulation go together (their product is the effective batch): change both or neither.
     if ("batch_size" in applied) != ("gradient_accumulation_steps" in applied):
         applied.pop("batch_size", None)
         applied.pop("gradient_accumulation_steps", None)
     if not applied:
-        return config, [f"t4 presets: {size} on {hardware.name}: your settings kept ({', '.join(kept)})"] if kept else []
+        return config, [
+            f"t4 presets: {size} on {hardware.name}: your settings kept ({', '.join(kept)})"
+        ] if kept else []
     notes = [
         f"t4 presets for {size} on {hardware.name} ({hardware.memory_gb:.1f} GiB): "
         + " ".join(render_flag(name, value) for name, value in applied.items()),
@@ -248,7 +279,9 @@ def lora_targets(config: TrainConfig, model: Any) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 
     targets = [name.strip() for name in config.lora_targets.split(",") if name.strip()]
-    available = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, Conv1D)})
+    available = sorted(
+        {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, Conv1D)}
+    )
     if not targets:
         raise ConfigError(f"--lora-targets: empty; name one or more of {', '.join(available)}")
     unknown = [name for name in targets if name not in available]
@@ -324,7 +357,9 @@ def apply_method(model: Any, config: TrainConfig, report: bool = True) -> tuple[
 
         lora_config = build_lora_config(config, model)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # PEFT still asks for the deprecated is_gradient_checkpointing
+            warnings.simplefilter(
+                "ignore", FutureWarning
+            )  # PEFT still asks for the deprecated is_gradient_checkpointing
             model = get_peft_model(model, lora_config)
         # Gradient checkpointing + LoRA: with reentrant checkpointing no gradient would reach the adapters, because
         # the checkpointed blocks' input (the frozen embeddings' output) does not require grad. No extra hook is

@@ -28,9 +28,10 @@ import re
 import socket
 import sys
 import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from .colab import in_colab
 from .votes import DEFAULT_VOTES_DB, VotesError, init_votes_db, read_votes, record_vote, tally_votes
@@ -159,7 +160,9 @@ def format_model_line(served: ServedModel) -> str:
     parts = []
     if info.get("started_from"):
         algorithm = str(info.get("algorithm") or "").upper()
-        parts.append(f"preference-tuned{f' ({algorithm})' if algorithm else ''} from `{display_name(str(info['started_from']))}`")
+        parts.append(
+            f"preference-tuned{f' ({algorithm})' if algorithm else ''} from `{display_name(str(info['started_from']))}`"
+        )
     elif info.get("base_model"):
         parts.append(f"fine-tuned from `{display_name(str(info['base_model']))}`")
     for key, label in (("eval_perplexity", "validation perplexity"), ("test_perplexity", "test perplexity")):
@@ -333,7 +336,7 @@ def stream_replies(
             self.tokens.extend(int(token) for token in value.reshape(-1).tolist())
             text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
             if len(text) > len(self.shown) and text.startswith(self.shown) and not text.endswith("\ufffd"):
-                events.put((self.key, "text", text[len(self.shown):]))
+                events.put((self.key, "text", text[len(self.shown) :]))
                 self.shown = text
 
         def end(self) -> None:
@@ -348,8 +351,13 @@ def stream_replies(
     def work(key: str, served: ServedModel) -> None:
         try:
             reply = generate_reply(
-                served.model, served.tokenizer, list(history), streamer=QueueStreamer(served.tokenizer, key),
-                stopping_criteria=StoppingCriteriaList([StopWhenAsked()]), max_time=float(time_limit), **kwargs,
+                served.model,
+                served.tokenizer,
+                list(history),
+                streamer=QueueStreamer(served.tokenizer, key),
+                stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
+                max_time=float(time_limit),
+                **kwargs,
             )
             events.put((key, "done", reply.text))
         except BaseException as error:  # reported to the page by the consumer, never lost in the thread
@@ -398,8 +406,14 @@ def results_rows(votes_db: str | Path, titles: Mapping[str, str]) -> list[list[A
         return []
     return [
         [
-            titles.get(pair["model"], pair["model"]), titles.get(pair["opponent"], pair["opponent"]), pair["votes"],
-            pair["wins"], pair["losses"], pair["ties"], pair["both_bad"], f"{pair['win_rate']:.0%}",
+            titles.get(pair["model"], pair["model"]),
+            titles.get(pair["opponent"], pair["opponent"]),
+            pair["votes"],
+            pair["wins"],
+            pair["losses"],
+            pair["ties"],
+            pair["both_bad"],
+            f"{pair['win_rate']:.0%}",
             f"{pair['ci95_low']:.0%} – {pair['ci95_high']:.0%}",
         ]
         for pair in pairs
@@ -420,8 +434,7 @@ def reveal_text(
         return f"**{titles.get(name, name)}**" + (" (yours)" if name == served_name else "")
 
     lines = [
-        f"You voted **{WINNER_LABELS[winner]}**. Reply A was written by {label(model_a)}, "
-        f"Reply B by {label(model_b)}."
+        f"You voted **{WINNER_LABELS[winner]}**. Reply A was written by {label(model_a)}, Reply B by {label(model_b)}."
     ]
     for pair in tally:
         if {pair["model"], pair["opponent"]} == {model_a, model_b}:
@@ -473,10 +486,16 @@ def setup_page(
     if opponent is not None and opponent.title == served.title and opponent.name != served.name:
         titles[opponent.name] = opponent.name  # two folders with the same last part: show the paths
     return PageSetup(
-        served=served, opponent=opponent, models=models, titles=titles, defaults=saved_decoding(served.model),
+        served=served,
+        opponent=opponent,
+        models=models,
+        titles=titles,
+        defaults=saved_decoding(served.model),
         token_limit=max_tokens_limit(list(models.values())),
         specials=sorted({token for item in models.values() for token in item.tokenizer.all_special_tokens}),
-        votes_db=votes_db, time_limit=time_limit, rng=rng or random.SystemRandom(),
+        votes_db=votes_db,
+        time_limit=time_limit,
+        rng=rng or random.SystemRandom(),
     )
 
 
@@ -496,15 +515,27 @@ def build_decoding_panel(page: PageSetup) -> list[Any]:
         )
         greedy = gr.Checkbox(value=defaults["greedy"], label="Greedy (always the likeliest token)", elem_id="greedy")
         temperature = gr.Slider(
-            0.05, 2.0, value=defaults["temperature"], step=0.05, label="Temperature",
+            0.05,
+            2.0,
+            value=defaults["temperature"],
+            step=0.05,
+            label="Temperature",
             info="Higher: more varied, less focused.",
         )
         top_p = gr.Slider(
-            0.05, 1.0, value=defaults["top_p"], step=0.05, label="Top-p",
+            0.05,
+            1.0,
+            value=defaults["top_p"],
+            step=0.05,
+            label="Top-p",
             info="Sample from the likeliest tokens covering this share of probability.",
         )
         max_new = gr.Slider(
-            1, token_limit, value=min(defaults["max_new_tokens"], token_limit), step=1, label="Max new tokens",
+            1,
+            token_limit,
+            value=min(defaults["max_new_tokens"], token_limit),
+            step=1,
+            label="Max new tokens",
         )
     gr.Markdown(
         f"Replies stop at the model's end-of-turn token, at the token limit, or after {page.time_limit:.0f} s. "
@@ -536,14 +567,21 @@ def build_chat_tab(page: PageSetup) -> ChatTab:
 
     with gr.Tab("Chat", id="chat"):
         chatbot = gr.Chatbot(
-            label=f"Conversation with {page.served.title}", height=430, elem_id="chat-bot",
-            placeholder="Type a message below, or pick an example opening.", feedback_options=None,
+            label=f"Conversation with {page.served.title}",
+            height=430,
+            elem_id="chat-bot",
+            placeholder="Type a message below, or pick an example opening.",
+            feedback_options=None,
             buttons=["copy", "copy_all"],
         )
         with gr.Row(equal_height=True):
             box = gr.Textbox(
-                placeholder="Your message (Enter sends)", show_label=False, scale=5, autofocus=True,
-                elem_id="chat-input", max_lines=6,
+                placeholder="Your message (Enter sends)",
+                show_label=False,
+                scale=5,
+                autofocus=True,
+                elem_id="chat-input",
+                max_lines=6,
             )
             send = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="chat-send")
         new = gr.Button("New conversation", size="sm", elem_id="chat-new")
@@ -605,8 +643,13 @@ def wire_chat_tab(page: PageSetup, tab: ChatTab, decoding: list[Any], generation
     chat_send, chat_reset = make_chat_handlers(page)
     chat_out = [tab.chatbot, tab.history, tab.box, tab.send]
     chat_event = gr.on(
-        [tab.send.click, tab.box.submit], chat_send, [tab.box, tab.history, *decoding], chat_out,
-        api_name="chat", show_progress="hidden", **generation,
+        [tab.send.click, tab.box.submit],
+        chat_send,
+        [tab.box, tab.history, *decoding],
+        chat_out,
+        api_name="chat",
+        show_progress="hidden",
+        **generation,
     )
     tab.new.click(chat_reset, None, chat_out, cancels=[chat_event], api_name="chat_reset", **instant)
     # The Chatbot's own trash button must clear the conversation the model sees, not only what is shown.
@@ -642,8 +685,18 @@ class CompareTab:
 
     def outputs(self) -> list[Any]:
         """What every Compare handler returns, in this order (COMPARE_OUTPUTS of them)."""
-        return [self.chatbot, self.history, self.round_state, self.reply_a, self.reply_b, self.reveal,
-                *self.vote_buttons.values(), self.continue_row, self.box, self.send]
+        return [
+            self.chatbot,
+            self.history,
+            self.round_state,
+            self.reply_a,
+            self.reply_b,
+            self.reveal,
+            *self.vote_buttons.values(),
+            self.continue_row,
+            self.box,
+            self.send,
+        ]
 
 
 def build_compare_tab(page: PageSetup) -> CompareTab:
@@ -663,28 +716,50 @@ def build_compare_tab(page: PageSetup) -> CompareTab:
                 "random order. Vote for the better one; the page then tells you which model wrote which."
             )
         chatbot = gr.Chatbot(
-            label="Conversation so far", height=250, elem_id="compare-bot", feedback_options=None,
-            placeholder="Both models will answer your message.", buttons=["copy", "copy_all"],
+            label="Conversation so far",
+            height=250,
+            elem_id="compare-bot",
+            feedback_options=None,
+            placeholder="Both models will answer your message.",
+            buttons=["copy", "copy_all"],
         )
         with gr.Row(equal_height=True):
             box = gr.Textbox(
-                placeholder="Your message (Enter sends)", show_label=False, scale=5,
-                elem_id="compare-input", max_lines=6, interactive=page.opponent is not None,
+                placeholder="Your message (Enter sends)",
+                show_label=False,
+                scale=5,
+                elem_id="compare-input",
+                max_lines=6,
+                interactive=page.opponent is not None,
             )
             send = gr.Button(
-                "Send to both", variant="primary", scale=1, min_width=110, elem_id="compare-send",
+                "Send to both",
+                variant="primary",
+                scale=1,
+                min_width=110,
+                elem_id="compare-send",
                 interactive=page.opponent is not None,
             )
         with gr.Row(equal_height=True):
             reply_a, reply_b = (
-                gr.Textbox(label=f"Reply {side}", lines=4, max_lines=12, interactive=False,
-                           elem_id=f"reply-{side.lower()}", elem_classes="reply-box")
+                gr.Textbox(
+                    label=f"Reply {side}",
+                    lines=4,
+                    max_lines=12,
+                    interactive=False,
+                    elem_id=f"reply-{side.lower()}",
+                    elem_classes="reply-box",
+                )
                 for side in "AB"
             )
         with gr.Row():
             vote_buttons = {
-                winner: gr.Button(label, interactive=False, elem_id=f"vote-{winner.replace('_', '-')}",
-                                  variant="primary" if winner in ("a", "b") else "secondary")
+                winner: gr.Button(
+                    label,
+                    interactive=False,
+                    elem_id=f"vote-{winner.replace('_', '-')}",
+                    variant="primary" if winner in ("a", "b") else "secondary",
+                )
                 for winner, label in WINNER_LABELS.items()
             }
         reveal = gr.Markdown("", elem_id="reveal")
@@ -695,9 +770,19 @@ def build_compare_tab(page: PageSetup) -> CompareTab:
         history = gr.State([])
         round_ = gr.State(None)
     return CompareTab(
-        chatbot=chatbot, box=box, send=send, reply_a=reply_a, reply_b=reply_b, vote_buttons=vote_buttons,
-        reveal=reveal, continue_row=continue_row, continue_a=continue_a, continue_b=continue_b, new=new,
-        history=history, round_state=round_,
+        chatbot=chatbot,
+        box=box,
+        send=send,
+        reply_a=reply_a,
+        reply_b=reply_b,
+        vote_buttons=vote_buttons,
+        reveal=reveal,
+        continue_row=continue_row,
+        continue_a=continue_a,
+        continue_b=continue_b,
+        new=new,
+        history=history,
+        round_state=round_,
     )
 
 
@@ -734,8 +819,15 @@ def make_compare_send(page: PageSetup) -> Callable[..., Iterator[list[Any]]]:
     """Compare's Send: both models answer the same conversation, streamed as Reply A and B in a random order."""
     import gradio as gr
 
-    def compare_send(message: str, history: list, round_: dict | None, temperature: float, top_p: float,
-                     max_new_tokens: float, greedy: bool):
+    def compare_send(
+        message: str,
+        history: list,
+        round_: dict | None,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: float,
+        greedy: bool,
+    ):
         history = list(history or [])
         if page.opponent is None:
             gr.Warning("Start the page with --compare-with MODEL to compare two models.")
@@ -771,13 +863,21 @@ def make_compare_send(page: PageSetup) -> Callable[..., Iterator[list[Any]]]:
             yield compare_outputs(display_messages(history), history, None, *reply_boxes(page, "", ""), "", idle)
             raise gr.Error(describe_error(error), print_exception=False) from None
         new_round = {
-            "conversation": conversation, "replies": {"a": texts["a"], "b": texts["b"]},
-            "models": {"a": shown["a"].name, "b": shown["b"].name}, "settings": settings, "voted": False,
+            "conversation": conversation,
+            "replies": {"a": texts["a"], "b": texts["b"]},
+            "models": {"a": shown["a"].name, "b": shown["b"].name},
+            "settings": settings,
+            "voted": False,
         }
         voting = compare_controls(voting=True, voted=False, typing=False)
         yield compare_outputs(
-            gr.skip(), history, new_round, texts["a"] or EMPTY_REPLY, texts["b"] or EMPTY_REPLY,
-            "Which reply is better? The models' names are shown after your vote.", voting,
+            gr.skip(),
+            history,
+            new_round,
+            texts["a"] or EMPTY_REPLY,
+            texts["b"] or EMPTY_REPLY,
+            "Which reply is better? The models' names are shown after your vote.",
+            voting,
         )
 
     return compare_send
@@ -795,7 +895,13 @@ def make_vote(page: PageSetup, winner: str) -> Callable[[dict | None], list[Any]
         replies, shown = round_["replies"], round_["models"]
         try:
             record_vote(
-                page.votes_db, round_["conversation"], replies["a"], replies["b"], shown["a"], shown["b"], winner,
+                page.votes_db,
+                round_["conversation"],
+                replies["a"],
+                replies["b"],
+                shown["a"],
+                shown["b"],
+                winner,
                 settings,
             )
             tally = tally_votes(read_votes(page.votes_db))
@@ -849,18 +955,36 @@ def wire_compare_tab(
 
     compare_out = tab.outputs()
     compare_event = gr.on(
-        [tab.send.click, tab.box.submit], make_compare_send(page),
-        [tab.box, tab.history, tab.round_state, *decoding], compare_out, api_name="compare",
-        show_progress="hidden", **generation,
+        [tab.send.click, tab.box.submit],
+        make_compare_send(page),
+        [tab.box, tab.history, tab.round_state, *decoding],
+        compare_out,
+        api_name="compare",
+        show_progress="hidden",
+        **generation,
     )
-    vote_out = [tab.round_state, tab.reply_a, tab.reply_b, tab.reveal, *tab.vote_buttons.values(), tab.continue_row,
-                tab.box, tab.send, results]
+    vote_out = [
+        tab.round_state,
+        tab.reply_a,
+        tab.reply_b,
+        tab.reveal,
+        *tab.vote_buttons.values(),
+        tab.continue_row,
+        tab.box,
+        tab.send,
+        results,
+    ]
     for winner, button in tab.vote_buttons.items():
         button.click(make_vote(page, winner), [tab.round_state], vote_out, api_name=f"vote_{winner}", **instant)
     for side, button in (("a", tab.continue_a), ("b", tab.continue_b)):
         button.click(make_continue(page, side), [tab.round_state], compare_out, api_name=f"continue_{side}", **instant)
-    reset = {"fn": make_compare_reset(page), "inputs": None, "outputs": compare_out, "cancels": [compare_event],
-             **instant}
+    reset = {
+        "fn": make_compare_reset(page),
+        "inputs": None,
+        "outputs": compare_out,
+        "cancels": [compare_event],
+        **instant,
+    }
     tab.new.click(api_name="compare_reset", **reset)
     tab.chatbot.clear(api_visibility="private", **reset)
 
@@ -890,8 +1014,11 @@ def build_results_tab(page: PageSetup) -> ResultsTab:
             "as JSON."
         )
         table = gr.Dataframe(
-            value=results_rows(page.votes_db, page.titles), headers=RESULT_HEADERS, interactive=False,
-            elem_id="results-table", wrap=True,
+            value=results_rows(page.votes_db, page.titles),
+            headers=RESULT_HEADERS,
+            interactive=False,
+            elem_id="results-table",
+            wrap=True,
         )
         refresh = gr.Button("Refresh", size="sm", elem_id="results-refresh")
     return ResultsTab(table=table, refresh=refresh)
@@ -1023,8 +1150,18 @@ def launch_app(
     theme = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")
     try:
         launched = app.launch(
-            server_name=host, server_port=port, share=share, auth=auth, inline=inline, prevent_thread_lock=not block,
-            quiet=quiet, show_error=False, ssr_mode=False, theme=theme, css=CSS, footer_links=["api", "gradio"],
+            server_name=host,
+            server_port=port,
+            share=share,
+            auth=auth,
+            inline=inline,
+            prevent_thread_lock=not block,
+            quiet=quiet,
+            show_error=False,
+            ssr_mode=False,
+            theme=theme,
+            css=CSS,
+            footer_links=["api", "gradio"],
             height=950,  # of the notebook's inline frame: the whole page without an inner scrollbar
             auth_message="This page is password-protected." if auth else None,
         )
@@ -1068,7 +1205,10 @@ def start_server(
         try:
             opponent = load_served_model(opponent_name)
         except ModelError as error:
-            print(f"warning: no Compare tab: the base model {opponent_name} cannot be loaded ({error}); pass --compare-with MODEL", file=sys.stderr)
+            print(
+                f"warning: no Compare tab: the base model {opponent_name} cannot be loaded ({error}); pass --compare-with MODEL",
+                file=sys.stderr,
+            )
     init_votes_db(votes_db)  # after the models: a bad model folder must leave no file behind
     return build_app(served, opponent, votes_db=votes_db, time_limit=time_limit, concurrency=concurrency)
 

@@ -29,9 +29,10 @@ import json
 import os
 import urllib.request
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import datasets
 from datasets import Dataset, DatasetDict
@@ -80,7 +81,9 @@ def decode_utf8(raw: bytes, name: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
-        raise DataError(f"{name}:{line}: not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start})") from None
+        raise DataError(
+            f"{name}:{line}: not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start})"
+        ) from None
 
 
 def split_lines(text: str) -> list[str]:
@@ -207,7 +210,9 @@ def read_extracted_split(folder: Path, split: str, report: LoadReport) -> dict[s
                 try:
                     texts.append(decode_utf8(file_path.read_bytes(), str(file_path)))
                 except FileNotFoundError:
-                    raise DataError(f"{file_path}: missing (each split needs its dialogues, act and emotion files)") from None
+                    raise DataError(
+                        f"{file_path}: missing (each split needs its dialogues, act and emotion files)"
+                    ) from None
                 except OSError as error:
                     raise DataError(f"{file_path}: cannot read ({error.strerror})") from None
             return parse_split(*texts, names=[str(p) for p in paths], report=report)
@@ -236,11 +241,15 @@ def read_parquet_split(files: Sequence[Path]) -> dict[str, list]:
         if missing:
             raise DataError(f"{file_path}: missing columns {', '.join(sorted(missing))}")
         for row, (turns, acts, emotions) in enumerate(
-            zip(table.column("dialog").to_pylist(), table.column("act").to_pylist(), table.column("emotion").to_pylist())
+            zip(
+                table.column("dialog").to_pylist(), table.column("act").to_pylist(), table.column("emotion").to_pylist()
+            )
         ):
             turns = [turn.strip() for turn in turns if turn and turn.strip()]
             if not turns or len(turns) != len(acts) or len(turns) != len(emotions):
-                raise DataError(f"{file_path}: row {row}: {len(turns)} turns, {len(acts)} acts, {len(emotions)} emotions")
+                raise DataError(
+                    f"{file_path}: row {row}: {len(turns)} turns, {len(acts)} acts, {len(emotions)} emotions"
+                )
             columns["dialog"].append(turns)
             columns["act"].append([int(a) for a in acts])
             columns["emotion"].append([int(e) for e in emotions])
@@ -251,7 +260,11 @@ def read_folder(folder: Path, report: LoadReport) -> dict[str, dict[str, list]]:
     """A folder holding the split zips, extracted split folders, the Hub parquet layout, or the official zip."""
     present = {
         "zip": [s for s in SPLITS if (folder / f"{s}.zip").is_file()],
-        "text": [s for s in SPLITS if (folder / s / f"dialogues_{s}.txt").exists() or (folder / f"dialogues_{s}.txt").exists()],
+        "text": [
+            s
+            for s in SPLITS
+            if (folder / s / f"dialogues_{s}.txt").exists() or (folder / f"dialogues_{s}.txt").exists()
+        ],
         "parquet": [s for s in SPLITS if find_parquet(folder, s)],
     }
     for layout, found in present.items():
@@ -271,7 +284,9 @@ def read_folder(folder: Path, report: LoadReport) -> dict[str, dict[str, list]]:
     if partial:
         layout, found = max(partial.items(), key=lambda item: len(item[1]))
         missing = [s for s in SPLITS if s not in found]
-        raise DataError(f"{folder}: has {', '.join(found)} but no {', '.join(missing)} ({layout} layout); all three splits are needed")
+        raise DataError(
+            f"{folder}: has {', '.join(found)} but no {', '.join(missing)} ({layout} layout); all three splits are needed"
+        )
     raise DataError(
         f"{folder}: no DailyDialog files found (expected {ZIP_NAME}, train.zip/validation.zip/test.zip, "
         "<split>/dialogues_<split>.txt, or <split>/*.parquet)"
@@ -363,7 +378,9 @@ def load_from_hub(cache_dir: Path, report: LoadReport) -> dict[str, dict[str, li
     )
 
 
-def load_dailydialog(source: str = "hub", cache_dir: str | Path = "data", report: LoadReport | None = None) -> DatasetDict:
+def load_dailydialog(
+    source: str = "hub", cache_dir: str | Path = "data", report: LoadReport | None = None
+) -> DatasetDict:
     """Load DailyDialog as released (no cleaning, no de-duplication).
 
     Args:
@@ -448,7 +465,9 @@ def detect_layout(dataset: Dataset, origin: str, forced: str | None = None) -> L
     columns = list(dataset.column_names)
     if forced and forced not in columns:
         raise DataError(f"{origin}: --dialog-column {forced}: no such column (found: {', '.join(columns)})")
-    candidates = [forced] if forced else [name for name in ("messages", "conversations", *TURN_COLUMNS) if name in columns]
+    candidates = (
+        [forced] if forced else [name for name in ("messages", "conversations", *TURN_COLUMNS) if name in columns]
+    )
     if candidates:
         # What the column holds decides the layout: a "conversations" column of role/content messages is the
         # messages layout, a "messages" column of from/value ones is ShareGPT's.
@@ -475,14 +494,18 @@ def read_record(record: dict[str, Any], layout: Layout, where: str) -> tuple[lis
     value = record.get(layout.column)
     if value is None:
         present = ", ".join(key for key, item in record.items() if item is not None) or "none"
-        raise DataError(f"{where}: no {layout.column!r} in this record (its fields: {present}); name the conversation's column with --dialog-column")
+        raise DataError(
+            f"{where}: no {layout.column!r} in this record (its fields: {present}); name the conversation's column with --dialog-column"
+        )
     if not isinstance(value, list):
         raise DataError(f"{where}: {layout.column!r} is a {type(value).__name__}, not a list of turns")
     turns, roles = [], []
     if layout.kind == "turns":
         for number, turn in enumerate(value, 1):
             if not isinstance(turn, str) or not turn.strip():
-                raise DataError(f"{where}: turn {number} is {'empty' if isinstance(turn, str) else type(turn).__name__}, not text")
+                raise DataError(
+                    f"{where}: turn {number} is {'empty' if isinstance(turn, str) else type(turn).__name__}, not text"
+                )
             turns.append(turn.strip())
             roles.append("")
         return turns, roles
@@ -490,10 +513,14 @@ def read_record(record: dict[str, Any], layout: Layout, where: str) -> tuple[lis
     known = ROLE_NAMES[layout.kind]
     for number, message in enumerate(value, 1):
         if not isinstance(message, dict):
-            raise DataError(f"{where}: message {number} is a {type(message).__name__}, not an object with {role_key!r} and {content_key!r}")
+            raise DataError(
+                f"{where}: message {number} is a {type(message).__name__}, not an object with {role_key!r} and {content_key!r}"
+            )
         role, content = message.get(role_key), message.get(content_key)
         if role not in known:
-            raise DataError(f"{where}: message {number} has unknown {role_key} {role!r} (gpt2ft knows {', '.join(known)})")
+            raise DataError(
+                f"{where}: message {number} has unknown {role_key} {role!r} (gpt2ft knows {', '.join(known)})"
+            )
         if not isinstance(content, str):
             raise DataError(f"{where}: message {number} ({role}): {content_key} is {type(content).__name__}, not text")
         if not content.strip():
@@ -592,11 +619,16 @@ def read_file(path: Path, cache_dir: Path | None) -> Dataset:
     builder = FILE_BUILDERS[path.suffix]
     try:
         with quiet_datasets():
-            dataset = datasets.load_dataset(builder, data_files={"train": str(path)}, split="train", cache_dir=cache_dir and str(cache_dir))
+            dataset = datasets.load_dataset(
+                builder, data_files={"train": str(path)}, split="train", cache_dir=cache_dir and str(cache_dir)
+            )
     except Exception as error:  # datasets wraps pyarrow's many error types in DatasetGenerationError
         bad = first_bad_json_line(path) if builder == "json" else None
         cause = error.__cause__ or error
-        raise DataError(bad or f"{path}: not readable as {builder} ({type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''})") from None
+        raise DataError(
+            bad
+            or f"{path}: not readable as {builder} ({type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''})"
+        ) from None
     if len(dataset) == 0:
         raise DataError(f"{path}: holds no records")
     return dataset
@@ -612,7 +644,9 @@ def split_files(folder: Path) -> dict[str, Path]:
     for split, stems in SPLIT_STEMS.items():
         matches = [path for stem in stems for path in sorted(folder.glob(f"{stem}.*")) if path.suffix in FILE_BUILDERS]
         if len(matches) > 1:
-            raise DataError(f"{folder}: {len(matches)} files for the {split} split ({', '.join(p.name for p in matches)}); keep one")
+            raise DataError(
+                f"{folder}: {len(matches)} files for the {split} split ({', '.join(p.name for p in matches)}); keep one"
+            )
         if matches:
             found[split] = matches[0]
     if "train" not in found:
@@ -630,7 +664,7 @@ def parse_hub_spec(data: str) -> tuple[str, str | None, str | None]:
     Raises:
         DataError: no dataset name.
     """
-    spec = data[len("hub:"):]
+    spec = data[len("hub:") :]
     config = None
     if ":" in spec:
         spec, config = spec.rsplit(":", 1)
@@ -660,9 +694,13 @@ def read_hub(data: str, cache_dir: Path | None) -> tuple[dict[str, Dataset], dic
                 f"revision with data files (many have one: hub:{name}@refs/convert/parquet) or download its files"
             ) from None
         if type(error).__name__ in ("DatasetNotFoundError", "FileNotFoundError", "RepositoryNotFoundError"):
-            raise DataError(f"--data {data}: no such dataset on the Hub (or it is private or gated: `hf auth login`) ({text})") from None
+            raise DataError(
+                f"--data {data}: no such dataset on the Hub (or it is private or gated: `hf auth login`) ({text})"
+            ) from None
         if isinstance(error, ConnectionError) or "offline" in text.lower():
-            raise DataError(f"--data {data}: cannot reach the Hugging Face Hub ({text}); check the network or pass a local file") from None
+            raise DataError(
+                f"--data {data}: cannot reach the Hugging Face Hub ({text}); check the network or pass a local file"
+            ) from None
         raise DataError(f"--data {data}: cannot load it ({type(error).__name__}: {text})") from None
     splits: dict[str, Dataset] = {}
     for split, stems in SPLIT_STEMS.items():
@@ -674,7 +712,9 @@ def read_hub(data: str, cache_dir: Path | None) -> tuple[dict[str, Dataset], dic
             raise DataError(f"--data {data}: no train split (it has {', '.join(loaded)})")
         splits["train"] = next(iter(loaded.values()))
     origins = {split: f"{data} {split}" for split in splits}
-    identity = hashlib.sha256("|".join(f"{s}:{d._fingerprint}" for s, d in sorted(splits.items())).encode()).hexdigest()[:16]
+    identity = hashlib.sha256(
+        "|".join(f"{s}:{d._fingerprint}" for s, d in sorted(splits.items())).encode()
+    ).hexdigest()[:16]
     return splits, origins, identity
 
 
@@ -731,19 +771,29 @@ def load_source(data: str, cache_dir: str | Path | None = "data", dialog_column:
     else:
         path = Path(data).expanduser()
         if not path.exists():
-            raise DataError(f"{path}: no such file or folder (pass 'hub', 'hub:OWNER/NAME', a .jsonl/.json/.parquet file, or a folder)")
+            raise DataError(
+                f"{path}: no such file or folder (pass 'hub', 'hub:OWNER/NAME', a .jsonl/.json/.parquet file, or a folder)"
+            )
         if path.is_dir() and is_dailydialog_folder(path) or path.suffix == ".zip":
             raw = dailydialog_source(str(path), cache_dir)
         else:
             files = {"train": path} if path.is_file() else split_files(path)
-            for split, file in files.items():
+            for file in files.values():
                 if file.suffix not in FILE_BUILDERS:
                     raise DataError(f"{file}: not a .jsonl, .json or .parquet file (or a DailyDialog zip)")
             splits = {split: read_file(file, datasets_cache) for split, file in files.items()}
-            raw = RawDialogs(splits, Layout("turns", "dialog"), str(path), {s: str(f) for s, f in files.items()}, file_identity(list(files.values())))
+            raw = RawDialogs(
+                splits,
+                Layout("turns", "dialog"),
+                str(path),
+                {s: str(f) for s, f in files.items()},
+                file_identity(list(files.values())),
+            )
     if not raw.is_dailydialog or dialog_column:
         layouts = {detect_layout(dataset, raw.origins[split], dialog_column) for split, dataset in raw.splits.items()}
         if len(layouts) > 1:
-            raise DataError(f"{raw.source}: the splits hold conversations in different layouts ({', '.join(sorted(l.kind for l in layouts))})")
+            raise DataError(
+                f"{raw.source}: the splits hold conversations in different layouts ({', '.join(sorted(found.kind for found in layouts))})"
+            )
         raw.layout = layouts.pop()
     return raw

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -27,8 +28,15 @@ from transformers.trainer_callback import ExportableState
 
 from . import __version__
 from .checkpoints import (
-    CheckpointMarkerCallback, TrainingError, check_output_dir, checkpoint_dir, clean_stale_folders, complete_checkpoints,
-    find_resume_checkpoint, remove_incomplete_checkpoints, save_final_model,
+    CheckpointMarkerCallback,
+    TrainingError,
+    check_output_dir,
+    checkpoint_dir,
+    clean_stale_folders,
+    complete_checkpoints,
+    find_resume_checkpoint,
+    remove_incomplete_checkpoints,
+    save_final_model,
 )
 from .config import TrainConfig, changed_fields, run_defining_fields
 from .data import IGNORE_INDEX, DialogueCollator, PreparedDialogs, prepare_dialogs, tokenize_prepared
@@ -36,7 +44,15 @@ from .evaluation import evaluate_loss
 from .generate import build_generation_config
 from .logs import append_jsonl, write_json, write_jsonl, write_text_atomic
 from .loss import use_chunked_loss
-from .modeling import Hardware, ModelError, choose_precision, config_context, detect_hardware, load_model_and_tokenizer, load_model_config
+from .modeling import (
+    Hardware,
+    ModelError,
+    choose_precision,
+    config_context,
+    detect_hardware,
+    load_model_and_tokenizer,
+    load_model_config,
+)
 
 TRAIN_LOG = "train_log.jsonl"
 SYSTEM_LOG = "system.jsonl"
@@ -84,7 +100,10 @@ class RunTotals(TrainerCallback, ExportableState):
         self._excluded = 0.0
 
     def state(self) -> dict[str, Any]:
-        return {"args": {"target_tokens": self.target_tokens, "loss_sum": self.loss_sum, "seconds": self.seconds}, "attributes": {}}
+        return {
+            "args": {"target_tokens": self.target_tokens, "loss_sum": self.loss_sum, "seconds": self.seconds},
+            "attributes": {},
+        }
 
     def add_gradient_norm(self, norm: torch.Tensor) -> None:
         """A non-finite gradient norm makes the step bad too (a finite loss can still give NaN gradients); not under
@@ -120,7 +139,11 @@ class RunTotals(TrainerCallback, ExportableState):
             bad = ~torch.isfinite(self._step_loss)
             if self._bad_gradient is not None:
                 bad = bad | self._bad_gradient.to(bad.device)
-            self._first_bad = torch.where(bad, step, NO_BAD_STEP) if self._first_bad is None else torch.where(bad, torch.minimum(self._first_bad, step), self._first_bad)
+            self._first_bad = (
+                torch.where(bad, step, NO_BAD_STEP)
+                if self._first_bad is None
+                else torch.where(bad, torch.minimum(self._first_bad, step), self._first_bad)
+            )
             self._step_loss = self._bad_gradient = None
         if control.should_log or control.should_evaluate or control.should_save or control.should_training_stop:
             self.flush(args, control)
@@ -155,7 +178,10 @@ class RunTotals(TrainerCallback, ExportableState):
         if pending[2] is None:
             pending[2] = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=pending[0].device)
         if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            for value, op in zip(pending, (torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.MIN)):
+            for value, op in zip(
+                pending,
+                (torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.MIN),
+            ):
                 torch.distributed.all_reduce(value, op=op)
         tokens, loss, bad = (value.item() for value in pending)
         self.target_tokens += int(tokens)
@@ -237,8 +263,11 @@ class WholeRunTrainer:
                 logs.pop(key, None)
             logs.update(train_loss=totals.mean_loss(self.state.global_step), train_runtime=totals.seconds)
         seconds = totals.seconds
-        logs.update(tokens_seen=totals.target_tokens, train_seconds=round(seconds, 3),
-                    tokens_per_s=totals.target_tokens / seconds if seconds > 0 else 0.0)
+        logs.update(
+            tokens_seen=totals.target_tokens,
+            train_seconds=round(seconds, 3),
+            tokens_per_s=totals.target_tokens / seconds if seconds > 0 else 0.0,
+        )
         super().log(logs, start_time)
 
 
@@ -260,8 +289,13 @@ class DialogueTrainer(WholeRunTrainer, Trainer):
         args = self.args
         workers = args.dataloader_num_workers
         loader = self.data_collator.loader(
-            self.train_dataset, self._train_batch_size, shuffle=True, seed=args.data_seed if args.data_seed is not None else args.seed,
-            num_workers=workers, pin_memory=args.dataloader_pin_memory, persistent_workers=args.dataloader_persistent_workers and workers > 0,
+            self.train_dataset,
+            self._train_batch_size,
+            shuffle=True,
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+            num_workers=workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers and workers > 0,
             prefetch_factor=args.dataloader_prefetch_factor if workers > 0 else None,
             worker_init_fn=partial(seed_worker, num_workers=workers, rank=args.process_index),
         )
@@ -281,8 +315,14 @@ class DialogueTrainer(WholeRunTrainer, Trainer):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         started = time.perf_counter()
         result = evaluate_loss(
-            self.model, dataset, self.data_collator, batch_size=self.args.per_device_eval_batch_size, device=self.args.device,
-            precision=self.precision, rank=self.args.process_index, world_size=self.args.world_size,
+            self.model,
+            dataset,
+            self.data_collator,
+            batch_size=self.args.per_device_eval_batch_size,
+            device=self.args.device,
+            precision=self.precision,
+            rank=self.args.process_index,
+            world_size=self.args.world_size,
         )
         runtime = time.perf_counter() - started
         self.run_totals.exclude(runtime)
@@ -303,7 +343,9 @@ def resolve_optim(config: TrainConfig, hardware: Hardware) -> str:
     return "adamw_torch_fused" if hardware.device == "cuda" else "adamw_torch"
 
 
-def build_training_args(config: TrainConfig, precision: str, hardware: Hardware, output_dir: str | Path) -> TrainingArguments:
+def build_training_args(
+    config: TrainConfig, precision: str, hardware: Hardware, output_dir: str | Path
+) -> TrainingArguments:
     """TrainingArguments for a run (`trainer_settings`), with gpt2ft's own batching and optional torch.compile.
 
     Raises:
@@ -322,7 +364,9 @@ def trainer_settings(config: Any, precision: str, hardware: Hardware, output_dir
     optimizer from the hardware, DataLoader workers, and the rules that keep a run's numbers and checkpoints honest."""
     strategy = "steps" if config.eval_steps > 0 else "epoch"
     num_workers = config.num_workers if config.num_workers >= 0 else (2 if hardware.device == "cuda" else 0)
-    report_to = [] if config.report_to in ("", "none") else [p.strip() for p in config.report_to.split(",") if p.strip()]
+    report_to = (
+        [] if config.report_to in ("", "none") else [p.strip() for p in config.report_to.split(",") if p.strip()]
+    )
     return dict(
         output_dir=str(output_dir),
         num_train_epochs=config.epochs,
@@ -435,7 +479,9 @@ def plan_run(config: TrainConfig, explicit: set[str] | None = None) -> RunPlan:
     config, notes = choose_presets(config, hardware, changed_fields(config) if explicit is None else explicit)
     precision, reason = choose_precision(config.precision, hardware)
     args = check_optimizer(
-        resolve_optim(config, hardware), lambda: build_training_args(config, precision, hardware, checkpoint_dir(config.output_dir)), hardware
+        resolve_optim(config, hardware),
+        lambda: build_training_args(config, precision, hardware, checkpoint_dir(config.output_dir)),
+        hardware,
     )
     max_length = resolve_max_length(config, load_model_config(config.model))
     return settle_plan(RunPlan(config, hardware, precision, reason, notes, max_length, args))
@@ -470,9 +516,16 @@ def prepare_data(plan: RunPlan) -> PreparedDialogs:
 def data_options(config: TrainConfig) -> dict[str, Any]:
     """prepare_dialogs' arguments from a run's settings (train, prepare, and eval/compare from a saved config)."""
     return dict(
-        source=config.data, cache_dir=config.cache_dir, clean_text=config.clean_text, keep_overlap=config.keep_overlap,
-        max_train_dialogs=config.max_train_dialogs, max_eval_dialogs=config.max_eval_dialogs, loss_on=config.loss_on,
-        dialog_column=config.dialog_column, validation_fraction=config.validation_fraction, test_fraction=config.test_fraction,
+        source=config.data,
+        cache_dir=config.cache_dir,
+        clean_text=config.clean_text,
+        keep_overlap=config.keep_overlap,
+        max_train_dialogs=config.max_train_dialogs,
+        max_eval_dialogs=config.max_eval_dialogs,
+        loss_on=config.loss_on,
+        dialog_column=config.dialog_column,
+        validation_fraction=config.validation_fraction,
+        test_fraction=config.test_fraction,
     )
 
 
@@ -516,7 +569,10 @@ def prepare_cache(config: TrainConfig) -> dict[str, Any]:
     return {
         "source": prepared.source,
         "loss_on": prepared.loss_on,
-        **{split: {"dialogs": len(prepared.dialogs[split]), "tokens": tokens[split], "rows": len(rows[split])} for split in rows},
+        **{
+            split: {"dialogs": len(prepared.dialogs[split]), "tokens": tokens[split], "rows": len(rows[split])}
+            for split in rows
+        },
         "removed": {split: counts["removed"] for split, counts in prepared.counts.items()},
         "skipped": {split: counts.get("skipped", 0) for split, counts in prepared.counts.items()},
         "max_length": max_length,
@@ -586,7 +642,11 @@ def oom_message(plan: RunPlan, evaluating: bool = False) -> str:
 
 
 def build_trainer(
-    plan: RunPlan, loaded: LoadedModel, rows: Any, settings: dict[str, Any], callbacks: list[TrainerCallback] | None = None
+    plan: RunPlan,
+    loaded: LoadedModel,
+    rows: Any,
+    settings: dict[str, Any],
+    callbacks: list[TrainerCallback] | None = None,
 ) -> DialogueTrainer:
     """The run's Trainer: gpt2ft's batches, the chunked loss (loss.use_chunked_loss), token-weighted evaluation,
     whole-run totals, checkpoint markers and the JSONL log. The model's KV cache is switched off: packed rows stay
@@ -602,7 +662,12 @@ def build_trainer(
         eval_dataset=rows["validation"],
         processing_class=loaded.tokenizer,
         precision=plan.precision,
-        callbacks=[RunTotals(), CheckpointMarkerCallback(settings), JsonlLogCallback(plan.logs_dir / TRAIN_LOG), *(callbacks or [])],
+        callbacks=[
+            RunTotals(),
+            CheckpointMarkerCallback(settings),
+            JsonlLogCallback(plan.logs_dir / TRAIN_LOG),
+            *(callbacks or []),
+        ],
     )
 
 
@@ -648,7 +713,13 @@ def begin_system_log(plan: RunPlan, resume_from: str | None) -> None:
         system_log.unlink()
 
 
-def run_trainer(plan: RunPlan, trainer: Trainer, resume_from: str | None, stage: str = "training", advice: str = "a lower --learning-rate") -> FitResult:
+def run_trainer(
+    plan: RunPlan,
+    trainer: Trainer,
+    resume_from: str | None,
+    stage: str = "training",
+    advice: str = "a lower --learning-rate",
+) -> FitResult:
     """`trainer.train()` with the system monitor sampling beside it, and the two ways a run stops turned into one
     clear error each: out of GPU memory, and a NaN or infinite loss (found by RunTotals).
 
@@ -659,7 +730,9 @@ def run_trainer(plan: RunPlan, trainer: Trainer, resume_from: str | None, stage:
 
     monitor = None
     if plan.is_main:
-        monitor = SystemMonitor(plan.logs_dir / SYSTEM_LOG, plan.config.system_interval_s, step_getter=lambda: trainer.state.global_step)
+        monitor = SystemMonitor(
+            plan.logs_dir / SYSTEM_LOG, plan.config.system_interval_s, step_getter=lambda: trainer.state.global_step
+        )
         monitor.start()
     fitted = FitResult(trainer, resume_from, monitor)
     try:
@@ -678,7 +751,11 @@ def run_trainer(plan: RunPlan, trainer: Trainer, resume_from: str | None, stage:
             f"{stage} stopped at step {bad_step}: the loss became NaN or infinite "
             f"({'fp16 overflow is the usual cause; ' if plan.precision == 'fp16' else ''}"
             f"try {advice}, or --precision fp32/bf16). "
-            + (f"Last good checkpoint: {kept[-1]} (resume with --resume auto)." if kept else "No checkpoint was written.")
+            + (
+                f"Last good checkpoint: {kept[-1]} (resume with --resume auto)."
+                if kept
+                else "No checkpoint was written."
+            )
         )
     return fitted
 
@@ -688,17 +765,25 @@ def run_trainer(plan: RunPlan, trainer: Trainer, resume_from: str | None, stage:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def evaluate_run(plan: RunPlan, fitted: FitResult, loaded: LoadedModel, prepared: PreparedDialogs, rows: Any) -> dict[str, Any]:
+def evaluate_run(
+    plan: RunPlan, fitted: FitResult, loaded: LoadedModel, prepared: PreparedDialogs, rows: Any
+) -> dict[str, Any]:
     """Token-weighted loss and perplexity of the trained (best) model on validation and test, with the run's
     whole-run totals from the Trainer's state: the metrics as metrics.json holds them."""
     trainer = fitted.trainer
     try:
-        evaluation = {**trainer.evaluate(rows["validation"], metric_key_prefix="eval"), **trainer.evaluate(rows["test"], metric_key_prefix="test")}
+        evaluation = {
+            **trainer.evaluate(rows["validation"], metric_key_prefix="eval"),
+            **trainer.evaluate(rows["test"], metric_key_prefix="test"),
+        }
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(oom_message(plan, evaluating=True)) from None
     return {
         **run_facts(plan, fitted, loaded),
-        **{key: evaluation[key] for key in ("eval_loss", "eval_perplexity", "eval_tokens", "test_loss", "test_perplexity")},
+        **{
+            key: evaluation[key]
+            for key in ("eval_loss", "eval_perplexity", "eval_tokens", "test_loss", "test_perplexity")
+        },
         "train_dialogs": len(prepared.dialogs["train"]),
         "eval_dialogs": len(prepared.dialogs["validation"]),
         "test_dialogs": len(prepared.dialogs["test"]),
@@ -730,11 +815,15 @@ def run_facts(plan: RunPlan, fitted: FitResult, loaded: LoadedModel) -> dict[str
         "resumed_from": fitted.resumed_from,
         "presets": plan.preset_notes,
         # The caching allocator's high-water mark in this process (training and evaluation), CUDA only.
-        "peak_gpu_allocated_mb": round(torch.cuda.max_memory_allocated(plan.args.device) / 2**20, 1) if plan.hardware.device == "cuda" else None,
+        "peak_gpu_allocated_mb": round(torch.cuda.max_memory_allocated(plan.args.device) / 2**20, 1)
+        if plan.hardware.device == "cuda"
+        else None,
     }
 
 
-def save_run(plan: RunPlan, fitted: FitResult, metrics: dict[str, Any], tokenizer: Any, prepared: PreparedDialogs) -> Path:
+def save_run(
+    plan: RunPlan, fitted: FitResult, metrics: dict[str, Any], tokenizer: Any, prepared: PreparedDialogs
+) -> Path:
     """Write the model folder atomically (merged, for LoRA), metrics.json and the final train_log.jsonl; free the
     Trainer's optimizer. Only the main process writes; the others wait until it has."""
     from .export import add_n_ctx
@@ -758,9 +847,13 @@ def save_run(plan: RunPlan, fitted: FitResult, metrics: dict[str, Any], tokenize
             "data_is_dailydialog": prepared.is_dailydialog,
             "has_roles": prepared.has_roles,
             "loss_on": prepared.loss_on,
-            "metrics": {k: metrics[k] for k in ("train_loss", "eval_loss", "eval_perplexity", "test_loss", "test_perplexity")},
+            "metrics": {
+                k: metrics[k] for k in ("train_loss", "eval_loss", "eval_perplexity", "test_loss", "test_perplexity")
+            },
         }
-        save_final_model(model, tokenizer, build_generation_config(tokenizer), training_config, plan.output_dir, adapter=adapter)
+        save_final_model(
+            model, tokenizer, build_generation_config(tokenizer), training_config, plan.output_dir, adapter=adapter
+        )
     trainer.accelerator.wait_for_everyone()  # every process returns only once the main one has saved the model
     release_trainer(trainer)
     return plan.output_dir
@@ -794,7 +887,9 @@ def attempt(what: str, step: Callable[[], Any], plan: RunPlan, problems: list[st
     try:
         return step()
     except Exception as error:  # noqa: BLE001 - any failure here must not cost the saved run
-        problem = f"{what} failed ({type(error).__name__}: {error}); the model in {plan.output_dir} is saved and complete"
+        problem = (
+            f"{what} failed ({type(error).__name__}: {error}); the model in {plan.output_dir} is saved and complete"
+        )
         problems.append(problem)
         say(problem)
         return None
@@ -832,16 +927,31 @@ def publish_run(plan: RunPlan, prepared: PreparedDialogs, samples: int = 3) -> P
     if not plan.is_main:
         return published
     problems = published.problems
-    published.charts = attempt("drawing the charts", lambda: write_charts(plan.logs_dir, plan.config.images_dir), plan, problems) or []
+    published.charts = (
+        attempt("drawing the charts", lambda: write_charts(plan.logs_dir, plan.config.images_dir), plan, problems) or []
+    )
     loaded = attempt("loading the saved model", lambda: load_for_generation(str(plan.output_dir)), plan, problems)
     if loaded is not None:
         published.model, published.tokenizer = loaded
-        published.samples = attempt(
-            "sampling replies",
-            lambda: sample_replies(published.model, published.tokenizer, prepared.dialogs["validation"], samples, greedy=True, max_new_tokens=40),
-            plan, problems,
-        ) or []
-    published.card = attempt("writing the model card", lambda: write_model_card(plan, published.charts, published.samples), plan, problems)
+        published.samples = (
+            attempt(
+                "sampling replies",
+                lambda: sample_replies(
+                    published.model,
+                    published.tokenizer,
+                    prepared.dialogs["validation"],
+                    samples,
+                    greedy=True,
+                    max_new_tokens=40,
+                ),
+                plan,
+                problems,
+            )
+            or []
+        )
+    published.card = attempt(
+        "writing the model card", lambda: write_model_card(plan, published.charts, published.samples), plan, problems
+    )
     return published
 
 

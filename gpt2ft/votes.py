@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import closing
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from .config import VOTES_DB
 
@@ -88,7 +89,7 @@ def init_votes_db(path: str | Path) -> Path:
 
 def utc_now() -> str:
     """The current time, UTC, ISO 8601 with seconds (e.g. 2025-01-31T12:00:00+00:00)."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def record_vote(
@@ -151,7 +152,9 @@ def read_votes(path: str | Path) -> list[dict[str, Any]]:
         raise VotesError(f"votes database {path}: no such file")
     try:
         # Read-only (mode=ro): counting votes must never create or change the file.
-        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)) as connection:
+        with closing(
+            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        ) as connection:
             rows = connection.execute(f"SELECT {', '.join(COLUMNS)} FROM votes ORDER BY id").fetchall()
     except sqlite3.Error as error:
         raise VotesError(f"votes database {path}: cannot be read ({error})") from None
@@ -226,8 +229,15 @@ def tally_votes(votes: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         score = pair["wins"] + 0.5 * (pair["ties"] + pair["both_bad"])
         low, high = wilson_interval(score, total)
         pairs.append(
-            {"model": model, "opponent": opponent, "votes": total, **pair,
-             "win_rate": round(score / total, 4), "ci95_low": round(low, 4), "ci95_high": round(high, 4)}
+            {
+                "model": model,
+                "opponent": opponent,
+                "votes": total,
+                **pair,
+                "win_rate": round(score / total, 4),
+                "ci95_low": round(low, 4),
+                "ci95_high": round(high, 4),
+            }
         )
     return sorted(pairs, key=lambda row: (-row["votes"], row["model"], row["opponent"]))
 

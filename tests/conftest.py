@@ -62,7 +62,9 @@ def checkout_artifact_folders_stay_empty():
     """No test may write into the checkout's own artifact folders (every run goes to tmp_path)."""
 
     def listing() -> dict[str, list[str]]:
-        return {name: sorted(p.name for p in (ROOT / name).iterdir()) for name in ARTIFACT_FOLDERS if (ROOT / name).is_dir()}
+        return {
+            name: sorted(p.name for p in (ROOT / name).iterdir()) for name in ARTIFACT_FOLDERS if (ROOT / name).is_dir()
+        }
 
     before = listing()
     yield
@@ -180,7 +182,10 @@ def write_conversations(path: Path, conversations: list, layout: str = "messages
     elif layout == "sharegpt":
         records = [{"conversations": as_sharegpt(conversation)} for conversation in conversations]
     else:
-        records = [{"dialogue": [m["content"] for m in conversation if m["role"] != "system"]} for conversation in conversations]
+        records = [
+            {"dialogue": [m["content"] for m in conversation if m["role"] != "system"]}
+            for conversation in conversations
+        ]
     return write_records(path, records)
 
 
@@ -208,7 +213,13 @@ def build_tokenizer(folder: Path, extra_corpus: tuple[str, ...] = ()):
     from gpt2ft.data import clean_turn
 
     corpus = [clean_turn(turn) for pair in EXCHANGES for turn in pair] + [turn for pair in EXCHANGES for turn in pair]
-    corpus += ["Hi, how are you?", "What do you do for a living?", "I work in a bank.", "See you tomorrow!", *extra_corpus]
+    corpus += [
+        "Hi, how are you?",
+        "What do you do for a living?",
+        "I work in a bank.",
+        "See you tomorrow!",
+        *extra_corpus,
+    ]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -231,8 +242,14 @@ def build_tiny_model_dir(folder: Path, seed: int = 0, n_embd: int = 32, extra_co
     tokenizer = build_tokenizer(folder, extra_corpus)
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=256, n_embd=n_embd, n_layer=2, n_head=2,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=n_embd,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
     )
     GPT2LMHeadModel(config).save_pretrained(folder)
     return folder
@@ -273,10 +290,28 @@ def run_dirs(tmp_path) -> dict[str, str]:
 def train_argv(model_dir, data, dirs, *extra: str) -> list[str]:
     """argv for a short CPU training run into `dirs`."""
     return [
-        "train", "--model", str(model_dir), "--data", str(data),
-        "--output-dir", dirs["output"], "--logs-dir", dirs["logs"], "--images-dir", dirs["images"],
-        "--cache-dir", dirs["cache"], "--batch-size", "8", "--eval-batch-size", "16", "--logging-steps", "1",
-        "--system-interval-s", "0.2", *extra,
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--output-dir",
+        dirs["output"],
+        "--logs-dir",
+        dirs["logs"],
+        "--images-dir",
+        dirs["images"],
+        "--cache-dir",
+        dirs["cache"],
+        "--batch-size",
+        "8",
+        "--eval-batch-size",
+        "16",
+        "--logging-steps",
+        "1",
+        "--system-interval-s",
+        "0.2",
+        *extra,
     ]
 
 
@@ -286,7 +321,9 @@ def batches_per_epoch(model_dir, data, batch_size: int, cache_dir) -> int:
     from gpt2ft.modeling import load_model_config, load_tokenizer
 
     tokenizer = load_tokenizer(str(model_dir))
-    rows = tokenize_dialogs(prepare_dialogs(str(data), cache_dir).dialogs["train"], tokenizer, load_model_config(str(model_dir)).n_positions)
+    rows = tokenize_dialogs(
+        prepare_dialogs(str(data), cache_dir).dialogs["train"], tokenizer, load_model_config(str(model_dir)).n_positions
+    )
     return len(DialogueCollator(tokenizer, "pack").loader(rows, batch_size))
 
 

@@ -14,12 +14,17 @@ import random
 
 import pytest
 import torch
-
 from conftest import EXCHANGES, make_split, write_layout
+
 from gpt2ft.cli import main
 
 FIELDS = (
-    "variant", "real_tokens_per_s", "padded_tokens", "real_tokens", "truncated_tokens", "step_time_ms",
+    "variant",
+    "real_tokens_per_s",
+    "padded_tokens",
+    "real_tokens",
+    "truncated_tokens",
+    "step_time_ms",
     "peak_memory_mb",
 )
 
@@ -54,8 +59,22 @@ def long_data(tmp_path_factory):
 def run_bench(capsys, model_dir, data, cache, *extra: str) -> list[dict]:
     """Warm-up steps + 2 timed steps of 4 dialogues, from 8 dialogues, each variant twice."""
     argv = [
-        "bench", "--model", str(model_dir), "--data", str(data), "--dialogs", "8", "--steps", "2",
-        "--batch-size", "4", "--repeats", "2", "--cache-dir", str(cache), *extra,
+        "bench",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--dialogs",
+        "8",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--repeats",
+        "2",
+        "--cache-dir",
+        str(cache),
+        *extra,
     ]
     assert main(argv) == 0
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
@@ -91,19 +110,35 @@ def test_bench_default_variants_report_every_field(capsys, tiny_model_dir, long_
     assert pack["truncated_tokens"] == pad["truncated_tokens"] == 0
     assert pack["padded_tokens"] >= 0
     # The bare loop is fed gpt2ft_pack's very batches.
-    assert (loop["real_tokens"], loop["padded_tokens"], loop["target_tokens"]) == (pack["real_tokens"], pack["padded_tokens"], pack["target_tokens"])
+    assert (loop["real_tokens"], loop["padded_tokens"], loop["target_tokens"]) == (
+        pack["real_tokens"],
+        pack["padded_tokens"],
+        pack["target_tokens"],
+    )
 
     ratios = {line["ratio"]: line["value"] for line in lines if "ratio" in line}
-    for name in ("gpt2ft_pack/tutorial_pad128", "gpt2ft_pack/tutorial_pad512", "gpt2ft_pack/gpt2ft_pad", "gpt2ft_pack/torch_loop"):
+    for name in (
+        "gpt2ft_pack/tutorial_pad128",
+        "gpt2ft_pack/tutorial_pad512",
+        "gpt2ft_pack/gpt2ft_pad",
+        "gpt2ft_pack/torch_loop",
+    ):
         assert ratios[name] > 0
-    assert ratios["gpt2ft_pack/torch_loop"] == round(pack["real_tokens_per_s"] / loop["real_tokens_per_s"], 3)  # medians
+    assert ratios["gpt2ft_pack/torch_loop"] == round(
+        pack["real_tokens_per_s"] / loop["real_tokens_per_s"], 3
+    )  # medians
     setup = next(line for line in lines if line.get("bench") == "setup")
     assert setup["dialogs"] == 8 and setup["repeats"] == 2
 
 
 def test_bench_variant_list_and_tokenize(capsys, tiny_model_dir, long_data, tmp_path):
     lines = run_bench(
-        capsys, tiny_model_dir, long_data, tmp_path / "cache", "--variants", "tokenize,gpt2ft_pack_1row,gpt2ft_pack_fp16"
+        capsys,
+        tiny_model_dir,
+        long_data,
+        tmp_path / "cache",
+        "--variants",
+        "tokenize,gpt2ft_pack_1row,gpt2ft_pack_fp16",
     )
     by_variant = {line["variant"]: line for line in lines if "variant" in line}
     assert by_variant["tokenize"]["dialogs"] == 12 and by_variant["tokenize"]["tokens"] > 12 * 150
@@ -127,7 +162,9 @@ def test_the_schedule_counts_what_the_model_is_fed_and_warms_up_every_shape(tiny
     from gpt2ft.data import DialogueCollator, tokenize_dialogs
 
     rows = tokenize_dialogs(Dataset.from_dict({"dialog": make_split(60, 3) + long_dialogs(6, 4)}), tiny_tokenizer, 256)
-    schedule = gpt2ft_schedule(DialogueCollator(tiny_tokenizer, "pack", row_tokens=64), rows, batch_size=4, steps=6, seed=0)
+    schedule = gpt2ft_schedule(
+        DialogueCollator(tiny_tokenizer, "pack", row_tokens=64), rows, batch_size=4, steps=6, seed=0
+    )
     batches = [schedule.collate(schedule.dataset.__getitems__(batch)) for batch in schedule.batches]
     warm, timed = batches[: schedule.warmup], batches[schedule.warmup :]
     assert len(timed) == 6 and schedule.warmup >= WARMUP_STEPS
@@ -138,4 +175,6 @@ def test_the_schedule_counts_what_the_model_is_fed_and_warms_up_every_shape(tiny
     assert schedule.counts["targets"] == sum(int((b["labels"] != -100).sum()) for b in timed)
     # Real tokens: every slot but padding; padding slots all sit at position 0, as does each window's first token.
     windows = [sum(len(row) for row in batch) for batch in schedule.batches[schedule.warmup :]]
-    assert schedule.counts["real"] == sum(b["input_ids"].numel() - int((b["position_ids"] == 0).sum()) + n for b, n in zip(timed, windows))
+    assert schedule.counts["real"] == sum(
+        b["input_ids"].numel() - int((b["position_ids"] == 0).sum()) + n for b, n in zip(timed, windows)
+    )

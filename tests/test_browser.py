@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from test_serve import build_served_pair, start_live_app  # helpers shared with the HTTP tests
 
 from gpt2ft.votes import read_votes
@@ -24,8 +23,13 @@ from gpt2ft.votes import read_votes
 CHROMIUM = Path(os.environ.get("GPT2FT_CHROMIUM", "/usr/bin/chromium"))
 # The flags known to work for root in a container: no sandbox, no GPU, no network side traffic.
 CHROMIUM_FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 SCREENS_COPY = Path("/tmp/gpt2ft_screens")
 TIMEOUT_MS = 30_000
@@ -190,7 +194,8 @@ def test_two_pages_vote_at_once(browser, page_app):
         rows = read_votes(page_app["votes_db"])[before:]
         assert sorted(row["winner"] for row in rows) == ["b", "both_bad"]
         assert {row["conversation"][0]["content"] for row in rows} == {
-            "Page 0 asks: where are you going?", "Page 1 asks: where are you going?",
+            "Page 0 asks: where are you going?",
+            "Page 1 asks: where are you going?",
         }
     finally:
         for page in pages:
@@ -199,7 +204,7 @@ def test_two_pages_vote_at_once(browser, page_app):
 
 def test_markup_is_shown_as_text_and_a_huge_message_gets_a_notice(page):
     box = page.locator("#chat-input textarea")
-    box.fill("<img src=x onerror=\"window.__pwned=1\"><script>window.__pwned=2</script> hello <b>there</b>")
+    box.fill('<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script> hello <b>there</b>')
     box.press("Enter")
     wait_for_chat_reply(page, 1)
     assert page.evaluate("window.__pwned") is None

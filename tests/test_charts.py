@@ -29,22 +29,45 @@ from gpt2ft.charts import (
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GPU_KEYS = {
-    "gpu_index": 0, "gpu_name": "Tesla T4", "gpu_util_percent": 90.0, "gpu_memory_util_percent": 40.0,
-    "gpu_memory_used_mb": 9000.0, "gpu_memory_total_mb": 15835.0, "gpu_power_w": 65.0, "gpu_power_limit_w": 70.0,
-    "gpu_temperature_c": 61.0, "torch_allocated_mb": 3000.0, "torch_reserved_mb": 8000.0, "torch_max_reserved_mb": 8200.0,
+    "gpu_index": 0,
+    "gpu_name": "Tesla T4",
+    "gpu_util_percent": 90.0,
+    "gpu_memory_util_percent": 40.0,
+    "gpu_memory_used_mb": 9000.0,
+    "gpu_memory_total_mb": 15835.0,
+    "gpu_power_w": 65.0,
+    "gpu_power_limit_w": 70.0,
+    "gpu_temperature_c": 61.0,
+    "torch_allocated_mb": 3000.0,
+    "torch_reserved_mb": 8000.0,
+    "torch_max_reserved_mb": 8200.0,
 }
 
 
 def train_records(steps: int = 40) -> list[dict]:
     records = []
     for step in range(1, steps + 1):
-        records.append({
-            "step": step, "epoch": step / 20, "loss": 4.0 * math.exp(-step / 15) + 1.5, "grad_norm": 1.0 + (step % 5) / 5,
-            "learning_rate": 5e-5 * (1 - step / steps), "tokens_seen": step * 2000, "tokens_per_s": 1800.0 + step,
-            "train_seconds": step * 1.1,
-        })
+        records.append(
+            {
+                "step": step,
+                "epoch": step / 20,
+                "loss": 4.0 * math.exp(-step / 15) + 1.5,
+                "grad_norm": 1.0 + (step % 5) / 5,
+                "learning_rate": 5e-5 * (1 - step / steps),
+                "tokens_seen": step * 2000,
+                "tokens_per_s": 1800.0 + step,
+                "train_seconds": step * 1.1,
+            }
+        )
         if step % 20 == 0:
-            records.append({"step": step, "epoch": step / 20, "eval_loss": 2.0 - step / 100, "eval_perplexity": math.exp(2.0 - step / 100)})
+            records.append(
+                {
+                    "step": step,
+                    "epoch": step / 20,
+                    "eval_loss": 2.0 - step / 100,
+                    "eval_perplexity": math.exp(2.0 - step / 100),
+                }
+            )
     records.append({"step": steps, "epoch": steps / 20, "test_loss": 1.7, "test_perplexity": math.exp(1.7)})
     return records
 
@@ -53,14 +76,25 @@ def system_records(count: int = 30, gpu: bool = False) -> list[dict]:
     records = []
     for i in range(count):
         record = {
-            "timestamp": 1_700_000_000.0 + 2 * i, "elapsed_s": 2.0 * i, "step": i, "cpu_count": 2,
-            "process_cpu_percent": 95.0 + i % 7, "system_cpu_percent": 50.0 + i % 5, "process_rss_mb": 1500.0 + 10 * i,
-            "system_ram_used_mb": 4000.0 + 20 * i, "system_ram_total_mb": 13000.0, "system_ram_percent": 30.0 + i / 10,
-            "disk_read_bytes": 10**9 + i * 2 * 10**6, "disk_write_bytes": 2 * 10**9 + i * i * 10**5,
-            "net_sent_bytes": 10**6 + i * 10**4, "net_recv_bytes": 5 * 10**8 + i * 4 * 10**5,
+            "timestamp": 1_700_000_000.0 + 2 * i,
+            "elapsed_s": 2.0 * i,
+            "step": i,
+            "cpu_count": 2,
+            "process_cpu_percent": 95.0 + i % 7,
+            "system_cpu_percent": 50.0 + i % 5,
+            "process_rss_mb": 1500.0 + 10 * i,
+            "system_ram_used_mb": 4000.0 + 20 * i,
+            "system_ram_total_mb": 13000.0,
+            "system_ram_percent": 30.0 + i / 10,
+            "disk_read_bytes": 10**9 + i * 2 * 10**6,
+            "disk_write_bytes": 2 * 10**9 + i * i * 10**5,
+            "net_sent_bytes": 10**6 + i * 10**4,
+            "net_recv_bytes": 5 * 10**8 + i * 4 * 10**5,
         }
         if gpu:
-            record.update({key: (value + i % 9 if isinstance(value, float) else value) for key, value in GPU_KEYS.items()})
+            record.update(
+                {key: (value + i % 9 if isinstance(value, float) else value) for key, value in GPU_KEYS.items()}
+            )
         records.append(record)
     return records
 
@@ -200,7 +234,9 @@ def test_gpu_figures_plot_the_gpu_fields():
 def test_memory_and_cpu_figures_convert_units():
     records = system_records(10)
     memory = plot_memory(records)
-    rss = next(line for axis in memory.axes for line in axis.get_lines() if line.get_label() == "training process (RSS)")
+    rss = next(
+        line for axis in memory.axes for line in axis.get_lines() if line.get_label() == "training process (RSS)"
+    )
     assert rss.get_ydata()[0] == pytest.approx(1.5)  # 1,500 MB -> 1.5 GB
     cpu_disk = plot_cpu_disk(records)
     read = next(line for axis in cpu_disk.axes for line in axis.get_lines() if line.get_label() == "read")
@@ -243,8 +279,15 @@ def test_read_jsonl_tolerates_missing_file_and_truncated_line(tmp_path):
 
 
 def test_series_by_step_keeps_the_resumed_values():
-    records = [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}, {"step": 3, "loss": 9.0},
-               {"step": 2, "loss": 4.5}, {"step": 3, "loss": 3.5}, {"step": 4, "loss": None}, {"step": 5, "eval_loss": 3.0}]
+    records = [
+        {"step": 1, "loss": 5.0},
+        {"step": 2, "loss": 4.0},
+        {"step": 3, "loss": 9.0},
+        {"step": 2, "loss": 4.5},
+        {"step": 3, "loss": 3.5},
+        {"step": 4, "loss": None},
+        {"step": 5, "eval_loss": 3.0},
+    ]
     assert series_by_step(records, "loss") == ([1, 2, 3], [5.0, 4.5, 3.5])
 
 

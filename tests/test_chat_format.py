@@ -12,13 +12,18 @@ from gpt2ft.data import IGNORE_INDEX, prepare_dialogs, tokenize_dialogs
 
 
 def template_ids(tokenizer, messages, with_mask=False):
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=with_mask)
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=with_mask
+    )
     return (out["input_ids"], out["assistant_masks"]) if with_mask else out["input_ids"]
 
 
 def prepared_messages(dialogs: Dataset) -> list[list[dict[str, str]]]:
     return [
-        [{"role": role or ("user" if (len(turns) - 1 - i) % 2 == 0 else "assistant"), "content": turn} for i, (turn, role) in enumerate(zip(turns, roles))]
+        [
+            {"role": role or ("user" if (len(turns) - 1 - i) % 2 == 0 else "assistant"), "content": turn}
+            for i, (turn, role) in enumerate(zip(turns, roles))
+        ]
         for turns, roles in zip(dialogs["dialog"], dialogs["roles"])
     ]
 
@@ -38,11 +43,18 @@ def check_template_equals_training(tokenizer, dialogs: Dataset, loss_on: str) ->
 
 
 def test_the_template_renders_the_training_format(tiny_tokenizer):
-    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": " Hi "}, {"role": "assistant", "content": "Hello."}]
+    messages = [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": " Hi "},
+        {"role": "assistant", "content": "Hello."},
+    ]
     text = tiny_tokenizer.apply_chat_template(messages, tokenize=False)
     assert text == "<|endoftext|>Be kind.<|endoftext|>Hi<|endoftext|>Hello.<|endoftext|>"
     # Nothing is added for the next turn: after the last EOS the model already stands at its start.
-    assert tiny_tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True) == "<|endoftext|>Be kind.<|endoftext|>Hi<|endoftext|>"
+    assert (
+        tiny_tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+        == "<|endoftext|>Be kind.<|endoftext|>Hi<|endoftext|>"
+    )
 
 
 def test_turns_without_roles_alternate_and_end_with_the_user():
@@ -66,7 +78,10 @@ def test_template_tokens_and_assistant_mask_equal_training_on_role_data(tmp_path
     path = write_conversations(tmp_path / "chats.jsonl", make_conversations(60, 0))
     prepared = prepare_dialogs(str(path), cache_dir=tmp_path / "cache", validation_fraction=0.2, test_fraction=0.2)
     assert prepared.has_roles and prepared.loss_on == "assistant"
-    checked = sum(check_template_equals_training(tiny_tokenizer, prepared.dialogs[split], "assistant") for split in prepared.dialogs)
+    checked = sum(
+        check_template_equals_training(tiny_tokenizer, prepared.dialogs[split], "assistant")
+        for split in prepared.dialogs
+    )
     assert checked == sum(len(prepared.dialogs[split]) for split in prepared.dialogs) > 30
     assert any("system" in roles for roles in prepared.dialogs["train"]["roles"])
 
@@ -75,8 +90,12 @@ def test_template_tokens_equal_training_on_real_dialogues(shared_data):
     from gpt2ft.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(str(shared_data / "gpt2-tokenizer"))
-    prepared = prepare_dialogs(str(shared_data / "dailydialog"), cache_dir=None, max_train_dialogs=300, max_eval_dialogs=100)
-    checked = sum(check_template_equals_training(tokenizer, prepared.dialogs[split], "all") for split in prepared.dialogs)
+    prepared = prepare_dialogs(
+        str(shared_data / "dailydialog"), cache_dir=None, max_train_dialogs=300, max_eval_dialogs=100
+    )
+    checked = sum(
+        check_template_equals_training(tokenizer, prepared.dialogs[split], "all") for split in prepared.dialogs
+    )
     assert checked == 500
     # Real conversations written as chat messages with roles: the mask is exactly the assistant-only labels.
     dialogs = prepared.dialogs["validation"]

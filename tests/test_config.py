@@ -11,9 +11,23 @@ from gpt2ft.cli import build_parser, config_from_args
 from gpt2ft.config import ConfigError, TrainConfig, build_config, load_config_file
 
 REQUIRED_FLAGS = [
-    "--model", "--data", "--output-dir", "--logs-dir", "--images-dir", "--epochs", "--max-steps", "--batch-size",
-    "--learning-rate", "--max-length", "--max-train-dialogs", "--max-eval-dialogs", "--seed", "--keep-overlap",
-    "--no-clean-text", "--loss-on", "--config",
+    "--model",
+    "--data",
+    "--output-dir",
+    "--logs-dir",
+    "--images-dir",
+    "--epochs",
+    "--max-steps",
+    "--batch-size",
+    "--learning-rate",
+    "--max-length",
+    "--max-train-dialogs",
+    "--max-eval-dialogs",
+    "--seed",
+    "--keep-overlap",
+    "--no-clean-text",
+    "--loss-on",
+    "--config",
 ]
 
 
@@ -61,8 +75,19 @@ def test_every_field_has_a_flag_and_help():
 
 def test_defaults_target_gpt2_small_on_a_t4():
     config = TrainConfig()
-    assert (config.model, config.data, config.output_dir, config.logs_dir, config.images_dir) == ("gpt2", "hub", "gpt2_finetuned", "logs", "images")
-    assert config.clean_text is None and not config.keep_overlap and config.loss_on == "auto" and config.precision == "auto"
+    assert (config.model, config.data, config.output_dir, config.logs_dir, config.images_dir) == (
+        "gpt2",
+        "hub",
+        "gpt2_finetuned",
+        "logs",
+        "images",
+    )
+    assert (
+        config.clean_text is None
+        and not config.keep_overlap
+        and config.loss_on == "auto"
+        and config.precision == "auto"
+    )
     assert (config.validation_fraction, config.test_fraction, config.dialog_column) == (0.05, 0.05, None)
 
 

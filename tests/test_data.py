@@ -95,7 +95,9 @@ def test_real_release_loads_with_its_one_misaligned_line(shared_data):
     report = LoadReport()
     dialogs = load_dailydialog(str(shared_data / "dailydialog"), report=report)
     assert (len(dialogs["train"]), len(dialogs["validation"]), len(dialogs["test"])) == (11117, 1000, 1000)
-    assert report.skipped == [f"{shared_data / 'dailydialog' / 'train.zip'}:train/dialogues_train.txt:7852: 12 turns but 11 act and 11 emotion labels"]
+    assert report.skipped == [
+        f"{shared_data / 'dailydialog' / 'train.zip'}:train/dialogues_train.txt:7852: 12 turns but 11 act and 11 emotion labels"
+    ]
 
 
 # --- cleaning: one test per rule, on examples from the release ------------------------------------------------
@@ -104,7 +106,10 @@ def test_real_release_loads_with_its_one_misaligned_line(shared_data):
 @pytest.mark.parametrize(
     "release, clean",
     [
-        ("Say , Jim , how about going for a few beers after dinner ?", "Say, Jim, how about going for a few beers after dinner?"),  # punctuation
+        (
+            "Say , Jim , how about going for a few beers after dinner ?",
+            "Say, Jim, how about going for a few beers after dinner?",
+        ),  # punctuation
         ("it ’ s a piece of cake", "it's a piece of cake"),  # curly apostrophe + split contraction
         ("Good.Let ' s go now .", "Good. Let's go now."),  # missing space + contraction
         ("I guess you are right.But what shall we do ?", "I guess you are right. But what shall we do?"),
@@ -136,7 +141,9 @@ def test_cleaning_can_be_turned_off(dailydialog_dir):
 def test_remove_overlap_drops_train_duplicates_and_eval_dialogues_seen_in_train(tmp_path):
     a, b, c, d = ["Hi .", "Hello ."], ["How are you ?", "Fine ."], ["Bye .", "See you ."], ["New one .", "Yes ."]
     splits = {"train": [a, b, ["hi .", "hello ."], a], "validation": [["Hi  .", "Hello ."], c], "test": [b, d, d]}
-    prepared = prepare_dialogs(str(write_layout(tmp_path / "d", "extracted", splits)), cache_dir=tmp_path, clean_text=False)
+    prepared = prepare_dialogs(
+        str(write_layout(tmp_path / "d", "extracted", splits)), cache_dir=tmp_path, clean_text=False
+    )
     kept, counts = prepared.dialogs, prepared.counts
     assert kept["train"]["dialog"] == [a, b]  # case and spacing differences count as duplicates
     assert kept["validation"]["dialog"] == [c]
@@ -149,7 +156,9 @@ def test_normalise_dialog_ignores_release_spacing():
     assert normalise_dialog(["It ' s fine , right.But no ."]) == normalise_dialog(["it's fine, right. But no."])
     assert normalise_dialog(["A .", "B ."]) != normalise_dialog(["A . B ."])
     # With roles, the same words said by someone else are another conversation.
-    assert normalise_dialog(["Hi.", "Yo."], ["user", "assistant"]) != normalise_dialog(["Hi.", "Yo."], ["assistant", "user"])
+    assert normalise_dialog(["Hi.", "Yo."], ["user", "assistant"]) != normalise_dialog(
+        ["Hi.", "Yo."], ["assistant", "user"]
+    )
 
 
 def test_keep_overlap_restores_release_splits(dailydialog_dir):
@@ -213,7 +222,7 @@ def test_windows_split_at_turn_boundaries_and_predict_every_target_once():
     assert len(windows) > 1 and all(len(ids) <= 24 for ids, _ in windows)
     targets = [label for _, labels in windows for label in labels if label != IGNORE_INDEX]
     assert targets == [tok for turn in turns for tok in turn + [0]]  # nothing dropped, nothing repeated
-    for ids, labels in windows:
+    for ids, _labels in windows:
         assert ids[0] == 0 and ids[-1] == 0  # each window starts with EOS and ends at a turn boundary
     later_ids, later_labels = windows[1]
     assert later_labels[1] == IGNORE_INDEX  # later windows begin with earlier turns as context
@@ -228,7 +237,10 @@ def test_a_turn_longer_than_the_window_is_cut_not_dropped():
 
 def test_pad_collator_pads_labels_with_ignore_index_not_by_token_id(tiny_tokenizer):
     eos = tiny_tokenizer.eos_token_id
-    rows = [{"input_ids": [eos, 5, 6, eos], "labels": [IGNORE_INDEX, 5, 6, eos]}, {"input_ids": [eos, 7, eos], "labels": [IGNORE_INDEX, 7, eos]}]
+    rows = [
+        {"input_ids": [eos, 5, 6, eos], "labels": [IGNORE_INDEX, 5, 6, eos]},
+        {"input_ids": [eos, 7, eos], "labels": [IGNORE_INDEX, 7, eos]},
+    ]
     batch = DialogueCollator(tiny_tokenizer, "pad")(rows)
     assert batch["input_ids"].shape == (2, 8)  # padded to a multiple of 8
     assert batch["labels"][0, :4].tolist() == [IGNORE_INDEX, 5, 6, eos]  # EOS stays a target even though pad == EOS
@@ -240,7 +252,10 @@ def test_pad_collator_pads_labels_with_ignore_index_not_by_token_id(tiny_tokeniz
 
 
 def test_pack_collator_restarts_positions_per_dialogue(tiny_tokenizer):
-    rows = [{"input_ids": [0, 5, 0], "labels": [IGNORE_INDEX, 5, 0]}, {"input_ids": [0, 7, 8, 0], "labels": [IGNORE_INDEX, 7, 8, 0]}]
+    rows = [
+        {"input_ids": [0, 5, 0], "labels": [IGNORE_INDEX, 5, 0]},
+        {"input_ids": [0, 7, 8, 0], "labels": [IGNORE_INDEX, 7, 8, 0]},
+    ]
     batch = DialogueCollator(tiny_tokenizer, "pack")(rows)
     pad = tiny_tokenizer.pad_token_id
     assert batch["input_ids"].tolist() == [[0, 7, 8, 0, 0, 5, 0, pad]]  # longest first, width a multiple of 8
@@ -249,7 +264,9 @@ def test_pack_collator_restarts_positions_per_dialogue(tiny_tokenizer):
 
 
 def test_pack_collator_fills_rows_best_fit(tiny_tokenizer):
-    rows = [{"input_ids": [0] + [5] * (n - 1), "labels": [IGNORE_INDEX] + [5] * (n - 1)} for n in (30, 20, 20, 10, 10, 10)]
+    rows = [
+        {"input_ids": [0] + [5] * (n - 1), "labels": [IGNORE_INDEX] + [5] * (n - 1)} for n in (30, 20, 20, 10, 10, 10)
+    ]
     batch = DialogueCollator(tiny_tokenizer, "pack", row_tokens=50)(rows)
     assert batch["input_ids"].shape == (2, 56)  # 100 tokens -> 2 full rows of 50, rounded up to a multiple of 8
     assert (batch["labels"] != IGNORE_INDEX).sum() == 100 - 6
@@ -275,7 +292,9 @@ def test_a_split_is_fed_in_few_fixed_shapes_and_each_window_once(tiny_tokenizer)
     lengths = [rng.choice([5, 9, 14, 30, 41, 70]) for _ in range(200)] + [180]
     rows = [{"input_ids": [0] * n, "labels": [IGNORE_INDEX] + [1] * (n - 1), "length": n} for n in lengths]
     for batching in ("pack", "pad"):
-        loader = DialogueCollator(tiny_tokenizer, batching, row_tokens=64).loader(rows, batch_size=8, shuffle=True, seed=1)
+        loader = DialogueCollator(tiny_tokenizer, batching, row_tokens=64).loader(
+            rows, batch_size=8, shuffle=True, seed=1
+        )
         shapes, seen, targets, slots = set(), [], 0, 0
         for batch_rows in loader.batch_sampler:
             seen += [window for row in batch_rows for window in row]
@@ -305,7 +324,9 @@ def test_tokenisation_cache_is_reused_and_keyed_by_settings(tmp_path, dailydialo
     assert second["train"]["input_ids"] == first["train"]["input_ids"]
     assert len(list((tmp_path / "tokenized").iterdir())) == 1  # reused, not rebuilt
     tokenize_prepared(again, tiny_tokenizer, 128, tmp_path)
-    tokenize_prepared(prepare_dialogs(str(dailydialog_dir), cache_dir=tmp_path, loss_on="responses"), tiny_tokenizer, 256, tmp_path)
+    tokenize_prepared(
+        prepare_dialogs(str(dailydialog_dir), cache_dir=tmp_path, loss_on="responses"), tiny_tokenizer, 256, tmp_path
+    )
     assert len(list((tmp_path / "tokenized").iterdir())) == 3  # each setting has its own entry
 
 
@@ -324,7 +345,10 @@ def test_fixed_shapes_top_up_the_last_batch_without_changing_the_loss(tiny_model
     from gpt2ft.evaluation import evaluate_loss
 
     eos = tiny_tokenizer.eos_token_id
-    rows = [{"input_ids": [eos, 5, 6, 7, eos], "labels": [IGNORE_INDEX, 5, 6, 7, eos]}, {"input_ids": [eos, 8, eos], "labels": [IGNORE_INDEX, 8, eos]}]
+    rows = [
+        {"input_ids": [eos, 5, 6, 7, eos], "labels": [IGNORE_INDEX, 5, 6, 7, eos]},
+        {"input_ids": [eos, 8, eos], "labels": [IGNORE_INDEX, 8, eos]},
+    ]
     rows = rows * 3  # 6 windows, batches of 4: the last batch of each shape is topped up with empty rows
     for batching in ("pack", "pad"):
         collator = DialogueCollator(tiny_tokenizer, batching)
@@ -372,7 +396,9 @@ def test_the_zip_fallback_is_streamed_and_checked_against_the_release(tmp_path, 
 
 
 def test_a_cache_of_all_the_data_serves_any_limit(tmp_path, dailydialog_dir, tiny_tokenizer):
-    everything = tokenize_prepared(prepare_dialogs(str(dailydialog_dir), cache_dir=tmp_path), tiny_tokenizer, 256, tmp_path)
+    everything = tokenize_prepared(
+        prepare_dialogs(str(dailydialog_dir), cache_dir=tmp_path), tiny_tokenizer, 256, tmp_path
+    )
     limited = prepare_dialogs(str(dailydialog_dir), cache_dir=tmp_path, max_train_dialogs=7, max_eval_dialogs=3)
     rows = tokenize_prepared(limited, tiny_tokenizer, 256, tmp_path)
     assert len(list((tmp_path / "tokenized").iterdir())) == 1  # sliced from the full cache, not tokenised again
@@ -386,10 +412,17 @@ def test_a_resumed_run_on_several_processes_still_reshuffles_by_epoch(tiny_token
     (SkipBatchSampler): the epoch must still reach it, or a resumed epoch >= 1 would replay epoch 0's order."""
     from accelerate.data_loader import BatchSamplerShard, DataLoaderShard, skip_first_batches
 
-    rows = [{"input_ids": [0] * n, "labels": [IGNORE_INDEX] + [1] * (n - 1), "length": n} for n in [5, 9, 14, 30, 41, 70] * 20]
+    rows = [
+        {"input_ids": [0] * n, "labels": [IGNORE_INDEX] + [1] * (n - 1), "length": n}
+        for n in [5, 9, 14, 30, 41, 70] * 20
+    ]
     loader = DialogueCollator(tiny_tokenizer, "pack", row_tokens=64).loader(rows, batch_size=8, shuffle=True, seed=1)
     sampler = loader.batch_sampler
-    shard = DataLoaderShard(loader.dataset, batch_sampler=BatchSamplerShard(sampler, num_processes=2, process_index=0), collate_fn=loader.collate_fn)
+    shard = DataLoaderShard(
+        loader.dataset,
+        batch_sampler=BatchSamplerShard(sampler, num_processes=2, process_index=0),
+        collate_fn=loader.collate_fn,
+    )
     shard.set_epoch(1)
     straight = [list(batch) for batch in shard.batch_sampler][2:]
     sampler.set_epoch(0)  # a new process after a crash

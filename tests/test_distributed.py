@@ -34,8 +34,15 @@ def free_port() -> int:
 
 
 def torchrun_env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MPLBACKEND": "Agg",
+        "OMP_NUM_THREADS": "1",
+    }
     if sys.platform.startswith("linux"):
         # gloo otherwise picks its network interface by resolving the host name, which can fail offline.
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -44,9 +51,20 @@ def torchrun_env() -> dict[str, str]:
 
 def test_two_process_cpu_run(tiny_model_dir, dailydialog_dir, run_dirs, tmp_path, capsys):
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc-per-node={NPROC}",
-        "--master-addr", "127.0.0.1", f"--master-port={free_port()}", "--max-restarts", "0",
-        "-m", "gpt2ft", *train_argv(tiny_model_dir, dailydialog_dir, run_dirs, "--epochs", "1", "--learning-rate", "3e-3"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        f"--nproc-per-node={NPROC}",
+        "--master-addr",
+        "127.0.0.1",
+        f"--master-port={free_port()}",
+        "--max-restarts",
+        "0",
+        "-m",
+        "gpt2ft",
+        *train_argv(tiny_model_dir, dailydialog_dir, run_dirs, "--epochs", "1", "--learning-rate", "3e-3"),
     ]
     done = subprocess.run(command, cwd=ROOT, env=torchrun_env(), capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
@@ -55,7 +73,9 @@ def test_two_process_cpu_run(tiny_model_dir, dailydialog_dir, run_dirs, tmp_path
     metrics = json.loads((logs / "metrics.json").read_text())
     assert metrics["world_size"] == NPROC
     # Each process trained on its half of the batches: an epoch is ceil(batches / 2) steps, not one a batch.
-    assert metrics["steps"] == math.ceil(batches_per_epoch(tiny_model_dir, dailydialog_dir, BATCH_SIZE, tmp_path) / NPROC)
+    assert metrics["steps"] == math.ceil(
+        batches_per_epoch(tiny_model_dir, dailydialog_dir, BATCH_SIZE, tmp_path) / NPROC
+    )
 
     # One model folder, written once and atomically (no staging or backup folders left behind).
     assert (out / "model.safetensors").is_file() and (out / "training_config.json").is_file()
@@ -70,8 +90,22 @@ def test_two_process_cpu_run(tiny_model_dir, dailydialog_dir, run_dirs, tmp_path
     assert json.loads(next(line for line in done.stdout.splitlines() if line.startswith('{"train_loss"'))) == metrics
 
     # The all-reduced, token-weighted eval loss of the run equals a one-process evaluation of the saved model.
-    assert cli.main(["eval", "--model", str(out), "--data", str(dailydialog_dir), "--split", "validation",
-                     "--cache-dir", str(tmp_path / "eval_cache")]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--model",
+                str(out),
+                "--data",
+                str(dailydialog_dir),
+                "--split",
+                "validation",
+                "--cache-dir",
+                str(tmp_path / "eval_cache"),
+            ]
+        )
+        == 0
+    )
     single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert single["tokens"] == metrics["eval_tokens"]
     assert math.isclose(single["loss"], metrics["eval_loss"], rel_tol=1e-4)

@@ -63,11 +63,39 @@ def test_eval_samples_reports_reply_metrics_and_writes_triples(tiny_model_dir, d
     import json
 
     out = tmp_path / "samples.jsonl"
-    code = main(["eval", "--model", str(tiny_model_dir), "--data", str(dailydialog_dir), "--split", "test",
-                 "--max-dialogs", "6", "--samples", "4", "--samples-out", str(out), "--max-new-tokens", "5", "--seed", "1"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(dailydialog_dir),
+            "--split",
+            "test",
+            "--max-dialogs",
+            "6",
+            "--samples",
+            "4",
+            "--samples-out",
+            str(out),
+            "--max-new-tokens",
+            "5",
+            "--seed",
+            "1",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("samples", "eos_rate", "mean_reply_tokens", "distinct_1", "distinct_2", "repeat_rate", "loss", "perplexity"):
+    for key in (
+        "samples",
+        "eos_rate",
+        "mean_reply_tokens",
+        "distinct_1",
+        "distinct_2",
+        "repeat_rate",
+        "loss",
+        "perplexity",
+    ):
         assert key in result
     assert result["samples"] == 4 and 0 <= result["eos_rate"] <= 1 and result["mean_reply_tokens"] <= 5
     triples = [json.loads(line) for line in out.read_text().splitlines()]
@@ -76,8 +104,24 @@ def test_eval_samples_reports_reply_metrics_and_writes_triples(tiny_model_dir, d
 
 
 def test_compare_prints_both_rows(tiny_model_dir, dailydialog_dir, capsys):
-    code = main(["compare", "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir), "--data", str(dailydialog_dir),
-                 "--max-dialogs", "4", "--samples", "2", "--max-new-tokens", "4", "--greedy"])
+    code = main(
+        [
+            "compare",
+            "--base",
+            str(tiny_model_dir),
+            "--tuned",
+            str(tiny_model_dir),
+            "--data",
+            str(dailydialog_dir),
+            "--max-dialogs",
+            "4",
+            "--samples",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--greedy",
+        ]
+    )
     assert code == 0
     table = capsys.readouterr().out.strip().splitlines()
     assert table[0].startswith("| model | perplexity | eos_rate")
@@ -129,5 +173,7 @@ def test_a_process_with_no_rows_to_score_returns_nothing_instead_of_failing(tiny
     from gpt2ft.evaluation import evaluate_loss
 
     rows = [{"input_ids": [0, 5, 6, 0], "labels": [-100, 5, 6, 0]}]
-    result = evaluate_loss(tiny_model, rows, DialogueCollator(tiny_tokenizer, "pack"), batch_size=4, rank=1, world_size=2)
+    result = evaluate_loss(
+        tiny_model, rows, DialogueCollator(tiny_tokenizer, "pack"), batch_size=4, rank=1, world_size=2
+    )
     assert result["tokens"] == 0 and result["loss"] != result["loss"]  # NaN: nothing scored here

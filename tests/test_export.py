@@ -18,7 +18,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
 from conftest import EXCHANGES, build_tiny_model_dir, train_argv
 
 from gpt2ft import cli
@@ -94,7 +93,10 @@ def test_gguf_template_drops_generation_markers_and_renders_the_same(tiny_tokeni
     template = gguf_chat_template(CHAT_TEMPLATE)
     assert "generation" not in template and "generation" in CHAT_TEMPLATE
     expected = hf_render(tiny_tokenizer, MESSAGES)
-    assert expected == "<|endoftext|>Be brief.<|endoftext|>Hello , how are you ?<|endoftext|>I am fine , thanks .<|endoftext|>What time is it ?<|endoftext|>"
+    assert (
+        expected
+        == "<|endoftext|>Be brief.<|endoftext|>Hello , how are you ?<|endoftext|>I am fine , thanks .<|endoftext|>What time is it ?<|endoftext|>"
+    )
     assert jinja_render(template, tiny_tokenizer, MESSAGES) == expected
     assert gguf_chat_template(None) == template  # models saved before templates get gpt2ft's
 
@@ -155,7 +157,9 @@ def test_f32_export_holds_weights_hyperparameters_and_tokenizer(f32_export, tiny
     qkv = tensor(reader, "blk.1.attn_qkv.weight")
     assert list(qkv.shape) == [config.n_embd, 3 * config.n_embd]  # ggml order: (in, out)
     np.testing.assert_array_equal(qkv.data, weights["transformer.h.1.attn.c_attn.weight"].T)
-    np.testing.assert_array_equal(tensor(reader, "blk.0.ffn_down.weight").data, weights["transformer.h.0.mlp.c_proj.weight"].T)
+    np.testing.assert_array_equal(
+        tensor(reader, "blk.0.ffn_down.weight").data, weights["transformer.h.0.mlp.c_proj.weight"].T
+    )
     np.testing.assert_array_equal(tensor(reader, "output_norm.bias").data, weights["transformer.ln_f.bias"])
     assert not [t.name for t in reader.tensors if t.name.startswith("output.")]
 
@@ -193,8 +197,14 @@ def test_modelfile_carries_template_stop_and_saved_sampling(f32_export):
     from gpt2ft.generate import GENERATION_DEFAULTS
 
     sampled = build_modelfile("m-f16.gguf", "<|endoftext|>", 1024, dict(GENERATION_DEFAULTS))
-    for line in ("PARAMETER temperature 0.8", "PARAMETER top_p 0.9", "PARAMETER top_k 0", "PARAMETER num_predict 50",
-                 "PARAMETER repeat_penalty 1.0", "PARAMETER num_ctx 1024"):
+    for line in (
+        "PARAMETER temperature 0.8",
+        "PARAMETER top_p 0.9",
+        "PARAMETER top_k 0",
+        "PARAMETER num_predict 50",
+        "PARAMETER repeat_penalty 1.0",
+        "PARAMETER num_ctx 1024",
+    ):
         assert line + "\n" in sampled
 
 
@@ -223,7 +233,11 @@ def test_cli_export_writes_beside_the_model_and_prints_paths(tiny_model_dir, tmp
     expected = tmp_path / "my_model-f16.gguf"
     assert out[:2] == [str(expected), str(tmp_path / "my_model-f16.Modelfile")]
     assert gguf.GGUFReader(expected).fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_F16
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["my_model", "my_model-f16.Modelfile", "my_model-f16.gguf"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "my_model",
+        "my_model-f16.Modelfile",
+        "my_model-f16.gguf",
+    ]
 
 
 def test_notebook_export_is_opt_in_and_replaces_an_earlier_export(tiny_model_dir, tmp_path, capsys):
@@ -271,7 +285,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_model_dir, tmp_pat
     one_line_exit_2(["export", "--model", str(folder), "--format", "onnx"], capsys, "--format")
     one_line_exit_2(["export", "--model", str(tmp_path / "nowhere")], capsys, "nowhere", "no such model folder")
     one_line_exit_2(["export", "--model", str(folder), "--output", str(tmp_path / "x.bin")], capsys, ".gguf")
-    one_line_exit_2(["export", "--model", str(folder), "--output", str(tmp_path / "no" / "x.gguf")], capsys, "does not exist")
+    one_line_exit_2(
+        ["export", "--model", str(folder), "--output", str(tmp_path / "no" / "x.gguf")], capsys, "does not exist"
+    )
 
     llama = copy_model(tiny_model_dir, tmp_path / "llama")
     config = json.loads((llama / "config.json").read_text())
@@ -287,7 +303,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_model_dir, tmp_pat
     (relu / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
     one_line_exit_2(["export", "--model", str(relu)], capsys, "activation_function 'relu'")
 
-    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob("*Modelfile*")) and not list(tmp_path.glob(".*"))
+    assert (
+        not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob("*Modelfile*")) and not list(tmp_path.glob(".*"))
+    )
 
 
 def test_a_failed_write_leaves_no_file(tiny_model_dir, tmp_path, monkeypatch):
@@ -308,8 +326,19 @@ def test_a_failed_write_leaves_no_file(tiny_model_dir, tmp_path, monkeypatch):
 
 
 def test_lora_run_exports_the_merged_model(tiny_model_dir, dailydialog_dir, run_dirs, capsys):
-    argv = train_argv(tiny_model_dir, dailydialog_dir, run_dirs, "--method", "lora", "--lora-r", "4", "--max-steps", "3",
-                      "--learning-rate", "5e-2")
+    argv = train_argv(
+        tiny_model_dir,
+        dailydialog_dir,
+        run_dirs,
+        "--method",
+        "lora",
+        "--lora-r",
+        "4",
+        "--max-steps",
+        "3",
+        "--learning-rate",
+        "5e-2",
+    )
     assert cli.main(argv) == 0
     capsys.readouterr()  # training's own output
     run = Path(run_dirs["output"])
@@ -327,6 +356,7 @@ def test_lora_run_exports_the_merged_model(tiny_model_dir, dailydialog_dir, run_
 # llama.cpp runs the exported files (slow: needs llama-cpp-python, built from source)
 # --------------------------------------------------------------------------------------------------------------
 
+
 def llama_cpp_importable() -> bool:
     try:
         import llama_cpp  # noqa: F401  (loads the compiled library too)
@@ -336,7 +366,9 @@ def llama_cpp_importable() -> bool:
 
 
 # A skipif mark, not importorskip in the test: it skips before the module's fixtures train a model for nothing.
-needs_llama_cpp = pytest.mark.skipif(not llama_cpp_importable(), reason="llama_cpp (pip install llama-cpp-python) cannot be imported")
+needs_llama_cpp = pytest.mark.skipif(
+    not llama_cpp_importable(), reason="llama_cpp (pip install llama-cpp-python) cannot be imported"
+)
 QUESTIONS = [question for question, _ in EXCHANGES]
 UNSEEN = ["Hi, how are you?", "Do you like coffee ?"]
 MAX_NEW_TOKENS = 24
@@ -353,7 +385,7 @@ def train_dialog_model(folder: Path, steps: int = 300) -> Path:
         prompt = render_ids(tokenizer, as_messages([question]))
         row = render_ids(tokenizer, as_messages([question, answer]))
         rows.append(row)
-        targets.append([-100] * len(prompt) + row[len(prompt):])  # the answer and its EOS: the only thing to predict
+        targets.append([-100] * len(prompt) + row[len(prompt) :])  # the answer and its EOS: the only thing to predict
     width = max(len(row) for row in rows)
     input_ids = torch.tensor([row + [tokenizer.eos_token_id] * (width - len(row)) for row in rows])
     labels = torch.tensor([row + [-100] * (width - len(row)) for row in targets])
@@ -380,10 +412,14 @@ def transformers_greedy(model, tokenizer, prompt_ids: list[int]) -> list[int]:
     eos = tokenizer.eos_token_id
     with torch.no_grad():
         output = model.generate(
-            torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long), do_sample=False,
-            max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos, pad_token_id=eos,
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=MAX_NEW_TOKENS,
+            eos_token_id=eos,
+            pad_token_id=eos,
         )
-    return output[0, len(prompt_ids):].tolist()
+    return output[0, len(prompt_ids) :].tolist()
 
 
 def llama_greedy(llm, prompt_ids: list[int], eos: int) -> list[int]:
@@ -472,7 +508,12 @@ def test_llama_cpp_renders_chats_with_the_embedded_template(trained_dir, greedy_
     for question, (_, expected) in list(zip(QUESTIONS, reference))[:3]:
         rendered = formatter(messages=[{"role": "user", "content": question}])
         completion = llm.create_completion(
-            rendered.prompt, temperature=0.0, top_k=1, max_tokens=MAX_NEW_TOKENS, repeat_penalty=1.0, stop=rendered.stop,
+            rendered.prompt,
+            temperature=0.0,
+            top_k=1,
+            max_tokens=MAX_NEW_TOKENS,
+            repeat_penalty=1.0,
+            stop=rendered.stop,
         )
         assert completion["choices"][0]["finish_reason"] == "stop"
         assert completion["choices"][0]["text"] == tokenizer.decode(expected[:-1]), question

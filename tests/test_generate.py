@@ -32,7 +32,9 @@ def forced_model_dir(tmp_path, tiny_model, tiny_tokenizer):
     """A saved tiny model that always predicts the token of "Hi" (so replies run to max_new_tokens)."""
     token = tiny_tokenizer("Hi", add_special_tokens=False)["input_ids"][0]
     force_next_token(tiny_model, token)
-    save_final_model(tiny_model, tiny_tokenizer, build_generation_config(tiny_tokenizer), {"gpt2ft_version": "t"}, tmp_path / "m")
+    save_final_model(
+        tiny_model, tiny_tokenizer, build_generation_config(tiny_tokenizer), {"gpt2ft_version": "t"}, tmp_path / "m"
+    )
     return tmp_path / "m"
 
 
@@ -101,9 +103,25 @@ def test_chat_answers_each_line_and_honours_reset_and_quit():
 def test_chat_command_over_piped_stdin(forced_model_dir):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "gpt2ft", "chat", "--model", str(forced_model_dir), "--greedy", "--max-new-tokens", "3", "--system", "Be brief."],
-        input="Hi, how are you?\nWhat do you do for a living?\n/quit\n", capture_output=True, text=True, env=env,
-        cwd=ROOT, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "gpt2ft",
+            "chat",
+            "--model",
+            str(forced_model_dir),
+            "--greedy",
+            "--max-new-tokens",
+            "3",
+            "--system",
+            "Be brief.",
+        ],
+        input="Hi, how are you?\nWhat do you do for a living?\n/quit\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     replies = result.stdout.splitlines()
@@ -142,12 +160,16 @@ def test_a_system_message_starts_every_conversation():
 
 
 def test_the_system_message_is_the_first_turn_of_the_prompt(tiny_tokenizer):
-    ids = build_prompt_ids(tiny_tokenizer, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], 100)
+    ids = build_prompt_ids(
+        tiny_tokenizer, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], 100
+    )
     assert tiny_tokenizer.decode(ids) == "<|endoftext|>Be brief.<|endoftext|>Hi<|endoftext|>"
     # When the window is short, older turns go first; the system message stays while it fits.
     from gpt2ft.chat_format import render_ids
 
-    long = [{"role": "system", "content": "Be brief."}] + [{"role": "user", "content": f"turn {i} " * 5} for i in range(6)]
+    long = [{"role": "system", "content": "Be brief."}] + [
+        {"role": "user", "content": f"turn {i} " * 5} for i in range(6)
+    ]
     budget = len(render_ids(tiny_tokenizer, long[:1] + long[-2:]))  # room for the system message and two turns
     cut = tiny_tokenizer.decode(build_prompt_ids(tiny_tokenizer, long, budget))
     assert cut.startswith("<|endoftext|>Be brief.<|endoftext|>turn 4") and "turn 5" in cut and "turn 3" not in cut

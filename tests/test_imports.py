@@ -57,7 +57,7 @@ def find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
         path.append(module)
         for target in sorted(graph[module]):
             if state.get(target) == "open":
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         path.pop()
@@ -91,9 +91,11 @@ def save():
 def test_no_import_cycle_among_gpt2ft_modules():
     graph = import_graph()
     cycle = find_cycle(graph)
-    assert cycle is None, "import cycle: " + " -> ".join(
-        f"{module} (line {graph[module][target]})" for module, target in zip(cycle, cycle[1:])
-    ) + f" -> {cycle[-1]}"
+    assert cycle is None, (
+        "import cycle: "
+        + " -> ".join(f"{module} (line {graph[module][target]})" for module, target in zip(cycle, cycle[1:]))
+        + f" -> {cycle[-1]}"
+    )
 
 
 def test_the_cycle_search_finds_a_planted_cycle():

@@ -1,6 +1,6 @@
 """The chunked loss is the model's own loss: same value and same gradients, without the full logits.
 
-    cd /work/main && python -m pytest tests/test_loss.py -q
+cd /work/main && python -m pytest tests/test_loss.py -q
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ def test_a_given_token_count_divides_the_sum_as_transformers_does(pair):
 def test_without_labels_the_model_is_unchanged(pair):
     plain, chunked = pair
     ids = batch_with_ignored_positions(plain.config.vocab_size)["input_ids"]
-    torch.testing.assert_close(chunked(input_ids=ids, use_cache=False).logits, plain(input_ids=ids, use_cache=False).logits)
+    torch.testing.assert_close(
+        chunked(input_ids=ids, use_cache=False).logits, plain(input_ids=ids, use_cache=False).logits
+    )
 
 
 def test_frozen_output_embedding_gets_no_gradient_buffer(tiny_model):
@@ -119,5 +121,8 @@ def test_under_fp16_the_gradients_wait_for_the_loss_scale_and_match_the_models_o
     assert torch.isfinite(head_chunked).all()
     assert torch.nn.functional.cosine_similarity(head_chunked.flatten(), head_plain.flatten(), dim=0) > 0.99
     assert abs(float(head_chunked.norm() / head_plain.norm()) - 1) < 0.05  # the scale was applied, once
-    first_plain, first_chunked = plain.transformer.h[0].attn.c_attn.weight.grad, chunked.transformer.h[0].attn.c_attn.weight.grad
+    first_plain, first_chunked = (
+        plain.transformer.h[0].attn.c_attn.weight.grad,
+        chunked.transformer.h[0].attn.c_attn.weight.grad,
+    )
     assert torch.nn.functional.cosine_similarity(first_chunked.flatten(), first_plain.flatten(), dim=0) > 0.99

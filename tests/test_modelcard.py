@@ -21,10 +21,25 @@ from gpt2ft.modelcard import (
 )
 
 METRICS = {
-    "train_loss": 3.21234, "eval_loss": 2.87654321, "eval_perplexity": 17.7612, "test_loss": 2.91, "test_perplexity": 18.3568,
-    "train_runtime_s": 3723.4, "train_tokens": 1_360_000, "train_tokens_per_s": 365.2, "epochs": 3.0, "steps": 1971,
-    "train_dialogs": 10515, "eval_dialogs": 923, "test_dialogs": 894, "method": "full", "precision": "fp16",
-    "device": "Tesla T4", "world_size": 1, "trainable_parameters": 124_439_808, "total_parameters": 124_439_808,
+    "train_loss": 3.21234,
+    "eval_loss": 2.87654321,
+    "eval_perplexity": 17.7612,
+    "test_loss": 2.91,
+    "test_perplexity": 18.3568,
+    "train_runtime_s": 3723.4,
+    "train_tokens": 1_360_000,
+    "train_tokens_per_s": 365.2,
+    "epochs": 3.0,
+    "steps": 1971,
+    "train_dialogs": 10515,
+    "eval_dialogs": 923,
+    "test_dialogs": 894,
+    "method": "full",
+    "precision": "fp16",
+    "device": "Tesla T4",
+    "world_size": 1,
+    "trainable_parameters": 124_439_808,
+    "total_parameters": 124_439_808,
     "data_counts": {
         "train": {"release": 11118, "removed": 603, "kept": 10515, "used": 10515},
         "validation": {"release": 1000, "removed": 77, "kept": 923, "used": 923},
@@ -97,7 +112,9 @@ def test_card_with_overlap_kept_does_not_claim_leakage_free_numbers():
 
 
 def test_card_training_settings():
-    card = render_model_card(METRICS, training_config(learning_rate=3e-5, batch_size=8, gradient_accumulation_steps=4), SAMPLES)
+    card = render_model_card(
+        METRICS, training_config(learning_rate=3e-5, batch_size=8, gradient_accumulation_steps=4), SAMPLES
+    )
     assert "| learning rate | 3e-05 " in card
     assert "8 x 4 x 1 = 32 dialogues" in card
     assert "| precision | fp16 |" in card
@@ -131,7 +148,9 @@ def test_card_tolerates_missing_keys():
     assert "| validation | n/a | n/a | n/a |" in card
     assert "![training](chart_train.png)" in card
     assert "base_model" not in front_matter(card)
-    partial = render_model_card({"eval_loss": 2.5, "eval_perplexity": None, "data_counts": {"train": {"release": 5}}}, {"config": None}, [{}])
+    partial = render_model_card(
+        {"eval_loss": 2.5, "eval_perplexity": None, "data_counts": {"train": {"release": 5}}}, {"config": None}, [{}]
+    )
     assert "| validation | 2.5000 | n/a |" in partial
     assert "| train | 5 | n/a | n/a | n/a |" in partial
 
@@ -163,7 +182,13 @@ def test_card_usage_code_runs(tiny_model, tiny_tokenizer, tmp_path):
     from gpt2ft.generate import build_generation_config
 
     folder = tmp_path / "model"
-    save_final_model(tiny_model, tiny_tokenizer, build_generation_config(tiny_tokenizer, max_new_tokens=5), {"gpt2ft_version": "t"}, folder)
+    save_final_model(
+        tiny_model,
+        tiny_tokenizer,
+        build_generation_config(tiny_tokenizer, max_new_tokens=5),
+        {"gpt2ft_version": "t"},
+        folder,
+    )
     card = render_model_card(METRICS, training_config(output_dir=str(folder)), SAMPLES)
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     printed = []
@@ -191,7 +216,13 @@ def test_card_samples_name_each_speaker():
 
 
 def test_a_card_for_your_own_conversations_does_not_claim_dailydialog():
-    config = {**training_config(data="chats.jsonl"), "data_source": "chats.jsonl", "data_is_dailydialog": False, "has_roles": True, "loss_on": "assistant"}
+    config = {
+        **training_config(data="chats.jsonl"),
+        "data_source": "chats.jsonl",
+        "data_is_dailydialog": False,
+        "has_roles": True,
+        "loss_on": "assistant",
+    }
     card = render_model_card(METRICS, config, SAMPLES)
     meta = front_matter(card)
     assert "DailyDialog" not in card.split("## Data")[0] and "CC BY-NC-SA" not in card

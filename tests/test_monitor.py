@@ -13,14 +13,23 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, read_jsonl
+
 from gpt2ft.monitor import SystemMonitor
 
 BASE_FIELDS = {"timestamp", "elapsed_s", "step"}
 CPU_FIELDS = {"cpu_count", "process_cpu_percent", "system_cpu_percent"}
 MEMORY_FIELDS = {"process_rss_mb", "system_ram_used_mb", "system_ram_total_mb", "system_ram_percent"}
-TRAIN_LINE_FIELDS = {"step", "epoch", "loss", "grad_norm", "learning_rate", "tokens_seen", "tokens_per_s", "train_seconds"}
+TRAIN_LINE_FIELDS = {
+    "step",
+    "epoch",
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "tokens_seen",
+    "tokens_per_s",
+    "train_seconds",
+}
 CHARTS = {"chart_train.png", "chart_gpu.png", "chart_gpu2.png", "chart_memory.png", "chart_cpu_disk.png"}
 
 
@@ -137,7 +146,9 @@ def fake_pynvml(fail_init: bool = False) -> types.ModuleType:
     nvml.nvmlDeviceGetHandleByUUID = lambda uuid: f"handle-{uuid}"
     nvml.nvmlDeviceGetName = lambda handle: b"Tesla T4"
     nvml.nvmlDeviceGetUtilizationRates = lambda handle: types.SimpleNamespace(gpu=87, memory=41)
-    nvml.nvmlDeviceGetMemoryInfo = lambda handle: types.SimpleNamespace(used=9_000_000_000, total=16_000_000_000, free=7_000_000_000)
+    nvml.nvmlDeviceGetMemoryInfo = lambda handle: types.SimpleNamespace(
+        used=9_000_000_000, total=16_000_000_000, free=7_000_000_000
+    )
     nvml.nvmlDeviceGetPowerUsage = lambda handle: 65_432  # milliwatts
     nvml.nvmlDeviceGetEnforcedPowerLimit = lambda handle: 70_000
 
@@ -283,7 +294,10 @@ def test_run_model_card_shows_the_metrics(run):
     dirs, _ = run
     metrics = json.loads((dirs["logs"] / "metrics.json").read_text(encoding="utf-8"))
     card = (dirs["output"] / "README.md").read_text(encoding="utf-8")
-    assert f"| validation | {format_loss(metrics['eval_loss'])} | {format_perplexity(metrics['eval_perplexity'])} |" in card
+    assert (
+        f"| validation | {format_loss(metrics['eval_loss'])} | {format_perplexity(metrics['eval_perplexity'])} |"
+        in card
+    )
     assert f"| test | {format_loss(metrics['test_loss'])} | {format_perplexity(metrics['test_perplexity'])} |" in card
     assert format_loss(metrics["train_loss"]) in card
     assert "![training](chart_train.png)" in card

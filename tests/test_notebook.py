@@ -21,10 +21,28 @@ from conftest import EXCHANGES
 
 from gpt2ft.config import ConfigError, TrainConfig
 from gpt2ft.notebook import (
-    before_after_table, chat_in_notebook, comparison_table, describe_resume, describe_saved_model, environment_report,
-    equivalent_command, format_turns, gpu_memory_report, in_colab, label_table, make_config, mount_drive,
-    plot_token_lengths, push_model_to_hub, resolve_paths, score_replies, score_splits, show_charts, show_chat_format,
-    show_replies, split_counts_table,
+    before_after_table,
+    chat_in_notebook,
+    comparison_table,
+    describe_resume,
+    describe_saved_model,
+    environment_report,
+    equivalent_command,
+    format_turns,
+    gpu_memory_report,
+    in_colab,
+    label_table,
+    make_config,
+    mount_drive,
+    plot_token_lengths,
+    push_model_to_hub,
+    resolve_paths,
+    score_replies,
+    score_splits,
+    show_charts,
+    show_chat_format,
+    show_replies,
+    split_counts_table,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,17 +51,40 @@ COLAB_LINK = "https://colab.research.google.com/github/YOUR-GITHUB-USER/gpt2ft/b
 
 # The issue's parameter names and defaults; the notebook may add more.
 REQUIRED_PARAMETERS = {
-    "model_name": "gpt2", "data_source": "hub", "output_dir": "gpt2_finetuned", "logs_dir": "logs", "images_dir": "images",
-    "num_train_epochs": 3, "max_steps": -1, "max_train_dialogs": None, "max_eval_dialogs": None, "seed": 42,
-    "use_drive": False, "cache_dir": "data", "chat_interactive": False, "push_to_hub": False, "hub_repo_id": None,
+    "model_name": "gpt2",
+    "data_source": "hub",
+    "output_dir": "gpt2_finetuned",
+    "logs_dir": "logs",
+    "images_dir": "images",
+    "num_train_epochs": 3,
+    "max_steps": -1,
+    "max_train_dialogs": None,
+    "max_eval_dialogs": None,
+    "seed": 42,
+    "use_drive": False,
+    "cache_dir": "data",
+    "chat_interactive": False,
+    "push_to_hub": False,
+    "hub_repo_id": None,
     "overwrite": False,
 }
 # Notebook parameter -> the TrainConfig field it sets: their defaults must agree, so defaults live in one place.
 PARAMETER_FIELDS = {
-    "model_name": "model", "data_source": "data", "output_dir": "output_dir", "logs_dir": "logs_dir",
-    "images_dir": "images_dir", "cache_dir": "cache_dir", "num_train_epochs": "epochs", "max_steps": "max_steps",
-    "max_train_dialogs": "max_train_dialogs", "max_eval_dialogs": "max_eval_dialogs", "batch_size": "batch_size",
-    "learning_rate": "learning_rate", "logging_steps": "logging_steps", "seed": "seed", "overwrite": "overwrite",
+    "model_name": "model",
+    "data_source": "data",
+    "output_dir": "output_dir",
+    "logs_dir": "logs_dir",
+    "images_dir": "images_dir",
+    "cache_dir": "cache_dir",
+    "num_train_epochs": "epochs",
+    "max_steps": "max_steps",
+    "max_train_dialogs": "max_train_dialogs",
+    "max_eval_dialogs": "max_eval_dialogs",
+    "batch_size": "batch_size",
+    "learning_rate": "learning_rate",
+    "logging_steps": "logging_steps",
+    "seed": "seed",
+    "overwrite": "overwrite",
 }
 
 
@@ -84,7 +125,9 @@ def parameters_cell(notebook):
 def parameter_values(notebook) -> dict:
     values = {}
     for node in ast.parse(parameters_cell(notebook).source).body:
-        assert isinstance(node, ast.Assign) and len(node.targets) == 1, "the parameters cell holds only `name = literal` lines"
+        assert isinstance(node, ast.Assign) and len(node.targets) == 1, (
+            "the parameters cell holds only `name = literal` lines"
+        )
         values[node.targets[0].id] = ast.literal_eval(node.value)
     return values
 
@@ -101,7 +144,11 @@ def test_committed_without_outputs_or_execution_counts(notebook):
 def test_no_code_cell_defines_a_function_or_class(notebook):
     for cell in code_cells(notebook):
         tree = ast.parse(python_source(cell.source))
-        defined = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))]
+        defined = [
+            node
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
+        ]
         assert not defined, f"cell defines {type(defined[0]).__name__}: {cell.source[:80]!r}"
 
 
@@ -117,7 +164,9 @@ def test_parameter_defaults_agree_with_train_config(notebook):
     for name, field in PARAMETER_FIELDS.items():
         if values[name] is None and name in LEFT_TO_GPT2FT:
             continue  # None: gpt2ft's default (or a T4 preset), not a second copy of it
-        assert values[name] == getattr(defaults, field), f"{name} = {values[name]!r} but TrainConfig.{field} = {getattr(defaults, field)!r}"
+        assert values[name] == getattr(defaults, field), (
+            f"{name} = {values[name]!r} but TrainConfig.{field} = {getattr(defaults, field)!r}"
+        )
 
 
 def test_settings_the_presets_tune_are_left_to_gpt2ft_by_default(notebook):
@@ -128,7 +177,12 @@ def test_settings_the_presets_tune_are_left_to_gpt2ft_by_default(notebook):
 def test_every_parameter_is_used_by_a_later_cell(notebook):
     cells = code_cells(notebook)
     start = cells.index(parameters_cell(notebook)) + 1
-    used = {node.id for cell in cells[start:] for node in ast.walk(ast.parse(python_source(cell.source))) if isinstance(node, ast.Name)}
+    used = {
+        node.id
+        for cell in cells[start:]
+        for node in ast.walk(ast.parse(python_source(cell.source)))
+        if isinstance(node, ast.Name)
+    }
     assert set(parameter_values(notebook)) <= used, set(parameter_values(notebook)) - used
 
 
@@ -137,7 +191,9 @@ def test_a_markdown_cell_explains_each_code_cell(notebook):
     assert cells[0].cell_type == "markdown"
     for previous, cell in zip(cells, cells[1:]):
         if cell.cell_type == "code":
-            assert previous.cell_type == "markdown" and previous.source.strip(), f"no explanation before {cell.source[:60]!r}"
+            assert previous.cell_type == "markdown" and previous.source.strip(), (
+                f"no explanation before {cell.source[:60]!r}"
+            )
 
 
 def test_title_cell_has_the_colab_badge_and_t4_estimates(notebook):
@@ -149,7 +205,7 @@ def test_title_cell_has_the_colab_badge_and_t4_estimates(notebook):
 
 def test_colab_setup_installs_requirements_without_torch(notebook):
     setup = next(cell.source for cell in code_cells(notebook) if "git clone" in cell.source)
-    assert 'if IN_COLAB:' in setup and "%pip install -q -r requirements.txt" in setup
+    assert "if IN_COLAB:" in setup and "%pip install -q -r requirements.txt" in setup
     for cell in code_cells(notebook):
         for line in cell.source.splitlines():
             assert not ("pip install" in line and "torch" in line), line
@@ -170,7 +226,7 @@ def test_the_label_table_is_introduced_as_the_token_itself_not_the_next_one(note
 def test_no_secret_is_written_into_the_notebook(notebook):
     text = "\n".join(cell.source for cell in notebook.cells)
     assert not re.search(r"hf_[A-Za-z0-9]{20,}", text)
-    assert "HF_TOKEN =" not in text and "os.environ[\"HF_TOKEN\"] =" not in text
+    assert "HF_TOKEN =" not in text and 'os.environ["HF_TOKEN"] =' not in text
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -179,14 +235,40 @@ def test_no_secret_is_written_into_the_notebook(notebook):
 
 
 def test_resolve_paths_moves_relative_folders_to_drive(tmp_path):
-    assert resolve_paths("gpt2_finetuned", "logs", "images") == {"output_dir": "gpt2_finetuned", "logs_dir": "logs", "images_dir": "images"}
+    assert resolve_paths("gpt2_finetuned", "logs", "images") == {
+        "output_dir": "gpt2_finetuned",
+        "logs_dir": "logs",
+        "images_dir": "images",
+    }
     paths = resolve_paths("gpt2_finetuned", "/abs/logs", "images", drive_root=tmp_path)
-    assert paths == {"output_dir": str(tmp_path / "gpt2_finetuned"), "logs_dir": "/abs/logs", "images_dir": str(tmp_path / "images")}
+    assert paths == {
+        "output_dir": str(tmp_path / "gpt2_finetuned"),
+        "logs_dir": "/abs/logs",
+        "images_dir": str(tmp_path / "images"),
+    }
 
 
 def test_make_config_maps_the_notebook_names(tmp_path):
-    config, chosen = make_config("gpt2", "hub", "out", "logs", "images", "data", 2, drive_root=tmp_path, max_train_dialogs=10, seed=7, batch_size=None)
-    assert (config.model, config.data, config.epochs, config.max_train_dialogs, config.seed) == ("gpt2", "hub", 2.0, 10, 7)
+    config, chosen = make_config(
+        "gpt2",
+        "hub",
+        "out",
+        "logs",
+        "images",
+        "data",
+        2,
+        drive_root=tmp_path,
+        max_train_dialogs=10,
+        seed=7,
+        batch_size=None,
+    )
+    assert (config.model, config.data, config.epochs, config.max_train_dialogs, config.seed) == (
+        "gpt2",
+        "hub",
+        2.0,
+        10,
+        7,
+    )
     assert config.output_dir == str(tmp_path / "out") and config.cache_dir == "data"
     assert config.batch_size == TrainConfig().batch_size and "batch_size" not in chosen  # None: left to gpt2ft
     assert {"max_train_dialogs", "seed", "epochs", "model"} <= chosen
@@ -197,7 +279,9 @@ def test_make_config_maps_the_notebook_names(tmp_path):
 def test_equivalent_command_rebuilds_the_same_config():
     from gpt2ft.cli import build_parser, config_from_args
 
-    config, _ = make_config("./my model", "hub", "out", "logs", "images", "data", 1, max_train_dialogs=5, overwrite=True)
+    config, _ = make_config(
+        "./my model", "hub", "out", "logs", "images", "data", 1, max_train_dialogs=5, overwrite=True
+    )
     config = config.replace(clean_text=False)
     command = equivalent_command(config)
     assert command.startswith("python -m gpt2ft train ")
@@ -252,7 +336,10 @@ def test_gpu_memory_report_on_a_gpu():
 
 
 def test_data_views(tiny_tokenizer, tmp_path, capsys):
-    counts = {"train": {"release": 10, "removed": 2, "kept": 8, "used": 5}, "validation": {"release": 3, "removed": 1, "kept": 2, "used": 2}}
+    counts = {
+        "train": {"release": 10, "removed": 2, "kept": 8, "used": 5},
+        "validation": {"release": 3, "removed": 1, "kept": 2, "used": 2},
+    }
     table = split_counts_table(counts)
     assert list(table.columns) == ["release", "removed", "kept", "used"] and table.loc["train", "removed"] == 2
     assert format_turns(["Hi.", "Hello.", "Bye."]) == "A: Hi.\nB: Hello.\nA: Bye."
@@ -274,22 +361,37 @@ def test_label_table_marks_the_trained_tokens(tiny_tokenizer):
     assert table["trained"].tolist() == ["no"] + ["yes"] * (len(table) - 1)
     assert (table.loc[table.trained == "yes", "label"] == table.loc[table.trained == "yes", "id"]).all()
     first_turn = len(tiny_tokenizer(turns[0], add_special_tokens=False)["input_ids"]) + 1
-    responses = label_table(tokenize_dialogs(Dataset.from_dict({"dialog": [turns]}), tiny_tokenizer, 256, loss_on="responses")[0], tiny_tokenizer)
+    responses = label_table(
+        tokenize_dialogs(Dataset.from_dict({"dialog": [turns]}), tiny_tokenizer, 256, loss_on="responses")[0],
+        tiny_tokenizer,
+    )
     assert responses["trained"].tolist() == ["no"] * (1 + first_turn) + ["yes"] * (len(responses) - 1 - first_turn)
     assert len(label_table(row, tiny_tokenizer, limit=3)) == 3
 
 
 def test_before_after_and_comparison_tables(capsys):
-    before = {"validation": {"loss": 4.0, "perplexity": math.exp(4.0)}, "test": {"loss": 4.1, "perplexity": math.exp(4.1)}}
+    before = {
+        "validation": {"loss": 4.0, "perplexity": math.exp(4.0)},
+        "test": {"loss": 4.1, "perplexity": math.exp(4.1)},
+    }
     metrics = {"eval_loss": 2.0, "eval_perplexity": math.exp(2.0), "test_loss": 2.1, "test_perplexity": math.exp(2.1)}
     table = before_after_table(before, metrics)
     assert list(table.index) == ["validation", "test"]
     assert table.loc["test", "perplexity after"] == round(math.exp(2.1), 2)
     assert table.loc["validation", "times lower"] == round(math.exp(2.0), 2)
-    replies = {"samples": 2, "eos_rate": 0.5, "mean_reply_tokens": 7.0, "distinct_1": 0.9, "distinct_2": 1.0, "repeat_rate": 0.0}
+    replies = {
+        "samples": 2,
+        "eos_rate": 0.5,
+        "mean_reply_tokens": 7.0,
+        "distinct_1": 0.9,
+        "distinct_2": 1.0,
+        "repeat_rate": 0.0,
+    }
     text = comparison_table(before, replies, metrics, {**replies, "eos_rate": 1.0})
     lines = text.splitlines()
-    assert lines[2].startswith(f"| before (base) | {math.exp(4.1):.2f} | 0.50 |") and lines[3].startswith(f"| after (fine-tuned) | {math.exp(2.1):.2f} | 1.00 |")
+    assert lines[2].startswith(f"| before (base) | {math.exp(4.1):.2f} | 0.50 |") and lines[3].startswith(
+        f"| after (fine-tuned) | {math.exp(2.1):.2f} | 1.00 |"
+    )
 
 
 def test_describe_resume_finds_a_complete_checkpoint_of_this_run(plan, capsys):
@@ -309,7 +411,10 @@ def test_describe_saved_model_lists_every_file(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
     (tmp_path / "model.safetensors").write_bytes(b"x" * 2048)
-    assert [entry["file"] for entry in describe_saved_model(tmp_path)] == ["adapter/adapter_model.safetensors", "model.safetensors"]
+    assert [entry["file"] for entry in describe_saved_model(tmp_path)] == [
+        "adapter/adapter_model.safetensors",
+        "model.safetensors",
+    ]
 
 
 def test_show_charts_shows_what_it_is_given(tmp_path, capsys):
@@ -328,7 +433,9 @@ def test_scoring_and_talking_with_a_tiny_model(plan, tiny_model, tiny_tokenizer,
     rows = tokenize_data(plan, prepared, tiny_tokenizer)
     scores = score_splits(tiny_model, tiny_tokenizer, rows, plan, label="before")
     direct = evaluate_dialogs(tiny_model, tiny_tokenizer, prepared.dialogs["test"])
-    assert scores["test"]["loss"] == pytest.approx(direct["loss"]) and "validation before: loss" in capsys.readouterr().out
+    assert (
+        scores["test"]["loss"] == pytest.approx(direct["loss"]) and "validation before: loss" in capsys.readouterr().out
+    )
 
     replies = score_replies(tiny_model, tiny_tokenizer, prepared.dialogs["test"], samples=3, seed=0)
     assert replies["samples"] == 3 and len(replies["records"]) == 3 and 0 <= replies["eos_rate"] <= 1
@@ -337,10 +444,21 @@ def test_scoring_and_talking_with_a_tiny_model(plan, tiny_model, tiny_tokenizer,
     assert [record["context"] for record in shown] == [record["context"] for record in replies["records"][:2]]
     assert out.count("real:  ") == 2 and out.count("model: ") == 2
 
-    replies = chat_in_notebook(tiny_model, tiny_tokenizer, lines=["Hello , how are you ?", "/reset", "What time is it ?", "/quit", "never read"], seed=0, max_new_tokens=5)
+    replies = chat_in_notebook(
+        tiny_model,
+        tiny_tokenizer,
+        lines=["Hello , how are you ?", "/reset", "What time is it ?", "/quit", "never read"],
+        seed=0,
+        max_new_tokens=5,
+    )
     out = capsys.readouterr().out
     assert replies == 2
-    assert out.count("bot> ") == 2 and "you> What time is it ?" in out and "(conversation reset)" in out and "never read" not in out
+    assert (
+        out.count("bot> ") == 2
+        and "you> What time is it ?" in out
+        and "(conversation reset)" in out
+        and "never read" not in out
+    )
     assert chat_in_notebook(tiny_model, tiny_tokenizer, lines=["Hi"], stream=False, greedy=True, max_new_tokens=5) == 1
 
 
@@ -378,21 +496,41 @@ def test_notebook_runs_end_to_end_with_papermill(tiny_model_dir, dailydialog_dir
     dirs = {name: tmp_path / name for name in ("output", "logs", "images", "cache", "preferred")}
     # The optional preference section too, on a small preference file (the page's votes need a person).
     preferences = tmp_path / "preferences.jsonl"
-    preferences.write_text("".join(
-        json.dumps({"prompt": question, "chosen": answer, "rejected": "I don't know."}) + "\n"
-        for question, answer in EXCHANGES for _ in range(3)
-    ))
+    preferences.write_text(
+        "".join(
+            json.dumps({"prompt": question, "chosen": answer, "rejected": "I don't know."}) + "\n"
+            for question, answer in EXCHANGES
+            for _ in range(3)
+        )
+    )
     parameters = dict(
-        model_name=str(tiny_model_dir), data_source=str(dailydialog_dir), output_dir=str(dirs["output"]),
-        logs_dir=str(dirs["logs"]), images_dir=str(dirs["images"]), cache_dir=str(dirs["cache"]), num_train_epochs=1,
-        max_train_dialogs=96, max_eval_dialogs=20, batch_size=8, learning_rate=1e-3, logging_steps=1,
-        sample_openings=2, compare_samples=4,
-        preference_tuning=True, preference_data=str(preferences), preferred_dir=str(dirs["preferred"]),
+        model_name=str(tiny_model_dir),
+        data_source=str(dailydialog_dir),
+        output_dir=str(dirs["output"]),
+        logs_dir=str(dirs["logs"]),
+        images_dir=str(dirs["images"]),
+        cache_dir=str(dirs["cache"]),
+        num_train_epochs=1,
+        max_train_dialogs=96,
+        max_eval_dialogs=20,
+        batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=1,
+        sample_openings=2,
+        compare_samples=4,
+        preference_tuning=True,
+        preference_data=str(preferences),
+        preferred_dir=str(dirs["preferred"]),
     )
     executed_path = tmp_path / "executed.ipynb"
     papermill.execute_notebook(
-        str(NOTEBOOK), str(executed_path), parameters=parameters, kernel_name="python3", cwd=str(ROOT),
-        progress_bar=False, log_output=False,
+        str(NOTEBOOK),
+        str(executed_path),
+        parameters=parameters,
+        kernel_name="python3",
+        cwd=str(ROOT),
+        progress_bar=False,
+        log_output=False,
     )
 
     executed = nbformat.read(executed_path, as_version=4)
@@ -430,7 +568,10 @@ def test_notebook_runs_end_to_end_with_papermill(tiny_model_dir, dailydialog_dir
 
     # Preference tuning started from the notebook's model, wrote its own folders, and showed before and after.
     preferred = json.loads((dirs["logs"] / "prefer" / "metrics.json").read_text())
-    assert preferred["started_from"] == str(dirs["output"].resolve()) and (dirs["preferred"] / "model.safetensors").is_file()
+    assert (
+        preferred["started_from"] == str(dirs["output"].resolve())
+        and (dirs["preferred"] / "model.safetensors").is_file()
+    )
     assert (dirs["images"] / "prefer" / "chart_prefer.png").is_file() and (dirs["logs"] / "metrics.json").is_file()
     table = output_text(next(cell for cell in cells if cell.source.startswith("preference_table(")))
     assert "reward accuracy" in table and "supervised validation perplexity" in table

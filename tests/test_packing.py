@@ -18,9 +18,9 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import EXCHANGES
 from datasets import Dataset
 
-from conftest import EXCHANGES
 from gpt2ft.data import IGNORE_INDEX, DialogueCollator, tokenize_dialogs
 from gpt2ft.evaluation import evaluate_loss
 
@@ -83,7 +83,9 @@ def segments(batch: dict[str, torch.Tensor]):
 def test_padded_batch_per_token_losses_match_unpadded(model, rows, tiny_tokenizer):
     reference = [alone(model, row) for row in rows]
     padded = DialogueCollator(tiny_tokenizer, "pad")(rows)
-    assert padded["input_ids"].shape[1] % 8 == 0 and padded["input_ids"].shape[1] > max(len(r["input_ids"]) for r in rows)
+    assert padded["input_ids"].shape[1] % 8 == 0 and padded["input_ids"].shape[1] > max(
+        len(r["input_ids"]) for r in rows
+    )
     nll, mask = token_nll(model, padded)
     for index, (row, (ref_nll, ref_mask)) in enumerate(zip(rows, reference)):
         n = len(row["input_ids"])
@@ -192,8 +194,9 @@ def test_evaluate_loss_is_token_weighted(model, rows, tiny_tokenizer, batching):
     assert abs(sum(per_sequence) / len(per_sequence) - total / count) > 1e-4
 
 
-
-def test_the_trainers_own_forward_passes_keep_packed_dialogues_apart(model, rows, tiny_tokenizer, tiny_model_dir, dailydialog_dir, run_dirs):
+def test_the_trainers_own_forward_passes_keep_packed_dialogues_apart(
+    model, rows, tiny_tokenizer, tiny_model_dir, dailydialog_dir, run_dirs
+):
     """Through the Trainer gpt2ft builds, not a hand-made model call: its compute_loss (training) and the library's
     own prediction_step (which passes no use_cache) both give the packed batch the unpacked token-weighted loss."""
     from conftest import config_for

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Crash, CrashAt, PoisonWeights, EXCHANGES, build_tiny_model_dir, read_jsonl
+from conftest import EXCHANGES, Crash, CrashAt, PoisonWeights, build_tiny_model_dir, read_jsonl
 from transformers import TrainerCallback
 
 from gpt2ft.checkpoints import checkpoint_dir, complete_checkpoints
@@ -37,7 +37,18 @@ SEEN, UNSEEN = QA[:6], QA[6:]  # votes are cast on the first six questions only
 POLITE, RUDE = "Of course.", "Ugh."
 SFT_CONVERSATIONS, SFT_EPOCHS = 320, 8
 # DPO on a 64-wide model from 160 votes: a learning rate far above GPT-2 small's default moves it in three epochs.
-PREFER_FLAGS = ("--learning-rate", "1e-4", "--beta", "0.1", "--epochs", "3", "--logging-steps", "5", "--system-interval-s", "0.2")
+PREFER_FLAGS = (
+    "--learning-rate",
+    "1e-4",
+    "--beta",
+    "0.1",
+    "--epochs",
+    "3",
+    "--logging-steps",
+    "5",
+    "--system-interval-s",
+    "0.2",
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -70,23 +81,49 @@ def style_task(tmp_path_factory) -> dict[str, Path]:
     `python -m gpt2ft train` for 8 epochs on 320 conversations of one or two exchanges, each reply polite or rude at
     random (so the held-out dialogues mix both styles too)."""
     root = tmp_path_factory.mktemp("style_task")
-    base = build_tiny_model_dir(root / "base", n_embd=64, extra_corpus=tuple(f"{s} {a}" for _, a in QA for s in (POLITE, RUDE)))
+    base = build_tiny_model_dir(
+        root / "base", n_embd=64, extra_corpus=tuple(f"{s} {a}" for _, a in QA for s in (POLITE, RUDE))
+    )
     rng = random.Random(0)
     conversations = []
     for _ in range(SFT_CONVERSATIONS):
         messages = []
         for _ in range(rng.randint(1, 2)):
             question, answer = rng.choice(QA)
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": f"{rng.choice((POLITE, RUDE))} {answer}"}]
+            messages += [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": f"{rng.choice((POLITE, RUDE))} {answer}"},
+            ]
         conversations.append({"messages": messages})
     sft_data = root / "sft.jsonl"
     sft_data.write_text("".join(json.dumps(c) + "\n" for c in conversations), encoding="utf-8")
     # --keep-overlap: repeated conversations are part of the task (they set how often each style appears).
-    code, _, err = run_cli([
-        "train", "--model", str(base), "--data", str(sft_data), "--output-dir", str(root / "sft"), "--logs-dir",
-        str(root / "sft_logs"), "--images-dir", str(root / "sft_images"), "--cache-dir", str(root / "cache"),
-        "--batch-size", "16", "--epochs", str(SFT_EPOCHS), "--learning-rate", "3e-3", "--logging-steps", "50", "--keep-overlap",
-    ])
+    code, _, err = run_cli(
+        [
+            "train",
+            "--model",
+            str(base),
+            "--data",
+            str(sft_data),
+            "--output-dir",
+            str(root / "sft"),
+            "--logs-dir",
+            str(root / "sft_logs"),
+            "--images-dir",
+            str(root / "sft_images"),
+            "--cache-dir",
+            str(root / "cache"),
+            "--batch-size",
+            "16",
+            "--epochs",
+            str(SFT_EPOCHS),
+            "--learning-rate",
+            "3e-3",
+            "--logging-steps",
+            "50",
+            "--keep-overlap",
+        ]
+    )
     assert code == 0, err
     return {"root": root, "model": root / "sft", "sft_data": sft_data, "cache": root / "cache"}
 
@@ -130,8 +167,20 @@ def votes(style_task) -> tuple[Path, dict[str, int]]:
 
 def prefer_argv(model, data, root: Path, *extra: str) -> list[str]:
     return [
-        "prefer", "--model", str(model), "--data", str(data), "--output-dir", str(root / "preferred"),
-        "--logs-dir", str(root / "logs"), "--images-dir", str(root / "images"), "--cache-dir", str(root / "cache"), *extra,
+        "prefer",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(root / "preferred"),
+        "--logs-dir",
+        str(root / "logs"),
+        "--images-dir",
+        str(root / "images"),
+        "--cache-dir",
+        str(root / "cache"),
+        *extra,
     ]
 
 
@@ -158,7 +207,14 @@ def dpo_run(style_task, votes):
     root = style_task["root"] / "dpo"
     code, metrics, err = run_cli(prefer_argv(style_task["model"], votes[0], root, *PREFER_FLAGS))
     assert code == 0, err
-    return {"root": root, "output": root / "preferred", "logs": root / "logs", "images": root / "images", "metrics": metrics, "stderr": err}
+    return {
+        "root": root,
+        "output": root / "preferred",
+        "logs": root / "logs",
+        "images": root / "images",
+        "metrics": metrics,
+        "stderr": err,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -178,7 +234,9 @@ def test_dpo_on_the_votes_moves_replies_to_unseen_prompts_toward_the_preferred_s
         f"{metrics['sft_perplexity_before']:.3f} -> {metrics['sft_perplexity_after']:.3f}"
     )
     assert 0.25 <= before["polite"] <= 0.75  # supervised tuning taught both styles
-    assert after["polite"] >= 0.9 and after["polite"] - before["polite"] >= 0.25  # the votes' side, on prompts never voted on
+    assert (
+        after["polite"] >= 0.9 and after["polite"] - before["polite"] >= 0.25
+    )  # the votes' side, on prompts never voted on
     assert before["correct"] >= 0.9 and after["correct"] >= 0.9  # and still the right answer
     # Half the held-out dialogues open rudely, which the model now avoids: their perplexity rises, but only a little.
     assert metrics["sft_perplexity_before"] < metrics["sft_perplexity_after"] < 1.5 * metrics["sft_perplexity_before"]
@@ -246,7 +304,7 @@ def test_the_reported_numbers_are_recomputed_with_plain_transformers(style_task,
         prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
         full = tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=False)
         assert full[: len(prompt_ids)] == prompt_ids and full[-1] == tokenizer.eos_token_id  # the reply ends with EOS
-        labels = torch.tensor([[-100] * len(prompt_ids) + full[len(prompt_ids):]])
+        labels = torch.tensor([[-100] * len(prompt_ids) + full[len(prompt_ids) :]])
         with torch.no_grad():
             loss = model(input_ids=torch.tensor([full]), labels=labels).loss
         return -float(loss) * (len(full) - len(prompt_ids))
@@ -256,7 +314,9 @@ def test_the_reported_numbers_are_recomputed_with_plain_transformers(style_task,
     beta, margins = 0.1, []
     for pair in held_out:
         chosen = beta * (logp(tuned, pair["prompt"], pair["chosen"]) - logp(start, pair["prompt"], pair["chosen"]))
-        rejected = beta * (logp(tuned, pair["prompt"], pair["rejected"]) - logp(start, pair["prompt"], pair["rejected"]))
+        rejected = beta * (
+            logp(tuned, pair["prompt"], pair["rejected"]) - logp(start, pair["prompt"], pair["rejected"])
+        )
         margins.append(chosen - rejected)
     metrics = dpo_run["metrics"]
     assert metrics["eval_pairs"] == len(held_out)
@@ -278,10 +338,14 @@ def test_serve_compares_the_preferred_model_with_the_model_it_started_from(style
     output = str(dpo_run["output"])
     assert default_opponent(output) == str(style_task["model"].resolve())
     info = describe_model(output)
-    assert info["stage"] == "prefer" and info["eval_perplexity"] == pytest.approx(dpo_run["metrics"]["sft_perplexity_after"])
+    assert info["stage"] == "prefer" and info["eval_perplexity"] == pytest.approx(
+        dpo_run["metrics"]["sft_perplexity_after"]
+    )
     line = format_model_line(ServedModel(output, None, None, "preferred", info))
     assert "preference-tuned (DPO) from `sft`" in line
-    assert default_opponent(str(style_task["model"])) == str(style_task["root"] / "base")  # fine-tuned: its base, as before
+    assert default_opponent(str(style_task["model"])) == str(
+        style_task["root"] / "base"
+    )  # fine-tuned: its base, as before
 
 
 def test_eval_and_a_second_round_find_the_supervised_data(style_task, dpo_run, tmp_path):
@@ -292,7 +356,9 @@ def test_eval_and_a_second_round_find_the_supervised_data(style_task, dpo_run, t
     assert scored["perplexity"] == pytest.approx(dpo_run["metrics"]["sft_perplexity_after"], rel=1e-5)
     second = tmp_path / "votes.sqlite"
     write_style_votes(second, count=40, seed=7)
-    code, metrics, err = run_cli(prefer_argv(dpo_run["output"], second, tmp_path, "--max-steps", "2", "--logging-steps", "1"))
+    code, metrics, err = run_cli(
+        prefer_argv(dpo_run["output"], second, tmp_path, "--max-steps", "2", "--logging-steps", "1")
+    )
     assert code == 0, err
     assert metrics["sft_perplexity_before"] == pytest.approx(dpo_run["metrics"]["sft_perplexity_after"], rel=1e-5)
 
@@ -304,15 +370,24 @@ def test_eval_and_a_second_round_find_the_supervised_data(style_task, dpo_run, t
 
 def test_kto_learns_from_the_votes_both_bad_ones_included(style_task, votes, tmp_path):
     _, verdicts = votes
-    code, metrics, err = run_cli(prefer_argv(style_task["model"], votes[0], tmp_path, "--algorithm", "kto", *PREFER_FLAGS[:4], "--epochs", "1"))
+    code, metrics, err = run_cli(
+        prefer_argv(style_task["model"], votes[0], tmp_path, "--algorithm", "kto", *PREFER_FLAGS[:4], "--epochs", "1")
+    )
     assert code == 0, err
     counts = metrics["data_counts"]
-    assert counts["train"]["used"] + counts["validation"]["used"] == 2 * (verdicts["a"] + verdicts["b"]) + 2 * verdicts["both_bad"]
+    assert (
+        counts["train"]["used"] + counts["validation"]["used"]
+        == 2 * (verdicts["a"] + verdicts["b"]) + 2 * verdicts["both_bad"]
+    )
     assert list(counts["skipped"].values()) == [verdicts["tie"]]
     undesirable, desirable = verdicts["a"] + verdicts["b"] + 2 * verdicts["both_bad"], verdicts["a"] + verdicts["b"]
     # More undesirable replies than desirable: the desirable side is weighted up so both weigh alike.
     assert metrics["kto_weights"] == {"desirable": pytest.approx(undesirable / desirable, rel=0.2), "undesirable": 1.0}
-    assert metrics["reward_accuracy_before"] == 0.0 and metrics["reward_accuracy_after"] > 0.5 and metrics["reward_margin_after"] > 0
+    assert (
+        metrics["reward_accuracy_before"] == 0.0
+        and metrics["reward_accuracy_after"] > 0.5
+        and metrics["reward_margin_after"] > 0
+    )
     assert "KTO" in (tmp_path / "preferred" / "README.md").read_text()
 
 
@@ -320,12 +395,28 @@ def test_lora_uses_the_model_with_adapters_off_as_the_reference(style_task, vote
     from gpt2ft.config import build_config
     from gpt2ft.modeling import load_model
     from gpt2ft.prefer import (
-        build_preference_trainer, completion_logps, fit_prompts, load_policy, plan_preference, prepare_preferences,
+        build_preference_trainer,
+        completion_logps,
+        fit_prompts,
+        load_policy,
+        plan_preference,
+        prepare_preferences,
         reference_logps,
     )
 
-    dirs = {"output_dir": str(tmp_path / "stages"), "logs_dir": str(tmp_path / "stage_logs"), "images_dir": str(tmp_path / "stage_images")}
-    config = build_config(config_class=PreferConfig, model=str(style_task["model"]), data=str(votes[0]), method="lora", cache_dir=str(tmp_path / "cache"), **dirs)
+    dirs = {
+        "output_dir": str(tmp_path / "stages"),
+        "logs_dir": str(tmp_path / "stage_logs"),
+        "images_dir": str(tmp_path / "stage_images"),
+    }
+    config = build_config(
+        config_class=PreferConfig,
+        model=str(style_task["model"]),
+        data=str(votes[0]),
+        method="lora",
+        cache_dir=str(tmp_path / "cache"),
+        **dirs,
+    )
     plan = plan_preference(config)
     data = prepare_preferences(plan)
     loaded = load_policy(plan)
@@ -342,7 +433,11 @@ def test_lora_uses_the_model_with_adapters_off_as_the_reference(style_task, vote
     assert reference_logps(trainer, prompts, replies, 8, "fp32") == pytest.approx(start, abs=1e-4)
     assert completion_logps(trainer.model, prompts, replies, batch_size=8) != pytest.approx(start, abs=1e-3)
 
-    code, metrics, err = run_cli(prefer_argv(style_task["model"], votes[0], tmp_path, "--method", "lora", "--learning-rate", "1e-3", "--epochs", "2"))
+    code, metrics, err = run_cli(
+        prefer_argv(
+            style_task["model"], votes[0], tmp_path, "--method", "lora", "--learning-rate", "1e-3", "--epochs", "2"
+        )
+    )
     assert code == 0, err
     assert 0 < metrics["trainable_parameters"] < metrics["total_parameters"] and metrics["method"] == "lora"
     assert metrics["reward_accuracy_after"] >= 0.9 and metrics["reward_margin_after"] > 0
@@ -359,7 +454,11 @@ def test_lora_uses_the_model_with_adapters_off_as_the_reference(style_task, vote
 
 
 def prefer_config(style_task, data, root: Path, **changes) -> PreferConfig:
-    args = build_parser().parse_args(prefer_argv(style_task["model"], data, root, *PREFER_FLAGS[:4], "--logging-steps", "1", "--system-interval-s", "0.2"))
+    args = build_parser().parse_args(
+        prefer_argv(
+            style_task["model"], data, root, *PREFER_FLAGS[:4], "--logging-steps", "1", "--system-interval-s", "0.2"
+        )
+    )
     config, _ = config_from_args(args, PreferConfig)
     return config.replace(**changes)
 
@@ -376,7 +475,20 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(style_task, votes, tm
     assert not Path(config.output_dir, "model.safetensors").exists()
 
     changed = config.replace(beta=0.2)  # another run's settings: refused, with the way out
-    code = main(prefer_argv(style_task["model"], votes[0], tmp_path / "resumed", *PREFER_FLAGS[:2], "--beta", "0.2", "--max-steps", "8", "--eval-steps", "4"))
+    code = main(
+        prefer_argv(
+            style_task["model"],
+            votes[0],
+            tmp_path / "resumed",
+            *PREFER_FLAGS[:2],
+            "--beta",
+            "0.2",
+            "--max-steps",
+            "8",
+            "--eval-steps",
+            "4",
+        )
+    )
     assert code == 2 and changed.beta == 0.2
 
     resumed = prefer(config)
@@ -394,7 +506,22 @@ def test_a_changed_setting_refuses_the_checkpoint_in_one_line(style_task, votes,
 
     with pytest.raises(Crash):
         prefer(prefer_config(style_task, votes[0], tmp_path, max_steps=6, eval_steps=2), callbacks=[CrashAt(at=3)])
-    code = main(prefer_argv(style_task["model"], votes[0], tmp_path, *PREFER_FLAGS[:2], "--beta", "0.3", "--max-steps", "6", "--eval-steps", "2", "--logging-steps", "1"))
+    code = main(
+        prefer_argv(
+            style_task["model"],
+            votes[0],
+            tmp_path,
+            *PREFER_FLAGS[:2],
+            "--beta",
+            "0.3",
+            "--max-steps",
+            "6",
+            "--eval-steps",
+            "2",
+            "--logging-steps",
+            "1",
+        )
+    )
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1
     assert "beta 0.1 -> 0.3" in lines[0] and "--beta 0.1" in lines[0] and "--resume never" in lines[0]
@@ -434,9 +561,17 @@ def test_prefer_flags_are_prefer_config_and_its_defaults_are_for_a_t4():
     config, typed = config_from_args(build_parser().parse_args(["prefer"]), PreferConfig)
     assert config == PreferConfig() and typed == set()
     assert (config.model, config.data, config.output_dir) == ("gpt2_finetuned", "logs/votes.sqlite", "gpt2_preferred")
-    assert config.logs_dir != TrainConfig().logs_dir and config.images_dir != TrainConfig().images_dir  # train's files stay
-    config, typed = config_from_args(build_parser().parse_args(["prefer", "--algorithm", "kto", "--beta", "0.3", "--method", "lora"]), PreferConfig)
-    assert (config.algorithm, config.beta, config.method) == ("kto", 0.3, "lora") and typed == {"algorithm", "beta", "method"}
+    assert (
+        config.logs_dir != TrainConfig().logs_dir and config.images_dir != TrainConfig().images_dir
+    )  # train's files stay
+    config, typed = config_from_args(
+        build_parser().parse_args(["prefer", "--algorithm", "kto", "--beta", "0.3", "--method", "lora"]), PreferConfig
+    )
+    assert (config.algorithm, config.beta, config.method) == ("kto", 0.3, "lora") and typed == {
+        "algorithm",
+        "beta",
+        "method",
+    }
 
 
 def test_trl_defaults_that_would_hurt_are_overridden():
@@ -450,7 +585,10 @@ def test_trl_defaults_that_would_hurt_are_overridden():
         args = build_preference_args(PreferConfig(algorithm=algorithm), "fp32", cpu, "/tmp/unused", 256)
         assert (args.bf16, args.fp16, args.activation_checkpointing) == (False, False, False)
         assert (args.learning_rate, args.beta, args.max_length) == (PreferConfig().learning_rate, 0.1, 256)
-    assert build_preference_args(PreferConfig(algorithm="kto"), "fp32", cpu, "/tmp/unused", 256).train_sampling_strategy == "sequential"
+    assert (
+        build_preference_args(PreferConfig(algorithm="kto"), "fp32", cpu, "/tmp/unused", 256).train_sampling_strategy
+        == "sequential"
+    )
 
 
 def test_t4_presets_fit_large_models_but_keep_the_preference_learning_rate():
@@ -459,14 +597,20 @@ def test_t4_presets_fit_large_models_but_keep_the_preference_learning_rate():
 
     t4 = Hardware("cuda", "Tesla T4", (7, 5), 15.0)
     config, notes = choose_presets(PreferConfig(model="gpt2-xl"), t4, set(), leave=("learning_rate",))
-    assert config.method == "lora" and config.gradient_checkpointing and config.learning_rate == PreferConfig().learning_rate
+    assert (
+        config.method == "lora"
+        and config.gradient_checkpointing
+        and config.learning_rate == PreferConfig().learning_rate
+    )
     assert notes and "learning-rate" not in notes[0]
     assert choose_precision("auto", t4)[0] == "fp16"
 
 
 @pytest.mark.gpu
 def test_fp16_preference_tuning_on_a_gpu(style_task, votes, tmp_path):
-    code, metrics, err = run_cli(prefer_argv(style_task["model"], votes[0], tmp_path, "--precision", "fp16", "--max-steps", "4"))
+    code, metrics, err = run_cli(
+        prefer_argv(style_task["model"], votes[0], tmp_path, "--precision", "fp16", "--max-steps", "4")
+    )
     assert code == 0, err
     assert metrics["precision"] == "fp16" and metrics["train_loss"] == metrics["train_loss"]  # finite, not NaN
 
@@ -481,7 +625,16 @@ def only_ties(root: Path) -> Path:
 
     path = init_votes_db(root / "ties.sqlite")
     for question, answer in SEEN:
-        record_vote(path, [{"role": "user", "content": question}], f"{POLITE} {answer}", f"{RUDE} {answer}", "m", "o", "tie", {"model": "m"})
+        record_vote(
+            path,
+            [{"role": "user", "content": question}],
+            f"{POLITE} {answer}",
+            f"{RUDE} {answer}",
+            "m",
+            "o",
+            "tie",
+            {"model": "m"},
+        )
     return path
 
 
@@ -542,16 +695,28 @@ BAD_INPUTS = [
     ("a database without the votes table", {"data": without_votes_table}, [], "no such table: votes"),
     ("a model that is not GPT-2", {"model": bert_model}, [], "model_type is 'bert'"),
     ("a missing model folder", {"model": lambda root, model: root / "nowhere" / "model"}, [], "no such model folder"),
-    ("a chat template that does not end a reply with EOS", {"model": template_without_eos}, [], "does not end a reply with '<|endoftext|>'"),
+    (
+        "a chat template that does not end a reply with EOS",
+        {"model": template_without_eos},
+        [],
+        "does not end a reply with '<|endoftext|>'",
+    ),
     ("the output folder is the model", {"output": lambda root, model: model}, [], "is the model being tuned (--model)"),
-    ("KTO with one example a batch", {}, ["--algorithm", "kto", "--batch-size", "1"], "--batch-size: KTO needs at least 2"),
+    (
+        "KTO with one example a batch",
+        {},
+        ["--algorithm", "kto", "--batch-size", "1"],
+        "--batch-size: KTO needs at least 2",
+    ),
     ("a bad beta", {}, ["--beta", "0"], "--beta: must be > 0"),
     ("an unknown algorithm", {}, ["--algorithm", "ppo"], "--algorithm"),
 ]
 
 
 @pytest.mark.parametrize("case, breaks, flags, message", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
-def test_bad_input_is_one_clear_line_and_nothing_is_written(case, breaks, flags, message, style_task, votes, tmp_path, capsys):
+def test_bad_input_is_one_clear_line_and_nothing_is_written(
+    case, breaks, flags, message, style_task, votes, tmp_path, capsys
+):
     model = breaks["model"](tmp_path, style_task["model"]) if "model" in breaks else style_task["model"]
     data = breaks["data"](tmp_path) if "data" in breaks else votes[0]
     argv = prefer_argv(model, data, tmp_path / "run", *flags)
@@ -571,12 +736,19 @@ def test_bad_input_is_one_clear_line_and_nothing_is_written(case, breaks, flags,
 
 def test_equal_replies_are_skipped_and_counted_not_fatal(style_task, tmp_path):
     path = tmp_path / "prefs.jsonl"
-    rows = [{"prompt": [{"role": "user", "content": q}], "chosen": f"{POLITE} {a}", "rejected": f"{RUDE} {a}"} for q, a in QA] * 3
+    rows = [
+        {"prompt": [{"role": "user", "content": q}], "chosen": f"{POLITE} {a}", "rejected": f"{RUDE} {a}"}
+        for q, a in QA
+    ] * 3
     rows[2] = {**rows[2], "rejected": rows[2]["chosen"]}
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    code, metrics, err = run_cli(prefer_argv(style_task["model"], path, tmp_path, "--max-steps", "2", "--logging-steps", "1"))
+    code, metrics, err = run_cli(
+        prefer_argv(style_task["model"], path, tmp_path, "--max-steps", "2", "--logging-steps", "1")
+    )
     assert code == 0, err
-    assert metrics["data_counts"]["skipped"] == {"chosen equals rejected": 1} and "1 chosen equals rejected skipped" in err
+    assert (
+        metrics["data_counts"]["skipped"] == {"chosen equals rejected": 1} and "1 chosen equals rejected skipped" in err
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -605,7 +777,10 @@ def test_the_notebook_parameters_agree_with_prefer_config_and_default_to_off(cap
     cell = next(cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", []))
     values = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
     assert values["preference_tuning"] is False and values["preference_data"] is None
-    assert values["preference_algorithm"] == PreferConfig().algorithm and values["preferred_dir"] == PreferConfig().output_dir
+    assert (
+        values["preference_algorithm"] == PreferConfig().algorithm
+        and values["preferred_dir"] == PreferConfig().output_dir
+    )
     assert prefer_in_notebook("gpt2_finetuned", enabled=False) is None and preference_table(None) is None
     assert "preference_tuning = True" in capsys.readouterr().out
 
@@ -615,17 +790,25 @@ def test_the_preference_card_renders_whatever_is_missing():
 
     card = render_preference_card({}, {}, [])
     assert card.startswith("---\n") and "# GPT-2 preference-tuned with DPO" in card and "n/a" in card
-    kto = render_preference_card({"algorithm": "kto", "reward_accuracy_after": 0.75, "data_counts": {"winners": {"votes": 9, "a": 3, "b": 2, "tie": 1, "both_bad": 3}}}, {"started_from": "gpt2"}, [
-        {"prompt": [{"role": "user", "content": "Hi"}], "reply": "Hello", "completion": "Go away", "label": False},
-    ])
+    kto = render_preference_card(
+        {
+            "algorithm": "kto",
+            "reward_accuracy_after": 0.75,
+            "data_counts": {"winners": {"votes": 9, "a": 3, "b": 2, "tie": 1, "both_bad": 3}},
+        },
+        {"started_from": "gpt2"},
+        [
+            {"prompt": [{"role": "user", "content": "Hi"}], "reply": "Hello", "completion": "Go away", "label": False},
+        ],
+    )
     assert "KTO" in kto and "0.750" in kto and "3 'both are bad'" in kto and "Judged undesirable in the data" in kto
     assert "base_model: gpt2" in kto  # a Hub id goes into the metadata
 
 
 def test_a_prompt_too_long_keeps_its_latest_turns_and_a_reply_too_long_is_skipped(tiny_tokenizer):
     from gpt2ft.chat_format import render_ids
-    from gpt2ft.preferences import SKIP_TOO_LONG, Skips
     from gpt2ft.prefer import fit_records
+    from gpt2ft.preferences import SKIP_TOO_LONG, Skips
 
     turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{q} {a}"} for i, (q, a) in enumerate(QA[:5])]
     reply = [{"role": "assistant", "content": "Sure."}]
@@ -633,7 +816,13 @@ def test_a_prompt_too_long_keeps_its_latest_turns_and_a_reply_too_long_is_skippe
     whole = len(render_ids(tiny_tokenizer, turns + reply))
     window = whole - len(render_ids(tiny_tokenizer, turns[:1])) + 3  # room for all but the first turn
     skips = Skips()
-    fitted = fit_records([record, {**record, "chosen": [{"role": "assistant", "content": "word " * 400}]}], tiny_tokenizer, window, skips, "train")
+    fitted = fit_records(
+        [record, {**record, "chosen": [{"role": "assistant", "content": "word " * 400}]}],
+        tiny_tokenizer,
+        window,
+        skips,
+        "train",
+    )
     assert len(fitted) == 1 and fitted[0]["prompt"] == turns[1:]  # the oldest turn dropped, the latest kept whole
     assert len(render_ids(tiny_tokenizer, fitted[0]["prompt"] + reply)) <= window
     assert skips.counts == {SKIP_TOO_LONG: 1} and "train record 1" in skips.lines()[0]

@@ -19,7 +19,14 @@ from conftest import EXCHANGES, write_records
 
 from gpt2ft.data import clean_turn, key_share
 from gpt2ft.preferences import (
-    SKIP_BOTH_BAD_DPO, SKIP_SAME, SKIP_TIE, SKIP_UNREADABLE, Skips, conversation_key, read_preferences, shared_text_prefix,
+    SKIP_BOTH_BAD_DPO,
+    SKIP_SAME,
+    SKIP_TIE,
+    SKIP_UNREADABLE,
+    Skips,
+    conversation_key,
+    read_preferences,
+    shared_text_prefix,
 )
 from gpt2ft.sources import DataError
 from gpt2ft.votes import init_votes_db, record_vote
@@ -52,7 +59,9 @@ def pairs(n: int, seed: int = 0) -> list[tuple[list[dict[str, str]], str, str]]:
 
 
 def explicit_conversational(n: int = 60) -> list[dict]:
-    return [{"prompt": prompt, "chosen": [assistant(good)], "rejected": [assistant(bad)]} for prompt, good, bad in pairs(n)]
+    return [
+        {"prompt": prompt, "chosen": [assistant(good)], "rejected": [assistant(bad)]} for prompt, good, bad in pairs(n)
+    ]
 
 
 def read(source, **options):
@@ -85,16 +94,22 @@ def test_explicit_conversational_pairs_in_every_file_type(tmp_path, suffix):
 
 
 def test_standard_text_pairs_become_chat_messages(tmp_path):
-    records = [{"prompt": f"  {prompt[-1]['content']} ", "chosen": good, "rejected": bad} for prompt, good, bad in pairs(30)]
+    records = [
+        {"prompt": f"  {prompt[-1]['content']} ", "chosen": good, "rejected": bad} for prompt, good, bad in pairs(30)
+    ]
     data = read(write_records(tmp_path / "text.json", records))
     record = data.records["train"][0]
     # The text prompt is the user's turn and each reply the assistant's: the model's chat template renders them.
-    assert record["prompt"] == [user(records[[r["prompt"].strip() for r in records].index(record["prompt"][0]["content"])]["prompt"].strip())]
+    assert record["prompt"] == [
+        user(records[[r["prompt"].strip() for r in records].index(record["prompt"][0]["content"])]["prompt"].strip())
+    ]
     assert record["chosen"][0]["role"] == "assistant" and record["chosen"][0]["content"].startswith(POLITE)
 
 
 def test_implicit_conversational_prompt_is_the_turns_both_share(tmp_path):
-    records = [{"chosen": prompt + [assistant(good)], "rejected": prompt + [assistant(bad)]} for prompt, good, bad in pairs(40)]
+    records = [
+        {"chosen": prompt + [assistant(good)], "rejected": prompt + [assistant(bad)]} for prompt, good, bad in pairs(40)
+    ]
     data = read(write_records(tmp_path / "implicit.parquet", records))
     assert data.layout == "implicit"
     for record in all_records(data):
@@ -109,9 +124,13 @@ def test_implicit_text_prompt_ends_on_a_word_boundary(tmp_path):
     chosen = "\n\nHuman: Can you help me?\n\nAssistant: Sure, what do you need?"
     rejected = "\n\nHuman: Can you help me?\n\nAssistant: Sorry, no."
     assert chosen[: shared_text_prefix(chosen, rejected)].endswith("Assistant: ")
-    data = read(write_records(tmp_path / "hh.jsonl", [{"chosen": chosen, "rejected": rejected}] * 2 + [
-        {"chosen": f"Q: {q}\nA: {POLITE} {a}", "rejected": f"Q: {q}\nA: {RUDE} {a}"} for q, a in QA
-    ]))
+    data = read(
+        write_records(
+            tmp_path / "hh.jsonl",
+            [{"chosen": chosen, "rejected": rejected}] * 2
+            + [{"chosen": f"Q: {q}\nA: {POLITE} {a}", "rejected": f"Q: {q}\nA: {RUDE} {a}"} for q, a in QA],
+        )
+    )
     hh = next(record for record in all_records(data) if "Human" in record["prompt"][0]["content"])
     assert hh["prompt"] == [user("Human: Can you help me?\n\nAssistant:")]
     assert hh["chosen"] == [assistant("Sure, what do you need?")] and hh["rejected"] == [assistant("Sorry, no.")]
@@ -131,7 +150,8 @@ def test_a_text_prompt_beside_message_replies_is_implicit(tmp_path):
 def test_unpaired_records_are_kto_examples_and_refused_for_dpo(tmp_path):
     records = [
         {"prompt": [user(q)], "completion": [assistant(f"{style} {a}")], "label": style == POLITE}
-        for q, a in QA for style in (POLITE, RUDE)
+        for q, a in QA
+        for style in (POLITE, RUDE)
     ] * 3
     path = write_records(tmp_path / "unpaired.jsonl", records)
     data = read(path, algorithm="kto")
@@ -193,7 +213,9 @@ def test_a_folder_uses_its_validation_split_else_its_test_split(tmp_path):
 def test_a_hub_dataset_like_trl_lib_hh_rlhf_helpful_base(tmp_path):
     # trl-lib/hh-rlhf-helpful-base's layout: data/{train,test}-*.parquet, conversational, implicit prompt.
     repo = tmp_path / "trl-lib__hh"
-    rows = [{"chosen": prompt + [assistant(good)], "rejected": prompt + [assistant(bad)]} for prompt, good, bad in pairs(30)]
+    rows = [
+        {"chosen": prompt + [assistant(good)], "rejected": prompt + [assistant(bad)]} for prompt, good, bad in pairs(30)
+    ]
     write_records(repo / "data" / "train-00000-of-00001.parquet", rows[:24])
     write_records(repo / "data" / "test-00000-of-00001.parquet", rows[24:])
     data = read_preferences(f"hub:{repo}", cache_dir=tmp_path / "cache")  # datasets resolves a local repository alike
@@ -201,7 +223,9 @@ def test_a_hub_dataset_like_trl_lib_hh_rlhf_helpful_base(tmp_path):
 
 
 def test_limits_apply_after_the_split(tmp_path):
-    data = read(write_records(tmp_path / "prefs.jsonl", explicit_conversational(100)), max_train_pairs=7, max_eval_pairs=2)
+    data = read(
+        write_records(tmp_path / "prefs.jsonl", explicit_conversational(100)), max_train_pairs=7, max_eval_pairs=2
+    )
     assert (len(data.records["train"]), len(data.records["validation"])) == (7, 2)
     assert data.counts["train"]["available"] > 7 and data.counts["train"]["used"] == 7
 
@@ -221,7 +245,9 @@ def write_votes(path: Path, verdicts: list[str]) -> Path:
         polite, rude = f"{POLITE} {answer}", f"{RUDE} {answer}"
         a, b = (polite, rude) if index % 2 == 0 else (rude, polite)
         winner = {"polite": "a" if index % 2 == 0 else "b"}.get(verdict, verdict)
-        record_vote(path, conversation, a, b, "gpt2_finetuned", "gpt2", winner, {"model": "gpt2_finetuned", "temperature": 0.8})
+        record_vote(
+            path, conversation, a, b, "gpt2_finetuned", "gpt2", winner, {"model": "gpt2_finetuned", "temperature": 0.8}
+        )
     return path
 
 
@@ -304,7 +330,10 @@ def test_an_empty_conversation_in_a_vote_is_an_error(tmp_path):
 
 def test_records_in_no_layout_list_the_columns_found(tmp_path):
     path = write_records(tmp_path / "chats.jsonl", [{"question": "Hi", "answer": "Hello", "score": 1}] * 3)
-    with pytest.raises(DataError, match=r"chats.jsonl: no preference records: columns question, answer, score; expected prompt/chosen/rejected"):
+    with pytest.raises(
+        DataError,
+        match=r"chats.jsonl: no preference records: columns question, answer, score; expected prompt/chosen/rejected",
+    ):
         read(path)
 
 
@@ -315,7 +344,10 @@ def test_records_in_no_layout_list_the_columns_found(tmp_path):
         ({"prompt": [], "chosen": "A.", "rejected": "B."}, "prefs.jsonl:3: prompt is an empty list"),
         ({"chosen": "Yes, sure.", "rejected": "No way."}, "prefs.jsonl:3: prompt is missing"),
         ({"prompt": "Hi", "chosen": 5, "rejected": "B."}, "prefs.jsonl:3: chosen is a int"),
-        ({"prompt": [{"role": "robot", "content": "Hi"}], "chosen": "A.", "rejected": "B."}, "prefs.jsonl:3: prompt: message 1 has unknown role 'robot'"),
+        (
+            {"prompt": [{"role": "robot", "content": "Hi"}], "chosen": "A.", "rejected": "B."},
+            "prefs.jsonl:3: prompt: message 1 has unknown role 'robot'",
+        ),
     ],
     ids=["empty text prompt", "empty message prompt", "missing prompt", "reply not text", "unknown role"],
 )

@@ -6,8 +6,8 @@ import re
 
 from conftest import ROOT
 
-from gpt2ft.generate import build_generation_config
 from gpt2ft.checkpoints import save_final_model
+from gpt2ft.generate import build_generation_config
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -23,7 +23,13 @@ def code_blocks(text: str, language: str) -> list[str]:
 
 
 def test_loading_examples_run_as_written(tmp_path, monkeypatch, tiny_model, tiny_tokenizer, capsys):
-    save_final_model(tiny_model, tiny_tokenizer, build_generation_config(tiny_tokenizer), {"gpt2ft_version": "t"}, tmp_path / "gpt2_finetuned")
+    save_final_model(
+        tiny_model,
+        tiny_tokenizer,
+        build_generation_config(tiny_tokenizer),
+        {"gpt2ft_version": "t"},
+        tmp_path / "gpt2_finetuned",
+    )
     monkeypatch.chdir(tmp_path)
     blocks = code_blocks(section("Loading the saved model"), "python")
     assert len(blocks) == 2
@@ -49,4 +55,4 @@ def test_requirements_admit_the_cpu_wheel_without_reinstalling_colab_torch():
     assert torch_line.startswith("torch>=") and "<" not in torch_line and "==" not in torch_line
     from packaging.specifiers import SpecifierSet
 
-    assert "2.13.0" in SpecifierSet(torch_line[len("torch"):])
+    assert "2.13.0" in SpecifierSet(torch_line[len("torch") :])

@@ -13,12 +13,21 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import Crash, CrashAt, PoisonWeights, ROOT, config_for, default_splits, read_jsonl, train_argv, write_layout
+from conftest import (
+    ROOT,
+    Crash,
+    CrashAt,
+    PoisonWeights,
+    config_for,
+    default_splits,
+    read_jsonl,
+    train_argv,
+    write_layout,
+)
 
 from gpt2ft.checkpoints import COMPLETE_MARKER, checkpoint_dir, complete_checkpoints, find_resume_checkpoint
 from gpt2ft.cli import main
 from gpt2ft.training import TrainingError, train
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Bad input: one line on stderr naming the problem, exit code 2, no traceback, output folder untouched
@@ -77,16 +86,40 @@ def zips_without_members(tmp_path: Path) -> Path:
 # (case id, how to break the data or model or flags, text the one-line error must contain)
 BAD_INPUTS = [
     ("missing data path", {"data": lambda tmp, m: tmp / "nowhere"}, "nowhere: no such file or folder"),
-    ("unreadable data file", {"data": lambda tmp, m: data_with(tmp, unreadable_file)}, "dialogues_train.txt: cannot read"),
-    ("zip without expected members", {"data": lambda tmp, m: zips_without_members(tmp)}, "missing member train/dialogues_train.txt"),
+    (
+        "unreadable data file",
+        {"data": lambda tmp, m: data_with(tmp, unreadable_file)},
+        "dialogues_train.txt: cannot read",
+    ),
+    (
+        "zip without expected members",
+        {"data": lambda tmp, m: zips_without_members(tmp)},
+        "missing member train/dialogues_train.txt",
+    ),
     (
         "empty line in dialogues",
-        {"data": lambda tmp, m: data_with(tmp, lambda r: append_line(r / "train" / "dialogues_train.txt", "\nA . __eou__\n"))},
+        {
+            "data": lambda tmp, m: data_with(
+                tmp, lambda r: append_line(r / "train" / "dialogues_train.txt", "\nA . __eou__\n")
+            )
+        },
         "dialogues_train.txt:13: empty line",
     ),
     (
         "line without __eou__",
-        {"data": lambda tmp, m: data_with(tmp, lambda r: replace_in(r / "validation" / "dialogues_validation.txt", b" __eou__", b"", ) or replace_in(r / "validation" / "dialogues_validation.txt", b" __eou__\n", b"\n"))},
+        {
+            "data": lambda tmp, m: data_with(
+                tmp,
+                lambda r: (
+                    replace_in(
+                        r / "validation" / "dialogues_validation.txt",
+                        b" __eou__",
+                        b"",
+                    )
+                    or replace_in(r / "validation" / "dialogues_validation.txt", b" __eou__\n", b"\n")
+                ),
+            )
+        },
         "dialogues_validation.txt:1: no '__eou__'",
     ),
     (
@@ -96,7 +129,11 @@ BAD_INPUTS = [
     ),
     (
         "non-UTF-8 bytes",
-        {"data": lambda tmp, m: data_with(tmp, lambda r: replace_in(r / "train" / "dialogues_train.txt", b"?", b"\xff"))},
+        {
+            "data": lambda tmp, m: data_with(
+                tmp, lambda r: replace_in(r / "train" / "dialogues_train.txt", b"?", b"\xff")
+            )
+        },
         "not UTF-8",
     ),
     (
@@ -104,8 +141,16 @@ BAD_INPUTS = [
         {"data": lambda tmp, m: data_with(tmp, lambda r: shutil.rmtree(r / "test"))},
         "no test",
     ),
-    ("non-GPT-2 model folder", {"model": lambda tmp, m: make_model_variant(tmp, m, lambda f: set_model_type(f, "bert"))}, "model_type is 'bert'"),
-    ("model folder without config", {"model": lambda tmp, m: make_model_variant(tmp, m, lambda f: (f / "config.json").unlink())}, "no config.json"),
+    (
+        "non-GPT-2 model folder",
+        {"model": lambda tmp, m: make_model_variant(tmp, m, lambda f: set_model_type(f, "bert"))},
+        "model_type is 'bert'",
+    ),
+    (
+        "model folder without config",
+        {"model": lambda tmp, m: make_model_variant(tmp, m, lambda f: (f / "config.json").unlink())},
+        "no config.json",
+    ),
     ("pickle-only weights", {"model": lambda tmp, m: make_model_variant(tmp, m, pickle_only)}, "only pickle weights"),
     ("corrupt weights", {"model": lambda tmp, m: make_model_variant(tmp, m, corrupt_weights)}, "cannot load the model"),
     ("missing model folder", {"model": lambda tmp, m: tmp / "no_model" / "here"}, "no such model folder"),
@@ -113,7 +158,11 @@ BAD_INPUTS = [
     ("zero batch size", {"flags": ["--batch-size", "0"]}, "--batch-size"),
     ("learning rate of zero", {"flags": ["--learning-rate", "0"]}, "--learning-rate"),
     ("negative learning rate", {"flags": ["--learning-rate", "-1e-4"]}, "--learning-rate"),
-    ("max length above the context", {"flags": ["--max-length", "4096"]}, "--max-length 4096: exceeds the model's context of 256"),
+    (
+        "max length above the context",
+        {"flags": ["--max-length", "4096"]},
+        "--max-length 4096: exceeds the model's context of 256",
+    ),
     ("not a number", {"flags": ["--epochs", "three"]}, "--epochs"),
     ("unknown flag", {"flags": ["--epoch", "3"]}, "unrecognized arguments: --epoch"),
     ("bad loss-on choice", {"flags": ["--loss-on", "some"]}, "--loss-on"),
@@ -123,7 +172,9 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("case, breaks, message", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
-def test_bad_input_is_one_clear_line(case, breaks, message, tmp_path, tiny_model_dir, dailydialog_dir, run_dirs, capsys):
+def test_bad_input_is_one_clear_line(
+    case, breaks, message, tmp_path, tiny_model_dir, dailydialog_dir, run_dirs, capsys
+):
     model = breaks["model"](tmp_path, tiny_model_dir) if "model" in breaks else tiny_model_dir
     data = breaks["data"](tmp_path, tiny_model_dir) if "data" in breaks else dailydialog_dir
     code = main(train_argv(model, data, run_dirs, "--max-steps", "1", *breaks.get("flags", [])))
@@ -239,7 +290,9 @@ def test_resume_never_and_explicit_path(tmp_path):
         write_checkpoint(folder, step, complete)
     settings = {"learning_rate": 5e-5}
     assert find_resume_checkpoint(folder, "never", settings) is None
-    assert find_resume_checkpoint(folder, "auto", settings) == str(folder / "checkpoint-4")  # the half-written 6 is skipped
+    assert find_resume_checkpoint(folder, "auto", settings) == str(
+        folder / "checkpoint-4"
+    )  # the half-written 6 is skipped
     assert find_resume_checkpoint(folder, str(folder / "checkpoint-2"), settings) == str(folder / "checkpoint-2")
     with pytest.raises(TrainingError, match="--resume"):
         find_resume_checkpoint(folder, str(tmp_path), settings)
@@ -247,7 +300,18 @@ def test_resume_never_and_explicit_path(tmp_path):
 
 def test_a_checkpoint_of_other_settings_is_refused_with_each_difference_and_the_ways_out(tmp_path):
     folder = tmp_path / "checkpoints"
-    write_checkpoint(folder, 4, True, {"learning_rate": 5e-5, "batch_size": 16, "seed": 42, "data_dialogs": {"train": 100}, "max_train_dialogs": None})
+    write_checkpoint(
+        folder,
+        4,
+        True,
+        {
+            "learning_rate": 5e-5,
+            "batch_size": 16,
+            "seed": 42,
+            "data_dialogs": {"train": 100},
+            "max_train_dialogs": None,
+        },
+    )
     new = {"learning_rate": 1e-4, "batch_size": 8, "seed": 42, "data_dialogs": {"train": 90}, "max_train_dialogs": 90}
     with pytest.raises(TrainingError) as raised:
         find_resume_checkpoint(folder, "auto", new)
@@ -275,7 +339,9 @@ def test_resume_after_sigkill(tmp_path, tiny_model_dir, dailydialog_dir, capsys)
     dirs = dirs_in(tmp_path / "killed")
     argv = train_argv(tiny_model_dir, dailydialog_dir, dirs, *flags)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "gpt2ft", *argv], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpt2ft", *argv], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     checkpoints = checkpoint_dir(dirs["output"])
     try:
         deadline = time.monotonic() + 120

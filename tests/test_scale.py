@@ -1,6 +1,6 @@
 """LoRA, the optimizer check and the T4 presets (gpt2ft/scale.py), on the tiny fixture model, offline, on CPU.
 
-    python -m pytest tests/test_scale.py -q
+python -m pytest tests/test_scale.py -q
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import train_argv
 
 from gpt2ft import cli
@@ -44,14 +43,27 @@ def batch_from(tokenizer, texts):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_lora_run_saves_a_plain_merged_model_equal_to_base_plus_adapter(tiny_model_dir, dailydialog_dir, run_dirs, capsys):
+def test_lora_run_saves_a_plain_merged_model_equal_to_base_plus_adapter(
+    tiny_model_dir, dailydialog_dir, run_dirs, capsys
+):
     from peft import PeftModel
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
     # A high learning rate so the adapters move well away from their zero start (B = 0 makes base == base+adapter).
-    argv = train_argv(tiny_model_dir, dailydialog_dir, run_dirs, "--method", "lora", "--lora-r", "4", "--max-steps", "4",
-                      "--learning-rate", "5e-2")
+    argv = train_argv(
+        tiny_model_dir,
+        dailydialog_dir,
+        run_dirs,
+        "--method",
+        "lora",
+        "--lora-r",
+        "4",
+        "--max-steps",
+        "4",
+        "--learning-rate",
+        "5e-2",
+    )
     assert cli.main(argv) == 0
     out = Path(run_dirs["output"])
     metrics = json.loads((Path(run_dirs["logs"]) / "metrics.json").read_text())
@@ -98,7 +110,9 @@ def test_lora_step_changes_only_the_adapters(tiny_model, tiny_tokenizer):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     input_ids, labels = batch_from(tiny_tokenizer, ["Hello , how are you ?", "Do you like tea ?"])
     model(input_ids=input_ids, labels=labels).loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for name, p in model.named_parameters() if "lora_B" in name)
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for name, p in model.named_parameters() if "lora_B" in name
+    )
     optimizer.step()
     after = dict(model.named_parameters())
     changed = {name for name in before if not torch.equal(before[name], after[name].detach())}
@@ -148,8 +162,18 @@ def test_eight_bit_optimizer_steps_or_fails_clearly(tiny_model_dir, dailydialog_
         assert str(error).startswith(f"--optim {EIGHT_BIT_OPTIM}:")
         assert capsys.readouterr().err.strip() == f"error: {error}"
         return
-    argv = train_argv(tiny_model_dir, dailydialog_dir, run_dirs, "--optim", EIGHT_BIT_OPTIM, "--max-steps", "2",
-                      "--learning-rate", "1e-2", "--keep-checkpoints")
+    argv = train_argv(
+        tiny_model_dir,
+        dailydialog_dir,
+        run_dirs,
+        "--optim",
+        EIGHT_BIT_OPTIM,
+        "--max-steps",
+        "2",
+        "--learning-rate",
+        "1e-2",
+        "--keep-checkpoints",
+    )
     assert cli.main(argv) == 0
     from safetensors.torch import load_file
 
@@ -167,7 +191,9 @@ def test_eight_bit_optimizer_steps_or_fails_clearly(tiny_model_dir, dailydialog_
         for value in entry.values():
             yield from tensors(value) if isinstance(value, dict) else [value]
 
-    assert any(torch.is_tensor(value) and value.dtype == torch.uint8 for entry in state.values() for value in tensors(entry))
+    assert any(
+        torch.is_tensor(value) and value.dtype == torch.uint8 for entry in state.values() for value in tensors(entry)
+    )
 
 
 def test_optimizer_check_messages(monkeypatch, tmp_path):
@@ -198,7 +224,9 @@ def test_the_probe_steps_the_optimizer_class_the_trainer_builds(monkeypatch, tmp
     import gpt2ft.scale as scale
 
     probed = {}
-    monkeypatch.setattr(scale, "probe_optimizer", lambda cls, kwargs, device: probed.update(cls=cls, kwargs=kwargs, device=device))
+    monkeypatch.setattr(
+        scale, "probe_optimizer", lambda cls, kwargs, device: probed.update(cls=cls, kwargs=kwargs, device=device)
+    )
     check("paged_adamw_8bit", tmp_path)
     assert probed["cls"].__module__.startswith("bitsandbytes") and probed["device"] == "cpu"
     assert probed["kwargs"].get("optim_bits") == 8 and probed["kwargs"].get("is_paged") is True
@@ -246,7 +274,9 @@ def test_no_presets_for_small_cpu_big_gpus_or_when_disabled():
 
 
 def test_presets_keep_the_settings_the_user_typed():
-    config, notes = choose_presets(TrainConfig(model="gpt2-xl", batch_size=2, optim="adamw_torch"), T4, {"batch_size", "optim"})
+    config, notes = choose_presets(
+        TrainConfig(model="gpt2-xl", batch_size=2, optim="adamw_torch"), T4, {"batch_size", "optim"}
+    )
     assert config.batch_size == 2 and config.gradient_accumulation_steps == 1 and config.optim == "adamw_torch"
     assert config.method == "lora" and config.gradient_checkpointing
     assert any("--optim adamw_torch" in note for note in notes)

@@ -31,9 +31,26 @@ from conftest import ROOT, build_tiny_model_dir  # noqa: E402
 
 from gpt2ft.cli import main  # noqa: E402
 from gpt2ft.serve import (  # noqa: E402
-    EMPTY_REPLY, MAX_MESSAGE_CHARS, GenerationTimeout, ServedModel, build_app, check_port_free, clean_message,
-    decoding_settings, default_opponent, describe_model, display_messages, format_model_line, generation_kwargs,
-    launch_app, parse_auth, saved_decoding, serve_in_notebook, share_warning, start_server, stream_replies,
+    EMPTY_REPLY,
+    MAX_MESSAGE_CHARS,
+    GenerationTimeout,
+    ServedModel,
+    build_app,
+    check_port_free,
+    clean_message,
+    decoding_settings,
+    default_opponent,
+    describe_model,
+    display_messages,
+    format_model_line,
+    generation_kwargs,
+    launch_app,
+    parse_auth,
+    saved_decoding,
+    serve_in_notebook,
+    share_warning,
+    start_server,
+    stream_replies,
 )
 from gpt2ft.votes import read_votes  # noqa: E402
 
@@ -113,7 +130,9 @@ def call_plain_http(url: str, api_name: str, data: list) -> tuple[str, object]:
     or script may send) reaches the server as `\\ud800`. Returns (the last event's name, its data).
     """
     body = json.dumps({"data": data}).encode("ascii")
-    request = urllib.request.Request(f"{url}gradio_api/call/{api_name}", data=body, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}gradio_api/call/{api_name}", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         event_id = json.loads(response.read())["event_id"]
     event, payload = "", None
@@ -156,14 +175,34 @@ def test_clean_message_handles_empty_huge_broken_and_special_input():
 
 
 def test_decoding_settings_clamp_what_the_http_api_may_send():
-    defaults = {"greedy": False, "temperature": 0.8, "top_p": 0.9, "max_new_tokens": 50, "top_k": 0,
-                "no_repeat_ngram_size": 4, "repetition_penalty": None}
+    defaults = {
+        "greedy": False,
+        "temperature": 0.8,
+        "top_p": 0.9,
+        "max_new_tokens": 50,
+        "top_k": 0,
+        "no_repeat_ngram_size": 4,
+        "repetition_penalty": None,
+    }
     settings = decoding_settings(defaults, 99, -1, 10_000, 0, token_limit=128)
-    assert settings == {"greedy": False, "temperature": 2.0, "top_p": 0.05, "max_new_tokens": 128, "top_k": 0,
-                        "no_repeat_ngram_size": 4}
+    assert settings == {
+        "greedy": False,
+        "temperature": 2.0,
+        "top_p": 0.05,
+        "max_new_tokens": 128,
+        "top_k": 0,
+        "no_repeat_ngram_size": 4,
+    }
     settings = decoding_settings(defaults, "nan", None, "abc", True, token_limit=128)
-    assert (settings["temperature"], settings["top_p"], settings["max_new_tokens"], settings["greedy"]) == (0.8, 0.9, 50, True)
-    assert generation_kwargs(settings)["do_sample"] is False and generation_kwargs({"greedy": False})["do_sample"] is True
+    assert (settings["temperature"], settings["top_p"], settings["max_new_tokens"], settings["greedy"]) == (
+        0.8,
+        0.9,
+        50,
+        True,
+    )
+    assert (
+        generation_kwargs(settings)["do_sample"] is False and generation_kwargs({"greedy": False})["do_sample"] is True
+    )
 
 
 def test_saved_decoding_reads_the_generation_config(served_pair):
@@ -187,7 +226,9 @@ def test_model_description_from_training_config_or_metrics_json(served_pair, tmp
     folder.mkdir()
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "metrics.json").write_text(json.dumps({"eval_perplexity": 20.5, "test_perplexity": 21}))
-    (folder / "training_config.json").write_text(json.dumps({"config": {"model": "gpt2", "logs_dir": str(tmp_path / "logs")}}))
+    (folder / "training_config.json").write_text(
+        json.dumps({"config": {"model": "gpt2", "logs_dir": str(tmp_path / "logs")}})
+    )
     assert describe_model(str(folder)) == {"base_model": "gpt2", "eval_perplexity": 20.5, "test_perplexity": 21.0}
     line = format_model_line(ServedModel("model", None, None, "model", describe_model(str(folder))))
     assert "`gpt2`" in line and "validation perplexity **20.50**" in line and "test perplexity **21.00**" in line
@@ -248,7 +289,9 @@ def test_stream_replies_yields_growing_text_for_each_model(tiny_model, tiny_toke
     # often end its turn at once).
     settings = {"greedy": True, "max_new_tokens": 16, "suppress_tokens": [eos]}
     models = {"a": served(tiny_model, tiny_tokenizer), "b": served(tiny_model, tiny_tokenizer)}
-    updates = list(stream_replies(models, [{"role": "user", "content": "Hello, how are you?"}], settings, time_limit=30))
+    updates = list(
+        stream_replies(models, [{"role": "user", "content": "Hello, how are you?"}], settings, time_limit=30)
+    )
     assert len(updates) >= 6  # pieces of text as tokens arrive (not one block at the end), then the final texts
     final = updates[-1]
     assert set(final) == {"a", "b"} and final["a"] and final["b"]
@@ -277,7 +320,7 @@ def test_the_context_is_cut_to_the_most_recent_whole_turns(tiny_model, tiny_toke
     prompt = build_prompt_ids(tiny_tokenizer, history[:-1], 256 - 20)
     text = tiny_tokenizer.decode(prompt)
     kept = [turn for turn in text.split(tiny_tokenizer.eos_token) if turn]
-    assert kept == turns[-len(kept):] and 1 < len(kept) < len(turns)
+    assert kept == turns[-len(kept) :] and 1 < len(kept) < len(turns)
     # A single 200,000-character message: it is cut too (keeping its end), and a reply still comes.
     list(stream_replies({"m": served(recording, tiny_tokenizer)}, history[-1:], settings, time_limit=30))
     assert recording.calls[-1][0] <= 256 - 20
@@ -378,7 +421,9 @@ def test_an_empty_message_changes_nothing(live_app, message):
 
 def test_twenty_concurrent_chat_requests_all_complete(live_app):
     def one_chat(index: int) -> list[tuple[str, str]]:
-        chatbot, _ = client_for(live_app.url).predict(f"Request {index}: what time is it ?", *CHAT_ARGS, api_name="/chat")
+        chatbot, _ = client_for(live_app.url).predict(
+            f"Request {index}: what time is it ?", *CHAT_ARGS, api_name="/chat"
+        )
         return message_texts(chatbot)
 
     started = time.perf_counter()
@@ -462,8 +507,12 @@ def test_votes_from_many_sessions_at_once_are_all_stored(live_app):
     before = len(read_votes(live_app.votes_db))
     winners = ["a", "b", "tie", "both_bad"] * 2
     with ThreadPoolExecutor(max_workers=len(winners)) as pool:
-        rounds = list(pool.map(lambda args: compare_and_vote(live_app.url, *args),
-                               [(w, f"Session {i} says hi") for i, w in enumerate(winners)]))
+        rounds = list(
+            pool.map(
+                lambda args: compare_and_vote(live_app.url, *args),
+                [(w, f"Session {i} says hi") for i, w in enumerate(winners)],
+            )
+        )
     rows = read_votes(live_app.votes_db)[before:]
     assert len(rows) == len(winners) == len(rounds)
     assert sorted(row["winner"] for row in rows) == sorted(winners)
@@ -486,8 +535,15 @@ def test_notebook_demo_serves_the_model_already_loaded(served_pair, tmp_path):
 
     tuned, _ = served_pair
     model, tokenizer = load_for_generation(str(tuned))
-    app = serve_in_notebook(str(tuned), enabled=True, model=model, tokenizer=tokenizer, votes_db=tmp_path / "v.sqlite",
-                            share=False, port=free_port())
+    app = serve_in_notebook(
+        str(tuned),
+        enabled=True,
+        model=model,
+        tokenizer=tokenizer,
+        votes_db=tmp_path / "v.sqlite",
+        share=False,
+        port=free_port(),
+    )
     try:
         chatbot, _ = client_for(app.local_url).predict("Hi", *CHAT_ARGS, api_name="/chat")
         assert message_texts(chatbot)[1][0] == "assistant"
@@ -509,7 +565,10 @@ def one_line_error(capsys) -> str:
 
 def test_serve_refuses_a_missing_or_unreadable_model_folder(tmp_path, capsys):
     votes_db = tmp_path / "logs" / "votes.sqlite"
-    assert main(["serve", "--model", str(tmp_path / "missing"), "--votes-db", str(votes_db), "--port", str(free_port())]) == 2
+    assert (
+        main(["serve", "--model", str(tmp_path / "missing"), "--votes-db", str(votes_db), "--port", str(free_port())])
+        == 2
+    )
     assert "missing" in one_line_error(capsys)
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -561,9 +620,23 @@ def test_serve_command_starts_the_page(served_pair, tmp_path):
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "gpt2ft", "serve", "--model", str(tuned), "--port", str(port),
-         "--votes-db", str(tmp_path / "votes.sqlite")],
-        cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "gpt2ft",
+            "serve",
+            "--model",
+            str(tuned),
+            "--port",
+            str(port),
+            "--votes-db",
+            str(tmp_path / "votes.sqlite"),
+        ],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         lines = []

@@ -63,7 +63,9 @@ def test_a_folder_of_split_files_uses_its_own_splits_with_their_aliases(tmp_path
 
 
 def test_dialog_column_forces_the_column(tmp_path):
-    records = [{"id": i, "chat": [m["content"] for m in c if m["role"] != "system"]} for i, c in enumerate(CONVERSATIONS)]
+    records = [
+        {"id": i, "chat": [m["content"] for m in c if m["role"] != "system"]} for i, c in enumerate(CONVERSATIONS)
+    ]
     path = tmp_path / "custom.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(DataError, match=r"columns id, chat.*--dialog-column"):
@@ -77,7 +79,11 @@ def test_dialog_column_forces_the_column(tmp_path):
 
 def hub_layout(root: Path, conversations) -> Path:
     """A local folder laid out as a Hub dataset repository (data/<split>-00000-of-00001.parquet)."""
-    for split, part in (("train", conversations[:60]), ("validation", conversations[60:70]), ("test", conversations[70:])):
+    for split, part in (
+        ("train", conversations[:60]),
+        ("validation", conversations[60:70]),
+        ("test", conversations[70:]),
+    ):
         write_conversations(root / "data" / f"{split}-00000-of-00001.parquet", part)
     return root
 
@@ -86,7 +92,11 @@ def test_a_hub_dataset_is_read_with_load_dataset(tmp_path):
     repo = hub_layout(tmp_path / "owner__chats", CONVERSATIONS)
     prepared = prepare(f"hub:{repo}", tmp_path, keep_overlap=True)  # datasets resolves a local repository the same way
     assert [len(prepared.dialogs[s]) for s in ("train", "validation", "test")] == [60, 10, 10] and prepared.has_roles
-    assert parse_hub_spec("hub:owner/name@refs/convert/parquet:default") == ("owner/name", "refs/convert/parquet", "default")
+    assert parse_hub_spec("hub:owner/name@refs/convert/parquet:default") == (
+        "owner/name",
+        "refs/convert/parquet",
+        "default",
+    )
     assert parse_hub_spec("hub:owner/name") == ("owner/name", None, None)
 
 
@@ -117,7 +127,9 @@ def test_other_sources_are_cleaned_only_when_asked(tmp_path):
     conversations = [[{"role": "user", "content": "Hello , it ' s me ?"}, {"role": "assistant", "content": "Hi ."}]] * 3
     path = write_conversations(tmp_path / "raw.jsonl", conversations + CONVERSATIONS)
     plain = {turn for turns in all_dialogs(prepare(path, tmp_path, keep_overlap=True)) for turn in turns}
-    cleaned = {turn for turns in all_dialogs(prepare(path, tmp_path, keep_overlap=True, clean_text=True)) for turn in turns}
+    cleaned = {
+        turn for turns in all_dialogs(prepare(path, tmp_path, keep_overlap=True, clean_text=True)) for turn in turns
+    }
     assert "Hello , it ' s me ?" in plain and "Hello, it's me?" in cleaned
 
 
@@ -150,7 +162,9 @@ def test_duplicates_land_in_one_split_and_leakage_is_removed(tmp_path):
     write_conversations(folder / "test.jsonl", CONVERSATIONS[70:])
     prepared = prepare(folder, tmp_path)
     train_texts = {tuple(t) for t in prepared.dialogs["train"]["dialog"]}
-    assert prepared.counts["validation"]["removed"] >= 2 and not train_texts & {tuple(t) for t in prepared.dialogs["validation"]["dialog"]}
+    assert prepared.counts["validation"]["removed"] >= 2 and not train_texts & {
+        tuple(t) for t in prepared.dialogs["validation"]["dialog"]
+    }
     assert prepared.counts["train"]["removed"] >= 5  # the five repeats (and any repeat the generator made)
     kept = prepare(folder, tmp_path, keep_overlap=True)
     assert kept.counts["validation"]["removed"] == 0 and len(kept.dialogs["validation"]) == 12
@@ -218,20 +232,56 @@ def jsonl_with(tmp_path: Path, bad_record: str, at: int = 40) -> Path:
 
 
 BAD_SOURCES = [
-    ("not JSON", lambda tmp: jsonl_with(tmp, '{"messages": [{"role": "user", "content": "x"}'), "bad.jsonl:41: not JSON"),
-    ("no known layout", lambda tmp: (tmp / "notes.jsonl").write_text('{"text": "hello"}\n' * 3) and tmp / "notes.jsonl", "notes.jsonl: no conversations found: columns text"),
-    ("a record without the layout", lambda tmp: jsonl_with(tmp, '{"text": "hello"}', at=0), "bad.jsonl:1: no 'messages' in this record (its fields: text)"),
-    ("unknown role", lambda tmp: jsonl_with(tmp, json.dumps({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]})), "bad.jsonl:41: message 1 has unknown role 'tool'"),
-    ("content not text", lambda tmp: jsonl_with(tmp, json.dumps({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]})), "bad.jsonl:41: message 1 (user): content is int, not text"),
-    ("empty content", lambda tmp: jsonl_with(tmp, json.dumps({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "y"}]})), "bad.jsonl:41: message 1 (user): content is empty"),
-    ("empty file", lambda tmp: (tmp / "empty.jsonl").write_text("") and tmp / "empty.jsonl" or tmp / "empty.jsonl", "empty.jsonl: empty file"),
+    (
+        "not JSON",
+        lambda tmp: jsonl_with(tmp, '{"messages": [{"role": "user", "content": "x"}'),
+        "bad.jsonl:41: not JSON",
+    ),
+    (
+        "no known layout",
+        lambda tmp: (tmp / "notes.jsonl").write_text('{"text": "hello"}\n' * 3) and tmp / "notes.jsonl",
+        "notes.jsonl: no conversations found: columns text",
+    ),
+    (
+        "a record without the layout",
+        lambda tmp: jsonl_with(tmp, '{"text": "hello"}', at=0),
+        "bad.jsonl:1: no 'messages' in this record (its fields: text)",
+    ),
+    (
+        "unknown role",
+        lambda tmp: jsonl_with(
+            tmp, json.dumps({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]})
+        ),
+        "bad.jsonl:41: message 1 has unknown role 'tool'",
+    ),
+    (
+        "content not text",
+        lambda tmp: jsonl_with(
+            tmp, json.dumps({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]})
+        ),
+        "bad.jsonl:41: message 1 (user): content is int, not text",
+    ),
+    (
+        "empty content",
+        lambda tmp: jsonl_with(
+            tmp, json.dumps({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "y"}]})
+        ),
+        "bad.jsonl:41: message 1 (user): content is empty",
+    ),
+    (
+        "empty file",
+        lambda tmp: (tmp / "empty.jsonl").write_text("") and tmp / "empty.jsonl" or tmp / "empty.jsonl",
+        "empty.jsonl: empty file",
+    ),
     ("missing file", lambda tmp: tmp / "nope.jsonl", "nope.jsonl: no such file or folder"),
     ("folder without train", lambda tmp: (tmp / "box").mkdir() or tmp / "box", "box: no train file"),
 ]
 
 
 @pytest.mark.parametrize("case, make, message", BAD_SOURCES, ids=[case for case, _, _ in BAD_SOURCES])
-def test_bad_sources_are_one_line_exit_2_and_nothing_written(case, make, message, tmp_path, tiny_model_dir, run_dirs, capsys):
+def test_bad_sources_are_one_line_exit_2_and_nothing_written(
+    case, make, message, tmp_path, tiny_model_dir, run_dirs, capsys
+):
     data = make(tmp_path)
     code = main(train_argv(tiny_model_dir, data, run_dirs, "--max-steps", "1"))
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
@@ -266,7 +316,9 @@ def source_of_kind(kind: str, root: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("kind", ["messages jsonl with system prompts", "sharegpt json array", "parquet folder with dialogue"])
+@pytest.mark.parametrize(
+    "kind", ["messages jsonl with system prompts", "sharegpt json array", "parquet folder with dialogue"]
+)
 def test_train_on_your_own_conversations_and_chat_with_a_pipeline(kind, tmp_path, tiny_model_dir, run_dirs, capsys):
     from transformers import pipeline
 
@@ -279,7 +331,11 @@ def test_train_on_your_own_conversations_and_chat_with_a_pipeline(kind, tmp_path
     chat = pipeline("text-generation", model=run_dirs["output"])
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What time is it?"}]
     conversation = chat(messages, max_new_tokens=8)[0]["generated_text"]
-    assert conversation[:2] == messages and conversation[2]["role"] == "assistant" and isinstance(conversation[2]["content"], str)
+    assert (
+        conversation[:2] == messages
+        and conversation[2]["role"] == "assistant"
+        and isinstance(conversation[2]["content"], str)
+    )
     card = Path(run_dirs["output"], "README.md").read_text()
     assert "fine-tuned on" in card and "DailyDialog" not in card.split("## Data")[0]
     shutil.rmtree(run_dirs["output"])

@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import PoisonWeights, config_for
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback
 
-from conftest import PoisonWeights, config_for
 from gpt2ft.data import DialogueCollator, tokenize_dialogs
 
 aten = torch.ops.aten
 READ_OPS = {aten._local_scalar_dense.default, aten.equal.default}
 # Ops whose output size depends on values: on a GPU each waits for the device to know how much to allocate.
-SIZED_BY_VALUES = {aten.nonzero.default, aten.masked_select.default, aten._unique2.default, aten.repeat_interleave.Tensor}
+SIZED_BY_VALUES = {
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.repeat_interleave.Tensor,
+}
 
 
 class HostReads(TorchDispatchMode):
@@ -89,8 +94,22 @@ def test_a_steady_step_on_a_gpu_never_synchronises(tiny_model_dir, dailydialog_d
     if precision == "bf16" and hardware.capability < (8, 0):
         pytest.skip(f"{hardware.name} has no bf16")
     config = config_for(
-        tiny_model_dir, dailydialog_dir, run_dirs, "--max-steps", "9", "--logging-steps", "8", "--batch-size", "4",
-        "--batching", batching, "--precision", precision, "--eval-steps", "100", "--keep-checkpoints",
+        tiny_model_dir,
+        dailydialog_dir,
+        run_dirs,
+        "--max-steps",
+        "9",
+        "--logging-steps",
+        "8",
+        "--batch-size",
+        "4",
+        "--batching",
+        batching,
+        "--precision",
+        precision,
+        "--eval-steps",
+        "100",
+        "--keep-checkpoints",
     )
     plan = plan_run(config)
     prepared = prepare_data(plan)
@@ -133,15 +152,31 @@ def count_reads(monkeypatch):
 
 
 @pytest.mark.parametrize("batching", ["pack", "pad"])
-def test_a_steady_training_step_reads_nothing_back_from_the_device(count_reads, tiny_model_dir, dailydialog_dir, run_dirs, batching):
+def test_a_steady_training_step_reads_nothing_back_from_the_device(
+    count_reads, tiny_model_dir, dailydialog_dir, run_dirs, batching
+):
     """Steps 2-7 of a run that logs every 8 steps: not one value of theirs is read into Python. The fused AdamW is
     CUDA's default (on the CPU the default AdamW keeps its step counter on the host and reads it there, which on a
     GPU is no device read)."""
     from gpt2ft.training import fit, load_model_for_training, plan_run, prepare_data, tokenize_data
 
     config = config_for(
-        tiny_model_dir, dailydialog_dir, run_dirs, "--max-steps", "9", "--logging-steps", "8", "--batch-size", "4",
-        "--batching", batching, "--optim", "adamw_torch_fused", "--eval-steps", "100", "--keep-checkpoints",
+        tiny_model_dir,
+        dailydialog_dir,
+        run_dirs,
+        "--max-steps",
+        "9",
+        "--logging-steps",
+        "8",
+        "--batch-size",
+        "4",
+        "--batching",
+        batching,
+        "--optim",
+        "adamw_torch_fused",
+        "--eval-steps",
+        "100",
+        "--keep-checkpoints",
     )
     plan = plan_run(config)
     prepared = prepare_data(plan)
@@ -172,7 +207,9 @@ def test_the_counter_sees_a_read_when_there_is_one(count_reads):
 
 
 @pytest.mark.parametrize("schedule", [("--max-steps", "12", "--eval-steps", "4"), ("--epochs", "2")])
-def test_a_bad_loss_between_logging_steps_still_stops_the_run_before_any_checkpoint(tiny_model_dir, dailydialog_dir, run_dirs, schedule):
+def test_a_bad_loss_between_logging_steps_still_stops_the_run_before_any_checkpoint(
+    tiny_model_dir, dailydialog_dir, run_dirs, schedule
+):
     """The loss turns NaN at step 3; the run logs every 5 steps and checkpoints every 4 steps, or at each epoch's
     end (which comes after the stop, and asks for an evaluation and a checkpoint again): it stops naming step 3,
     with no checkpoint written after it and no model saved."""
@@ -213,7 +250,10 @@ def test_an_epoch_of_dailydialog_is_fed_in_few_shapes_with_little_padding(shared
     tokenizer = load_tokenizer(str(shared_data / "gpt2-tokenizer"))
     prepared = prepare_dialogs(str(shared_data / "dailydialog"), cache_dir=tmp_path)
     collator = DialogueCollator(tokenizer, defaults.batching)
-    for split, batch_size, shuffle in (("train", defaults.batch_size, True), ("validation", defaults.eval_batch_size, False)):
+    for split, batch_size, shuffle in (
+        ("train", defaults.batch_size, True),
+        ("validation", defaults.eval_batch_size, False),
+    ):
         rows = tokenize_dialogs(prepared.dialogs[split], tokenizer, 1024)
         loader = collator.loader(rows, batch_size, shuffle=shuffle, seed=defaults.seed)
         shapes, padded, targets, fed = epoch_shapes(loader)

@@ -22,8 +22,16 @@ from gpt2ft.modeling import Hardware, choose_precision, device_precision
 from gpt2ft.training import TrainingError, build_training_args, check_output_dir
 
 METRIC_KEYS = {
-    "train_loss", "eval_loss", "eval_perplexity", "train_runtime_s", "train_tokens", "train_tokens_per_s", "epochs",
-    "steps", "train_dialogs", "eval_dialogs",
+    "train_loss",
+    "eval_loss",
+    "eval_perplexity",
+    "train_runtime_s",
+    "train_tokens",
+    "train_tokens_per_s",
+    "epochs",
+    "steps",
+    "train_dialogs",
+    "eval_dialogs",
 }
 
 
@@ -97,8 +105,21 @@ def test_saved_folder_loads_with_plain_transformers(trained):
 def test_eval_matches_training_and_dump_reproduces_the_loss(trained, dailydialog_dir, tmp_path, capsys):
     dirs, printed = trained
     dump = tmp_path / "dump.jsonl"
-    code = main(["eval", "--model", dirs["output"], "--data", str(dailydialog_dir), "--split", "validation",
-                 "--cache-dir", dirs["cache"], "--dump-tokens", str(dump)])
+    code = main(
+        [
+            "eval",
+            "--model",
+            dirs["output"],
+            "--data",
+            str(dailydialog_dir),
+            "--split",
+            "validation",
+            "--cache-dir",
+            dirs["cache"],
+            "--dump-tokens",
+            str(dump),
+        ]
+    )
     assert code == 0
     result = last_json_line(capsys.readouterr().out)
     assert {"split", "dialogs", "tokens", "loss", "perplexity"} <= set(result)
@@ -114,7 +135,9 @@ def test_eval_matches_training_and_dump_reproduces_the_loss(trained, dailydialog
 
 def test_generate_prints_a_reply(trained, capsys):
     dirs, _ = trained
-    assert main(["generate", "--model", dirs["output"], "--greedy", "--max-new-tokens", "8", "Hello, how are you?"]) == 0
+    assert (
+        main(["generate", "--model", dirs["output"], "--greedy", "--max-new-tokens", "8", "Hello, how are you?"]) == 0
+    )
     out = capsys.readouterr().out
     # A 30-step tiny model may well answer with an empty turn; what matters is one clean line, no special tokens.
     assert out.endswith("\n") and out.count("\n") == 1 and "<|endoftext|>" not in out
@@ -143,11 +166,15 @@ def test_rerun_into_own_output_is_allowed_but_foreign_folder_is_refused(trained,
 
 
 def fresh_save(output: Path, tiny_model, tiny_tokenizer, version: str) -> None:
-    save_final_model(tiny_model, tiny_tokenizer, build_generation_config(tiny_tokenizer), {"gpt2ft_version": version}, output)
+    save_final_model(
+        tiny_model, tiny_tokenizer, build_generation_config(tiny_tokenizer), {"gpt2ft_version": version}, output
+    )
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()
+    }
 
 
 class Boom(RuntimeError):
@@ -169,9 +196,15 @@ def fail_rename_number(monkeypatch, number: int, error: type[BaseException]) -> 
 
 
 SAVE_FAILURES = {
-    "writing the model": lambda m, model, tok: m.setattr(model, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(Boom("disk full"))),
-    "writing the tokenizer": lambda m, model, tok: m.setattr(tok, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(Boom("disk full"))),
-    "writing training_config.json": lambda m, model, tok: m.setattr("gpt2ft.checkpoints.write_json", lambda *a, **k: (_ for _ in ()).throw(Boom("disk full"))),
+    "writing the model": lambda m, model, tok: m.setattr(
+        model, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(Boom("disk full"))
+    ),
+    "writing the tokenizer": lambda m, model, tok: m.setattr(
+        tok, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(Boom("disk full"))
+    ),
+    "writing training_config.json": lambda m, model, tok: m.setattr(
+        "gpt2ft.checkpoints.write_json", lambda *a, **k: (_ for _ in ()).throw(Boom("disk full"))
+    ),
     "moving the old model aside": lambda m, model, tok: fail_rename_number(m, 1, Boom),
     "moving the new model in": lambda m, model, tok: fail_rename_number(m, 2, Boom),
     "Ctrl-C between the renames": lambda m, model, tok: fail_rename_number(m, 2, KeyboardInterrupt),
@@ -179,7 +212,9 @@ SAVE_FAILURES = {
 
 
 @pytest.mark.parametrize("step", list(SAVE_FAILURES))
-def test_a_failure_at_each_step_of_the_final_save_keeps_the_old_model_and_every_checkpoint(step, tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+def test_a_failure_at_each_step_of_the_final_save_keeps_the_old_model_and_every_checkpoint(
+    step, tmp_path, tiny_model, tiny_tokenizer, monkeypatch
+):
     output = tmp_path / "model"
     fresh_save(output, tiny_model, tiny_tokenizer, "old")
     before = snapshot(output)
@@ -229,7 +264,11 @@ def test_evaluation_outside_training_follows_the_training_precision_rule(monkeyp
     # eval, compare and the notebook score through evaluate_dialogs, which asks that rule for the model's device.
     seen = {}
     monkeypatch.setattr(evaluation, "device_precision", lambda device: "bf16")
-    monkeypatch.setattr(evaluation, "evaluate_loss", lambda *args, **kwargs: seen.update(precision=args[5]) or {"loss": 1.0, "perplexity": math.e, "tokens": 1})
+    monkeypatch.setattr(
+        evaluation,
+        "evaluate_loss",
+        lambda *args, **kwargs: seen.update(precision=args[5]) or {"loss": 1.0, "perplexity": math.e, "tokens": 1},
+    )
     from datasets import Dataset
 
     evaluate_dialogs(tiny_model, tiny_tokenizer, Dataset.from_dict({"dialog": [["Hi.", "Hello."]]}))
@@ -252,7 +291,9 @@ class OutOfMemoryAt(TrainerCallback):
 def test_out_of_memory_stops_with_the_settings_that_fit(tiny_model_dir, dailydialog_dir, run_dirs):
     from gpt2ft.training import train
 
-    config = config_for(tiny_model_dir, dailydialog_dir, run_dirs, "--max-steps", "3", "--gradient-accumulation-steps", "2")
+    config = config_for(
+        tiny_model_dir, dailydialog_dir, run_dirs, "--max-steps", "3", "--gradient-accumulation-steps", "2"
+    )
     with pytest.raises(TrainingError) as raised:
         train(config, callbacks=[OutOfMemoryAt()])
     message = str(raised.value)
@@ -285,7 +326,9 @@ def test_training_args_use_the_v5_api(tmp_path):
     assert args.eval_strategy == "steps" == args.save_strategy and args.eval_steps == 5
     assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss"
     assert not args.accelerator_config.non_blocking and not args.dataloader_pin_memory  # nothing to pin on a CPU
-    padded = build_training_args(TrainConfig(batching="pad"), "fp16", Hardware("cuda", "Tesla T4", (7, 5), 15.0), tmp_path)
+    padded = build_training_args(
+        TrainConfig(batching="pad"), "fp16", Hardware("cuda", "Tesla T4", (7, 5), 15.0), tmp_path
+    )
     assert padded.fp16 and not padded.bf16
     assert padded.optim == "adamw_torch_fused"
     # On a GPU, batches are copied from pinned memory without the host waiting, by workers that start once.

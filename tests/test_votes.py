@@ -1,6 +1,6 @@
 """gpt2ft.votes: the votes table (schema, WAL, concurrent writers, restarts), the statistics, and `votes` command.
 
-    pytest tests/test_votes.py
+pytest tests/test_votes.py
 """
 
 from __future__ import annotations
@@ -9,13 +9,20 @@ import json
 import multiprocessing
 import sqlite3
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from gpt2ft.cli import main
 from gpt2ft.votes import (
-    COLUMNS, VotesError, init_votes_db, read_votes, record_vote, summarize_votes, tally_votes, wilson_interval,
+    COLUMNS,
+    VotesError,
+    init_votes_db,
+    read_votes,
+    record_vote,
+    summarize_votes,
+    tally_votes,
+    wilson_interval,
 )
 
 CONVERSATION = [{"role": "user", "content": "Hi, how are you?"}]
@@ -41,9 +48,21 @@ def test_schema_has_the_issue_columns_and_wal_mode(tmp_path):
     with sqlite3.connect(path) as connection:
         columns = [row[1] for row in connection.execute("PRAGMA table_info(votes)")]
         mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
-    assert columns == list(COLUMNS) == [
-        "id", "created_at", "conversation", "reply_a", "reply_b", "model_a", "model_b", "winner", "settings",
-    ]
+    assert (
+        columns
+        == list(COLUMNS)
+        == [
+            "id",
+            "created_at",
+            "conversation",
+            "reply_a",
+            "reply_b",
+            "model_a",
+            "model_b",
+            "winner",
+            "settings",
+        ]
+    )
     assert mode == "wal"
 
 
@@ -53,12 +72,17 @@ def test_a_vote_round_trips_with_utc_time_and_json_fields(tmp_path):
     [stored] = read_votes(path)
     assert stored["id"] == row_id
     assert stored["conversation"] == CONVERSATION
-    assert (stored["reply_a"], stored["reply_b"], stored["model_a"], stored["model_b"]) == ("héllo <b>", "", "tuned", "gpt2")
+    assert (stored["reply_a"], stored["reply_b"], stored["model_a"], stored["model_b"]) == (
+        "héllo <b>",
+        "",
+        "tuned",
+        "gpt2",
+    )
     assert stored["winner"] == "both_bad"
     assert stored["settings"] == {**SETTINGS, "model": "tuned"}
     created = datetime.fromisoformat(stored["created_at"])
-    assert created.utcoffset() == timezone.utc.utcoffset(None)
-    assert abs((datetime.now(timezone.utc) - created).total_seconds()) < 3600
+    assert created.utcoffset() == UTC.utcoffset(None)
+    assert abs((datetime.now(UTC) - created).total_seconds()) < 3600
     with sqlite3.connect(path) as connection:  # stored as JSON text, readable by any SQLite tool
         raw = connection.execute("SELECT conversation, settings FROM votes").fetchone()
     assert json.loads(raw[0]) == CONVERSATION and json.loads(raw[1])["top_p"] == 0.9
@@ -162,14 +186,16 @@ def test_tally_counts_from_the_served_models_side_whatever_the_shuffle():
         ("gpt2", "tuned", "both_bad"),
         ("tuned", "other", "b"),  # another pair: tuned loses
     ]
-    rows = [
-        {"model_a": a, "model_b": b, "winner": w, "settings": {**SETTINGS, "model": "tuned"}} for a, b, w in votes
-    ]
+    rows = [{"model_a": a, "model_b": b, "winner": w, "settings": {**SETTINGS, "model": "tuned"}} for a, b, w in votes]
     pairs = tally_votes(rows)
     assert [(p["model"], p["opponent"]) for p in pairs] == [("tuned", "gpt2"), ("tuned", "other")]
     main_pair = pairs[0]
     assert {k: main_pair[k] for k in ("votes", "wins", "losses", "ties", "both_bad")} == {
-        "votes": 5, "wins": 2, "losses": 1, "ties": 1, "both_bad": 1,
+        "votes": 5,
+        "wins": 2,
+        "losses": 1,
+        "ties": 1,
+        "both_bad": 1,
     }
     assert main_pair["win_rate"] == pytest.approx(3 / 5)  # 2 wins + half of (1 tie + 1 both bad)
     low, high = wilson_interval(3, 5)
@@ -201,7 +227,18 @@ def test_votes_command_prints_one_json_line(tmp_path, capsys):
     payload = json.loads(lines[0])
     assert payload == summarize_votes(path)
     [pair] = payload["pairs"]
-    assert set(pair) == {"model", "opponent", "votes", "wins", "losses", "ties", "both_bad", "win_rate", "ci95_low", "ci95_high"}
+    assert set(pair) == {
+        "model",
+        "opponent",
+        "votes",
+        "wins",
+        "losses",
+        "ties",
+        "both_bad",
+        "win_rate",
+        "ci95_low",
+        "ci95_high",
+    }
     assert (pair["model"], pair["opponent"], pair["votes"], pair["wins"], pair["losses"]) == ("tuned", "gpt2", 2, 1, 1)
     assert pair["win_rate"] == 0.5 and 0 < pair["ci95_low"] < 0.5 < pair["ci95_high"] < 1
 
