@@ -78,6 +78,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .data import DialogueCollator, prepare_dialogs, tokenize_dialogs
+from .errors import Gpt2ftError
 
 DEFAULT_VARIANTS = ("tutorial_pad128", "tutorial_pad512", "gpt2ft_pack", "gpt2ft_pad", "torch_loop")
 EXTRA_VARIANTS = ("gpt2ft_pack_1row", "gpt2ft_pack_gelu_tanh", "gpt2ft_pack_vocab64")
@@ -103,7 +104,7 @@ PEAK_TFLOPS: list[tuple[str, dict[str, float], str]] = [
 ]
 
 
-class BenchError(ValueError):
+class BenchError(Gpt2ftError, ValueError):
     """A benchmark setting is invalid; the message names it."""
 
 

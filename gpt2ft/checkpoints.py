@@ -20,17 +20,13 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .config import config_fields, flag_name, render_flag
+from .config import TRAINING_CONFIG, config_fields, flag_name, render_flag
+from .errors import TrainingError
 from .logs import write_json, write_text_atomic
 
 CHECKPOINT_SUFFIX = ".checkpoints"
 COMPLETE_MARKER = "gpt2ft_checkpoint.json"
-TRAINING_CONFIG = "training_config.json"
 STALE_KINDS = ("partial", "old")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or had to stop; the message says why and what to do."""
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:

@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +34,28 @@ from .config import (
     IMAGES_DIR,
     LOGS_DIR,
     OUTPUT_DIR,
-    ConfigError,
     PreferConfig,
+    RunConfig,
+    TrainConfig,
     build_config,
     config_fields,
     flag_name,
     load_config_file,
     saved_run_config,
 )
+from .errors import Gpt2ftError
+from .export import DEFAULT_OUTTYPE, FORMATS, OUTTYPES
+from .serve import DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIME_LIMIT_S
+from .votes import DEFAULT_VOTES_DB
+
+# The commands' own modules import torch, transformers and the rest when a command runs, not here: the parser and
+# every check of the flags load in well under a second, so a mistyped flag is an error at once. Imports inside the
+# functions below defer those heavy libraries.
 
 EXIT_USAGE = 2
 
 
-class UsageError(Exception):
+class UsageError(Gpt2ftError):
     """Bad command-line input; the message is printed as one line."""
 
 
@@ -136,11 +147,37 @@ def config_from_args(args: argparse.Namespace, config_class: type | None = None)
     return build_config(file_values, config_class=config_class, **flags), set(file_values) | set(flags)
 
 
-def build_parser() -> Parser:
-    from .export import DEFAULT_OUTTYPE, FORMATS, OUTTYPES
-    from .serve import DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIME_LIMIT_S
-    from .votes import DEFAULT_VOTES_DB
+@dataclass(frozen=True)
+class StageCommand:
+    """One row of the table of stages: a command that trains (train, prefer, ...), its config class (its flags are
+    that class's fields), and its run function as `module:function` (called with the config and the names of the
+    settings the user typed; imported only when the command runs)."""
 
+    name: str
+    config_class: type[RunConfig]
+    run: str
+    help: str
+    saved: str = "model"  # how the console names what the run saved
+
+    def run_function(self) -> Callable[..., Any]:
+        module, function = self.run.split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+# Adding a stage: a module with its parts (runs.Stage) and its run function, a config class in config.py, one row here.
+STAGES = (
+    StageCommand("train", TrainConfig, "gpt2ft.training:train", "fine-tune a model on conversations"),
+    StageCommand(
+        "prefer",
+        PreferConfig,
+        "gpt2ft.prefer:prefer",
+        "preference tuning (DPO, KTO) on the page's votes or a preference dataset",
+        saved="preferred model",
+    ),
+)
+
+
+def build_parser() -> Parser:
     # allow_abbrev=False: a typo such as --epoch must be an error, not silently taken as --epochs.
     parser = Parser(
         prog="python -m gpt2ft", description="Fine-tune GPT-2 on DailyDialog and talk to it.", allow_abbrev=False
@@ -148,9 +185,10 @@ def build_parser() -> Parser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     commands.add_parser = functools.partial(commands.add_parser, allow_abbrev=False)  # type: ignore[method-assign]
 
-    train = commands.add_parser("train", help="fine-tune GPT-2 (flags mirror TrainConfig)")
-    train.add_argument("--config", metavar="FILE.json", help="settings as a JSON object; flags override it")
-    add_config_flags(train)
+    for stage in STAGES:
+        command = commands.add_parser(stage.name, help=f"{stage.help} (flags mirror {stage.config_class.__name__})")
+        command.add_argument("--config", metavar="FILE.json", help="settings as a JSON object; flags override it")
+        add_config_flags(command, config_class=stage.config_class)
 
     prepare = commands.add_parser(
         "prepare", help="load, clean, split, de-duplicate and tokenise the data into the cache train uses"
@@ -161,7 +199,12 @@ def build_parser() -> Parser:
     evaluate.add_argument("--model", default=OUTPUT_DIR, help="saved model folder or Hub id")
     evaluate.add_argument("--split", default="validation", choices=("validation", "test"))
     evaluate.add_argument("--max-dialogs", type=int, default=None, help="score only the first N dialogues")
-    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument(
+        "--batch-size",
+        type=int,
+        default=TrainConfig.eval_batch_size,
+        help="dialogues a batch (train's --eval-batch-size)",
+    )
     evaluate.add_argument("--dump-tokens", metavar="FILE.jsonl", help="write each scored sequence (input_ids, labels)")
     evaluate.add_argument("--cache-dir", default=DATA_DIR)
     add_data_override_flags(evaluate)
@@ -194,11 +237,13 @@ def build_parser() -> Parser:
     charts.add_argument("--images-dir", default=IMAGES_DIR)
 
     bench = commands.add_parser("bench", help="training throughput: gpt2ft vs the tutorial recipe")
-    bench.add_argument("--model", default="gpt2")
-    bench.add_argument("--data", default="hub")
+    bench.add_argument("--model", default=TrainConfig.model)
+    bench.add_argument("--data", default=TrainConfig.data)
     bench.add_argument("--dialogs", type=int, default=1024, help="training dialogues the batches are drawn from")
     bench.add_argument("--steps", type=int, default=30, help="timed steps a run (after its warm-up)")
-    bench.add_argument("--batch-size", type=int, default=16, help="dialogues a step, as train's --batch-size")
+    bench.add_argument(
+        "--batch-size", type=int, default=TrainConfig.batch_size, help="dialogues a step, as train's --batch-size"
+    )
     bench.add_argument(
         "--repeats", type=int, default=3, help="runs of each variant, interleaved; the median is reported"
     )
@@ -246,13 +291,6 @@ def build_parser() -> Parser:
 
     votes = commands.add_parser("votes", help="the blind votes counted per pair of models, as one JSON line")
     votes.add_argument("--db", default=DEFAULT_VOTES_DB, metavar="PATH", help="the votes database written by serve")
-
-    prefer = commands.add_parser(
-        "prefer",
-        help="preference tuning (DPO, KTO) on the page's votes or a preference dataset (flags mirror PreferConfig)",
-    )
-    prefer.add_argument("--config", metavar="FILE.json", help="settings as a JSON object; flags override it")
-    add_config_flags(prefer, config_class=PreferConfig)
     return parser
 
 
@@ -307,15 +345,14 @@ def held_out_dialogs(args: argparse.Namespace, model_dir: str) -> tuple[Any, str
     Returns:
         (dialogues, loss mode, training window)
     """
-    from .data import prepare_dialogs
-    from .training import data_options
+    from .data import prepare_from_config
 
     config, max_length = saved_run_config(model_dir)
     changes: dict[str, Any] = {"cache_dir": args.cache_dir, "max_train_dialogs": None, "max_eval_dialogs": None}
     for name in ("data", "keep_overlap", "clean_text"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
-    prepared = prepare_dialogs(**data_options(config.replace(**changes)))
+    prepared = prepare_from_config(config.replace(**changes))
     dialogs = prepared.dialogs[args.split]
     if args.max_dialogs is not None:
         dialogs = dialogs.select(range(min(args.max_dialogs, len(dialogs))))
@@ -332,14 +369,14 @@ def check_positive(name: str, value: int | None) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from .training import train
-
-    config, explicit = config_from_args(args)
-    result = train(config, explicit=explicit)
+def run_stage_command(stage: StageCommand, args: argparse.Namespace) -> int:
+    """A stage's command: its config from the flags (every flag checked before the stage's libraries load), the run,
+    then where the results went (stderr) and the metrics as one JSON line (stdout)."""
+    config, explicit = config_from_args(args, stage.config_class)
+    result = stage.run_function()(config, explicit=explicit)
     if not result.is_main:
         return 0  # under torchrun/accelerate every process runs this; only the main one saved and reports
-    print(f"model saved to {result.output_dir}", file=sys.stderr)
+    print(f"{stage.saved} saved to {result.output_dir}", file=sys.stderr)
     print(f"metrics written to {Path(config.logs_dir) / 'metrics.json'}", file=sys.stderr)
     print_json(result.metrics)
     return 0
@@ -475,19 +512,6 @@ def run_votes(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_prefer(args: argparse.Namespace) -> int:
-    from .prefer import prefer
-
-    config, explicit = config_from_args(args, PreferConfig)
-    result = prefer(config, explicit=explicit)
-    if not result.is_main:
-        return 0
-    print(f"preferred model saved to {result.output_dir}", file=sys.stderr)
-    print(f"metrics written to {Path(config.logs_dir) / 'metrics.json'}", file=sys.stderr)
-    print_json(result.metrics)
-    return 0
-
-
 def run_export(args: argparse.Namespace) -> int:
     from .export import ExportError, export_gguf
 
@@ -506,7 +530,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": run_train,
+    **{stage.name: functools.partial(run_stage_command, stage) for stage in STAGES},
     "prepare": run_prepare,
     "eval": run_eval,
     "generate": run_generate,
@@ -517,18 +541,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "export": run_export,
     "serve": run_serve,
     "votes": run_votes,
-    "prefer": run_prefer,
 }
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input: reported in one line, exit code 2."""
-    from .bench import BenchError
-    from .data import DataError
-    from .modeling import ModelError
-    from .training import TrainingError
-
-    return (UsageError, ConfigError, DataError, ModelError, TrainingError, BenchError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -538,14 +551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         return COMMANDS[args.command](args)
-    except UsageError as error:
+    except Gpt2ftError as error:  # UsageError, ConfigError, DataError, ModelError, TrainingError, ...
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as error:
-        if isinstance(error, user_errors()):
-            print(f"error: {error}", file=sys.stderr)
-            return EXIT_USAGE
-        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,8 +1,12 @@
-"""Settings for a gpt2ft run: one dataclass per stage with every default, plus the artifact folders.
+"""Settings for a gpt2ft run: one base dataclass with every setting the stages share, one subclass per stage, and
+the artifact folders.
 
 `python -m gpt2ft train ...` and the notebook build a `TrainConfig`; `python -m gpt2ft prefer ...` (preference
-tuning, gpt2ft/prefer.py) builds a `PreferConfig`. The CLI flags are generated from the fields below, so a default
-lives in exactly one place.
+tuning, gpt2ft/prefer.py) builds a `PreferConfig`. Both extend `RunConfig`, which declares the shared settings
+once, with their defaults and help; a stage adds its own fields and restates (`restate`) only the defaults that
+differ. The CLI flags are generated from the fields, so a default lives in exactly one place.
+
+This module imports nothing heavy: the CLI checks every flag with it before torch or transformers load.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import ConfigError
 
 # Artifact folders at the project root (git keeps them; what runs write inside is ignored).
 DATA_DIR = "data"
@@ -27,13 +33,10 @@ PREFER_LOGS_DIR = "logs/prefer"
 PREFER_IMAGES_DIR = "images/prefer"
 # The votes database the web page (`python -m gpt2ft serve`) writes; votes.py uses the same path.
 VOTES_DB = "logs/votes.sqlite"
+TRAINING_CONFIG = "training_config.json"
 
 # GPT-2's context window; DailyDialog's longest dialogue is ~900 tokens, so 1024 keeps every dialogue whole.
 GPT2_CONTEXT = 1024
-
-
-class ConfigError(ValueError):
-    """A setting is invalid; the message names the setting (as its CLI flag) and why."""
 
 
 def flag_name(field_name: str) -> str:
@@ -48,414 +51,270 @@ def render_flag(field_name: str, value: Any) -> str:
     return f"{flag_name(field_name)} {shlex.quote(str(value))}"
 
 
+def setting(default: Any, help: str, run: bool = False, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field: its default, its help (the flag's), whether it defines the run (a checkpoint resumes only
+    under the same value) and, for a choice, the values allowed."""
+    metadata: dict[str, Any] = {"help": help, "run": run}
+    if choices:
+        metadata["choices"] = choices
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
-class TrainConfig:
-    """Every setting of a fine-tuning run. Defaults target GPT-2 small (124M) on a free Colab T4 (15 GB)."""
+class RunConfig:
+    """The settings every stage shares (model, folders, schedule, precision, method, presets), with their defaults.
+    Defaults target GPT-2 small (124M) on a free Colab T4 (15 GB)."""
 
-    # --- what to train on -------------------------------------------------------------------------------------
-    model: str = field(
-        default="gpt2",
-        metadata={"help": "Hub id (gpt2, gpt2-medium, ...) or a local save_pretrained folder.", "run": True},
+    # --- what to train, on what, and where the results go ------------------------------------------------------
+    model: str = setting("gpt2", "Hub id (gpt2, gpt2-medium, ...) or a local save_pretrained folder.", run=True)
+    data: str = setting(
+        "hub",
+        "'hub' (DailyDialog), a DailyDialog copy, a .jsonl/.json/.parquet file of conversations, a folder of "
+        "train/validation/test files, or hub:OWNER/NAME[@REV][:CONFIG].",
+        run=True,
     )
-    data: str = field(
-        default="hub",
-        metadata={
-            "help": "'hub' (DailyDialog), a DailyDialog copy, a .jsonl/.json/.parquet file of conversations, a folder of train/validation/test files, or hub:OWNER/NAME[@REV][:CONFIG].",
-            "run": True,
-        },
+    output_dir: str = setting(OUTPUT_DIR, "Where the final model, tokenizer and configs are written.")
+    logs_dir: str = setting(LOGS_DIR, "Where metrics.json and the JSONL logs are written.")
+    images_dir: str = setting(IMAGES_DIR, "Where the charts are written.")
+    cache_dir: str = setting(DATA_DIR, "Where downloads and the tokenised-data cache live.")
+    max_length: int = setting(
+        0, "Longest training sequence in tokens; 0 = the model's context (1024 for GPT-2).", run=True
     )
-    output_dir: str = field(
-        default=OUTPUT_DIR, metadata={"help": "Where the final model, tokenizer and configs are written."}
-    )
-    logs_dir: str = field(default=LOGS_DIR, metadata={"help": "Where metrics.json and the JSONL logs are written."})
-    images_dir: str = field(default=IMAGES_DIR, metadata={"help": "Where the charts are written."})
-    cache_dir: str = field(default=DATA_DIR, metadata={"help": "Where downloads and the tokenised-data cache live."})
-
-    # --- data preparation ---------------------------------------------------------------------------------------
-    max_length: int = field(
-        default=0,
-        metadata={
-            "help": "Longest training sequence in tokens; 0 = the model's context (1024 for GPT-2).",
-            "run": True,
-        },
-    )
-    max_train_dialogs: int | None = field(
-        default=None, metadata={"help": "Use only the first N training dialogues (debugging).", "run": True}
-    )
-    max_eval_dialogs: int | None = field(
-        default=None, metadata={"help": "Use only the first N validation dialogues (debugging).", "run": True}
-    )
-    keep_overlap: bool = field(
-        default=False,
-        metadata={
-            "help": "Keep the splits as they are: no de-duplication of train, no removal of train dialogues from validation/test.",
-            "run": True,
-        },
-    )
-    clean_text: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Detokenise the text ('it ' s' -> 'it's'): by default DailyDialog only; --clean-text for any source, --no-clean-text for none.",
-            "run": True,
-        },
-    )
-    dialog_column: str | None = field(
-        default=None,
-        metadata={
-            "help": "The column holding each conversation (messages, ShareGPT turns or a list of strings), when it is not detected.",
-            "run": True,
-        },
-    )
-    validation_fraction: float = field(
-        default=0.05,
-        metadata={
-            "help": "Share of a source without a validation split held out for it (chosen by a hash of each dialogue).",
-            "run": True,
-        },
-    )
-    test_fraction: float = field(
-        default=0.05,
-        metadata={
-            "help": "Share of a source without a test split held out for it (chosen by a hash of each dialogue).",
-            "run": True,
-        },
-    )
-    loss_on: str = field(
-        default="auto",
-        metadata={
-            "help": "'auto': 'assistant' for data with roles, else 'all'; 'all': every turn is a target; 'responses': all but the first; 'assistant': assistant turns only.",
-            "choices": ("auto", "all", "responses", "assistant"),
-            "run": True,
-        },
-    )
-    batching: str = field(
-        default="pack",
-        metadata={
-            "help": "'pack': several dialogues a row of 512 tokens, attention kept inside each; 'pad': one dialogue a row, padded to the next of a few fixed widths.",
-            "choices": ("pack", "pad"),
-            "run": True,
-        },
+    validation_fraction: float = setting(
+        0.05,
+        "Share of a source without a validation split held out for it (chosen by a hash of each dialogue).",
+        run=True,
     )
 
     # --- optimisation -------------------------------------------------------------------------------------------
-    epochs: float = field(default=3.0, metadata={"help": "Passes over the training data.", "run": True})
-    max_steps: int = field(
-        default=-1,
-        metadata={"help": "Stop after this many optimiser steps (overrides --epochs when > 0).", "run": True},
-    )
+    epochs: float = setting(3.0, "Passes over the training data.", run=True)
+    max_steps: int = setting(-1, "Stop after this many optimiser steps (overrides --epochs when > 0).", run=True)
     # 16 dialogues of ~123 tokens (~2k tokens a step) keep GPT-2 small's activations at a few GB in fp16, far below
     # a T4's 15 GB even for the longest (~900-token) dialogues. Out of memory stops the run with settings that fit.
-    batch_size: int = field(
-        default=16,
-        metadata={
-            "help": "Dialogues per device per step (before gradient accumulation); packed, a token budget: as many 512-token rows as this many dialogues of the data's mean length fill.",
-            "run": True,
-        },
+    batch_size: int = setting(
+        16,
+        "Dialogues per device per step (before gradient accumulation); packed, a token budget: as many 512-token "
+        "rows as this many dialogues of the data's mean length fill.",
+        run=True,
     )
-    eval_batch_size: int = field(default=32, metadata={"help": "Dialogues per device per evaluation batch."})
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Micro-batches accumulated into one optimiser step.", "run": True}
+    eval_batch_size: int = setting(32, "Dialogues per device per evaluation batch.")
+    gradient_accumulation_steps: int = setting(1, "Micro-batches accumulated into one optimiser step.", run=True)
+    learning_rate: float = setting(
+        5e-5, "Peak learning rate (AdamW), reached after warmup, then linear decay to 0.", run=True
     )
-    learning_rate: float = field(
-        default=5e-5,
-        metadata={"help": "Peak learning rate (AdamW), reached after warmup, then linear decay to 0.", "run": True},
+    warmup_ratio: float = setting(0.05, "Share of the steps spent warming the learning rate up.", run=True)
+    weight_decay: float = setting(0.01, "AdamW weight decay.", run=True)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.", run=True)
+    optim: str = setting(
+        "auto",
+        "Trainer optimiser name (adamw_torch_fused, adamw_bnb_8bit, ...); 'auto' = fused AdamW on CUDA, AdamW "
+        "elsewhere.",
+        run=True,
     )
-    warmup_ratio: float = field(
-        default=0.05, metadata={"help": "Share of the steps spent warming the learning rate up.", "run": True}
+    precision: str = setting(
+        "auto",
+        "'auto' (fp16 below compute capability 8.0, bf16 from 8.0, fp32 on CPU), 'fp16', 'bf16' or 'fp32'.",
+        choices=("auto", "fp16", "bf16", "fp32"),
     )
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay.", "run": True})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm.", "run": True})
-    optim: str = field(
-        default="auto",
-        metadata={
-            "help": "Trainer optimiser name (adamw_torch_fused, adamw_bnb_8bit, ...); 'auto' = fused AdamW on CUDA, AdamW elsewhere.",
-            "run": True,
-        },
-    )
-    precision: str = field(
-        default="auto",
-        metadata={
-            "help": "'auto' (fp16 below compute capability 8.0, bf16 from 8.0, fp32 on CPU), 'fp16', 'bf16' or 'fp32'.",
-            "choices": ("auto", "fp16", "bf16", "fp32"),
-        },
-    )
-    seed: int = field(default=42, metadata={"help": "Seed for initialisation, shuffling and dropout.", "run": True})
+    seed: int = setting(42, "Seed for initialisation, shuffling and dropout.", run=True)
 
-    # --- evaluation, logging, checkpoints ---------------------------------------------------------------------------
-    eval_steps: int = field(default=0, metadata={"help": "Evaluate (and checkpoint) every N steps; 0 = once an epoch."})
-    logging_steps: int = field(default=10, metadata={"help": "Log training loss every N steps."})
-    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (the best one is always kept)."})
-    keep_checkpoints: bool = field(
-        default=False,
-        metadata={
-            "help": "Keep the checkpoints after a successful run (by default they are deleted once the final model is saved)."
-        },
+    # --- evaluation, logging, checkpoints -----------------------------------------------------------------------
+    eval_steps: int = setting(0, "Evaluate (and checkpoint) every N steps; 0 = once an epoch.")
+    logging_steps: int = setting(10, "Log training loss every N steps.")
+    save_total_limit: int = setting(2, "Checkpoints kept (the best one is always kept).")
+    keep_checkpoints: bool = setting(
+        False,
+        "Keep the checkpoints after a successful run (by default they are deleted once the final model is saved).",
     )
-    resume: str = field(
-        default="auto",
-        metadata={
-            "help": "'auto': continue from the latest complete checkpoint if one exists; 'never'; or a checkpoint path."
-        },
+    resume: str = setting(
+        "auto",
+        "'auto': continue from the latest complete checkpoint of this run if one exists; 'never'; or a checkpoint "
+        "path.",
     )
-    overwrite: bool = field(
-        default=False, metadata={"help": "Replace an output folder that holds something other than a gpt2ft model."}
-    )
-    report_to: str = field(
-        default="none",
-        metadata={"help": "Also report to 'tensorboard' or 'wandb' (comma-separated), through the Trainer."},
-    )
-    system_interval_s: float = field(
-        default=2.0, metadata={"help": "Seconds between system-metric samples (CPU, memory, disk, GPU)."}
-    )
-    num_workers: int = field(default=-1, metadata={"help": "DataLoader worker processes; -1 = 2 on CUDA, 0 on CPU."})
+    overwrite: bool = setting(False, "Replace an output folder that holds something other than a gpt2ft model.")
+    report_to: str = setting("none", "Also report to 'tensorboard' or 'wandb' (comma-separated), through the Trainer.")
+    system_interval_s: float = setting(2.0, "Seconds between system-metric samples (CPU, memory, disk, GPU).")
+    num_workers: int = setting(-1, "DataLoader worker processes; -1 = 2 on CUDA, 0 on CPU.")
 
-    # --- speed and scale ----------------------------------------------------------------------------------------
-    compile: bool = field(
-        default=False,
-        metadata={
-            "help": "torch.compile the model (pays a warm-up; batches come in a few fixed shapes, so it compiles a few graphs)."
-        },
+    # --- scale --------------------------------------------------------------------------------------------------
+    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass to save memory.")
+    method: str = setting(
+        "full",
+        "'full' fine-tuning or 'lora' (PEFT adapters, merged into the saved model).",
+        run=True,
+        choices=("full", "lora"),
     )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
+    lora_r: int = setting(16, "LoRA rank.", run=True)
+    lora_alpha: int = setting(32, "LoRA scaling (alpha / r multiplies the update).", run=True)
+    lora_dropout: float = setting(0.05, "Dropout on the LoRA input.", run=True)
+    lora_targets: str = setting(
+        "c_attn,c_proj",
+        "Comma-separated GPT-2 Conv1D modules that get adapters (c_attn, c_proj, c_fc).",
+        run=True,
     )
-    method: str = field(
-        default="full",
-        metadata={
-            "help": "'full' fine-tuning or 'lora' (PEFT adapters, merged into the saved model).",
-            "choices": ("full", "lora"),
-            "run": True,
-        },
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank.", "run": True})
-    lora_alpha: int = field(
-        default=32, metadata={"help": "LoRA scaling (alpha / r multiplies the update).", "run": True}
-    )
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input.", "run": True})
-    lora_targets: str = field(
-        default="c_attn,c_proj",
-        metadata={
-            "help": "Comma-separated GPT-2 Conv1D modules that get adapters (c_attn, c_proj, c_fc).",
-            "run": True,
-        },
-    )
-    t4_presets: bool = field(
-        default=True,
-        metadata={
-            "help": "On a ~15 GB GPU, switch large GPT-2 sizes to settings that fit (LoRA, 8-bit optimiser, checkpointing)."
-        },
+    t4_presets: bool = setting(
+        True,
+        "On a ~15 GB GPU, switch large GPT-2 sizes to settings that fit (LoRA, 8-bit optimiser, checkpointing).",
     )
 
     def __post_init__(self) -> None:
-        check_training_settings(self)
-        for name in ("max_train_dialogs", "max_eval_dialogs"):
-            check_optional_count(self, name)
-        for name in ("validation_fraction", "test_fraction"):
-            if not 0 < getattr(self, name) < 0.5:
-                raise ConfigError(f"{flag_name(name)}: must be between 0 and 0.5, got {getattr(self, name)}")
-        if self.dialog_column is not None and not self.dialog_column.strip():
-            raise ConfigError(f"{flag_name('dialog_column')}: must not be empty")
+        check_run_settings(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> TrainConfig:
+    def replace(self, **changes: Any) -> Any:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
 
+def restate(name: str, default: Any, help: str | None = None) -> Any:
+    """A RunConfig field with a stage's own default (and, when given, its own help); the rest of its metadata
+    (whether it defines the run, its choices) stays the base's. The field keeps its place in the base's order."""
+    base = RunConfig.__dataclass_fields__[name]
+    return field(default=default, metadata={**base.metadata, **({"help": help} if help else {})})
+
+
 @dataclass
-class PreferConfig:
-    """Every setting of a preference-tuning run (`python -m gpt2ft prefer`, gpt2ft/prefer.py). Defaults target GPT-2
-    small (124M) on a free Colab T4 (15 GB), starting from the model `train` wrote."""
+class TrainConfig(RunConfig):
+    """Every setting of a fine-tuning run (`python -m gpt2ft train`, gpt2ft/training.py): the shared settings of
+    RunConfig and the data preparation and speed settings of its own."""
 
-    # --- what to tune, and on what ------------------------------------------------------------------------------
-    model: str = field(
-        default=OUTPUT_DIR,
-        metadata={
-            "help": "The model to start from: a folder written by train (or prefer), another GPT-2 folder, or a Hub id.",
-            "run": True,
-        },
+    # --- data preparation ---------------------------------------------------------------------------------------
+    max_train_dialogs: int | None = setting(None, "Use only the first N training dialogues (debugging).", run=True)
+    max_eval_dialogs: int | None = setting(None, "Use only the first N validation dialogues (debugging).", run=True)
+    keep_overlap: bool = setting(
+        False,
+        "Keep the splits as they are: no de-duplication of train, no removal of train dialogues from validation/test.",
+        run=True,
     )
-    data: str = field(
-        default=VOTES_DB,
-        metadata={
-            "help": "The preferences: a votes database written by serve, a .jsonl/.json/.parquet file or a folder in TRL's preference layouts, or hub:OWNER/NAME[@REV][:CONFIG].",
-            "run": True,
-        },
+    clean_text: bool | None = setting(
+        None,
+        "Detokenise the text ('it ' s' -> 'it's'): by default DailyDialog only; --clean-text for any source, "
+        "--no-clean-text for none.",
+        run=True,
     )
-    algorithm: str = field(
-        default="dpo",
-        metadata={
-            "help": "'dpo': learns from pairs (a better and a worse reply); 'kto': from single replies marked good or bad.",
-            "choices": ("dpo", "kto"),
-            "run": True,
-        },
+    dialog_column: str | None = setting(
+        None,
+        "The column holding each conversation (messages, ShareGPT turns or a list of strings), when it is not "
+        "detected.",
+        run=True,
     )
-    output_dir: str = field(
-        default=PREFER_OUTPUT_DIR, metadata={"help": "Where the preference-tuned model is written."}
+    test_fraction: float = setting(
+        0.05, "Share of a source without a test split held out for it (chosen by a hash of each dialogue).", run=True
     )
-    logs_dir: str = field(
-        default=PREFER_LOGS_DIR, metadata={"help": "Where metrics.json and the JSONL logs are written."}
+    loss_on: str = setting(
+        "auto",
+        "'auto': 'assistant' for data with roles, else 'all'; 'all': every turn is a target; 'responses': all but "
+        "the first; 'assistant': assistant turns only.",
+        run=True,
+        choices=("auto", "all", "responses", "assistant"),
     )
-    images_dir: str = field(default=PREFER_IMAGES_DIR, metadata={"help": "Where the charts are written."})
-    cache_dir: str = field(default=DATA_DIR, metadata={"help": "Where downloads and the datasets cache live."})
-    sft_data: str | None = field(
-        default=None,
-        metadata={
-            "help": "Conversations whose validation perplexity is measured before and after (default: the data recorded in --model's folder; 'none' skips it)."
-        },
-    )
-    max_sft_dialogs: int | None = field(
-        default=None, metadata={"help": "Score at most N of those validation dialogues (default: all)."}
+    batching: str = setting(
+        "pack",
+        "'pack': several dialogues a row of 512 tokens, attention kept inside each; 'pad': one dialogue a row, "
+        "padded to the next of a few fixed widths.",
+        run=True,
+        choices=("pack", "pad"),
     )
 
-    # --- data -------------------------------------------------------------------------------------------------------
-    max_length: int = field(
-        default=0,
-        metadata={
-            "help": "Longest prompt + reply in tokens; 0 = the model's context (1024 for GPT-2). A longer prompt keeps its latest turns.",
-            "run": True,
-        },
-    )
-    max_train_pairs: int | None = field(
-        default=None, metadata={"help": "Use only the first N training pairs (KTO: examples).", "run": True}
-    )
-    max_eval_pairs: int | None = field(
-        default=None, metadata={"help": "Use only the first N held-out pairs (KTO: examples).", "run": True}
-    )
-    validation_fraction: float = field(
-        default=0.1,
-        metadata={
-            "help": "Share of conversations held out (by a hash of the conversation) when the source has no validation or test split.",
-            "run": True,
-        },
-    )
-
-    # --- the objective ------------------------------------------------------------------------------------------------
-    # 0.1 is the DPO and KTO papers' (and TRL's) default: higher keeps the model closer to where it started.
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "How far the model may move from the model it started from (higher: less).", "run": True},
-    )
-    desirable_weight: float | None = field(
-        default=None,
-        metadata={
-            "help": "KTO: weight of the good replies' loss; unset: chosen from the counts so both sides weigh alike (KTO paper, eq. 8).",
-            "run": True,
-        },
-    )
-    undesirable_weight: float | None = field(
-        default=None,
-        metadata={"help": "KTO: weight of the bad replies' loss; unset: chosen from the counts.", "run": True},
-    )
-
-    # --- optimisation -------------------------------------------------------------------------------------------------
-    # A few hundred votes make a small data set: several passes, at a learning rate ten times below fine-tuning's
-    # (DPO moves a model fast; TRL's default of 1e-6 is for 7B models).
-    epochs: float = field(default=3.0, metadata={"help": "Passes over the preference data.", "run": True})
-    max_steps: int = field(
-        default=-1,
-        metadata={"help": "Stop after this many optimiser steps (overrides --epochs when > 0).", "run": True},
-    )
-    # Each pair is two sequences, each scored by the model and by the reference: 8 pairs is 32 forward passes a step.
-    batch_size: int = field(
-        default=8,
-        metadata={"help": "Pairs (KTO: examples) per device per step, before gradient accumulation.", "run": True},
-    )
-    eval_batch_size: int = field(
-        default=16, metadata={"help": "Pairs (KTO: examples) per device per evaluation batch."}
-    )
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Micro-batches accumulated into one optimiser step.", "run": True}
-    )
-    learning_rate: float = field(
-        default=5e-6,
-        metadata={"help": "Peak learning rate (AdamW), reached after warmup, then linear decay to 0.", "run": True},
-    )
-    warmup_ratio: float = field(
-        default=0.1, metadata={"help": "Share of the steps spent warming the learning rate up.", "run": True}
-    )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay.", "run": True})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm.", "run": True})
-    optim: str = field(
-        default="auto",
-        metadata={
-            "help": "Trainer optimiser name (adamw_torch_fused, adamw_bnb_8bit, ...); 'auto' = fused AdamW on CUDA, AdamW elsewhere.",
-            "run": True,
-        },
-    )
-    precision: str = field(
-        default="auto",
-        metadata={
-            "help": "'auto' (fp16 below compute capability 8.0, bf16 from 8.0, fp32 on CPU), 'fp16', 'bf16' or 'fp32'.",
-            "choices": ("auto", "fp16", "bf16", "fp32"),
-        },
-    )
-    seed: int = field(
-        default=42, metadata={"help": "Seed for shuffling, dropout and LoRA initialisation.", "run": True}
-    )
-
-    # --- evaluation, logging, checkpoints ---------------------------------------------------------------------------
-    eval_steps: int = field(default=0, metadata={"help": "Evaluate (and checkpoint) every N steps; 0 = once an epoch."})
-    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
-    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (the best one is always kept)."})
-    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep the checkpoints after a successful run."})
-    resume: str = field(
-        default="auto",
-        metadata={
-            "help": "'auto': continue from the latest complete checkpoint of this run; 'never'; or a checkpoint path."
-        },
-    )
-    overwrite: bool = field(
-        default=False, metadata={"help": "Replace an output folder that holds something other than a gpt2ft model."}
-    )
-    report_to: str = field(
-        default="none",
-        metadata={"help": "Also report to 'tensorboard' or 'wandb' (comma-separated), through the Trainer."},
-    )
-    system_interval_s: float = field(
-        default=2.0, metadata={"help": "Seconds between system-metric samples (CPU, memory, disk, GPU)."}
-    )
-    num_workers: int = field(default=-1, metadata={"help": "DataLoader worker processes; -1 = 2 on CUDA, 0 on CPU."})
-
-    # --- scale ----------------------------------------------------------------------------------------------------------
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
-    )
-    method: str = field(
-        default="full",
-        metadata={
-            "help": "'full': tune every weight (the reference is a frozen copy); 'lora': PEFT adapters, merged into the saved model (the reference is the model with its adapters off: no second copy).",
-            "choices": ("full", "lora"),
-            "run": True,
-        },
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank.", "run": True})
-    lora_alpha: int = field(
-        default=32, metadata={"help": "LoRA scaling (alpha / r multiplies the update).", "run": True}
-    )
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input.", "run": True})
-    lora_targets: str = field(
-        default="c_attn,c_proj",
-        metadata={
-            "help": "Comma-separated GPT-2 Conv1D modules that get adapters (c_attn, c_proj, c_fc).",
-            "run": True,
-        },
-    )
-    t4_presets: bool = field(
-        default=True,
-        metadata={
-            "help": "On a ~15 GB GPU, switch large GPT-2 sizes to settings that fit (LoRA, 8-bit optimiser, checkpointing)."
-        },
+    # --- speed ----------------------------------------------------------------------------------------------------
+    compile: bool = setting(
+        False,
+        "torch.compile the model (pays a warm-up; batches come in a few fixed shapes, so it compiles a few graphs).",
     )
 
     def __post_init__(self) -> None:
-        check_training_settings(self)
+        super().__post_init__()
+        for name in ("max_train_dialogs", "max_eval_dialogs"):
+            check_optional_count(self, name)
+        check_fraction(self, "test_fraction")
+        if self.dialog_column is not None and not self.dialog_column.strip():
+            raise ConfigError(f"{flag_name('dialog_column')}: must not be empty")
+
+
+@dataclass
+class PreferConfig(RunConfig):
+    """Every setting of a preference-tuning run (`python -m gpt2ft prefer`, gpt2ft/prefer.py): the shared settings of
+    RunConfig, starting from the model `train` wrote, and the preference data and objective of its own."""
+
+    model: str = restate(
+        "model",
+        OUTPUT_DIR,
+        "The model to start from: a folder written by train (or prefer), another GPT-2 folder, or a Hub id.",
+    )
+    data: str = restate(
+        "data",
+        VOTES_DB,
+        "The preferences: a votes database written by serve, a .jsonl/.json/.parquet file or a folder in TRL's "
+        "preference layouts, or hub:OWNER/NAME[@REV][:CONFIG].",
+    )
+    output_dir: str = restate("output_dir", PREFER_OUTPUT_DIR, "Where the preference-tuned model is written.")
+    logs_dir: str = restate("logs_dir", PREFER_LOGS_DIR)
+    images_dir: str = restate("images_dir", PREFER_IMAGES_DIR)
+    max_length: int = restate(
+        "max_length",
+        0,
+        "Longest prompt + reply in tokens; 0 = the model's context (1024 for GPT-2). A longer prompt keeps its "
+        "latest turns.",
+    )
+    validation_fraction: float = restate(
+        "validation_fraction",
+        0.1,
+        "Share of conversations held out (by a hash of the conversation) when the source has no validation or test "
+        "split.",
+    )
+    # A few hundred votes make a small data set: several passes, at a learning rate ten times below fine-tuning's
+    # (DPO moves a model fast; TRL's default of 1e-6 is for 7B models).
+    epochs: float = restate("epochs", 3.0, "Passes over the preference data.")
+    # Each pair is two sequences, each scored by the model and by the reference: 8 pairs is 32 forward passes a step.
+    batch_size: int = restate(
+        "batch_size", 8, "Pairs (KTO: examples) per device per step, before gradient accumulation."
+    )
+    eval_batch_size: int = restate("eval_batch_size", 16, "Pairs (KTO: examples) per device per evaluation batch.")
+    learning_rate: float = restate("learning_rate", 5e-6)
+    warmup_ratio: float = restate("warmup_ratio", 0.1)
+    weight_decay: float = restate("weight_decay", 0.0)
+    method: str = restate(
+        "method",
+        "full",
+        "'full': tune every weight (the reference is a frozen copy); 'lora': PEFT adapters, merged into the saved "
+        "model (the reference is the model with its adapters off: no second copy).",
+    )
+
+    # --- preference data ------------------------------------------------------------------------------------------
+    algorithm: str = setting(
+        "dpo",
+        "'dpo': learns from pairs (a better and a worse reply); 'kto': from single replies marked good or bad.",
+        run=True,
+        choices=("dpo", "kto"),
+    )
+    sft_data: str | None = setting(
+        None,
+        "Conversations whose validation perplexity is measured before and after (default: the data recorded in "
+        "--model's folder; 'none' skips it).",
+    )
+    max_sft_dialogs: int | None = setting(None, "Score at most N of those validation dialogues (default: all).")
+    max_train_pairs: int | None = setting(None, "Use only the first N training pairs (KTO: examples).", run=True)
+    max_eval_pairs: int | None = setting(None, "Use only the first N held-out pairs (KTO: examples).", run=True)
+
+    # --- the objective ----------------------------------------------------------------------------------------------
+    # 0.1 is the DPO and KTO papers' (and TRL's) default: higher keeps the model closer to where it started.
+    beta: float = setting(0.1, "How far the model may move from the model it started from (higher: less).", run=True)
+    desirable_weight: float | None = setting(
+        None,
+        "KTO: weight of the good replies' loss; unset: chosen from the counts so both sides weigh alike (KTO paper, "
+        "eq. 8).",
+        run=True,
+    )
+    undesirable_weight: float | None = setting(
+        None, "KTO: weight of the bad replies' loss; unset: chosen from the counts.", run=True
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("max_train_pairs", "max_eval_pairs", "max_sft_dialogs"):
             check_optional_count(self, name)
-        if not 0 < self.validation_fraction < 0.5:
-            raise ConfigError(f"--validation-fraction: must be between 0 and 0.5, got {self.validation_fraction}")
         if not (self.beta > 0 and math.isfinite(self.beta)):
             raise ConfigError(f"--beta: must be > 0, got {self.beta}")
         for name in ("desirable_weight", "undesirable_weight"):
@@ -465,22 +324,16 @@ class PreferConfig:
         if self.algorithm == "kto" and self.batch_size < 2:
             # TRL's KTO estimates its KL term by pairing each example with another reply of the same micro-batch.
             raise ConfigError(
-                f"--batch-size: KTO needs at least 2 examples a micro-batch (its KL estimate pairs each with another), got {self.batch_size}"
+                "--batch-size: KTO needs at least 2 examples a micro-batch (its KL estimate pairs each with another), "
+                f"got {self.batch_size}"
             )
         if self.sft_data is not None and not self.sft_data.strip():
             raise ConfigError("--sft-data: must not be empty (use 'none' to skip the perplexity measurement)")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> PreferConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-
-def check_training_settings(config: Any) -> None:
-    """The checks every stage's config shares (TrainConfig, PreferConfig): the optimisation, logging and LoRA
-    numbers are in range, a field with `choices` holds one of them, and no folder, model or data setting is empty.
+def check_run_settings(config: RunConfig) -> None:
+    """The checks of the settings every stage shares: the optimisation, logging and LoRA numbers are in range, a
+    field with `choices` holds one of them, and no folder, model or data setting is empty.
 
     Raises:
         ConfigError: naming the setting as its flag.
@@ -520,18 +373,24 @@ def check_training_settings(config: Any) -> None:
         raise bad("system_interval_s", f"must be > 0, got {config.system_interval_s}")
     if not 0 <= config.lora_dropout < 1:
         raise bad("lora_dropout", f"must be in [0, 1), got {config.lora_dropout}")
+    check_fraction(config, "validation_fraction")
     for item in dataclasses.fields(config):
         allowed = item.metadata.get("choices")
         if allowed and getattr(config, item.name) not in allowed:
-            raise ConfigError(
-                f"{flag_name(item.name)}: must be one of {', '.join(allowed)}, got {getattr(config, item.name)!r}"
-            )
+            raise bad(item.name, f"must be one of {', '.join(allowed)}, got {getattr(config, item.name)!r}")
     for name in ("model", "data", "output_dir", "logs_dir", "images_dir", "cache_dir"):
         if not str(getattr(config, name)).strip():
-            raise ConfigError(f"{flag_name(name)}: must not be empty")
+            raise bad(name, "must not be empty")
 
 
-def check_optional_count(config: Any, name: str) -> None:
+def check_fraction(config: RunConfig, name: str) -> None:
+    """A held-out share is strictly between 0 and 0.5."""
+    value = getattr(config, name)
+    if not 0 < value < 0.5:
+        raise ConfigError(f"{flag_name(name)}: must be between 0 and 0.5, got {value}")
+
+
+def check_optional_count(config: RunConfig, name: str) -> None:
     """A `--max-*` limit is unset (None) or at least 1."""
     value = getattr(config, name)
     if value is not None and value < 1:
@@ -548,7 +407,7 @@ def run_defining_fields(config_class: type | None = None) -> list[str]:
     return [item.name for item in config_fields(config_class) if item.metadata.get("run")]
 
 
-def changed_fields(config: Any) -> set[str]:
+def changed_fields(config: RunConfig) -> set[str]:
     """The settings that differ from their defaults: what a caller that cannot say which it typed has chosen."""
     defaults = type(config)()
     return {
@@ -573,11 +432,11 @@ def load_config_file(path: str | Path, config_class: type | None = None) -> dict
     if not isinstance(values, dict):
         raise ConfigError(f"--config: {path} must hold a JSON object of settings")
     known = {f.name for f in config_fields(config_class)}
-    normalised = {str(key).replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(normalised) - known)
+    normalized = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(normalized) - known)
     if unknown:
         raise ConfigError(f"--config: {path} has unknown settings: {', '.join(unknown)}")
-    return normalised
+    return normalized
 
 
 def build_config(
@@ -612,13 +471,23 @@ def build_config(
     return (config_class or TrainConfig)(**values)
 
 
-def saved_run_config(model_dir: str) -> tuple[TrainConfig, int | None]:
-    """The settings a saved gpt2ft model was trained with (and its training window), so evaluation prepares and
-    formats the data the same way; the defaults for a model gpt2ft did not train."""
+def read_training_config(model_dir: str | Path) -> dict[str, Any]:
+    """A model folder's training_config.json: what gpt2ft recorded when it saved the model ({} for a Hub id, a
+    folder gpt2ft did not write, or an unreadable file)."""
     try:
-        saved = json.loads((Path(model_dir) / "training_config.json").read_text(encoding="utf-8"))
+        saved = json.loads((Path(model_dir).expanduser() / TRAINING_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def saved_run_config(model_dir: str | Path) -> tuple[TrainConfig, int | None]:
+    """The settings a saved gpt2ft model was fine-tuned with (and its training window), so evaluation prepares and
+    formats the data the same way; the defaults for a model gpt2ft did not train."""
+    saved = read_training_config(model_dir)
+    try:
         known = {item.name for item in config_fields()}
         values = {key: value for key, value in saved.get("config", {}).items() if key in known}
         return build_config(values), saved.get("max_length")
-    except (OSError, ValueError, AttributeError, ConfigError):
+    except (ValueError, AttributeError, ConfigError):
         return TrainConfig(), None

@@ -282,6 +282,23 @@ def prepare_dialogs(
     )
 
 
+def prepare_from_config(config: Any) -> PreparedDialogs:
+    """prepare_dialogs with a run's data settings (a TrainConfig: train's, `prepare`'s, or the one a saved model
+    records, which eval, compare and prefer read)."""
+    return prepare_dialogs(
+        source=config.data,
+        cache_dir=config.cache_dir,
+        clean_text=config.clean_text,
+        keep_overlap=config.keep_overlap,
+        max_train_dialogs=config.max_train_dialogs,
+        max_eval_dialogs=config.max_eval_dialogs,
+        loss_on=config.loss_on,
+        dialog_column=config.dialog_column,
+        validation_fraction=config.validation_fraction,
+        test_fraction=config.test_fraction,
+    )
+
+
 def hold_out_splits(splits: dict[str, Dataset], validation_fraction: float, test_fraction: float) -> dict[str, Dataset]:
     """Validation and test for a source without them: the train dialogues whose key share (`key_share`) falls in
     [0, test_fraction) go to test and in [test_fraction, test_fraction + validation_fraction) to validation."""

@@ -32,6 +32,7 @@ from typing import Any
 
 from .chat_format import CHAT_TEMPLATE
 from .colab import in_colab
+from .errors import Gpt2ftError
 
 FORMATS = ("gguf",)
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -46,7 +47,7 @@ SKIPPED_TENSORS = (".attn.bias", ".attn.masked_bias")
 GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
 
 
-class ExportError(ValueError):
+class ExportError(Gpt2ftError, ValueError):
     """The export cannot be done as asked; the message names the argument or file and why."""
 
 

@@ -15,16 +15,13 @@ from typing import Any
 import torch
 
 from .config import GPT2_CONTEXT
+from .errors import ModelError
 
 # The autocast dtype of each precision: the one map training, evaluation and the benchmark use.
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 GPT2_SIZES = {"gpt2": 124e6, "gpt2-medium": 355e6, "gpt2-large": 774e6, "gpt2-xl": 1558e6}
-
-
-class ModelError(ValueError):
-    """The model or tokenizer cannot be used; the message names the folder or Hub id and why."""
 
 
 def check_model_source(name: str) -> None:

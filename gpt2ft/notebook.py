@@ -633,7 +633,7 @@ def prefer_in_notebook(
             leaves it to gpt2ft.
 
     Returns:
-        prefer.PreferResult, or None when not enabled.
+        runs.RunResult of prefer.prefer, or None when not enabled.
 
     Raises:
         DataError, ModelError, ConfigError, TrainingError: bad input, with a one-line message.

@@ -5,15 +5,16 @@ votes, or from a preference dataset.
     python -m gpt2ft prefer --data prefs.jsonl --algorithm kto --method lora
     python -m gpt2ft serve --model gpt2_preferred             # compares with the model it started from: vote again
 
-TRL's DPOTrainer and KTOTrainer compute the losses; gpt2ft keeps around them what `train` has: the data (votes and
-TRL's layouts, the model's own chat template, held-out conversations chosen by hash; preferences.py), the run
-folders and atomic save, resuming the same run only, whole-run numbers, NaN and out-of-memory stops, T4 presets,
-LoRA (the reference is then the model with its adapters off), the charts and a model card. A run is these stages; `prefer()`
-calls them in order:
+TRL's DPOTrainer and KTOTrainer compute the losses; gpt2ft's run library (runs.py) keeps around them what `train`
+has: the run folders and atomic save, resuming the same run only, whole-run numbers, NaN and out-of-memory stops,
+T4 presets, LoRA (the reference is then the model with its adapters off). What is particular to this stage lives
+here: the data (votes and TRL's layouts, the model's own chat template, held-out conversations chosen by hash;
+preferences.py), TRL's trainers, the before/after measurements, the saved record, the card and the chart. `prefer()`
+runs the stage's parts (PREFER) through runs.run_stage:
 
-    plan_preference -> prepare_preferences -> load_policy -> fit_prompts -> resume_point -> supervised_dialogs
-        -> build_preference_trainer -> report_data -> measure (before) -> fit_preferences -> measure (after)
-        -> preference_metrics -> save_preferred -> publish_preferred -> finish_run
+    plan_preference -> prepare_preferences (+ supervised_dialogs) -> load_policy -> preference_rows -> resume point
+        -> build_preference_trainer (+ report_data) -> baseline -> fit -> measure -> preference_metrics
+        -> save -> publish -> finish
 
 Measured per run, on the held-out pairs before and after (every pair counted once, not a mean of batch means):
 reward accuracy and margin (the implicit reward beta * log(pi / pi_ref) of the chosen reply above the rejected
@@ -24,6 +25,8 @@ preference stage that wrecks the language model shows it.
 
 from __future__ import annotations
 
+import logging
+import random
 import time
 import warnings
 from collections.abc import Sequence
@@ -33,47 +36,40 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from datasets import Dataset, DatasetDict
 from transformers import TrainerCallback
+from transformers.utils import logging as hf_logging
 
-from . import __version__
-from .charts import PREFER_CHART
-from .checkpoints import (
-    CheckpointMarkerCallback,
-    TrainingError,
-    check_output_dir,
-    checkpoint_dir,
-    find_resume_checkpoint,
-    remove_incomplete_checkpoints,
-    save_final_model,
-)
-from .config import PreferConfig, changed_fields, run_defining_fields
-from .data import IGNORE_INDEX
-from .logs import write_json, write_jsonl, write_text_atomic
-from .modeling import autocast_context, choose_precision, detect_hardware, load_model_and_tokenizer, load_model_config
+from .charts import PREFER_CHART, write_charts, write_preference_chart
+from .chat_format import render_ids
+from .checkpoints import TrainingError
+from .config import PreferConfig, read_training_config, saved_run_config
+from .data import IGNORE_INDEX, prepare_from_config
+from .evaluation import evaluate_dialogs
+from .generate import generate_reply, keep_latest_turns
+from .loss import core_model
+from .modelcard import render_preference_card
+from .modeling import ModelError, autocast_context, load_model_and_tokenizer
 from .preferences import SKIP_TOO_LONG, SKIP_TURN_TOO_LONG, PreferenceData, Skips, read_preferences
-from .sources import DataError
-from .training import (
-    METRICS,
-    TRAIN_LOG,
+from .runs import (
     FitResult,
-    JsonlLogCallback,
     LoadedModel,
-    Published,
     RunPlan,
-    RunTotals,
+    RunResult,
+    Stage,
     WholeRunTrainer,
-    attempt,
-    begin_system_log,
-    finish_run,
+    base_run_settings,
     oom_message,
-    resolve_max_length,
-    resolve_optim,
+    plan_stage,
+    run_callbacks,
     run_facts,
-    run_trainer,
-    say,
-    settle_plan,
+    run_stage,
     trainer_settings,
 )
+from .scale import build_lora_config, describe_method, parameter_counts, report_parameter_counts
+from .sources import DataError, quiet_datasets
+
+logger = logging.getLogger(__name__)
 
 SAMPLE_COUNT = 3
 
@@ -85,7 +81,7 @@ SAMPLE_COUNT = 3
 
 class PreferenceTrainerMixin(WholeRunTrainer):
     """What gpt2ft adds to TRL's DPOTrainer and KTOTrainer: train's whole-run totals, logged fields, bad-step and
-    checkpoint rules (training.WholeRunTrainer), no telemetry and no TRL model card in the checkpoints (gpt2ft
+    checkpoint rules (runs.WholeRunTrainer), no telemetry and no TRL model card in the checkpoints (gpt2ft
     writes its own card)."""
 
     def _send_telemetry(self) -> None:
@@ -125,7 +121,7 @@ def build_preference_args(
     config: PreferConfig, precision: str, hardware: Any, output_dir: str | Path, max_length: int
 ) -> Any:
     """TRL's DPOConfig or KTOConfig for a run: the same schedule, precision, checkpointing and evaluation rules as
-    `train` (training.build_training_args), with the preference settings on top.
+    `train` (runs.trainer_settings), with the preference settings on top.
 
     TRL's configs differ from the Trainer's defaults in ways that matter here, so each is set: bf16 would be on
     whenever fp16 is off (a T4 has no bf16 units: gpt2ft's precision rule decides), gradient checkpointing would be
@@ -138,7 +134,7 @@ def build_preference_args(
 
     common = dict(
         **trainer_settings(config, precision, hardware, output_dir),
-        # Prompts are fitted to the window beforehand (fit_records), so TRL cuts no reply; the limit still bounds the
+        # Prompts are fitted to the window beforehand (trim_records), so TRL cuts no reply; the limit still bounds the
         # mismatched prompt + reply sequences KTO builds for its KL estimate.
         max_length=max_length,
         beta=config.beta,
@@ -158,7 +154,8 @@ def build_preference_args(
 def kto_weights(config: PreferConfig, labels: Sequence[bool]) -> tuple[float, float]:
     """KTO's (desirable, undesirable) loss weights: as set, or (unset) chosen from the counts so that both sides
     weigh alike, desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = 1, inside the KTO paper's
-    recommended [1, 4/3] (eq. 8). Votes give more undesirable replies than desirable ones (a both-bad vote gives two)."""
+    recommended [1, 4/3] (eq. 8). Votes give more undesirable replies than desirable ones (a both-bad vote gives
+    two)."""
     desirable = sum(1 for label in labels if label)
     undesirable = len(labels) - desirable
     if config.desirable_weight is not None or config.undesirable_weight is not None or not desirable or not undesirable:
@@ -181,7 +178,8 @@ def started_from(model: str) -> str:
 
 
 def plan_preference(config: PreferConfig, explicit: set[str] | None = None) -> RunPlan:
-    """Settle a preference run's settings and check what can be checked cheaply (training.RunPlan holds them).
+    """Settle a preference run's settings and check what can be checked cheaply (runs.plan_stage), and that the
+    preferred model does not overwrite the model it starts from.
 
     Args:
         explicit: the settings the user typed; the T4 presets change only the others (never the learning rate,
@@ -190,41 +188,27 @@ def plan_preference(config: PreferConfig, explicit: set[str] | None = None) -> R
     Raises:
         TrainingError, ModelError, ConfigError: with a message naming the setting.
     """
-    from .scale import check_optimizer, choose_presets
-
-    check_output_dir(config.output_dir, config.overwrite)
     if Path(config.model).expanduser().resolve() == Path(config.output_dir).expanduser().resolve():
         raise TrainingError(
-            f"--output-dir {config.output_dir}: is the model being tuned (--model); write the preferred model to another "
-            "folder, so the starting model stays for the reference, for resuming and for the next round of votes"
+            f"--output-dir {config.output_dir}: is the model being tuned (--model); write the preferred model to "
+            "another folder, so the starting model stays for the reference, for resuming and for the next round of "
+            "votes"
         )
-    hardware = detect_hardware()
-    config, notes = choose_presets(
-        config, hardware, changed_fields(config) if explicit is None else explicit, leave=("learning_rate",)
-    )
-    precision, reason = choose_precision(config.precision, hardware)
-    max_length = resolve_max_length(config, load_model_config(config.model))
-    args = check_optimizer(
-        resolve_optim(config, hardware),
-        lambda: build_preference_args(config, precision, hardware, checkpoint_dir(config.output_dir), max_length),
-        hardware,
-    )
-    return settle_plan(RunPlan(config, hardware, precision, reason, notes, max_length, args))
+    return plan_stage(config, explicit, build_preference_args, keep=("learning_rate",))
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Stages 2-5: preferences, model, prompts that fit, resume point
+# The preferences, the model, prompts that fit the window
 # --------------------------------------------------------------------------------------------------------------
 
 
 def prepare_preferences(plan: RunPlan) -> PreferenceData:
-    """Read the preferences and hold out validation conversations (report_data prints what was used and skipped).
+    """Read the preferences and hold out validation conversations (report_data prints what was used and skipped),
+    and the supervised dialogues whose perplexity is measured before and after (`supervised_dialogs`).
 
     Raises:
-        DataError: bad input (see preferences.read_preferences).
+        DataError: bad input (see preferences.read_preferences), or --sft-data cannot be read.
     """
-    import random
-
     config = plan.config
     data = read_preferences(
         config.data,
@@ -238,6 +222,7 @@ def prepare_preferences(plan: RunPlan) -> PreferenceData:
         # TRL's KTO reads the examples in order (see build_preference_args): shuffle them once, reproducibly, so a
         # batch does not hold one conversation's two replies and nothing else.
         random.Random(config.seed).shuffle(data.records["train"])
+    data.supervised = supervised_dialogs(plan)
     return data
 
 
@@ -254,24 +239,22 @@ def report_data(plan: RunPlan, data: PreferenceData) -> None:
         if winners
         else f"{counts['read']:,} records ({data.layout} layout)"
     )
-    say(
+    logger.info(
         f"preferences from {data.source}: {read} -> {len(data.records['train']):,} training and "
         f"{len(data.records['validation']):,} held-out {data.unit} ({counts['held_out']})"
     )
     for line in data.skipped:
-        say(f"  {line}")
+        logger.info(f"  {line}")
 
 
 def load_policy(plan: RunPlan) -> LoadedModel:
     """The model to tune and its tokenizer, with the chat template it was trained with (gpt2ft's for a model that
     has none): the preference data is rendered in the format the model knows."""
-    from .scale import parameter_counts
-
     model, tokenizer = load_model_and_tokenizer(plan.config.model)
     return LoadedModel(model, tokenizer, parameter_counts(model))
 
 
-def fit_records(
+def trim_records(
     records: list[dict[str, Any]],
     tokenizer: Any,
     max_length: int,
@@ -289,16 +272,13 @@ def fit_records(
         ModelError: the template does not end a reply with EOS (the tuned model would learn not to stop); checked
             here, before anything is written.
     """
-    from .chat_format import render_ids
-    from .generate import keep_latest_turns
-    from .modeling import ModelError
 
     def reply_tokens(prompt: list[dict[str, str]], prompt_tokens: int, reply: list[dict[str, str]]) -> int:
         ids = tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=False)
         if not ids or ids[-1] != tokenizer.eos_token_id:
             raise ModelError(
-                f"--model {model_name}: its chat template does not end a reply with {tokenizer.eos_token!r}; preference "
-                "tuning would teach the model not to stop"
+                f"--model {model_name}: its chat template does not end a reply with {tokenizer.eos_token!r}; "
+                "preference tuning would teach the model not to stop"
             )
         return len(ids) - prompt_tokens
 
@@ -319,19 +299,17 @@ def fit_records(
     return fitted
 
 
-def fit_prompts(plan: RunPlan, data: PreferenceData, tokenizer: Any) -> Any:
-    """Every split's records as a datasets.Dataset, each prompt fitted to the training window (fit_records); what was
+def preference_rows(plan: RunPlan, data: PreferenceData, tokenizer: Any) -> Any:
+    """Every split's records as a datasets.Dataset, each prompt fitted to the training window (trim_records); what was
     skipped is added to the data's counts (report_data prints them).
 
     Raises:
         DataError: no training or held-out record fits the context.
         ModelError: the model's chat template does not end a reply with EOS.
     """
-    from datasets import Dataset, DatasetDict
-
     skips = Skips()
     fitted = {
-        split: fit_records(records, tokenizer, plan.max_length, skips, split, plan.config.model)
+        split: trim_records(records, tokenizer, plan.max_length, skips, split, plan.config.model)
         for split, records in data.records.items()
     }
     for reason, count in skips.counts.items():
@@ -345,38 +323,13 @@ def fit_prompts(plan: RunPlan, data: PreferenceData, tokenizer: Any) -> Any:
 
 
 def run_settings(plan: RunPlan, data: PreferenceData, rows: Any) -> dict[str, Any]:
-    """What makes a preference run this run: its run-defining settings, the optimizer as resolved, the window, and
-    the data (its content's fingerprint and counts). A checkpoint resumes only under the same values."""
-    settings = {name: getattr(plan.config, name) for name in run_defining_fields(PreferConfig)}
-    settings.update(
-        optim=plan.args.optim.value if hasattr(plan.args.optim, "value") else str(plan.args.optim),
-        max_length=plan.max_length,
-        data_records={split: len(rows[split]) for split in rows},
-        data_identity=data.identity,
-    )
-    return settings
-
-
-def resume_point(plan: RunPlan, data: PreferenceData, rows: Any) -> str | None:
-    """The checkpoint this run continues from (`--resume`), checked to belong to the same run; None to start fresh.
-
-    Raises:
-        TrainingError: the checkpoint was made with other settings or data (the message lists them).
-    """
-    if plan.is_main:
-        remove_incomplete_checkpoints(plan.checkpoint_dir)
-    return find_resume_checkpoint(plan.checkpoint_dir, plan.config.resume, run_settings(plan, data, rows), PreferConfig)
-
-
-def read_training_config(model: str) -> dict[str, Any]:
-    """A model folder's training_config.json ({} for a Hub id, a folder gpt2ft did not write, or an unreadable file)."""
-    import json
-
-    try:
-        saved = json.loads((Path(model).expanduser() / "training_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return saved if isinstance(saved, dict) else {}
+    """What makes a preference run this run: runs.base_run_settings, plus the data (its content's fingerprint and the
+    records of each split that fit). A checkpoint resumes only under the same values."""
+    return {
+        **base_run_settings(plan),
+        "data_records": {split: len(rows[split]) for split in rows},
+        "data_identity": data.identity,
+    }
 
 
 @dataclass
@@ -397,18 +350,15 @@ def supervised_dialogs(plan: RunPlan) -> SupervisedDialogs | None:
         DataError: --sft-data was given and cannot be read. Recorded data that cannot be read any more (moved, or the
             Hub out of reach) is reported and skipped: it is a measurement, not the run.
     """
-    from .config import saved_run_config
-    from .data import prepare_dialogs
-    from .training import data_options
-
     config = plan.config
     if config.sft_data == "none":
         return None
     recorded, max_length = saved_run_config(config.model)
     if config.sft_data is None and "config" not in read_training_config(config.model):
         if plan.is_main:
-            say(
-                f"no supervised data recorded in {config.model}: perplexity before/after not measured (pass --sft-data SRC)"
+            logger.info(
+                f"no supervised data recorded in {config.model}: perplexity before/after not measured "
+                "(pass --sft-data SRC)"
             )
         return None
     settings = recorded.replace(
@@ -418,12 +368,12 @@ def supervised_dialogs(plan: RunPlan) -> SupervisedDialogs | None:
         max_eval_dialogs=config.max_sft_dialogs,
     )
     try:
-        prepared = prepare_dialogs(**data_options(settings))
+        prepared = prepare_from_config(settings)
     except DataError as error:
         if config.sft_data is not None:
             raise DataError(f"--sft-data {config.sft_data}: {error}") from None
         if plan.is_main:
-            say(f"perplexity before/after not measured: the recorded supervised data cannot be read ({error})")
+            logger.info(f"perplexity before/after not measured: the recorded supervised data cannot be read ({error})")
         return None
     return SupervisedDialogs(
         prepared.dialogs["validation"], prepared.loss_on, max_length or plan.max_length, prepared.source
@@ -431,7 +381,7 @@ def supervised_dialogs(plan: RunPlan) -> SupervisedDialogs | None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Stage 6: the Trainer
+# The Trainer
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -440,22 +390,19 @@ def build_preference_trainer(
     loaded: LoadedModel,
     rows: Any,
     data: PreferenceData,
+    settings: dict[str, Any],
     callbacks: Sequence[TrainerCallback] | None = None,
 ) -> Any:
     """TRL's DPOTrainer or KTOTrainer (with WholeRunTrainerMixin) over the fitted records: TRL renders them with the
     model's chat template and tokenises them. With --method lora TRL wraps the model in the adapters itself, so the
-    reference is the model with its adapters off (no second copy); with full tuning TRL keeps a frozen copy.
+    reference is the model with its adapters off (no second copy); with full tuning TRL keeps a frozen copy. Once
+    it is built every check has passed, so the data report is printed here (report_data).
     """
-    from transformers.utils import logging as hf_logging
-
-    from .scale import build_lora_config, describe_method, parameter_counts, report_parameter_counts
-    from .sources import quiet_datasets
-
     config = plan.config
     if config.algorithm == "kto":
         plan.args.desirable_weight, plan.args.undesirable_weight = kto_weights(config, rows["train"]["label"][:])
     peft_config = build_lora_config(config, loaded.model) if config.method == "lora" else None
-    loaded.model.config.use_cache = False  # training forwards never use it; save_preferred turns it back on
+    loaded.model.config.use_cache = False  # training forwards never use it; runs.save_stage turns it back on
     trainer_class = trainer_classes()[config.algorithm]
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # TRL loads the reference copy with a per-tensor bar: noise for GPT-2
@@ -470,12 +417,7 @@ def build_preference_trainer(
                 processing_class=loaded.tokenizer,
                 peft_config=peft_config,
                 precision=plan.precision,
-                callbacks=[
-                    RunTotals(),
-                    CheckpointMarkerCallback(run_settings(plan, data, rows)),
-                    JsonlLogCallback(plan.logs_dir / TRAIN_LOG),
-                    *(callbacks or []),
-                ],
+                callbacks=run_callbacks(plan, settings, callbacks),
             )
     finally:
         if bar_was_on:
@@ -483,6 +425,7 @@ def build_preference_trainer(
     loaded.parameter_counts = parameter_counts(trainer.model)
     if plan.is_main:
         report_parameter_counts(loaded.parameter_counts, describe_method(config))
+    report_data(plan, data)
     return trainer
 
 
@@ -515,8 +458,7 @@ def completion_logps(
     its adapters as they are (disable them around the call to score the reference).
     """
     device = next(model.parameters()).device
-    core = getattr(model, "_orig_mod", model)
-    core = core.get_base_model() if hasattr(core, "get_base_model") else core
+    core = core_model(model)
     head = core.get_output_embeddings()
     was_training = model.training
     model.eval()
@@ -634,59 +576,55 @@ class Measurement:
 
 
 def measure(
-    plan: RunPlan, trainer: Any, tokenizer: Any, sft: SupervisedDialogs | None, reference: Measurement | None = None
+    plan: RunPlan,
+    trainer: Any,
+    loaded: LoadedModel,
+    data: PreferenceData,
+    rows: Any,
+    reference: Measurement | None = None,
 ) -> Measurement:
     """Score the model as it is now: the held-out preference numbers (preference_scores, every record counted once)
     and, when there are supervised dialogues, their loss and perplexity (evaluation.evaluate_dialogs, as `eval`
-    measures). Call it before fit_preferences and after, passing the first measurement as `reference`."""
-    from .evaluation import evaluate_dialogs
-
-    rows = trainer.eval_dataset
+    measures). The stage measures before training and after, passing the first measurement as `reference`."""
+    held_out = trainer.eval_dataset
     batch_size = plan.config.eval_batch_size
-    prompts = rows["prompt_ids"][:]
+    prompts = held_out["prompt_ids"][:]
+    sft = data.supervised
     policy, ref = {}, {}
     try:
-        for name in reply_columns(rows):
-            replies = rows[name][:]
+        for name in reply_columns(held_out):
+            replies = held_out[name][:]
             policy[name] = completion_logps(trainer.model, prompts, replies, batch_size, plan.precision)
             ref[name] = (
                 reference.reference[name]
                 if reference is not None
                 else reference_logps(trainer, prompts, replies, batch_size, plan.precision)
             )
-        labels = rows["label"][:] if "label" in rows.column_names else ()
+        labels = held_out["label"][:] if "label" in held_out.column_names else ()
         scores = preference_scores(plan.config.algorithm, plan.config.beta, policy, ref, labels)
         scored = None
         if sft is not None:
             scored = evaluate_dialogs(
-                trainer.model, tokenizer, sft.dialogs, sft.max_length, sft.loss_on, batch_size, precision=plan.precision
+                trainer.model,
+                loaded.tokenizer,
+                sft.dialogs,
+                sft.max_length,
+                sft.loss_on,
+                batch_size,
+                precision=plan.precision,
             )
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(oom_message(plan, evaluating=True)) from None
     return Measurement(scores, scored, policy, ref)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Stage 7: fit
-# --------------------------------------------------------------------------------------------------------------
-
-
-def fit_preferences(plan: RunPlan, trainer: Any, resume_from: str | None) -> FitResult:
-    """Train, continuing from `resume_from` when given; the system monitor samples until save_preferred stops it.
-
-    Raises:
-        TrainingError: out of GPU memory, or a NaN/infinite loss (the last good checkpoint is kept).
-    """
-    begin_system_log(plan, resume_from)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # TRL still asks for transformers' is_gradient_checkpointing
-        return run_trainer(
-            plan, trainer, resume_from, stage="preference tuning", advice="a lower --learning-rate, a higher --beta"
-        )
+def baseline(plan: RunPlan, trainer: Any, loaded: LoadedModel, data: PreferenceData, rows: Any) -> Measurement:
+    """The model before preference tuning: its own reference, so its rewards are 0 by definition."""
+    return measure(plan, trainer, loaded, data, rows)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Stages 8-10: metrics, save, publish
+# Metrics, the saved record, card, charts and samples
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -695,14 +633,15 @@ def preference_metrics(
     fitted: FitResult,
     loaded: LoadedModel,
     data: PreferenceData,
+    rows: Any,
     before: Measurement,
     after: Measurement,
-    sft: SupervisedDialogs | None,
 ) -> dict[str, Any]:
     """The run's metrics as metrics.json holds them: whole-run totals from the Trainer's state, the held-out scores
     and supervised perplexity before and after, and what the data held."""
     trainer = fitted.trainer
     unit = data.unit
+    sft = data.supervised
     flat = {}
     for key in ("reward_accuracy", "reward_margin", "logp_accuracy", "sft_perplexity", "sft_loss"):
         for label, measurement in (("before", before), ("after", after)):
@@ -733,74 +672,54 @@ def preference_metrics(
     }
 
 
-def save_preferred(
-    plan: RunPlan, fitted: FitResult, metrics: dict[str, Any], tokenizer: Any, data: PreferenceData
-) -> Path:
-    """Write the preferred model atomically (merged, for LoRA; with the starting model's tokenizer and chat
-    template), metrics.json and the final train_log.jsonl. training_config.json records which stage made it, from
-    which model and data, and carries the starting model's own training settings, so `eval`, `compare` and a next
-    `prefer` find the supervised data, and `serve` compares with the starting model."""
-    from .export import add_n_ctx
-    from .generate import build_generation_config
-    from .scale import merge_for_saving
-    from .training import release_trainer
-
-    fitted.stop_monitor()
-    trainer = fitted.trainer
-    if plan.is_main:
-        write_json(plan.logs_dir / METRICS, metrics)
-        write_jsonl(plan.logs_dir / TRAIN_LOG, trainer.state.log_history)
-        model, adapter = merge_for_saving(trainer.model, plan.config)
-        model.config.use_cache = True  # generation wants its KV cache back
-        add_n_ctx(model.config)
-        recorded = read_training_config(plan.config.model)
-        training_config = {
-            "gpt2ft_version": __version__,
-            "stage": "prefer",
-            "algorithm": plan.config.algorithm,
-            "started_from": metrics["started_from"],
-            "prefer_config": plan.config.to_dict(),
-            # The starting model's own settings (its supervised data, format, loss mode): what `eval` and `compare`
-            # read to score this model the way its predecessor was scored.
-            **{
-                key: recorded[key]
-                for key in ("config", "data_source", "data_is_dailydialog", "has_roles", "loss_on")
-                if key in recorded
-            },
-            "max_length": recorded.get("max_length", plan.max_length),
-            "precision": plan.precision,
-            "preference_data": data.source,
-            "preference_counts": data.counts,
-            "metrics": {
-                "eval_perplexity": metrics[
-                    "sft_perplexity_after"
-                ],  # the supervised validation data's, as serve shows it
-                **{
-                    key: metrics[key]
-                    for key in (
-                        "reward_accuracy_before",
-                        "reward_accuracy_after",
-                        "reward_margin_after",
-                        "sft_perplexity_before",
-                        "sft_perplexity_after",
-                    )
-                },
-            },
-        }
-        save_final_model(
-            model, tokenizer, build_generation_config(tokenizer), training_config, plan.output_dir, adapter=adapter
-        )
-    trainer.accelerator.wait_for_everyone()
-    if trainer.ref_model is not None:
-        trainer.ref_model = None  # the frozen copy is not needed any more
-    release_trainer(trainer)
-    return plan.output_dir
+# The metrics a preferred model's training_config.json repeats (serve shows them; a next prefer reads them).
+RECORDED_METRICS = (
+    "reward_accuracy_before",
+    "reward_accuracy_after",
+    "reward_margin_after",
+    "sft_perplexity_before",
+    "sft_perplexity_after",
+)
 
 
-def sample_preferred_replies(model: Any, tokenizer: Any, data: PreferenceData, count: int) -> list[dict[str, Any]]:
+def preference_record(plan: RunPlan, data: PreferenceData, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the preferred model's training_config.json records: which stage made it, from which model and data,
+    and the starting model's own training settings, so `eval`, `compare` and a next `prefer` find the supervised
+    data, and `serve` compares with the starting model."""
+    recorded = read_training_config(plan.config.model)
+    return {
+        "stage": "prefer",
+        "algorithm": plan.config.algorithm,
+        "started_from": metrics["started_from"],
+        "prefer_config": plan.config.to_dict(),
+        # The starting model's own settings (its supervised data, format, loss mode): what `eval` and `compare`
+        # read to score this model the way its predecessor was scored.
+        **{
+            key: recorded[key]
+            for key in ("config", "data_source", "data_is_dailydialog", "has_roles", "loss_on")
+            if key in recorded
+        },
+        "max_length": recorded.get("max_length", plan.max_length),
+        "precision": plan.precision,
+        "preference_data": data.source,
+        "preference_counts": data.counts,
+        "metrics": {
+            "eval_perplexity": metrics["sft_perplexity_after"],  # the supervised validation data's, as serve shows it
+            **{key: metrics[key] for key in RECORDED_METRICS},
+        },
+    }
+
+
+def draw_preference_charts(plan: RunPlan) -> list[Path]:
+    """The five charts of `train` and the preference chart, from the logs on disk."""
+    charts = write_charts(plan.logs_dir, plan.config.images_dir)
+    return charts + [write_preference_chart(plan.logs_dir, plan.config.images_dir)]
+
+
+def sample_preferred_replies(
+    model: Any, tokenizer: Any, data: PreferenceData, count: int = SAMPLE_COUNT
+) -> list[dict[str, Any]]:
     """The preferred model's greedy reply to the first `count` held-out prompts, beside the replies the data judged."""
-    from .generate import generate_reply
-
     samples, seen = [], set()
     for record in data.records["validation"]:
         if len(samples) >= count:
@@ -818,86 +737,32 @@ def sample_preferred_replies(model: Any, tokenizer: Any, data: PreferenceData, c
     return samples
 
 
-def write_preference_card(plan: RunPlan, charts: list[Path], samples: list[dict[str, Any]]) -> Path:
-    """The model card (README.md) and its charts in the saved folder, from metrics.json and training_config.json on
-    disk; its metadata is checked by huggingface_hub's ModelCard before it is written."""
-    import json
-    import shutil
-
-    from huggingface_hub import ModelCard
-
-    from .modelcard import render_preference_card
-
-    metrics = json.loads((plan.logs_dir / METRICS).read_text(encoding="utf-8"))
-    training_config = json.loads((plan.output_dir / "training_config.json").read_text(encoding="utf-8"))
-    for chart in charts:
-        if Path(chart).name in ("chart_train.png", PREFER_CHART):
-            shutil.copy2(chart, plan.output_dir / Path(chart).name)
-    card = ModelCard(render_preference_card(metrics, training_config, samples, plan.hardware.name))
-    return write_text_atomic(plan.output_dir / "README.md", str(card))
-
-
-def publish_preferred(plan: RunPlan, data: PreferenceData, samples: int = SAMPLE_COUNT) -> Published:
-    """Charts (the five of `train` and the preference chart), sample replies and the model card, made from what is
-    on disk after the model is safely saved; a step that fails is reported and skipped."""
-    from .charts import write_charts, write_preference_chart
-    from .generate import load_for_generation
-
-    published = Published()
-    if not plan.is_main:
-        return published
-    problems = published.problems
-    charts = (
-        attempt("drawing the charts", lambda: write_charts(plan.logs_dir, plan.config.images_dir), plan, problems) or []
-    )
-    chart = attempt(
-        "drawing the preference chart",
-        lambda: write_preference_chart(plan.logs_dir, plan.config.images_dir),
-        plan,
-        problems,
-    )
-    published.charts = charts + ([chart] if chart else [])
-    loaded = attempt("loading the saved model", lambda: load_for_generation(str(plan.output_dir)), plan, problems)
-    if loaded is not None:
-        published.model, published.tokenizer = loaded
-        published.samples = (
-            attempt(
-                "sampling replies",
-                lambda: sample_preferred_replies(published.model, published.tokenizer, data, samples),
-                plan,
-                problems,
-            )
-            or []
-        )
-    published.card = attempt(
-        "writing the model card",
-        lambda: write_preference_card(plan, published.charts, published.samples),
-        plan,
-        problems,
-    )
-    return published
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The whole run
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PreferResult:
-    metrics: dict[str, Any]
-    output_dir: Path
-    logs_dir: Path
-    resumed_from: str | None
-    data: PreferenceData
-    published: Published
-    is_main: bool
+PREFER = Stage(
+    name="prefer",
+    plan=plan_preference,
+    prepare=prepare_preferences,
+    load=load_policy,
+    rows=preference_rows,
+    settings=run_settings,
+    trainer=build_preference_trainer,
+    baseline=baseline,
+    measure=measure,
+    metrics=preference_metrics,
+    record=preference_record,
+    card=render_preference_card,
+    charts=draw_preference_charts,
+    samples=sample_preferred_replies,
+    card_charts=("chart_train.png", PREFER_CHART),
+    stopped="preference tuning",
+    nan_advice="a lower --learning-rate, a higher --beta",
+)
 
 
 def prefer(
     config: PreferConfig, callbacks: Sequence[TrainerCallback] | None = None, explicit: set[str] | None = None
-) -> PreferResult:
-    """Preference-tune a model, measure it before and after, save and publish it: the whole run, stage by stage.
+) -> RunResult:
+    """Preference-tune a model, measure it before and after, save and publish it: the whole run (runs.run_stage over
+    PREFER).
 
     Args:
         config: the run's settings.
@@ -905,28 +770,10 @@ def prefer(
         explicit: the settings the user typed (see plan_preference).
 
     Returns:
-        PreferResult with the final metrics (also written to `<logs-dir>/metrics.json`).
+        RunResult with the final metrics (also written to `<logs-dir>/metrics.json`).
 
     Raises:
         DataError, ModelError, ConfigError, TrainingError: bad input or a stopped run, with a clear one-line message;
             everything that can be checked is checked before anything is written.
     """
-    plan = plan_preference(config, explicit)
-    data = prepare_preferences(plan)
-    loaded = load_policy(plan)
-    rows = fit_prompts(plan, data, loaded.tokenizer)
-    resume_from = resume_point(plan, data, rows)
-    sft = supervised_dialogs(plan)
-    trainer = build_preference_trainer(plan, loaded, rows, data, callbacks)
-    report_data(plan, data)
-    before = measure(plan, trainer, loaded.tokenizer, sft)
-    fitted = fit_preferences(plan, trainer, resume_from)
-    try:
-        after = measure(plan, fitted.trainer, loaded.tokenizer, sft, reference=before)
-        metrics = preference_metrics(plan, fitted, loaded, data, before, after, sft)
-    finally:
-        fitted.stop_monitor()
-    save_preferred(plan, fitted, metrics, loaded.tokenizer, data)
-    published = publish_preferred(plan, data)
-    finish_run(plan)
-    return PreferResult(metrics, plan.output_dir, plan.logs_dir, fitted.resumed_from, data, published, plan.is_main)
+    return run_stage(PREFER, config, explicit, callbacks)

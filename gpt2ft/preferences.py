@@ -75,6 +75,7 @@ class PreferenceData:
     counts: dict[str, Any]
     skipped: list[str] = field(default_factory=list)
     identity: str = ""
+    supervised: Any = None  # prefer.SupervisedDialogs: what the perplexity before and after is measured on
 
     @property
     def unit(self) -> str:

@@ -19,15 +19,16 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig, render_flag
+from .config import ConfigError, RunConfig, render_flag
 from .modeling import GPT2_SIZES, Hardware
+
+logger = logging.getLogger(__name__)
 
 # Hub ids are also published under this organisation; `openai-community/gpt2-xl` is the same model as `gpt2-xl`.
 HUB_PREFIX = "openai-community/"
@@ -149,8 +150,8 @@ def preset_changes(size: str, eight_bit: bool) -> tuple[dict[str, Any], str]:
 
 
 def choose_presets(
-    config: TrainConfig, hardware: Hardware, explicit: set[str], leave: Sequence[str] = ()
-) -> tuple[TrainConfig, list[str]]:
+    config: RunConfig, hardware: Hardware, explicit: set[str], leave: Sequence[str] = ()
+) -> tuple[RunConfig, list[str]]:
     """On a ~15 GB GPU (a Colab T4), switch GPT-2 medium/large/xl to settings that fit; return the notes saying what
     changed and why.
 
@@ -269,7 +270,7 @@ def check_optimizer(optim: str, build_args: Callable[[], Any], hardware: Hardwar
 # --------------------------------------------------------------------------------------------------------------
 
 
-def lora_targets(config: TrainConfig, model: Any) -> list[str]:
+def lora_targets(config: RunConfig, model: Any) -> list[str]:
     """The module names in `--lora-targets`, checked against the model's Conv1D modules (GPT-2's c_attn: attention
     qkv; c_proj: the attention *and* the MLP output projections; c_fc: the MLP input).
 
@@ -305,7 +306,7 @@ def parameter_counts(model: Any) -> dict[str, int]:
     }
 
 
-def build_lora_config(config: TrainConfig, model: Any) -> Any:
+def build_lora_config(config: RunConfig, model: Any) -> Any:
     """PEFT's LoraConfig for `--lora-r/-alpha/-dropout/-targets` on this GPT-2 (train and prefer use the same one).
 
     Raises:
@@ -326,7 +327,7 @@ def build_lora_config(config: TrainConfig, model: Any) -> Any:
     )
 
 
-def describe_method(config: TrainConfig) -> str:
+def describe_method(config: RunConfig) -> str:
     """`full fine-tuning`, or `LoRA r=16 alpha=32 on c_attn, c_proj`."""
     if config.method != "lora":
         return "full fine-tuning"
@@ -337,15 +338,13 @@ def describe_method(config: TrainConfig) -> str:
 def report_parameter_counts(counts: dict[str, int], describe: str) -> None:
     """Print the trainable vs total parameter counts (stderr: stdout carries the run's one JSON line of metrics)."""
     share = counts["trainable_parameters"] / max(counts["total_parameters"], 1)
-    print(
-        f"gpt2ft: {describe}: {counts['trainable_parameters']:,} trainable of {counts['total_parameters']:,} "
-        f"parameters ({share:.2%})",
-        file=sys.stderr,
-        flush=True,
+    logger.info(
+        f"{describe}: {counts['trainable_parameters']:,} trainable of {counts['total_parameters']:,} "
+        f"parameters ({share:.2%})"
     )
 
 
-def apply_method(model: Any, config: TrainConfig, report: bool = True) -> tuple[Any, dict[str, int]]:
+def apply_method(model: Any, config: RunConfig, report: bool = True) -> tuple[Any, dict[str, int]]:
     """`full`: the model as it is. `lora`: the model wrapped by PEFT with LoRA adapters on `--lora-targets`, the
     base weights frozen. Prints (on the main process) and returns the trainable vs total parameter counts.
 
@@ -387,7 +386,7 @@ class SavedAdapter:
         self._folder.cleanup()
 
 
-def merge_for_saving(model: Any, config: TrainConfig) -> tuple[Any, SavedAdapter | None]:
+def merge_for_saving(model: Any, config: RunConfig) -> tuple[Any, SavedAdapter | None]:
     """The model to save and, for LoRA, the adapter to save beside it (under `adapter/`).
 
     `full`: (model, None). `lora`: PEFT saves the adapter first (a few MB, to a temporary folder), then its

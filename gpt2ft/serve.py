@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .colab import in_colab
+from .errors import Gpt2ftError
 from .votes import DEFAULT_VOTES_DB, VotesError, init_votes_db, read_votes, record_vote, tally_votes
 
 # The page must not phone home: no usage analytics, no version check (it may run offline, and on a shared link
@@ -72,7 +73,7 @@ CSS = """
 """
 
 
-class ServeError(ValueError):
+class ServeError(Gpt2ftError, ValueError):
     """The page cannot start (port in use, bad --auth, ...); the message names the flag."""
 
 

@@ -37,6 +37,8 @@ from typing import Any
 import datasets
 from datasets import Dataset, DatasetDict
 
+from .errors import DataError
+
 SPLITS = ("train", "validation", "test")
 HUB_REPO = "li2017dailydialog/daily_dialog"
 HUB_REVISION = "refs/convert/parquet"
@@ -56,10 +58,6 @@ FEATURES = datasets.Features(
         "emotion": datasets.List(datasets.Value("int64")),
     }
 )
-
-
-class DataError(ValueError):
-    """The data cannot be read; the message names the file (and line) and what is wrong."""
 
 
 @dataclass

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import VOTES_DB
+from .errors import Gpt2ftError
 
 DEFAULT_VOTES_DB = VOTES_DB  # also `prefer --data`'s default: the page's votes are what preference tuning learns from
 WINNERS = ("a", "b", "tie", "both_bad")
@@ -48,7 +49,7 @@ CREATE TABLE IF NOT EXISTS votes (
 COLUMNS = ("id", "created_at", "conversation", "reply_a", "reply_b", "model_a", "model_b", "winner", "settings")
 
 
-class VotesError(ValueError):
+class VotesError(Gpt2ftError, ValueError):
     """The votes database cannot be opened, written or read; the message names the file."""
 
 

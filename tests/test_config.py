@@ -132,3 +132,31 @@ def test_config_file_errors(tmp_path):
         load_config_file(unknown)
     with pytest.raises(ConfigError, match="--batch-size: expected int"):
         build_config({"batch_size": "lots"})
+
+
+def test_every_stage_config_extends_the_base_and_restates_only_what_differs():
+    """RunConfig declares the shared settings once; a stage's config adds its own and restates a shared one only to
+    give it another default (its help may be the stage's own), never another meaning."""
+    from gpt2ft.config import PreferConfig, RunConfig
+
+    base = {item.name: item for item in dataclasses.fields(RunConfig)}
+    for stage in (TrainConfig, PreferConfig):
+        assert issubclass(stage, RunConfig)
+        fields = {item.name: item for item in dataclasses.fields(stage)}
+        assert list(fields)[: len(base)] == list(base)  # the shared settings first, in the base's order
+        for name, item in base.items():
+            restated = fields[name]
+            assert restated.metadata.get("run") == item.metadata.get("run"), name
+            assert restated.metadata.get("choices") == item.metadata.get("choices"), name
+    assert PreferConfig().learning_rate != TrainConfig().learning_rate  # a restated default
+    assert PreferConfig().lora_r == TrainConfig().lora_r == RunConfig().lora_r  # an inherited one
+
+
+def test_a_shared_check_runs_for_every_stage():
+    from gpt2ft.config import PreferConfig
+
+    for stage in (TrainConfig, PreferConfig):
+        with pytest.raises(ConfigError, match="--epochs"):
+            stage(epochs=0)
+        with pytest.raises(ConfigError, match="--validation-fraction"):
+            stage(validation_fraction=0.7)

@@ -111,3 +111,16 @@ def test_library_modules_do_not_import_the_notebook_helpers():
         if module not in NOT_LIBRARY and "notebook" in imports
     }
     assert not offenders, f"library modules import gpt2ft.notebook: {sorted(offenders)}"
+
+
+def test_no_stage_module_imports_another_stage():
+    """A stage is one module on the shared run library (runs.py): train's and prefer's modules import nothing from
+    each other, so a new stage never reaches into an old one."""
+    from gpt2ft.cli import STAGES
+
+    stages = {stage.run.split(":")[0].removeprefix("gpt2ft.") for stage in STAGES}
+    assert {"training", "prefer"} <= stages
+    graph = import_graph()
+    offenders = {f"{module} imports {other}" for module in stages for other in graph[module] if other in stages}
+    assert not offenders, sorted(offenders)
+    assert all("runs" in graph[module] for module in stages)  # each builds on the run library

@@ -201,7 +201,8 @@ def test_the_trainers_own_forward_passes_keep_packed_dialogues_apart(
     own prediction_step (which passes no use_cache) both give the packed batch the unpacked token-weighted loss."""
     from conftest import config_for
 
-    from gpt2ft.training import LoadedModel, build_trainer, plan_run
+    from gpt2ft.runs import LoadedModel
+    from gpt2ft.training import build_trainer, plan_run
 
     plan = plan_run(config_for(tiny_model_dir, dailydialog_dir, run_dirs, "--max-steps", "1"))
     rows_by_split = {"train": rows, "validation": rows}

@@ -30,7 +30,7 @@ from gpt2ft.checkpoints import checkpoint_dir, complete_checkpoints
 from gpt2ft.cli import build_parser, config_from_args, main
 from gpt2ft.config import PreferConfig, TrainConfig
 from gpt2ft.data import clean_turn
-from gpt2ft.training import TrainingError
+from gpt2ft.errors import TrainingError
 
 QA = [(clean_turn(question), clean_turn(answer)) for question, answer in EXCHANGES]
 SEEN, UNSEEN = QA[:6], QA[6:]  # votes are cast on the first six questions only
@@ -397,11 +397,12 @@ def test_lora_uses_the_model_with_adapters_off_as_the_reference(style_task, vote
     from gpt2ft.prefer import (
         build_preference_trainer,
         completion_logps,
-        fit_prompts,
         load_policy,
         plan_preference,
+        preference_rows,
         prepare_preferences,
         reference_logps,
+        run_settings,
     )
 
     dirs = {
@@ -420,7 +421,8 @@ def test_lora_uses_the_model_with_adapters_off_as_the_reference(style_task, vote
     plan = plan_preference(config)
     data = prepare_preferences(plan)
     loaded = load_policy(plan)
-    trainer = build_preference_trainer(plan, loaded, fit_prompts(plan, data, loaded.tokenizer), data)
+    rows = preference_rows(plan, data, loaded.tokenizer)
+    trainer = build_preference_trainer(plan, loaded, rows, data, run_settings(plan, data, rows))
     assert trainer.ref_model is None  # no second copy of the model
     rows = trainer.eval_dataset
     prompts, replies = rows["prompt_ids"][:], rows["chosen_ids"][:]
@@ -807,7 +809,7 @@ def test_the_preference_card_renders_whatever_is_missing():
 
 def test_a_prompt_too_long_keeps_its_latest_turns_and_a_reply_too_long_is_skipped(tiny_tokenizer):
     from gpt2ft.chat_format import render_ids
-    from gpt2ft.prefer import fit_records
+    from gpt2ft.prefer import trim_records
     from gpt2ft.preferences import SKIP_TOO_LONG, Skips
 
     turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{q} {a}"} for i, (q, a) in enumerate(QA[:5])]
@@ -816,7 +818,7 @@ def test_a_prompt_too_long_keeps_its_latest_turns_and_a_reply_too_long_is_skippe
     whole = len(render_ids(tiny_tokenizer, turns + reply))
     window = whole - len(render_ids(tiny_tokenizer, turns[:1])) + 3  # room for all but the first turn
     skips = Skips()
-    fitted = fit_records(
+    fitted = trim_records(
         [record, {**record, "chosen": [{"role": "assistant", "content": "word " * 400}]}],
         tiny_tokenizer,
         window,

@@ -27,7 +27,8 @@ from conftest import (
 
 from gpt2ft.checkpoints import COMPLETE_MARKER, checkpoint_dir, complete_checkpoints, find_resume_checkpoint
 from gpt2ft.cli import main
-from gpt2ft.training import TrainingError, train
+from gpt2ft.errors import TrainingError
+from gpt2ft.training import train
 
 # --------------------------------------------------------------------------------------------------------------
 # Bad input: one line on stderr naming the problem, exit code 2, no traceback, output folder untouched

@@ -13,13 +13,14 @@ import torch
 from conftest import batches_per_epoch, config_for, read_jsonl
 from transformers import TrainerCallback
 
-from gpt2ft.checkpoints import COMPLETE_MARKER, checkpoint_dir, clean_stale_folders, save_final_model
+from gpt2ft.checkpoints import COMPLETE_MARKER, check_output_dir, checkpoint_dir, clean_stale_folders, save_final_model
 from gpt2ft.cli import main
 from gpt2ft.config import TrainConfig
+from gpt2ft.errors import TrainingError
 from gpt2ft.evaluation import evaluate_dialogs, recompute_loss_from_dump
 from gpt2ft.generate import build_generation_config
 from gpt2ft.modeling import Hardware, choose_precision, device_precision
-from gpt2ft.training import TrainingError, build_training_args, check_output_dir
+from gpt2ft.training import build_training_args
 
 METRIC_KEYS = {
     "train_loss",
