@@ -573,11 +573,11 @@ def load_config_file(path: str | Path, config_class: type | None = None) -> dict
     if not isinstance(values, dict):
         raise ConfigError(f"--config: {path} must hold a JSON object of settings")
     known = {f.name for f in config_fields(config_class)}
-    normalised = {str(key).replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(normalised) - known)
+    normalized = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(normalized) - known)
     if unknown:
         raise ConfigError(f"--config: {path} has unknown settings: {', '.join(unknown)}")
-    return normalised
+    return normalized
 
 
 def build_config(
