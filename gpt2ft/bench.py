@@ -77,7 +77,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .data import DialogueCollator, prepare_dialogs, tokenize_dialogs
+from .conversations import turns_of
+from .data import DialogueCollator, column, dialogs_dataset, prepare_dialogs, tokenize_dialogs
 from .errors import Gpt2ftError
 
 DEFAULT_VARIANTS = ("tutorial_pad128", "tutorial_pad512", "gpt2ft_pack", "gpt2ft_pad", "torch_loop")
@@ -632,8 +633,6 @@ def run_benchmarks(
     Raises:
         BenchError: an unknown variant, or too few dialogues for the steps.
     """
-    from datasets import Dataset
-
     from .config import TrainConfig
     from .modeling import detect_hardware, load_model_and_tokenizer, model_context
 
@@ -653,9 +652,8 @@ def run_benchmarks(
     hardware = detect_hardware()
     base, tokenizer = load_model_and_tokenizer(model)
     context = model_context(base)
-    texts = [
-        list(turns) for turns in prepare_dialogs(data, cache_dir, max_train_dialogs=dialogs).dialogs["train"]["dialog"]
-    ]
+    train = prepare_dialogs(data, cache_dir, max_train_dialogs=dialogs).dialogs["train"]
+    texts = [turns_of(messages) for messages in column(train, "messages")]
     emit(
         {
             "bench": "setup",
@@ -676,7 +674,7 @@ def run_benchmarks(
         }
     )
     config = TrainConfig(model=model, data=data, cache_dir=cache_dir, batch_size=batch_size, logging_steps=10**6)
-    gpt2ft_rows = tokenize_dialogs(Dataset.from_dict({"dialog": texts}), tokenizer, context)
+    gpt2ft_rows = tokenize_dialogs(dialogs_dataset(texts), tokenizer, context)  # the tutorial's turns, no roles
     schedules: dict[str, Schedule] = {}
     for variant in training:
         if variant.cuda_only and hardware.device != "cuda":

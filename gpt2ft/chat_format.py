@@ -36,21 +36,22 @@ CHAT_TEMPLATE = (
 def as_messages(
     conversation: Sequence[str | Mapping[str, Any]], roles: Sequence[str] | None = None
 ) -> list[dict[str, str]]:
-    """A conversation as chat messages.
+    """A conversation as chat messages (role and content only: what a chat template reads).
 
-    Messages ({"role", "content"}) are kept as they are. Plain strings take their role from `roles` (a prepared
-    dialogue's roles column); without roles (DailyDialog: "" each) the last turn is the user's (the turn being
-    answered) and the roles alternate backwards from it.
+    Takes a prepared record's messages as they are (conversations.Conversation: role "" for plain turns, labels
+    dropped), other {"role", "content"} messages, or plain strings, which take their role from `roles`. A turn
+    with no role (DailyDialog) gets one by position: the last turn is the user's (the turn being answered) and
+    the roles alternate backwards from it.
     """
     messages = []
     count = len(conversation)
     for index, turn in enumerate(conversation):
         if isinstance(turn, Mapping):
-            messages.append({"role": str(turn["role"]), "content": str(turn["content"])})
-            continue
-        role = roles[index] if roles is not None and index < len(roles) and roles[index] else ""
+            role, content = turn.get("role") or "", turn["content"]
+        else:
+            role, content = (roles[index] if roles is not None and index < len(roles) else "") or "", turn
         messages.append(
-            {"role": role or ("user" if (count - 1 - index) % 2 == 0 else "assistant"), "content": str(turn)}
+            {"role": role or ("user" if (count - 1 - index) % 2 == 0 else "assistant"), "content": str(content)}
         )
     return messages
 

@@ -3,9 +3,11 @@
     python -m gpt2ft prepare --data SRC     # these stages alone (sources.py reads SRC), cached for train
     python -m gpt2ft train --data SRC ...   # runs them before training
 
-`prepare_dialogs` turns any source (sources.load_source) into train/validation/test dialogues with columns dialog
-(turns), roles and key; `tokenize_prepared` turns them into training rows (input_ids, labels) in the chat template's
-format; `DialogueCollator` batches rows, packed or padded.
+`prepare_dialogs` turns any source (sources.load_source) into train/validation/test dialogues, one
+conversations.Conversation a row (DIALOG_FEATURES: messages with role, content and DailyDialog's emotion and act,
+id, source, and the de-duplication key); `tokenize_prepared` turns them into training rows (input_ids, labels) in
+the chat template's format; `DialogueCollator` batches rows, packed or padded. The labels ride along unused: what is
+trained is the turns and roles alone.
 
 Expected DailyDialog counts (measured on the release with `prepare_dialogs`; GPT-2 tokens in the format used here):
     train 11,118 lines -> 11,117 parsed (line 7852 has 12 turns but 11 labels: skipped and reported)
@@ -40,10 +42,27 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 
+from .conversations import TURN_FIELDS, Conversation, messages_from_turns, read_conversation, roles_of, turns_of
 from .sources import SPLITS, DataError
 
 IGNORE_INDEX = -100
-NORMALIZE_VERSION = 1  # bump when reading, cleaning or keying records changes, so old caches are not reused
+NORMALIZE_VERSION = 2  # bump when reading, cleaning or keying records changes, so old caches are not reused
+
+# A prepared split: one Conversation a row (Conversation.as_row), with its de-duplication key. A turn without a
+# label (any source but DailyDialog) has null emotion and act.
+MESSAGE_FEATURES = {
+    "role": datasets.Value("string"),
+    "content": datasets.Value("string"),
+    **{name: datasets.Value("string") for name in TURN_FIELDS},
+}
+DIALOG_FEATURES = datasets.Features(
+    {
+        "messages": datasets.List(MESSAGE_FEATURES),
+        "id": datasets.Value("string"),
+        "source": datasets.Value("string"),
+        "key": datasets.Value("string"),
+    }
+)
 
 # --------------------------------------------------------------------------------------------------------------
 # Cleaning: the release is pre-tokenised ("Say , Jim , how about ... ?", "it ’ s", "right.But")
@@ -83,7 +102,7 @@ def clean_turn(text: str) -> str:
     return text.strip()
 
 
-def normalise_dialog(turns: Sequence[str], roles: Sequence[str] = ()) -> str:
+def normalize_dialog(turns: Sequence[str], roles: Sequence[str] = ()) -> str:
     """The text used to find duplicates: cleaned, lower-cased, whitespace collapsed, turns joined by newlines (each
     after its role, when the data has roles)."""
     texts = (" ".join(clean_turn(turn).lower().split()) for turn in turns)
@@ -91,8 +110,9 @@ def normalise_dialog(turns: Sequence[str], roles: Sequence[str] = ()) -> str:
 
 
 def dialog_key(turns: Sequence[str], roles: Sequence[str] = ()) -> str:
-    """A short fixed-size key of `normalise_dialog`: equal keys are duplicates (80 bits: no collision in 10**9)."""
-    return hashlib.blake2b(normalise_dialog(turns, roles).encode(), digest_size=10).hexdigest()
+    """A short fixed-size key of `normalize_dialog`: equal keys are duplicates (80 bits: no collision in 10**9).
+    Only the turns and roles count: labels never make two conversations different."""
+    return hashlib.blake2b(normalize_dialog(turns, roles).encode(), digest_size=10).hexdigest()
 
 
 def key_share(key: str) -> float:
@@ -124,39 +144,69 @@ def turn_targets(roles: Sequence[str], loss_on: str) -> list[bool]:
 
 
 def normalize_batch(
-    batch: dict[str, list], indices: list[int], layout: Any, origin: str, clean: bool, loss_on: str
+    batch: dict[str, list],
+    indices: list[int],
+    layout: Any,
+    origin: str,
+    clean: bool,
+    loss_on: str,
+    split: str,
+    source: str,
 ) -> dict[str, list]:
-    """Records of any layout -> dialog (turns), roles, key, and why a record is skipped ("" when kept).
+    """Records of any layout -> prepared rows (DIALOG_FEATURES), and why a record is skipped ("" when kept).
+
+    A record without an `id` of its own gets `<split>-<index>` (its place in the source's split).
 
     Raises:
         DataError: a malformed record, named by file and line (or record index).
     """
-    from .sources import locate, read_record
+    from .sources import locate
 
-    out: dict[str, list] = {"dialog": [], "roles": [], "key": [], "skip": []}
+    out: dict[str, list] = {name: [] for name in (*DIALOG_FEATURES, "skip")}
     records = [dict(zip(batch, values)) for values in zip(*batch.values())]
     for index, record in zip(indices, records):
         try:
-            turns, roles = read_record(record, layout, "")
+            conversation = read_conversation(record, layout, "", f"{split}-{index}", source)
         except DataError as error:
             raise DataError(f"{locate(origin, index)}{error}") from None
         if clean:
-            turns = [clean_turn(turn) for turn in turns]
+            for message in conversation.messages:
+                message["content"] = clean_turn(message["content"])
+        turns, roles = conversation.turns, conversation.roles
         skip = ""
         if sum(role != "system" for role in roles) < 2:
             skip = "fewer than two turns"
         elif loss_on == "assistant" and "assistant" not in roles:
             skip = "no assistant turn"
-        out["dialog"].append(turns)
-        out["roles"].append(roles)
+        for name, value in conversation.as_row().items():
+            out[name].append(value)
         out["key"].append(dialog_key(turns, roles))
         out["skip"].append(skip)
     return out
 
 
+def dialogs_dataset(conversations: Sequence[Conversation | Sequence[str] | Sequence[dict[str, str]]]) -> Dataset:
+    """Conversations (or lists of messages, or plain lists of turns without roles) as a prepared split, as
+    `prepare_dialogs` makes them: for tokenising, sampling or scoring dialogues that come from elsewhere (tests,
+    benchmarks)."""
+    rows: dict[str, list] = {name: [] for name in DIALOG_FEATURES}
+    for index, item in enumerate(conversations):
+        if isinstance(item, Conversation):
+            conversation = item
+        elif item and isinstance(item[0], dict):
+            conversation = Conversation([dict(message) for message in item])
+        else:
+            conversation = Conversation(messages_from_turns(list(item)))
+        for name, value in conversation.as_row().items():
+            rows[name].append(value)
+        rows["id"][-1] = conversation.id or str(index)
+        rows["key"].append(dialog_key(conversation.turns, conversation.roles))
+    return Dataset.from_dict(rows, features=DIALOG_FEATURES)
+
+
 @dataclass
 class PreparedDialogs:
-    """Dialogues ready to tokenise (columns dialog, roles, key), with what was done to them."""
+    """Dialogues ready to tokenise (DIALOG_FEATURES: messages, id, source, key), with what was done to them."""
 
     dialogs: DatasetDict
     counts: dict[str, dict[str, int]]
@@ -199,7 +249,9 @@ def prepare_dialogs(
 ) -> PreparedDialogs:
     """Load a source, read each record's conversation, clean, split, de-duplicate and (for debugging) truncate.
 
-    - Records become turns and roles (sources.read_record); a malformed one is an error naming its file and line.
+    - Records become Conversations (conversations.read_conversation): messages with roles ("" for plain turns)
+      and, for DailyDialog, each turn's emotion and act by name; a malformed one is an error naming its file and
+      line.
       Conversations with fewer than two turns (system messages not counted), or with no assistant turn under
       `--loss-on assistant`, are skipped, counted and reported.
     - Text cleaning (CLEANING_RULES) applies to DailyDialog unless `clean_text` is False, to other sources only
@@ -227,7 +279,15 @@ def prepare_dialogs(
                 batched=True,
                 with_indices=True,
                 remove_columns=dataset.column_names,
-                fn_kwargs={"layout": raw.layout, "origin": raw.origins[split], "clean": clean, "loss_on": loss_on},
+                features=datasets.Features({**DIALOG_FEATURES, "skip": datasets.Value("string")}),
+                fn_kwargs={
+                    "layout": raw.layout,
+                    "origin": raw.origins[split],
+                    "clean": clean,
+                    "loss_on": loss_on,
+                    "split": split,
+                    "source": raw.source,
+                },
                 num_proc=parallel_workers(len(dataset)),
                 new_fingerprint=fingerprint(identity, split, "normalize"),
                 desc=f"reading {split}",
@@ -415,15 +475,15 @@ def tokenize_batch(
 ) -> dict[str, list]:
     """Training rows (one a window) of a batch of dialogues: the turns in one call of the fast tokenizer."""
     eos_id = tokenizer.eos_token_id
-    all_turns = [turn for turns in batch["dialog"] for turn in turns]
+    all_turns = [turn for messages in batch["messages"] for turn in turns_of(messages)]
     encoded = tokenizer(all_turns, add_special_tokens=False)["input_ids"] if all_turns else []
-    roles_column = batch.get("roles") or [[""] * len(turns) for turns in batch["dialog"]]
     rows: dict[str, list] = {name: [] for name in ROW_FEATURES}
     position = 0
-    for index, turns, roles in zip(indices, batch["dialog"], roles_column):
-        turn_ids = encoded[position : position + len(turns)]
-        position += len(turns)
-        for input_ids, labels in window_dialog(turn_ids, eos_id, max_length, turn_targets(roles, loss_on)):
+    for index, messages in zip(indices, batch["messages"]):
+        turn_ids = encoded[position : position + len(messages)]
+        position += len(messages)
+        targets = turn_targets(roles_of(messages), loss_on)
+        for input_ids, labels in window_dialog(turn_ids, eos_id, max_length, targets):
             rows["input_ids"].append(input_ids)
             rows["labels"].append(labels)
             rows["length"].append(len(input_ids))
@@ -451,7 +511,7 @@ def tokenize_dialogs(
     `Dataset.map` (several processes for large data).
 
     Args:
-        dialogs: columns dialog (list of turns) and, optionally, roles.
+        dialogs: a prepared split (DIALOG_FEATURES; `dialogs_dataset` makes one from plain turns).
         loss_on: "all", "responses" or "assistant" (see turn_targets).
         key: a fingerprint of the dialogues (PreparedDialogs.identity), naming the result for datasets' cache.
         cache_file: write the rows to this Arrow file (one per worker process: `<stem>_00000_of_00002.arrow`, ...).

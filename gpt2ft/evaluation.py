@@ -130,7 +130,8 @@ def evaluate_dialogs(
     dump_path: str | None = None,
     precision: str | None = None,
 ) -> dict[str, Any]:
-    """Loss and perplexity of `model` on a split of dialogues (column `dialog`), formatted as in training.
+    """Loss and perplexity of `model` on a prepared split of dialogues (data.DIALOG_FEATURES), formatted as in
+    training.
 
     Args:
         dump_path: if given, write each scored sequence as {"input_ids", "labels"} (one JSON line each, unpadded)
@@ -224,8 +225,9 @@ def sample_replies(
     streamer: Any = None,
     **settings: Any,
 ) -> list[dict[str, Any]]:
-    """The model's next turn for the first `count` held-out dialogues that can be cut (`cut_point`): the one way
-    gpt2ft samples replies (the model card, the notebook, `eval --samples` and `compare` all use it).
+    """The model's next turn for the first `count` held-out dialogues (a prepared split: data.DIALOG_FEATURES) that
+    can be cut (`cut_point`): the one way gpt2ft samples replies (the model card, the notebook, `eval --samples`
+    and `compare` all use it).
 
     The context goes to the model as chat messages with its roles (a system message stays the first turn), with the
     same decoding settings for every model. Sampling is seeded once, so a run is reproducible.
@@ -240,22 +242,22 @@ def sample_replies(
         [{"context", "roles", "reference", "reply", "ended_with_eos", "tokens"}]
     """
     from .chat_format import as_messages
+    from .conversations import roles_of, turns_of
     from .generate import generate_reply
 
     if seed is not None:
         torch.manual_seed(seed)
     records: list[dict[str, Any]] = []
-    roles_column = dialogs["roles"] if "roles" in dialogs.column_names else None
-    for index, turns in enumerate(dialogs["dialog"]):
+    for messages in dialogs["messages"]:
         if len(records) >= count:
             break
-        roles = list(roles_column[index]) if roles_column is not None else [""] * len(turns)
-        cut = cut_point(turns, roles)
+        turns = turns_of(messages)
+        cut = cut_point(turns, roles_of(messages))
         if cut is None:
             continue
-        context = as_messages(turns[:cut], roles[:cut])  # plain turns: the last one is the user's
+        context = as_messages(messages[:cut])  # plain turns: the last one is the user's
         record: dict[str, Any] = {
-            "context": list(turns[:cut]),
+            "context": turns[:cut],
             "roles": [m["role"] for m in context],
             "reference": turns[cut],
         }

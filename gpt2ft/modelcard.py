@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .chat_format import as_messages
 from .logs import as_float
 from .sources import DATA_LICENSE, HUB_REPO
 
@@ -375,19 +376,15 @@ def _samples(samples: Sequence[Mapping[str, Any]]) -> str:
         context = sample.get("context") or []
         if isinstance(context, str):
             context = [context]
-        roles = list(sample.get("roles") or [])
         # Without recorded roles the speakers alternate, the last one before the model being the user.
-        roles += [
-            "user" if (len(context) - 1 - index) % 2 == 0 else "assistant" for index in range(len(roles), len(context))
-        ]
+        messages = as_messages([str(turn) for turn in context], list(sample.get("roles") or []))
         reply = str(sample.get("reply") or "").strip()
         lines.append(f"**Dialogue {number}**")
         lines.append("")
-        for role, turn in zip(roles, context):
-            turn = str(turn)
-            lines.append(
-                f"- *{role.capitalize()}:* {md_escape(turn[:CONTEXT_CHARS] + ('...' if len(turn) > CONTEXT_CHARS else ''))}"
-            )
+        for message in messages:
+            turn = message["content"]
+            shown = turn[:CONTEXT_CHARS] + ("..." if len(turn) > CONTEXT_CHARS else "")
+            lines.append(f"- *{message['role'].capitalize()}:* {md_escape(shown)}")
         lines.append(f"- *Model:* {md_escape(reply) if reply else '*(empty reply)*'}")
         if sample.get("reference"):
             lines.append(f"- *Reference (the dataset's reply):* {md_escape(sample['reference'])}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gc
 import platform
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,10 +221,18 @@ def split_counts_table(counts: dict[str, dict[str, int]]) -> Any:
     )
 
 
-def format_turns(turns: Sequence[str], roles: Sequence[str] | None = None) -> str:
+def format_turns(conversation: Sequence[str | Mapping[str, Any]], roles: Sequence[str] | None = None) -> str:
     """A dialogue for reading: one turn a line, each after its role (system, user, assistant), or for dialogues
-    without roles the two speakers as A and B."""
-    if roles and any(roles):
+    without roles the two speakers as A and B.
+
+    Args:
+        conversation: a prepared record's messages (prepared.dialogs[split][i]["messages"]), or plain turns.
+        roles: the roles of plain turns.
+    """
+    turns = [turn["content"] if isinstance(turn, Mapping) else turn for turn in conversation]
+    if roles is None:
+        roles = [(turn.get("role") or "") if isinstance(turn, Mapping) else "" for turn in conversation]
+    if any(roles):
         return "\n".join(f"{role}: {turn}" for role, turn in zip(roles, turns))
     return "\n".join(f"{'AB'[index % 2]}: {turn}" for index, turn in enumerate(turns))
 
@@ -260,11 +268,17 @@ def plot_token_lengths(
     return path
 
 
-def show_chat_format(turns: Sequence[str], tokenizer: Any, roles: Sequence[str] | None = None) -> str:
-    """Print and return a dialogue as the model is trained on it: rendered by the model's chat template."""
+def show_chat_format(
+    conversation: Sequence[str | Mapping[str, Any]], tokenizer: Any, roles: Sequence[str] | None = None
+) -> str:
+    """Print and return a dialogue as the model is trained on it: rendered by the model's chat template.
+
+    Args:
+        conversation: a prepared record's messages, or plain turns (with their `roles`).
+    """
     from .chat_format import as_messages
 
-    text = tokenizer.apply_chat_template(as_messages(turns, roles), tokenize=False)
+    text = tokenizer.apply_chat_template(as_messages(conversation, roles), tokenize=False)
     print(text)
     return text
 

@@ -23,7 +23,7 @@ trained in): a text prompt is the user's turn, a text reply the assistant's. DPO
 (chosen: desirable, rejected: undesirable); unpaired records cannot make DPO pairs.
 
 Held-out records: the source's own validation split (else its test split); otherwise the conversations whose hash
-share (data.key_share of the prompt's normalised text, as `train` holds out dialogues) falls below
+share (data.key_share of the prompt's normalized text, as `train` holds out dialogues) falls below
 `validation_fraction`, so a conversation and its duplicates always land in the same split.
 """
 
@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .conversations import READERS, ROLES, message_layout, roles_of, turns_of
 from .data import dialog_key, key_share
-from .sources import DataError, Layout, locate, read_record
+from .sources import DataError, locate
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
-ROLES = ("system", "user", "assistant")
 
 # Why a vote or record teaches nothing; the counts are printed and stored in metrics.json.
 SKIP_TIE = "tie votes (no preference between the replies)"
@@ -105,7 +105,8 @@ class Skips:
 
 def messages_of(value: Any, column: str, role: str, where: str) -> list[dict[str, str]]:
     """A record's field as chat messages: text becomes one message with `role`; a list of {"role", "content"} (or
-    ShareGPT {"from", "value"}) messages is checked and kept.
+    ShareGPT {"from", "value"}) messages is read by the conversation readers (conversations.READERS, as training
+    reads them) and kept as role and content.
 
     Raises:
         DataError: empty, not text or messages, or a malformed message; naming the record and the field.
@@ -117,19 +118,17 @@ def messages_of(value: Any, column: str, role: str, where: str) -> list[dict[str
     if isinstance(value, list):
         if not value:
             raise DataError(f"{where}: {column} is an empty list of messages")
-        first = value[0]
-        kind = "sharegpt" if isinstance(first, dict) and ("from" in first or "value" in first) else "messages"
-        turns, roles = read_record({column: value}, Layout(kind, column), f"{where}: {column}")
-        return [{"role": speaker, "content": turn} for turn, speaker in zip(turns, roles)]
+        messages = READERS[message_layout(value[0])]({column: value}, column, f"{where}: {column}")
+        return [{"role": message["role"], "content": message["content"]} for message in messages]
     raise DataError(
         f"{where}: {column} is {'missing' if value is None else 'a ' + type(value).__name__}, not text or a list of messages"
     )
 
 
 def conversation_key(prompt: Sequence[Mapping[str, str]]) -> str:
-    """The key that decides a record's split: the prompt conversation's normalised text (data.dialog_key), so the
+    """The key that decides a record's split: the prompt conversation's normalized text (data.dialog_key), so the
     same conversation, voted on again or duplicated, always lands in the same split."""
-    return dialog_key([message["content"] for message in prompt], [message["role"] for message in prompt])
+    return dialog_key(turns_of(prompt), roles_of(prompt))
 
 
 def shared_text_prefix(chosen: str, rejected: str) -> int:

@@ -4,8 +4,9 @@
     python -m gpt2ft train --data hub:OWNER/NAME@REVISION:CONFIG
 
 `load_source(data)` reads a source into `RawDialogs`: the splits it has, as Arrow tables, and how to read a
-conversation from each record (its Layout). Turning records into turns and roles, cleaning, splitting and
-de-duplicating happen in data.py, the same way for every source.
+conversation from each record (its Layout). Reading each record into a conversations.Conversation (its messages,
+with DailyDialog's emotion and act on every turn), cleaning, splitting and de-duplicating happen in data.py, the same
+way for every source.
 
 Sources (`--data`):
     hub                      DailyDialog from the Hub (its parquet conversion; the official zip as fallback)
@@ -15,10 +16,11 @@ Sources (`--data`):
     FOLDER                   train.* and optionally validation.* (or valid/val/dev) and test.*, of those types
     hub:OWNER/NAME[@REV][:CONFIG]   a Hub dataset with data files (datasets >= 4 runs no loading scripts)
 
-Record layouts, detected per source (or forced with --dialog-column NAME):
+Record layouts, detected per source (or forced with --dialog-column NAME); conversations.READERS reads each:
     messages        {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}   (OpenAI / TRL)
     sharegpt        {"conversations": [{"from": "system"|"human"|"gpt"|"user"|"assistant", "value": "..."}, ...]}
-    turns           a list of strings under "dialog", "dialogue" or "turns" (DailyDialog, SODA)
+    turns           a list of strings under "dialog", "dialogue" or "turns" (SODA)
+    dailydialog     turns under "dialog" with per-turn "act" and "emotion" ids (every DailyDialog layout above)
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 import datasets
 from datasets import Dataset, DatasetDict
 
-from .errors import DataError
+from .conversations import TURN_COLUMNS, DataError, Layout, message_layout
 
 SPLITS = ("train", "validation", "test")
 HUB_REPO = "li2017dailydialog/daily_dialog"
@@ -51,13 +53,17 @@ ZIP_SHA256 = "c641e88cbf21fd7c1b57289387f9107d33fe8685a2b37fe8066b82776535ea89"
 DATA_LICENSE = "CC BY-NC-SA 4.0 (non-commercial)"
 EOU = "__eou__"
 
+# DailyDialog as released: turns, the release's label ids (conversations.LABELS names them) and each dialogue's id,
+# `<split>-<line>` (the line of the text files, or the row of the parquet, from 1).
 FEATURES = datasets.Features(
     {
         "dialog": datasets.List(datasets.Value("string")),
         "act": datasets.List(datasets.Value("int64")),
         "emotion": datasets.List(datasets.Value("int64")),
+        "id": datasets.Value("string"),
     }
 )
+DAILYDIALOG_COLUMNS = ("dialog", "act", "emotion")
 
 
 @dataclass
@@ -105,9 +111,14 @@ def parse_labels(line: str, name: str, number: int) -> list[int]:
 
 
 def parse_split(
-    dialog_text: str, act_text: str, emotion_text: str, names: Sequence[str], report: LoadReport | None = None
+    dialog_text: str,
+    act_text: str,
+    emotion_text: str,
+    names: Sequence[str],
+    report: LoadReport | None = None,
+    split: str = "train",
 ) -> dict[str, list]:
-    """Parse one split's three line-aligned files into columns.
+    """Parse one split's three line-aligned files into columns (FEATURES; a dialogue's id is `<split>-<line>`).
 
     A dialogue whose turn count differs from its act or emotion label count is skipped and counted in `report`
     (the release itself has one such line: train line 7852, 12 turns but 11 labels). Everything else that breaks
@@ -132,7 +143,7 @@ def parse_split(
                 f"{other_name}: has {len(other_lines)} lines but {dialog_name} has {len(dialog_lines)}; "
                 "the files must be line-aligned"
             )
-    columns: dict[str, list] = {"dialog": [], "act": [], "emotion": []}
+    columns: dict[str, list] = {"dialog": [], "act": [], "emotion": [], "id": []}
     for number, (line, act_line, emotion_line) in enumerate(zip(dialog_lines, act_lines, emotion_lines), start=1):
         turns = parse_turns(line)
         acts = parse_labels(act_line, act_name, number)
@@ -146,6 +157,7 @@ def parse_split(
         columns["dialog"].append(turns)
         columns["act"].append(acts)
         columns["emotion"].append(emotions)
+        columns["id"].append(f"{split}-{number}")
     return columns
 
 
@@ -168,7 +180,7 @@ def read_split_from_zip(archive: zipfile.ZipFile, label: str, split: str, report
         member = by_basename[wanted]
         texts.append(decode_utf8(archive.read(member), f"{label}:{member}"))
     names = [f"{label}:{by_basename[wanted]}" for wanted in split_file_names(split)]
-    return parse_split(*texts, names=names, report=report)
+    return parse_split(*texts, names=names, report=report, split=split)
 
 
 def open_zip(path: Path) -> zipfile.ZipFile:
@@ -213,7 +225,7 @@ def read_extracted_split(folder: Path, split: str, report: LoadReport) -> dict[s
                     ) from None
                 except OSError as error:
                     raise DataError(f"{file_path}: cannot read ({error.strerror})") from None
-            return parse_split(*texts, names=[str(p) for p in paths], report=report)
+            return parse_split(*texts, names=[str(p) for p in paths], report=report, split=split)
     raise DataError(f"{folder}: no {split}/dialogues_{split}.txt")
 
 
@@ -225,17 +237,19 @@ def find_parquet(folder: Path, split: str) -> list[Path]:
     return []
 
 
-def read_parquet_split(files: Sequence[Path]) -> dict[str, list]:
-    """Read the Hub's parquet conversion (columns dialog, act, emotion), turns stripped as in the text release."""
+def read_parquet_split(files: Sequence[Path], split: str) -> dict[str, list]:
+    """Read the Hub's parquet conversion (columns dialog, act, emotion), turns stripped as in the text release; a
+    dialogue's id is `<split>-<row>`, rows counted from 1 across the files (the release's line, when every line is
+    there)."""
     import pyarrow.parquet as pq
 
-    columns: dict[str, list] = {"dialog": [], "act": [], "emotion": []}
+    columns: dict[str, list] = {"dialog": [], "act": [], "emotion": [], "id": []}
     for file_path in files:
         try:
             table = pq.read_table(file_path)
         except Exception as error:  # pyarrow raises several unrelated types for corrupt files
             raise DataError(f"{file_path}: not a readable parquet file ({error})") from None
-        missing = {"dialog", "act", "emotion"} - set(table.column_names)
+        missing = set(DAILYDIALOG_COLUMNS) - set(table.column_names)
         if missing:
             raise DataError(f"{file_path}: missing columns {', '.join(sorted(missing))}")
         for row, (turns, acts, emotions) in enumerate(
@@ -251,6 +265,7 @@ def read_parquet_split(files: Sequence[Path]) -> dict[str, list]:
             columns["dialog"].append(turns)
             columns["act"].append([int(a) for a in acts])
             columns["emotion"].append([int(e) for e in emotions])
+            columns["id"].append(f"{split}-{len(columns['id']) + 1}")
     return columns
 
 
@@ -275,7 +290,7 @@ def read_folder(folder: Path, report: LoadReport) -> dict[str, dict[str, list]]:
                 return splits
             if layout == "text":
                 return {split: read_extracted_split(folder, split, report) for split in SPLITS}
-            return {split: read_parquet_split(find_parquet(folder, split)) for split in SPLITS}
+            return {split: read_parquet_split(find_parquet(folder, split), split) for split in SPLITS}
     if (folder / ZIP_NAME).is_file():
         return read_outer_zip(folder / ZIP_NAME, report)
     partial = {layout: found for layout, found in present.items() if found}
@@ -357,7 +372,7 @@ def load_from_hub(cache_dir: Path, report: LoadReport) -> dict[str, dict[str, li
     try:
         folder = download_hub_parquet(cache_dir)
         report.source = f"hub:{HUB_REPO}@{HUB_REVISION}"
-        return {split: read_parquet_split(find_parquet(folder, split)) for split in SPLITS}
+        return {split: read_parquet_split(find_parquet(folder, split), split) for split in SPLITS}
     except DataError:
         raise
     except Exception as error:  # network, auth, missing repo: fall back to the original zip
@@ -389,7 +404,8 @@ def load_dailydialog(
         report: filled with the source and any skipped lines.
 
     Returns:
-        DatasetDict with train/validation/test and columns dialog (list[str]), act (list[int]), emotion (list[int]).
+        DatasetDict with train/validation/test and columns dialog (list[str]), act (list[int]), emotion (list[int])
+        and id (`<split>-<line>`).
 
     Raises:
         DataError: the source is missing, unreadable or not in a DailyDialog layout; the message names the file.
@@ -419,25 +435,6 @@ def load_dailydialog(
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # File stems that name each split in a folder (`train.jsonl`, `dev.parquet`, ...).
 SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
-TURN_COLUMNS = ("dialog", "dialogue", "turns")
-# Role names of each layout -> gpt2ft's three roles.
-ROLE_NAMES = {
-    "messages": {"system": "system", "user": "user", "assistant": "assistant"},
-    "sharegpt": {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"},
-}
-MESSAGE_KEYS = {"messages": ("role", "content"), "sharegpt": ("from", "value")}
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a record holds its conversation: `kind` ("messages", "sharegpt" or "turns") under `column`."""
-
-    kind: str
-    column: str
-
-    @property
-    def has_roles(self) -> bool:
-        return self.kind != "turns"
 
 
 @dataclass
@@ -455,7 +452,8 @@ class RawDialogs:
 
 
 def detect_layout(dataset: Dataset, origin: str, forced: str | None = None) -> Layout:
-    """The record layout of a split, from its columns (and, for --dialog-column, from what the column holds).
+    """The record layout of a split (a key of conversations.READERS), from its columns (and, for --dialog-column,
+    from what the column holds).
 
     Raises:
         DataError: no known layout (the message lists the columns found and suggests --dialog-column).
@@ -473,59 +471,15 @@ def detect_layout(dataset: Dataset, origin: str, forced: str | None = None) -> L
         sample = next((value for value in dataset[column][:50] if value), None)
         first = sample[0] if isinstance(sample, list) and sample else None
         if isinstance(first, dict):
-            return Layout("sharegpt" if "from" in first or "value" in first else "messages", column)
+            return Layout(message_layout(first), column)
+        if column == "dialog" and set(DAILYDIALOG_COLUMNS) <= set(columns):  # a copy of DailyDialog: keep its labels
+            return Layout("dailydialog", column)
         return Layout("turns", column)
     raise DataError(
         f"{origin}: no conversations found: columns {', '.join(columns) or '(none)'}; expected 'messages' (role/content), "
         f"'conversations' (ShareGPT from/value) or a list of turns under {', '.join(TURN_COLUMNS)} "
         "(or name the column with --dialog-column NAME)"
     )
-
-
-def read_record(record: dict[str, Any], layout: Layout, where: str) -> tuple[list[str], list[str]]:
-    """The turns (stripped) and roles ("" for plain turns) of one record.
-
-    Raises:
-        DataError: the conversation is missing, a message is not a mapping, a role is unknown, or a content is not
-            a string or is empty; `where` names the record.
-    """
-    value = record.get(layout.column)
-    if value is None:
-        present = ", ".join(key for key, item in record.items() if item is not None) or "none"
-        raise DataError(
-            f"{where}: no {layout.column!r} in this record (its fields: {present}); name the conversation's column with --dialog-column"
-        )
-    if not isinstance(value, list):
-        raise DataError(f"{where}: {layout.column!r} is a {type(value).__name__}, not a list of turns")
-    turns, roles = [], []
-    if layout.kind == "turns":
-        for number, turn in enumerate(value, 1):
-            if not isinstance(turn, str) or not turn.strip():
-                raise DataError(
-                    f"{where}: turn {number} is {'empty' if isinstance(turn, str) else type(turn).__name__}, not text"
-                )
-            turns.append(turn.strip())
-            roles.append("")
-        return turns, roles
-    role_key, content_key = MESSAGE_KEYS[layout.kind]
-    known = ROLE_NAMES[layout.kind]
-    for number, message in enumerate(value, 1):
-        if not isinstance(message, dict):
-            raise DataError(
-                f"{where}: message {number} is a {type(message).__name__}, not an object with {role_key!r} and {content_key!r}"
-            )
-        role, content = message.get(role_key), message.get(content_key)
-        if role not in known:
-            raise DataError(
-                f"{where}: message {number} has unknown {role_key} {role!r} (gpt2ft knows {', '.join(known)})"
-            )
-        if not isinstance(content, str):
-            raise DataError(f"{where}: message {number} ({role}): {content_key} is {type(content).__name__}, not text")
-        if not content.strip():
-            raise DataError(f"{where}: message {number} ({role}): {content_key} is empty")
-        turns.append(content.strip())
-        roles.append(known[role])
-    return turns, roles
 
 
 def locate(origin: str, index: int) -> str:
@@ -719,13 +673,13 @@ def read_hub(data: str, cache_dir: Path | None) -> tuple[dict[str, Dataset], dic
 def dailydialog_source(data: str, cache_dir: Path) -> RawDialogs:
     report = LoadReport()
     loaded = load_dailydialog(data, cache_dir=cache_dir, report=report)
-    digest = hashlib.sha256()
+    digest = hashlib.sha256()  # the labels too: they are kept through preparation, so they are part of the data
     for split in SPLITS:
-        for turns in loaded[split]["dialog"]:
-            digest.update("\x1e".join(turns).encode() + b"\x1d")
+        for turns, acts, emotions in zip(*(loaded[split][name][:] for name in DAILYDIALOG_COLUMNS)):
+            digest.update("\x1e".join(turns).encode() + f"{acts}{emotions}".encode() + b"\x1d")
     return RawDialogs(
         splits={split: loaded[split] for split in SPLITS},
-        layout=Layout("turns", "dialog"),
+        layout=Layout("dailydialog", "dialog"),
         source=report.source,
         origins={split: f"{report.source} ({split})" for split in SPLITS},
         identity=digest.hexdigest()[:16],
@@ -744,7 +698,7 @@ def is_dailydialog_folder(folder: Path) -> bool:
     if files:
         import pyarrow.parquet as pq
 
-        return {"dialog", "act", "emotion"} <= set(pq.read_schema(files[0]).names)
+        return set(DAILYDIALOG_COLUMNS) <= set(pq.read_schema(files[0]).names)
     return False
 
 

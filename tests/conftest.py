@@ -83,11 +83,18 @@ def make_split(n: int, seed: int) -> list[list[str]]:
     return [make_dialog(rng) for _ in range(n)]
 
 
+def made_up_labels(turns: list[str]) -> tuple[list[int], list[int]]:
+    """Release label ids for a dialogue's turns, different from turn to turn: act 1 + i % 4 (inform, question,
+    directive, commissive, ...) and emotion i % 7 (no emotion, anger, disgust, ...) for turn i."""
+    return [1 + i % 4 for i in range(len(turns))], [i % 7 for i in range(len(turns))]
+
+
 def release_texts(dialogs: list[list[str]]) -> tuple[str, str, str]:
-    """The three line-aligned release files for a list of dialogues (acts and emotions made up)."""
+    """The three line-aligned release files for a list of dialogues (acts and emotions made up: made_up_labels)."""
     dialog_lines = [" __eou__ ".join(turns) + " __eou__" for turns in dialogs]
-    act_lines = [" ".join(str(1 + i % 4) for i in range(len(turns))) for turns in dialogs]
-    emotion_lines = [" ".join("0" for _ in turns) for turns in dialogs]
+    labels = [made_up_labels(turns) for turns in dialogs]
+    act_lines = [" ".join(map(str, acts)) for acts, _ in labels]
+    emotion_lines = [" ".join(map(str, emotions)) for _, emotions in labels]
     return tuple("\n".join(lines) + "\n" for lines in (dialog_lines, act_lines, emotion_lines))
 
 
@@ -143,8 +150,8 @@ def write_layout(root: Path, layout: str, splits: dict[str, list[list[str]]] | N
                 {
                     # The Hub copy keeps the release's trailing spaces on each turn.
                     "dialog": [[turn + " " for turn in turns] for turns in dialogs],
-                    "act": [[1 + i % 4 for i in range(len(turns))] for turns in dialogs],
-                    "emotion": [[0 for _ in turns] for turns in dialogs],
+                    "act": [made_up_labels(turns)[0] for turns in dialogs],
+                    "emotion": [made_up_labels(turns)[1] for turns in dialogs],
                 }
             )
             pq.write_table(table, folder / "0000.parquet")

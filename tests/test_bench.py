@@ -156,12 +156,10 @@ def test_bench_rejects_unknown_variant(capsys, tiny_model_dir, long_data, tmp_pa
 
 
 def test_the_schedule_counts_what_the_model_is_fed_and_warms_up_every_shape(tiny_tokenizer):
-    from datasets import Dataset
-
     from gpt2ft.bench import WARMUP_STEPS, gpt2ft_schedule
-    from gpt2ft.data import DialogueCollator, tokenize_dialogs
+    from gpt2ft.data import DialogueCollator, dialogs_dataset, tokenize_dialogs
 
-    rows = tokenize_dialogs(Dataset.from_dict({"dialog": make_split(60, 3) + long_dialogs(6, 4)}), tiny_tokenizer, 256)
+    rows = tokenize_dialogs(dialogs_dataset(make_split(60, 3) + long_dialogs(6, 4)), tiny_tokenizer, 256)
     schedule = gpt2ft_schedule(
         DialogueCollator(tiny_tokenizer, "pack", row_tokens=64), rows, batch_size=4, steps=6, seed=0
     )

@@ -8,7 +8,8 @@ from conftest import make_conversations, write_conversations
 from datasets import Dataset
 
 from gpt2ft.chat_format import CHAT_TEMPLATE, as_messages, ensure_chat_template
-from gpt2ft.data import IGNORE_INDEX, prepare_dialogs, tokenize_dialogs
+from gpt2ft.conversations import Conversation, messages_from_turns, roles_of, turns_of
+from gpt2ft.data import IGNORE_INDEX, dialogs_dataset, prepare_dialogs, tokenize_dialogs
 
 
 def template_ids(tokenizer, messages, with_mask=False):
@@ -19,12 +20,14 @@ def template_ids(tokenizer, messages, with_mask=False):
 
 
 def prepared_messages(dialogs: Dataset) -> list[list[dict[str, str]]]:
+    """Each prepared conversation as chat messages, spelled out here (not with as_messages) so the test checks the
+    rule: a turn without a role alternates backwards from the last, the user's."""
     return [
         [
             {"role": role or ("user" if (len(turns) - 1 - i) % 2 == 0 else "assistant"), "content": turn}
             for i, (turn, role) in enumerate(zip(turns, roles))
         ]
-        for turns, roles in zip(dialogs["dialog"], dialogs["roles"])
+        for turns, roles in ((turns_of(m), roles_of(m)) for m in dialogs["messages"])
     ]
 
 
@@ -62,6 +65,12 @@ def test_turns_without_roles_alternate_and_end_with_the_user():
     assert [m["role"] for m in as_messages(["a", "b"])] == ["assistant", "user"]
     kept = as_messages([{"role": "system", "content": "s"}, "q"])
     assert kept == [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    # A prepared record's messages as they are: plain turns (role "") alternate, labels are not passed on.
+    record = [
+        {"role": "", "content": "a", "emotion": "anger", "act": "inform"},
+        {"role": "", "content": "b", "emotion": None, "act": None},
+    ]
+    assert as_messages(record) == [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]
 
 
 def test_a_model_with_its_own_template_keeps_it(tiny_tokenizer):
@@ -83,7 +92,7 @@ def test_template_tokens_and_assistant_mask_equal_training_on_role_data(tmp_path
         for split in prepared.dialogs
     )
     assert checked == sum(len(prepared.dialogs[split]) for split in prepared.dialogs) > 30
-    assert any("system" in roles for roles in prepared.dialogs["train"]["roles"])
+    assert any("system" in roles_of(messages) for messages in prepared.dialogs["train"]["messages"])
 
 
 def test_template_tokens_equal_training_on_real_dialogues(shared_data):
@@ -99,8 +108,12 @@ def test_template_tokens_equal_training_on_real_dialogues(shared_data):
     assert checked == 500
     # Real conversations written as chat messages with roles: the mask is exactly the assistant-only labels.
     dialogs = prepared.dialogs["validation"]
-    roles = [["user" if i % 2 == 0 else "assistant" for i in range(len(turns))] for turns in dialogs["dialog"]]
-    with_roles = Dataset.from_dict({"dialog": dialogs["dialog"], "roles": roles})
+    with_roles = dialogs_dataset(
+        [
+            Conversation(messages_from_turns(turns, ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]))
+            for turns in (turns_of(messages) for messages in dialogs["messages"])
+        ]
+    )
     assert check_template_equals_training(tokenizer, with_roles, "assistant") == 100
 
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 import random
 import zipfile
 
+import datasets
 import pytest
 import torch
-from conftest import default_splits, write_layout
+from conftest import default_splits, made_up_labels, write_layout
 
+from gpt2ft.conversations import LABELS, turns_of
 from gpt2ft.data import (
+    DIALOG_FEATURES,
     IGNORE_INDEX,
     DialogueCollator,
     clean_turn,
-    normalise_dialog,
+    dialogs_dataset,
+    normalize_dialog,
     pack_rows,
     prepare_dialogs,
     tokenize_dialogs,
@@ -31,9 +35,14 @@ def test_every_layout_loads_the_same_dialogues(tmp_path, layout):
     splits = default_splits(20, 5)
     dialogs = load_dailydialog(str(write_layout(tmp_path / layout, layout, splits)))
     assert set(dialogs) == {"train", "validation", "test"}
-    assert dialogs["train"].column_names == ["dialog", "act", "emotion"]
+    assert dialogs["train"].column_names == ["dialog", "act", "emotion", "id"]
     for split, expected in splits.items():
         assert dialogs[split]["dialog"] == expected  # stripped turns, identical across layouts
+        assert dialogs[split]["act"] == [made_up_labels(turns)[0] for turns in expected]  # the release's ids
+        assert dialogs[split]["emotion"] == [made_up_labels(turns)[1] for turns in expected]
+        assert dialogs[split]["id"] == [
+            f"{split}-{line}" for line in range(1, len(expected) + 1)
+        ]  # same in every layout
     first = dialogs["train"][0]
     assert len(first["dialog"]) == len(first["act"]) == len(first["emotion"])
     assert all(isinstance(a, int) for a in first["act"])
@@ -41,14 +50,14 @@ def test_every_layout_loads_the_same_dialogues(tmp_path, layout):
 
 def test_parse_split_strips_turns_and_drops_empty_pieces():
     columns = parse_split(" Hi there ! __eou__  __eou__ Hello . __eou__\n", "1 2\n", "0 0\n", NAMES)
-    assert columns == {"dialog": [["Hi there !", "Hello ."]], "act": [[1, 2]], "emotion": [[0, 0]]}
+    assert columns == {"dialog": [["Hi there !", "Hello ."]], "act": [[1, 2]], "emotion": [[0, 0]], "id": ["train-1"]}
 
 
 def test_turn_label_mismatch_is_skipped_and_reported():
     report = LoadReport()
     text = "A . __eou__ B . __eou__\nC . __eou__ D . __eou__ E . __eou__\n"
-    columns = parse_split(text, "1 2\n1 2\n", "0 0\n0 0\n", NAMES, report)
-    assert columns["dialog"] == [["A .", "B ."]]
+    columns = parse_split(text, "1 2\n1 2\n", "0 0\n0 0\n", NAMES, report, split="test")
+    assert columns["dialog"] == [["A .", "B ."]] and columns["id"] == ["test-1"]
     assert len(report.skipped) == 1 and "d.txt:2" in report.skipped[0] and "3 turns" in report.skipped[0]
 
 
@@ -95,6 +104,7 @@ def test_real_release_loads_with_its_one_misaligned_line(shared_data):
     report = LoadReport()
     dialogs = load_dailydialog(str(shared_data / "dailydialog"), report=report)
     assert (len(dialogs["train"]), len(dialogs["validation"]), len(dialogs["test"])) == (11117, 1000, 1000)
+    assert dialogs["train"]["id"][7850:7852] == ["train-7851", "train-7853"]  # ids are release lines: 7852 skipped
     assert report.skipped == [
         f"{shared_data / 'dailydialog' / 'train.zip'}:train/dialogues_train.txt:7852: 12 turns but 11 act and 11 emotion labels"
     ]
@@ -131,8 +141,8 @@ def test_clean_turn(release, clean):
 def test_cleaning_can_be_turned_off(dailydialog_dir):
     raw = prepare_dialogs(str(dailydialog_dir), clean_text=False, keep_overlap=True)
     cleaned = prepare_dialogs(str(dailydialog_dir), clean_text=True, keep_overlap=True)
-    assert any(" ?" in turn for turns in raw.dialogs["train"]["dialog"] for turn in turns)
-    assert not any(" ?" in turn for turns in cleaned.dialogs["train"]["dialog"] for turn in turns)
+    assert any(" ?" in m["content"] for messages in raw.dialogs["train"]["messages"] for m in messages)
+    assert not any(" ?" in m["content"] for messages in cleaned.dialogs["train"]["messages"] for m in messages)
 
 
 # --- leakage ----------------------------------------------------------------------------------------------------
@@ -145,18 +155,20 @@ def test_remove_overlap_drops_train_duplicates_and_eval_dialogues_seen_in_train(
         str(write_layout(tmp_path / "d", "extracted", splits)), cache_dir=tmp_path, clean_text=False
     )
     kept, counts = prepared.dialogs, prepared.counts
-    assert kept["train"]["dialog"] == [a, b]  # case and spacing differences count as duplicates
-    assert kept["validation"]["dialog"] == [c]
-    assert kept["test"]["dialog"] == [d, d]  # only overlap with train is removed from test
+    turns = {split: [turns_of(messages) for messages in kept[split]["messages"]] for split in kept}
+    assert turns["train"] == [a, b]  # case and spacing differences count as duplicates
+    assert turns["validation"] == [c]
+    assert turns["test"] == [d, d]  # only overlap with train is removed from test
+    assert kept["test"]["id"] == ["test-2", "test-3"]  # the release lines they came from
     assert counts["train"] == {"release": 4, "removed": 2, "kept": 2, "used": 2}
     assert counts["validation"]["removed"] == 1 and counts["test"]["removed"] == 1
 
 
-def test_normalise_dialog_ignores_release_spacing():
-    assert normalise_dialog(["It ' s fine , right.But no ."]) == normalise_dialog(["it's fine, right. But no."])
-    assert normalise_dialog(["A .", "B ."]) != normalise_dialog(["A . B ."])
+def test_normalize_dialog_ignores_release_spacing():
+    assert normalize_dialog(["It ' s fine , right.But no ."]) == normalize_dialog(["it's fine, right. But no."])
+    assert normalize_dialog(["A .", "B ."]) != normalize_dialog(["A . B ."])
     # With roles, the same words said by someone else are another conversation.
-    assert normalise_dialog(["Hi.", "Yo."], ["user", "assistant"]) != normalise_dialog(
+    assert normalize_dialog(["Hi.", "Yo."], ["user", "assistant"]) != normalize_dialog(
         ["Hi.", "Yo."], ["assistant", "user"]
     )
 
@@ -174,6 +186,59 @@ def test_real_release_leakage_counts(shared_data):
     assert prepared.counts["train"]["kept"] == 10359
     assert prepared.counts["validation"]["removed"] == 98
     assert prepared.counts["test"]["removed"] == 127
+    # The release's first dialogue, with its labels by name (train line 1: acts 3 4 2 2 2 3 4 1 3 4, emotions
+    # six 0s then four 4s).
+    first = prepared.dialogs["train"][0]
+    assert first["id"] == "train-1" and first["messages"][0]["content"].startswith("Say, Jim, how about")
+    assert [m["act"] for m in first["messages"]] == [LABELS["act"][int(a) - 1] for a in "3422234134"]
+    assert [m["emotion"] for m in first["messages"]] == ["no emotion"] * 6 + ["happiness"] * 4
+
+
+def expected_labels(split_dialogs: dict[str, list[list[str]]], record: dict) -> tuple[list[str], list[str]]:
+    """The label names the release files give the prepared `record` (found by its id, `<split>-<line>`)."""
+    split, line = record["id"].rsplit("-", 1)
+    acts, emotions = made_up_labels(split_dialogs[split][int(line) - 1])
+    return [LABELS["emotion"][e] for e in emotions], [LABELS["act"][a - 1] for a in acts]
+
+
+def test_dailydialog_labels_come_out_on_every_turn_by_name(tmp_path, dailydialog_dir):
+    prepared = prepare_dialogs(str(dailydialog_dir), cache_dir=tmp_path)
+    splits = default_splits()  # what conftest wrote into dailydialog_dir
+    seen = set()
+    for split, dialogs in prepared.dialogs.items():
+        assert dialogs.features == DIALOG_FEATURES
+        for record in dialogs:
+            emotions, acts = expected_labels(splits, record)
+            assert [m["emotion"] for m in record["messages"]] == emotions
+            assert [m["act"] for m in record["messages"]] == acts
+            assert record["source"] == str(dailydialog_dir) and record["id"].startswith(f"{split}-")
+            seen.update(emotions)
+    assert {"no emotion", "anger", "disgust"} <= seen  # the labels vary from turn to turn
+    # Written to Arrow and memory-mapped back (as datasets caches a split), the labels stay as they were.
+    prepared.dialogs.save_to_disk(tmp_path / "saved")
+    reloaded = datasets.load_from_disk(str(tmp_path / "saved"))
+    assert reloaded["train"]["messages"][:] == prepared.dialogs["train"]["messages"][:]
+
+
+def test_labels_of_your_own_messages_survive_preparation_and_its_cache(tmp_path):
+    from conftest import make_conversations, write_conversations
+
+    emotions = LABELS["emotion"]
+    conversations = [
+        [{**m, "emotion": emotions[n % 7]} if m["role"] == "user" else m for m in c]
+        for n, c in enumerate(make_conversations(60, 3))
+    ]
+    path = write_conversations(tmp_path / "labelled.jsonl", conversations)
+    first = prepare_dialogs(str(path), cache_dir=tmp_path / "cache", keep_overlap=True)
+    again = prepare_dialogs(str(path), cache_dir=tmp_path / "cache", keep_overlap=True)
+    assert again.dialogs["train"].cache_files  # read back from datasets' cache files, not recomputed in memory
+    for prepared in (first, again):
+        messages = [m for split in prepared.dialogs.values() for c in split["messages"] for m in c]
+        assert {m["emotion"] for m in messages if m["role"] == "user"} == set(emotions)
+        assert {m["emotion"] for m in messages if m["role"] != "user"} == {None}  # no label given: null
+        assert {m["act"] for m in messages} == {None}
+    assert again.dialogs["train"]["messages"][:] == first.dialogs["train"]["messages"][:]
+    assert again.dialogs["train"]["id"][:] == first.dialogs["train"]["id"][:]
 
 
 def test_max_dialog_limits_apply_after_deduplication(dailydialog_dir):
@@ -194,9 +259,7 @@ def test_turn_targets_follow_the_loss_mode():
 
 
 def test_tokenised_rows_have_eos_after_each_turn_and_label_every_real_token(tiny_tokenizer):
-    from datasets import Dataset
-
-    rows = tokenize_dialogs(Dataset.from_dict({"dialog": [["Hi, how are you?", "I am fine."]]}), tiny_tokenizer, 256)
+    rows = tokenize_dialogs(dialogs_dataset([["Hi, how are you?", "I am fine."]]), tiny_tokenizer, 256)
     ids, labels = rows[0]["input_ids"], rows[0]["labels"]
     eos = tiny_tokenizer.eos_token_id
     assert ids[0] == eos and ids[-1] == eos and ids.count(eos) == 3
@@ -207,10 +270,8 @@ def test_tokenised_rows_have_eos_after_each_turn_and_label_every_real_token(tiny
 
 
 def test_loss_on_responses_masks_the_first_turn(tiny_tokenizer):
-    from datasets import Dataset
-
     dialog = ["Hi, how are you?", "I am fine."]
-    rows = tokenize_dialogs(Dataset.from_dict({"dialog": [dialog]}), tiny_tokenizer, 256, loss_on="responses")
+    rows = tokenize_dialogs(dialogs_dataset([dialog]), tiny_tokenizer, 256, loss_on="responses")
     first_turn = len(tiny_tokenizer(dialog[0])["input_ids"]) + 2  # leading EOS + turn + its EOS
     assert set(rows[0]["labels"][:first_turn]) == {IGNORE_INDEX}
     assert rows[0]["labels"][first_turn:] == rows[0]["input_ids"][first_turn:]

@@ -147,8 +147,8 @@ def test_chunked_scoring_equals_the_models_own_loss(tiny_model, tiny_tokenizer, 
 
 
 def test_samples_of_role_data_ask_for_the_assistants_turn(tiny_model, tiny_tokenizer):
-    from datasets import Dataset
-
+    from gpt2ft.conversations import Conversation, messages_from_turns
+    from gpt2ft.data import dialogs_dataset
     from gpt2ft.evaluation import cut_point, sample_replies
 
     assert cut_point(["a", "b", "c", "d"]) == 2 and cut_point(["a"]) is None  # plain turns: the first half
@@ -156,11 +156,15 @@ def test_samples_of_role_data_ask_for_the_assistants_turn(tiny_model, tiny_token
     assert cut_point(["q1", "a1", "q2", "a2"], ["user", "assistant", "user", "assistant"]) == 3
     assert cut_point(["q1", "a1", "q2", "a2", "q3"], ["user", "assistant", "user", "assistant", "user"]) == 3
     assert cut_point(["q", "q"], ["user", "user"]) is None
-    dialogs = Dataset.from_dict(
-        {
-            "dialog": [["Be brief.", "Hello", "Hi there"], ["Hello", "Hi", "How are you?", "Fine."]],
-            "roles": [["system", "user", "assistant"], ["user", "assistant", "user", "assistant"]],
-        }
+    dialogs = dialogs_dataset(
+        [
+            Conversation(messages_from_turns(["Be brief.", "Hello", "Hi there"], ["system", "user", "assistant"])),
+            Conversation(
+                messages_from_turns(
+                    ["Hello", "Hi", "How are you?", "Fine."], ["user", "assistant", "user", "assistant"]
+                )
+            ),
+        ]
     )
     records = sample_replies(tiny_model, tiny_tokenizer, dialogs, 2, greedy=True, max_new_tokens=3)
     assert [r["reference"] for r in records] == ["Hi there", "Fine."]

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt2ft.checkpoints import save_final_model
 from gpt2ft.cli import main
 from gpt2ft.generate import Reply, build_generation_config, build_prompt_ids, chat, generate_reply
-from gpt2ft.checkpoints import save_final_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

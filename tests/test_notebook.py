@@ -344,25 +344,30 @@ def test_data_views(tiny_tokenizer, tmp_path, capsys):
     assert list(table.columns) == ["release", "removed", "kept", "used"] and table.loc["train", "removed"] == 2
     assert format_turns(["Hi.", "Hello.", "Bye."]) == "A: Hi.\nB: Hello.\nA: Bye."
     assert show_chat_format(["Hi.", "Hello."], tiny_tokenizer) == "<|endoftext|>Hi.<|endoftext|>Hello.<|endoftext|>"
+    # A prepared record's messages, as the notebook passes them: plain turns (role "") read as A and B.
+    record = [{"role": "", "content": "Hi.", "emotion": "no emotion", "act": "inform"}, {"role": "", "content": "Yo."}]
+    assert format_turns(record) == "A: Hi.\nB: Yo."
+    assert format_turns([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Yo."}]) == (
+        "user: Hi.\nassistant: Yo."
+    )
+    assert show_chat_format(record, tiny_tokenizer) == "<|endoftext|>Hi.<|endoftext|>Yo.<|endoftext|>"
     chart = plot_token_lengths([5, 9, 12, 30], tmp_path / "images", limit=256)
     assert chart == tmp_path / "images" / "token_lengths.png" and chart.stat().st_size > 0
     assert "median 9, 99th percentile 30, longest 30" in capsys.readouterr().out
 
 
 def test_label_table_marks_the_trained_tokens(tiny_tokenizer):
-    from datasets import Dataset
-
-    from gpt2ft.data import tokenize_dialogs
+    from gpt2ft.data import dialogs_dataset, tokenize_dialogs
 
     turns = ["Hello, how are you?", "I am fine."]
-    row = tokenize_dialogs(Dataset.from_dict({"dialog": [turns]}), tiny_tokenizer, 256)[0]
+    row = tokenize_dialogs(dialogs_dataset([turns]), tiny_tokenizer, 256)[0]
     table = label_table(row, tiny_tokenizer)
     assert list(table.columns) == ["token", "id", "label", "trained"]
     assert table["trained"].tolist() == ["no"] + ["yes"] * (len(table) - 1)
     assert (table.loc[table.trained == "yes", "label"] == table.loc[table.trained == "yes", "id"]).all()
     first_turn = len(tiny_tokenizer(turns[0], add_special_tokens=False)["input_ids"]) + 1
     responses = label_table(
-        tokenize_dialogs(Dataset.from_dict({"dialog": [turns]}), tiny_tokenizer, 256, loss_on="responses")[0],
+        tokenize_dialogs(dialogs_dataset([turns]), tiny_tokenizer, 256, loss_on="responses")[0],
         tiny_tokenizer,
     )
     assert responses["trained"].tolist() == ["no"] * (1 + first_turn) + ["yes"] * (len(responses) - 1 - first_turn)

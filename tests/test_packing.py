@@ -19,9 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import EXCHANGES
-from datasets import Dataset
 
-from gpt2ft.data import IGNORE_INDEX, DialogueCollator, tokenize_dialogs
+from gpt2ft.data import IGNORE_INDEX, DialogueCollator, dialogs_dataset, tokenize_dialogs
 from gpt2ft.evaluation import evaluate_loss
 
 ATOL = 1e-5
@@ -41,7 +40,7 @@ def varied_dialogs() -> list[list[str]]:
 
 @pytest.fixture
 def rows(tiny_tokenizer):
-    rows = tokenize_dialogs(Dataset.from_dict({"dialog": varied_dialogs()}), tiny_tokenizer, max_length=256)
+    rows = tokenize_dialogs(dialogs_dataset(varied_dialogs()), tiny_tokenizer, max_length=256)
     assert len(set(rows["length"])) == len(rows), "the test needs rows of different lengths"
     assert len(rows) == 5  # one row per dialogue: none is longer than the window
     return [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in rows]

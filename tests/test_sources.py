@@ -11,9 +11,18 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import as_sharegpt, make_conversations, train_argv, write_conversations
+from conftest import (
+    as_sharegpt,
+    made_up_labels,
+    make_conversations,
+    make_split,
+    train_argv,
+    write_conversations,
+    write_records,
+)
 
 from gpt2ft.cli import main
+from gpt2ft.conversations import LABELS, roles_of, turns_of
 from gpt2ft.data import IGNORE_INDEX, key_share, prepare_dialogs, tokenize_dialogs
 from gpt2ft.sources import DataError, load_source, parse_hub_spec
 
@@ -24,8 +33,13 @@ def prepare(path, tmp_path, **options):
     return prepare_dialogs(str(path), cache_dir=str(tmp_path / "cache"), **options)
 
 
+def split_turns(dialogs) -> list[list[str]]:
+    """The turns of each conversation of a prepared split."""
+    return [turns_of(messages) for messages in dialogs["messages"]]
+
+
 def all_dialogs(prepared) -> list[list[str]]:
-    return [turns for split in ("train", "validation", "test") for turns in prepared.dialogs[split]["dialog"]]
+    return [turns for split in ("train", "validation", "test") for turns in split_turns(prepared.dialogs[split])]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -47,7 +61,7 @@ def test_every_layout_in_every_file_type_reads_the_same_conversations(tmp_path, 
         expected = {tuple(m["content"] for m in c if m["role"] != "system") for c in CONVERSATIONS}
     else:
         expected = {tuple(m["content"] for m in c) for c in CONVERSATIONS}
-        roles = {tuple(r) for split in prepared.dialogs for r in prepared.dialogs[split]["roles"]}
+        roles = {tuple(roles_of(m)) for split in prepared.dialogs for m in prepared.dialogs[split]["messages"]}
         assert ("system", "user", "assistant") in {r[:3] for r in roles}  # ShareGPT's human/gpt become user/assistant
     assert texts == expected  # every conversation arrives (duplicates once, all in one split)
 
@@ -75,6 +89,30 @@ def test_dialog_column_forces_the_column(tmp_path):
     records = [{"talk": as_sharegpt(c)} for c in CONVERSATIONS]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert prepare(path, tmp_path, dialog_column="talk").has_roles  # what the column holds decides the layout
+
+
+def test_each_conversation_keeps_its_own_id_else_its_place_and_its_source(tmp_path):
+    records = [{"messages": c, **({"id": f"chat-{n}"} if n % 2 else {})} for n, c in enumerate(CONVERSATIONS)]
+    path = write_records(tmp_path / "ids.jsonl", records)
+    prepared = prepare(path, tmp_path, keep_overlap=True)
+    ids = {i for split in prepared.dialogs.values() for i in split["id"]}
+    assert ids == {f"chat-{n}" if n % 2 else f"train-{n}" for n in range(len(CONVERSATIONS))}  # the file's own split
+    assert {s for split in prepared.dialogs.values() for s in split["source"]} == {str(path)}
+
+
+def test_a_hub_copy_of_dailydialog_keeps_its_labels(tmp_path):
+    dialogs = make_split(100, 4)
+    records = [
+        {"dialog": turns, "act": made_up_labels(turns)[0], "emotion": made_up_labels(turns)[1]} for turns in dialogs
+    ]
+    write_records(tmp_path / "copy" / "data" / "train-00000-of-00001.parquet", records)
+    assert load_source(f"hub:{tmp_path / 'copy'}", tmp_path / "cache").layout.kind == "dailydialog"
+    prepared = prepare(f"hub:{tmp_path / 'copy'}", tmp_path, validation_fraction=0.3, test_fraction=0.3)
+    for split in prepared.dialogs.values():
+        for index, messages in zip(split["id"], split["messages"]):
+            acts, _ = made_up_labels(dialogs[int(index.rsplit("-", 1)[1])])
+            assert [m["act"] for m in messages] == [LABELS["act"][a - 1] for a in acts]
+    assert not prepared.has_roles and not prepared.is_dailydialog  # labels kept; cleaning stays opt-in
 
 
 def hub_layout(root: Path, conversations) -> Path:
@@ -120,7 +158,7 @@ def test_hub_errors_are_one_clear_line(tmp_path, monkeypatch):
 def test_dailydialog_stays_the_default_and_is_cleaned(dailydialog_dir, tmp_path):
     prepared = prepare(dailydialog_dir, tmp_path)
     assert prepared.is_dailydialog and not prepared.has_roles and prepared.loss_on == "all"
-    assert not any(" ?" in turn for turns in prepared.dialogs["train"]["dialog"] for turn in turns)
+    assert not any(" ?" in turn for turns in split_turns(prepared.dialogs["train"]) for turn in turns)
 
 
 def test_other_sources_are_cleaned_only_when_asked(tmp_path):
@@ -161,9 +199,9 @@ def test_duplicates_land_in_one_split_and_leakage_is_removed(tmp_path):
     write_conversations(folder / "validation.jsonl", CONVERSATIONS[60:70] + repeated[:2])  # two leaked from train
     write_conversations(folder / "test.jsonl", CONVERSATIONS[70:])
     prepared = prepare(folder, tmp_path)
-    train_texts = {tuple(t) for t in prepared.dialogs["train"]["dialog"]}
+    train_texts = {tuple(t) for t in split_turns(prepared.dialogs["train"])}
     assert prepared.counts["validation"]["removed"] >= 2 and not train_texts & {
-        tuple(t) for t in prepared.dialogs["validation"]["dialog"]
+        tuple(t) for t in split_turns(prepared.dialogs["validation"])
     }
     assert prepared.counts["train"]["removed"] >= 5  # the five repeats (and any repeat the generator made)
     kept = prepare(folder, tmp_path, keep_overlap=True)
@@ -195,7 +233,8 @@ def test_only_assistant_turns_are_targets_and_the_system_message_never(tmp_path,
     dialogs = prepared.dialogs["train"]
     rows = tokenize_dialogs(dialogs, tiny_tokenizer, 256, "assistant")
     eos = tiny_tokenizer.eos_token_id
-    for row, turns, roles in zip(rows, dialogs["dialog"], dialogs["roles"]):
+    for row, messages in zip(rows, dialogs["messages"]):
+        turns, roles = turns_of(messages), roles_of(messages)
         ids, labels = row["input_ids"], row["labels"]
         position = 1
         for turn, role in zip(turns, roles):
@@ -205,10 +244,11 @@ def test_only_assistant_turns_are_targets_and_the_system_message_never(tmp_path,
             assert ids[position + span - 1] == eos
             position += span
     everything = tokenize_dialogs(dialogs, tiny_tokenizer, 256, "all")
-    system_rows = [i for i, roles in enumerate(dialogs["roles"]) if roles[0] == "system"]
+    system_rows = [i for i, messages in enumerate(dialogs["messages"]) if messages[0]["role"] == "system"]
     assert system_rows
     for index in system_rows:  # even under "all", the system message is context
-        system_span = len(tiny_tokenizer(dialogs[index]["dialog"][0], add_special_tokens=False)["input_ids"]) + 2
+        system_turn = dialogs[index]["messages"][0]["content"]
+        system_span = len(tiny_tokenizer(system_turn, add_special_tokens=False)["input_ids"]) + 2
         assert set(everything[index]["labels"][:system_span]) == {IGNORE_INDEX}
 
 
@@ -267,6 +307,21 @@ BAD_SOURCES = [
             tmp, json.dumps({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "y"}]})
         ),
         "bad.jsonl:41: message 1 (user): content is empty",
+    ),
+    (
+        "a label outside DailyDialog's",
+        lambda tmp: jsonl_with(
+            tmp,
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "x", "emotion": "joy"},
+                        {"role": "assistant", "content": "y"},
+                    ]
+                }
+            ),
+        ),
+        "bad.jsonl:41: message 1 (user): emotion 'joy' is not a DailyDialog emotion label (no emotion, anger,",
     ),
     (
         "empty file",

@@ -270,9 +270,9 @@ def test_evaluation_outside_training_follows_the_training_precision_rule(monkeyp
         "evaluate_loss",
         lambda *args, **kwargs: seen.update(precision=args[5]) or {"loss": 1.0, "perplexity": math.e, "tokens": 1},
     )
-    from datasets import Dataset
+    from gpt2ft.data import dialogs_dataset
 
-    evaluate_dialogs(tiny_model, tiny_tokenizer, Dataset.from_dict({"dialog": [["Hi.", "Hello."]]}))
+    evaluate_dialogs(tiny_model, tiny_tokenizer, dialogs_dataset([["Hi.", "Hello."]]))
     assert seen["precision"] == "bf16"
 
 
