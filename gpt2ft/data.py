@@ -42,7 +42,16 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 
-from .conversations import TURN_FIELDS, Conversation, messages_from_turns, read_conversation, roles_of, turns_of
+from .chat_format import (
+    RenderedConversation,
+    as_messages,
+    end_of_turn,
+    find_spans,
+    render_text,
+    split_into_turns,
+    template_of,
+)
+from .conversations import TURN_FIELDS, Conversation, messages_from_turns, read_conversation, roles_of
 from .sources import SPLITS, DataError
 
 IGNORE_INDEX = -100
@@ -406,55 +415,58 @@ def remove_overlap(splits: dict[str, Dataset]) -> dict[str, Dataset]:
 
 
 def window_dialog(
-    turn_ids: Sequence[Sequence[int]], eos_id: int, max_length: int, targets: Sequence[bool]
-) -> list[tuple[list[int], list[int]]]:
+    conversation: RenderedConversation, max_length: int, targets: Sequence[bool]
+) -> list[tuple[list[int], list[int], int]]:
     """Token ids and labels of one dialogue, split into windows of at most `max_length` tokens at turn boundaries.
 
-    The ids are the chat template's (chat_format.CHAT_TEMPLATE): EOS, then each turn followed by EOS. Each window
-    starts with EOS; windows after the first repeat the most recent earlier turns that fit in half the window as
+    The tokens are the chat template's (chat_format.render_conversation): the head (gpt2ft's leading EOS, a
+    template's default system message), then each turn: its header, content and end-of-turn token. Each window starts
+    with the head; windows after the first repeat the most recent earlier turns that fit in half the window as
     context (labels -100), so every target token is predicted exactly once and always with context. A single turn
     longer than the window is cut into pieces so nothing is dropped.
 
     Args:
-        turn_ids: token ids of each turn, without EOS.
-        eos_id: GPT-2's `<|endoftext|>` id.
+        conversation: the head and turns of tokens.
         max_length: most tokens in one window.
-        targets: per turn, whether its tokens and closing EOS are training targets (`turn_targets`).
+        targets: per turn, whether its content and end-of-turn token are training targets (`turn_targets`).
 
     Returns:
-        A list of (input_ids, labels) pairs.
+        A list of (input_ids, labels, target content bytes) triples.
     """
-    piece_limit = max(1, max_length // 2 - 1)
-    pieces: list[list[int]] = []
-    is_target: list[bool] = []
-    for ids, target in zip(turn_ids, targets):
-        piece = list(ids) + [eos_id]
-        if len(piece) > max_length - 1:  # a turn longer than the window: cut it so it fits with some context
-            for start in range(0, len(piece), piece_limit):
-                pieces.append(piece[start : start + piece_limit])
-                is_target.append(target)
+    head = list(conversation.head)
+    room = max_length - len(head)
+    piece_limit = max(1, room // 2)
+    pieces: list[tuple[list[int], list[int], list[int]]] = []  # ids, labels, content bytes of the labelled tokens
+    for turn, target in zip(conversation.turns, targets):
+        labels = [i if target and t else IGNORE_INDEX for i, t in zip(turn.ids, turn.trainable)]
+        counted = [b if target and t else 0 for b, t in zip(turn.content_bytes, turn.trainable)]
+        if len(turn.ids) > room:  # a turn longer than the window: cut it so it fits with some context
+            for start in range(0, len(turn.ids), piece_limit):
+                part = slice(start, start + piece_limit)
+                pieces.append((turn.ids[part], labels[part], counted[part]))
         else:
-            pieces.append(piece)
-            is_target.append(target)
+            pieces.append((turn.ids, labels, counted))
 
     windows = []
     first = 0
     while first < len(pieces):
         context: list[int] = []
         for previous in range(first - 1, -1, -1):
-            if 1 + len(pieces[previous]) + len(context) > max_length // 2:
+            if len(head) + len(pieces[previous][0]) + len(context) > max_length // 2:
                 break
-            context = pieces[previous] + context
-        if 1 + len(context) + len(pieces[first]) > max_length:  # a long turn takes the whole window
+            context = pieces[previous][0] + context
+        if len(head) + len(context) + len(pieces[first][0]) > max_length:  # a long turn takes the whole window
             context = []
-        input_ids = [eos_id] + context
+        input_ids = head + context
         labels = [IGNORE_INDEX] * len(input_ids)
+        target_bytes = 0
         end = first
-        while end < len(pieces) and len(input_ids) + len(pieces[end]) <= max_length:
-            input_ids += pieces[end]
-            labels += pieces[end] if is_target[end] else [IGNORE_INDEX] * len(pieces[end])
+        while end < len(pieces) and len(input_ids) + len(pieces[end][0]) <= max_length:
+            input_ids += pieces[end][0]
+            labels += pieces[end][1]
+            target_bytes += sum(pieces[end][2])
             end += 1
-        windows.append((input_ids, labels))
+        windows.append((input_ids, labels, target_bytes))
         first = end
     return windows
 
@@ -465,6 +477,7 @@ ROW_FEATURES = datasets.Features(
         "labels": datasets.List(datasets.Value("int32")),
         "length": datasets.Value("int32"),
         "n_targets": datasets.Value("int32"),
+        "target_bytes": datasets.Value("int64"),  # UTF-8 bytes of the target turns' text (bits per byte)
         "dialog_index": datasets.Value("int64"),
     }
 )
@@ -473,30 +486,32 @@ ROW_FEATURES = datasets.Features(
 def tokenize_batch(
     batch: dict[str, list], indices: list[int], tokenizer: Any, max_length: int, loss_on: str
 ) -> dict[str, list]:
-    """Training rows (one a window) of a batch of dialogues: the turns in one call of the fast tokenizer."""
-    eos_id = tokenizer.eos_token_id
-    all_turns = [turn for messages in batch["messages"] for turn in turns_of(messages)]
-    encoded = tokenizer(all_turns, add_special_tokens=False)["input_ids"] if all_turns else []
+    """Training rows (one a window) of a batch of dialogues: each rendered by the chat template, all of them
+    tokenised in one call of the fast tokenizer, then cut into turns by their character offsets."""
+    end_token = end_of_turn(tokenizer)
+    conversations = [as_messages(messages) for messages in batch["messages"]]
+    texts = [render_text(tokenizer, messages) for messages in conversations]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
     rows: dict[str, list] = {name: [] for name in ROW_FEATURES}
-    position = 0
-    for index, messages in zip(indices, batch["messages"]):
-        turn_ids = encoded[position : position + len(messages)]
-        position += len(messages)
-        targets = turn_targets(roles_of(messages), loss_on)
-        for input_ids, labels in window_dialog(turn_ids, eos_id, max_length, targets):
+    for number, (index, messages, text) in enumerate(zip(indices, conversations, texts)):
+        spans = find_spans(text, messages, end_token)
+        rendered = split_into_turns(text, spans, encoded["input_ids"][number], encoded["offset_mapping"][number])
+        targets = turn_targets(roles_of(batch["messages"][number]), loss_on)
+        for input_ids, labels, target_bytes in window_dialog(rendered, max_length, targets):
             rows["input_ids"].append(input_ids)
             rows["labels"].append(labels)
             rows["length"].append(len(input_ids))
             rows["n_targets"].append(sum(label != IGNORE_INDEX for label in labels))
+            rows["target_bytes"].append(target_bytes)
             rows["dialog_index"].append(index)
     return rows
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
+    """A key of what decides the rows: the vocabulary and merges, EOS, and the chat template rows are rendered in."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    return fingerprint(
-        backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()), tokenizer.eos_token_id
-    )
+    vocabulary = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    return fingerprint(vocabulary, tokenizer.eos_token_id, template_of(tokenizer))
 
 
 def tokenize_dialogs(
@@ -913,7 +928,7 @@ class DialogueCollator:
         )
 
 
-TOKENIZED_FORMAT_VERSION = 2  # bump when the format or labels change, so old caches are not reused
+TOKENIZED_FORMAT_VERSION = 3  # bump when the format or labels change, so old caches are not reused
 
 
 def tokenize_prepared(

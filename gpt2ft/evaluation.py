@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .logs import write_jsonl
-from .loss import core_model, token_nll_sum
+from .loss import core_model, last_hidden_states, token_nll_sum
 from .modeling import autocast_context, device_precision, without_kv_cache
 
 
@@ -31,14 +31,14 @@ def perplexity(loss: float) -> float:
 def batch_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token NLLs over the labelled positions of one batch, and how many there are (both on the device).
 
-    The logits are computed a chunk of positions at a time from GPT-2's hidden states (loss.token_nll_sum, as in
-    training): the same sum as `model(**batch).loss` times the count, without materialising every position's logits.
-    Call it inside `modeling.without_kv_cache(model)` (evaluate_loss does): packed rows stay apart only without a
-    KV cache.
+    The logits are computed a chunk of positions at a time from the model's last hidden states (loss.token_nll_sum,
+    as in training): the same sum as `model(**batch).loss` times the count, without materialising every position's
+    logits. Call it inside `modeling.without_kv_cache(model)` (evaluate_loss does): packed rows stay apart only
+    without a KV cache.
     """
     core = core_model(model)  # adapters of a PEFT model stay in
     inputs = {key: value for key, value in batch.items() if key in ("input_ids", "attention_mask", "position_ids")}
-    hidden = core.transformer(**inputs).last_hidden_state
+    hidden = last_hidden_states(core, **inputs)
     return token_nll_sum(hidden, core.get_output_embeddings().weight, batch["labels"])
 
 

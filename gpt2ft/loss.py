@@ -150,6 +150,12 @@ def core_model(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def last_hidden_states(core: Any, **inputs: Any) -> torch.Tensor:
+    """The last hidden states of a causal LM's decoder (its `base_model`: GPT-2's `transformer`, Llama's `model`),
+    without the output layer, with no KV cache."""
+    return core.base_model(**inputs, use_cache=False).last_hidden_state
+
+
 def chunked_loss_forward(
     self: Any,
     input_ids=None,
@@ -159,7 +165,7 @@ def chunked_loss_forward(
     num_items_in_batch=None,
     **kwargs: Any,
 ) -> Any:
-    """GPT2LMHeadModel.forward for training: with labels, the loss from `token_nll_sum` and no logits; without,
+    """A causal LM's forward for training: with labels, the loss from `token_nll_sum` and no logits; without,
     the model's own forward. The loss is the mean over `num_items_in_batch` targets when the Trainer gives it (the
     whole optimiser step's count, as transformers' own loss), else over this batch's."""
     from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
@@ -169,10 +175,10 @@ def chunked_loss_forward(
             self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
         )
     kwargs.pop("use_cache", None)
-    hidden = self.transformer(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
-    ).last_hidden_state
-    total, count = token_nll_sum(hidden, self.lm_head.weight, labels)
+    hidden = last_hidden_states(
+        self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+    )
+    total, count = token_nll_sum(hidden, self.get_output_embeddings().weight, labels)
     if num_items_in_batch is None:
         num_items_in_batch = count.clamp(min=1)
     elif torch.is_tensor(num_items_in_batch):
@@ -182,10 +188,10 @@ def chunked_loss_forward(
 
 def use_chunked_loss(model: Any) -> Any:
     """Give this model instance `chunked_loss_forward` (the class and the saved folder are untouched: a loaded
-    model is a plain GPT2LMHeadModel). Call it before the Trainer wraps the model for mixed precision, so the
+    model is a plain transformers model). Call it before the Trainer wraps the model for mixed precision, so the
     autocast wrapper wraps this forward."""
     core = core_model(model)
-    if not (hasattr(core, "transformer") and hasattr(core, "lm_head")):
-        raise TypeError(f"chunked loss: {type(core).__name__} is not a GPT-2 language model")
+    if core.get_output_embeddings() is None or core.base_model is core:
+        raise TypeError(f"chunked loss: {type(core).__name__} is not a causal language model with an output layer")
     core.forward = types.MethodType(chunked_loss_forward, core)
     return model

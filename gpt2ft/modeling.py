@@ -1,67 +1,32 @@
-"""Load GPT-2 and its tokenizer safely, and choose the numeric precision for the hardware.
+"""Load a causal LM and its tokenizer safely, and choose the numeric precision for the hardware.
 
 Weights are loaded from safetensors only (never a pickle), with no remote code. `--model` is a Hub id (`gpt2`,
-`gpt2-medium`, ...) or a local `save_pretrained` folder holding weights and tokenizer.
+`HuggingFaceTB/SmolLM2-135M-Instruct`, ...) or a local `save_pretrained` folder holding weights and tokenizer, of a
+family gpt2ft supports (families.py: GPT-2, Llama, Qwen2/Qwen3, Mistral).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import GPT2_CONTEXT
 from .errors import ModelError
+from .families import check_architecture, check_model_source, check_size
 
 # The autocast dtype of each precision: the one map training, evaluation and the benchmark use.
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
-SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
-PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+# DailyDialog's longest dialogue is ~900 GPT-2 tokens (~1,100 in ChatML): 2,048 keeps every dialogue whole.
+TRAINING_WINDOW = 2048
 GPT2_SIZES = {"gpt2": 124e6, "gpt2-medium": 355e6, "gpt2-large": 774e6, "gpt2-xl": 1558e6}
 
 
-def check_model_source(name: str) -> None:
-    """Check a local model folder before any library touches it.
-
-    Raises:
-        ModelError: the folder has no config.json, is not GPT-2, or carries only pickle weights.
-    """
-    path = Path(name).expanduser()
-    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
-    if not looks_local:
-        return  # a Hub id; checked when it loads
-    if not path.is_dir():
-        raise ModelError(f"--model {name}: no such model folder")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise ModelError(f"--model {name}: no config.json (expected a folder written by save_pretrained)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelError(f"--model {name}: config.json is not readable JSON ({error})") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type != "gpt2":
-        raise ModelError(f"--model {name}: model_type is {model_type!r}, but gpt2ft fine-tunes GPT-2 models only")
-    if not any((path / weights).is_file() for weights in SAFE_WEIGHTS):
-        pickles = [weights for weights in PICKLE_WEIGHTS if (path / weights).is_file()]
-        if pickles:
-            raise ModelError(
-                f"--model {name}: only pickle weights ({', '.join(pickles)}); gpt2ft loads safetensors only, because "
-                "unpickling can run arbitrary code. Convert them once with transformers' save_pretrained in a trusted "
-                "environment."
-            )
-        raise ModelError(f"--model {name}: no model.safetensors weights")
-    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json")):
-        raise ModelError(f"--model {name}: no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
-
-
 def load_tokenizer(name: str) -> Any:
-    """GPT-2's fast tokenizer, with pad = EOS (GPT-2 has no pad token; labels, not ids, mark padding here) and a
-    chat template: its own, or gpt2ft's (chat_format.CHAT_TEMPLATE) when it has none."""
+    """The model's fast tokenizer, with pad = EOS when it has no pad token (GPT-2; labels, not ids, mark padding
+    here) and a chat template: its own, or gpt2ft's (chat_format.CHAT_TEMPLATE) when it has none."""
     from transformers import AutoTokenizer
 
     from .chat_format import ensure_chat_template
@@ -80,17 +45,18 @@ def load_tokenizer(name: str) -> Any:
 
 
 def load_model(name: str, dtype: torch.dtype | None = None) -> Any:
-    """GPT-2 from safetensors, with PyTorch's SDPA attention (fused kernels; packed sequences stay apart).
+    """A causal LM from safetensors, with PyTorch's SDPA attention (fused kernels; with gpt2ft's 4-D block masks
+    and restarting positions, packed sequences stay apart in every family).
 
     Raises:
-        ModelError: not loadable, not GPT-2, or pickle-only weights.
+        ModelError: not loadable, not a supported family, or pickle-only weights.
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     check_model_source(name)
     bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise for GPT-2's few hundred tensors
+    hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise for a small model's few hundred tensors
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, use_safetensors=True, attn_implementation="sdpa", dtype=dtype or torch.float32
@@ -102,8 +68,7 @@ def load_model(name: str, dtype: torch.dtype | None = None) -> Any:
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
-    if model.config.model_type != "gpt2":
-        raise ModelError(f"--model {name}: model_type is {model.config.model_type!r}, not gpt2")
+    check_architecture(model.config.to_dict(), name)
     return model
 
 
@@ -117,10 +82,11 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None) -> tup
 
 
 def load_model_config(name: str) -> Any:
-    """The model's config alone (no weights), to check it before anything slow happens.
+    """The model's config alone (no weights), to check it before anything slow happens: a supported family, of a
+    size some machine can hold.
 
     Raises:
-        ModelError: not loadable or not GPT-2.
+        ModelError: not loadable, not a supported family, or an absurd size.
     """
     from transformers import AutoConfig
 
@@ -131,10 +97,8 @@ def load_model_config(name: str) -> Any:
         raise ModelError(
             f"--model {name}: cannot load the model config ({type(error).__name__}: {first_line(error)})"
         ) from None
-    if config.model_type != "gpt2":
-        raise ModelError(
-            f"--model {name}: model_type is {config.model_type!r}, but gpt2ft fine-tunes GPT-2 models only"
-        )
+    check_architecture(config.to_dict(), name)
+    check_size(config.to_dict(), name)
     return config
 
 
@@ -144,8 +108,19 @@ def first_line(error: BaseException) -> str:
 
 
 def config_context(config: Any) -> int:
-    """The context length (tokens) of a GPT-2 config: `n_positions`, 1024 for every released size."""
-    return int(getattr(config, "n_positions", GPT2_CONTEXT))
+    """The context length (tokens) of a model config: GPT-2's `n_positions` (1024 for every released size), the
+    others' `max_position_embeddings` (8,192 for SmolLM2, 131,072 for Llama 3.2)."""
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return GPT2_CONTEXT
+
+
+def training_window(config: Any) -> int:
+    """The longest sequence a run trains on by default: the model's context, capped at TRAINING_WINDOW (a long-context
+    model would otherwise plan rows for 131k-token sequences no dialogue has; longer dialogues are windowed)."""
+    return min(config_context(config), TRAINING_WINDOW)
 
 
 def model_context(model: Any) -> int:

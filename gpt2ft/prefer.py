@@ -47,7 +47,7 @@ from .config import PreferConfig, read_training_config, saved_run_config
 from .data import IGNORE_INDEX, prepare_from_config
 from .evaluation import evaluate_dialogs
 from .generate import generate_reply, keep_latest_turns
-from .loss import core_model
+from .loss import core_model, last_hidden_states
 from .modelcard import render_preference_card
 from .modeling import ModelError, autocast_context, load_model_and_tokenizer
 from .preferences import SKIP_TOO_LONG, SKIP_TURN_TOO_LONG, PreferenceData, Skips, read_preferences
@@ -479,9 +479,7 @@ def completion_logps(
                     attention[row, : len(ids)] = 1
                     labels[row, len(prompt) : len(ids)] = torch.tensor(ids[len(prompt) :])
                 input_ids, attention, labels = input_ids.to(device), attention.to(device), labels.to(device)
-                hidden = core.transformer(
-                    input_ids=input_ids, attention_mask=attention, use_cache=False
-                ).last_hidden_state[:, :-1]
+                hidden = last_hidden_states(core, input_ids=input_ids, attention_mask=attention)[:, :-1]
                 targets = labels[:, 1:]
                 scored = targets != IGNORE_INDEX
                 rows = scored.nonzero(as_tuple=True)[0]

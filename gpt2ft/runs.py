@@ -48,7 +48,15 @@ from .checkpoints import (
 from .config import RunConfig, changed_fields, run_defining_fields
 from .data import IGNORE_INDEX
 from .logs import append_jsonl, write_json, write_jsonl, write_text_atomic
-from .modeling import Hardware, ModelError, choose_precision, config_context, detect_hardware, load_model_config
+from .modeling import (
+    Hardware,
+    ModelError,
+    choose_precision,
+    config_context,
+    detect_hardware,
+    load_model_config,
+    training_window,
+)
 from .monitor import SystemMonitor
 
 logger = logging.getLogger(__name__)
@@ -380,7 +388,7 @@ class RunPlan:
 
 
 def resolve_max_length(config: RunConfig, model_config: Any) -> int:
-    """The training window: --max-length, or the model's context when 0.
+    """The training window: --max-length, or the model's context capped at modeling.TRAINING_WINDOW when 0.
 
     Raises:
         ModelError: --max-length is above the model's context.
@@ -388,7 +396,7 @@ def resolve_max_length(config: RunConfig, model_config: Any) -> int:
     context = config_context(model_config)
     if config.max_length > context:
         raise ModelError(f"--max-length {config.max_length}: exceeds the model's context of {context} tokens")
-    return config.max_length or context
+    return config.max_length or training_window(model_config)
 
 
 ArgsBuilder = Callable[[RunConfig, str, Hardware, Path, int], TrainingArguments]

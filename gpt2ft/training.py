@@ -28,7 +28,6 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import seed_worker
 
 from .charts import write_charts
-from .chat_format import CHAT_TEMPLATE
 from .checkpoints import TrainingError
 from .config import TrainConfig
 from .data import DialogueCollator, PreparedDialogs, column, prepare_from_config, tokenize_prepared
@@ -175,10 +174,10 @@ def prepare_data(plan: RunPlan) -> PreparedDialogs:
 
 
 def load_model_for_training(plan: RunPlan) -> LoadedModel:
-    """The base model and tokenizer, with LoRA adapters when `--method lora`. The tokenizer gets gpt2ft's chat
-    template (the format it trains in), which the saved model then carries."""
+    """The base model and tokenizer, with LoRA adapters when `--method lora`. The tokenizer keeps the model's own
+    chat template, or gets gpt2ft's when it has none (modeling.load_tokenizer): the format it trains in, which the
+    saved model then carries."""
     model, tokenizer = load_model_and_tokenizer(plan.config.model)
-    tokenizer.chat_template = CHAT_TEMPLATE
     model, counts = apply_method(model, plan.config, report=False)  # reported with the Trainer, once all is checked
     return LoadedModel(model, tokenizer, counts)
 
@@ -221,7 +220,7 @@ def build_trainer(
     save_run turns it back on."""
     loaded.model.config.use_cache = False
     use_chunked_loss(loaded.model)
-    if plan.is_main:
+    if plan.is_main and loaded.parameter_counts:
         report_parameter_counts(loaded.parameter_counts, describe_method(plan.config))
     return DialogueTrainer(
         model=loaded.model,

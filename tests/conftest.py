@@ -262,6 +262,101 @@ def build_tiny_model_dir(folder: Path, seed: int = 0, n_embd: int = 32, extra_co
     return folder
 
 
+# ChatML as SmolLM2-135M-Instruct's tokenizer carries it (a default system message when the conversation has none),
+# and as Qwen2.5 writes it without one: the two shapes of template gpt2ft must train in.
+CHATML_WITH_SYSTEM = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_chatml_tokenizer(folder: Path, template: str = CHATML_WITH_SYSTEM):
+    """The synthetic corpus's byte-level BPE with ChatML's special tokens: `<|im_end|>` ends every turn and is EOS
+    (and pad, as in SmolLM2), `<|im_start|>` opens one, `<|endoftext|>` is the document end; the chat template is
+    `template`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = [EOS, "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [turn for pair in EXCHANGES for turn in pair] + ["system", "user", "assistant", "You are a helpful AI"]
+    tokenizer.train_from_iterator(corpus * 20, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token=EOS,
+        model_max_length=512,
+    )
+    wrapped.chat_template = template
+    wrapped.save_pretrained(folder)
+    return wrapped
+
+
+# The families gpt2ft supports beside GPT-2, as tiny random-init models: 2 layers, 64 wide, grouped-query attention
+# (4 heads, 2 key/value heads), 512 positions. Llama ties its embeddings (as SmolLM2 does), Qwen2 does not and has
+# biased q/k/v projections, Qwen3 adds q/k norms.
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", {"tie_word_embeddings": True}, CHATML_WITH_SYSTEM),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": False}, CHATML),
+    "qwen3": ("Qwen3Config", {"tie_word_embeddings": True, "head_dim": 16}, CHATML),
+    "mistral": ("MistralConfig", {"tie_word_embeddings": False, "sliding_window": None}, CHATML),
+}
+
+
+def build_tiny_family_dir(folder: Path, family: str, seed: int = 0) -> Path:
+    """A random-init model of `family` (a key of FAMILY_CONFIGS) saved with a ChatML tokenizer."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    class_name, extra, template = FAMILY_CONFIGS[family]
+    tokenizer = build_chatml_tokenizer(folder, template)
+    torch.manual_seed(seed)
+    config = getattr(transformers, class_name)(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """Folder with a tiny random-init Llama (tied embeddings, SmolLM2's ChatML template); do not modify it."""
+    return build_tiny_family_dir(tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    """Folder with a tiny random-init Qwen2 (untied embeddings, ChatML without a default system message)."""
+    return build_tiny_family_dir(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Folder with a tiny random-init GPT-2 and its tokenizer (do not modify; copy it first)."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import default_splits, made_up_labels, write_layout
 
+from gpt2ft.chat_format import RenderedConversation, Turn
 from gpt2ft.conversations import LABELS, turns_of
 from gpt2ft.data import (
     DIALOG_FEATURES,
@@ -277,23 +278,32 @@ def test_loss_on_responses_masks_the_first_turn(tiny_tokenizer):
     assert rows[0]["labels"][first_turn:] == rows[0]["input_ids"][first_turn:]
 
 
+def gpt2_format(turns: list[list[int]], eos_id: int = 0) -> RenderedConversation:
+    """A conversation of token-id turns in gpt2ft's format: EOS as the head, every turn followed by EOS and all of it
+    trainable, each token one byte of content (EOS none)."""
+    return RenderedConversation(
+        [eos_id], [Turn(turn + [eos_id], [True] * (len(turn) + 1), [1] * len(turn) + [0]) for turn in turns]
+    )
+
+
 def test_windows_split_at_turn_boundaries_and_predict_every_target_once():
     turns = [[10 + t] * (5 + t) for t in range(8)]  # turn t is 5 + t copies of token 10 + t
-    windows = window_dialog(turns, eos_id=0, max_length=24, targets=[True] * len(turns))
-    assert len(windows) > 1 and all(len(ids) <= 24 for ids, _ in windows)
-    targets = [label for _, labels in windows for label in labels if label != IGNORE_INDEX]
+    windows = window_dialog(gpt2_format(turns), max_length=24, targets=[True] * len(turns))
+    assert len(windows) > 1 and all(len(ids) <= 24 for ids, _, _ in windows)
+    targets = [label for _, labels, _ in windows for label in labels if label != IGNORE_INDEX]
     assert targets == [tok for turn in turns for tok in turn + [0]]  # nothing dropped, nothing repeated
-    for ids, _labels in windows:
+    assert sum(target_bytes for _, _, target_bytes in windows) == sum(len(turn) for turn in turns)
+    for ids, _labels, _ in windows:
         assert ids[0] == 0 and ids[-1] == 0  # each window starts with EOS and ends at a turn boundary
-    later_ids, later_labels = windows[1]
+    later_ids, later_labels, _ = windows[1]
     assert later_labels[1] == IGNORE_INDEX  # later windows begin with earlier turns as context
 
 
 def test_a_turn_longer_than_the_window_is_cut_not_dropped():
-    windows = window_dialog([[7] * 50], eos_id=0, max_length=16, targets=[True])
-    targets = [label for _, labels in windows for label in labels if label != IGNORE_INDEX]
+    windows = window_dialog(gpt2_format([[7] * 50]), max_length=16, targets=[True])
+    targets = [label for _, labels, _ in windows for label in labels if label != IGNORE_INDEX]
     assert targets == [7] * 50 + [0]
-    assert all(len(ids) <= 16 for ids, _ in windows)
+    assert all(len(ids) <= 16 for ids, _, _ in windows)
 
 
 def test_pad_collator_pads_labels_with_ignore_index_not_by_token_id(tiny_tokenizer):

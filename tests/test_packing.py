@@ -1,5 +1,6 @@
-"""Packing is exact: a packed batch gives every token the same loss as its dialogue scored alone, and no token
-attends across a dialogue boundary. Padding is exact too, and the reported loss is token-weighted.
+"""Packing is exact, in every model family gpt2ft trains (GPT-2, Llama, Qwen2, Qwen3, Mistral): a packed batch gives
+every token the same loss as its dialogue scored alone, and no token attends across a dialogue boundary. Padding is
+exact too, and the reported loss is token-weighted.
 
     cd /work/main && python -m pytest tests/test_packing.py -q
 
@@ -18,7 +19,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import EXCHANGES
+from conftest import EXCHANGES, FAMILY_CONFIGS, build_tiny_family_dir
 
 from gpt2ft.data import IGNORE_INDEX, DialogueCollator, dialogs_dataset, tokenize_dialogs
 from gpt2ft.evaluation import evaluate_loss
@@ -38,17 +39,37 @@ def varied_dialogs() -> list[list[str]]:
     return dialogs
 
 
+# Every family gpt2ft trains: GPT-2 and, in their own ChatML templates, the Llama-style ones (FAMILY_CONFIGS).
+FAMILIES = ("gpt2", *FAMILY_CONFIGS)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model_dir(request, tmp_path_factory, tiny_model_dir):
+    if request.param == "gpt2":
+        return tiny_model_dir
+    return build_tiny_family_dir(tmp_path_factory.mktemp(f"packing_{request.param}"), request.param)
+
+
 @pytest.fixture
-def rows(tiny_tokenizer):
-    rows = tokenize_dialogs(dialogs_dataset(varied_dialogs()), tiny_tokenizer, max_length=256)
+def tokenizer(model_dir):
+    from gpt2ft.modeling import load_tokenizer
+
+    return load_tokenizer(str(model_dir))
+
+
+@pytest.fixture
+def rows(tokenizer):
+    rows = tokenize_dialogs(dialogs_dataset(varied_dialogs()), tokenizer, max_length=256)
     assert len(set(rows["length"])) == len(rows), "the test needs rows of different lengths"
     assert len(rows) == 5  # one row per dialogue: none is longer than the window
     return [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in rows]
 
 
 @pytest.fixture
-def model(tiny_model):
-    return tiny_model.eval()  # dropout off: the comparison must be deterministic
+def model(model_dir):
+    from gpt2ft.modeling import load_model
+
+    return load_model(str(model_dir)).eval()  # dropout off: the comparison must be deterministic
 
 
 def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,9 +100,9 @@ def segments(batch: dict[str, torch.Tensor]):
         yield from ((r, start, end) for start, end in zip(starts, starts[1:]))
 
 
-def test_padded_batch_per_token_losses_match_unpadded(model, rows, tiny_tokenizer):
+def test_padded_batch_per_token_losses_match_unpadded(model, rows, tokenizer):
     reference = [alone(model, row) for row in rows]
-    padded = DialogueCollator(tiny_tokenizer, "pad")(rows)
+    padded = DialogueCollator(tokenizer, "pad")(rows)
     assert padded["input_ids"].shape[1] % 8 == 0 and padded["input_ids"].shape[1] > max(
         len(r["input_ids"]) for r in rows
     )
@@ -100,9 +121,9 @@ def test_padded_batch_per_token_losses_match_unpadded(model, rows, tiny_tokenize
 # One row for the whole batch (row_tokens past the batch's size) and several balanced rows of ~64 tokens, each
 # topped up with a padding segment: both must score every token exactly as the dialogue alone.
 @pytest.mark.parametrize("row_tokens", [10_000, 64])
-def test_packed_per_token_losses_match_unpadded(model, rows, tiny_tokenizer, row_tokens):
+def test_packed_per_token_losses_match_unpadded(model, rows, tokenizer, row_tokens):
     reference = {tuple(row["input_ids"]): alone(model, row) for row in rows}
-    packed = DialogueCollator(tiny_tokenizer, "pack", row_tokens=row_tokens)(rows)
+    packed = DialogueCollator(tokenizer, "pack", row_tokens=row_tokens)(rows)
     total = sum(len(r["input_ids"]) for r in rows)
     if row_tokens > total:
         assert packed["input_ids"].shape[0] == 1
@@ -137,8 +158,8 @@ def test_packed_per_token_losses_match_unpadded(model, rows, tiny_tokenizer, row
     torch.testing.assert_close(model_loss.double(), ref_sum / ref_count, atol=ATOL, rtol=0)
 
 
-def test_packed_attention_does_not_cross_dialogue_boundaries(model, rows, tiny_tokenizer):
-    collate = DialogueCollator(tiny_tokenizer, "pack", row_tokens=10_000)  # both dialogues in one row
+def test_packed_attention_does_not_cross_dialogue_boundaries(model, rows, tokenizer):
+    collate = DialogueCollator(tokenizer, "pack", row_tokens=10_000)  # both dialogues in one row
     pair = [rows[1], rows[3]]
     batch = collate(pair)
     assert batch["input_ids"].shape[0] == 1
@@ -148,7 +169,7 @@ def test_packed_attention_does_not_cross_dialogue_boundaries(model, rows, tiny_t
     assert batch["input_ids"][0, l_start:l_end].tolist() == late["input_ids"]
 
     # Change every token of the dialogue that comes first in the row (same length, labels follow the inputs).
-    vocab = len(tiny_tokenizer)
+    vocab = len(tokenizer)
     changed_ids = [early["input_ids"][0]] + [(t + 17) % vocab for t in early["input_ids"][1:]]
     changed = {"input_ids": changed_ids, "labels": [IGNORE_INDEX] + changed_ids[1:]}
     edited_batch = collate([changed, late])
@@ -169,7 +190,7 @@ def test_packed_attention_does_not_cross_dialogue_boundaries(model, rows, tiny_t
 
 
 @pytest.mark.parametrize("batching", ["pad", "pack"])
-def test_evaluate_loss_is_token_weighted(model, rows, tiny_tokenizer, batching):
+def test_evaluate_loss_is_token_weighted(model, rows, tokenizer, batching):
     """evaluate_loss over padded or packed batches equals the token-weighted mean of per-sequence losses."""
     total, count, per_sequence = 0.0, 0, []
     with torch.no_grad():
@@ -180,21 +201,21 @@ def test_evaluate_loss_is_token_weighted(model, rows, tiny_tokenizer, batching):
             count += n
             per_sequence.append(float(loss))
     # Batches of 2 leave a last batch of 1, so a mean of batch means would weight the rows wrongly.
-    result = evaluate_loss(model, rows, DialogueCollator(tiny_tokenizer, batching), batch_size=2)
+    result = evaluate_loss(model, rows, DialogueCollator(tokenizer, batching), batch_size=2)
     assert result["tokens"] == count
     assert result["loss"] == pytest.approx(total / count, abs=ATOL)
     batch_means = []
     for start in range(0, len(rows), 2):
         chunk = rows[start : start + 2]
         with torch.no_grad():
-            batch_means.append(float(model(**DialogueCollator(tiny_tokenizer, batching)(chunk), use_cache=False).loss))
+            batch_means.append(float(model(**DialogueCollator(tokenizer, batching)(chunk), use_cache=False).loss))
     # The naive alternatives really are different here, so the equality above is a meaningful check.
     assert abs(sum(batch_means) / len(batch_means) - total / count) > 1e-4
     assert abs(sum(per_sequence) / len(per_sequence) - total / count) > 1e-4
 
 
 def test_the_trainers_own_forward_passes_keep_packed_dialogues_apart(
-    model, rows, tiny_tokenizer, tiny_model_dir, dailydialog_dir, run_dirs
+    model, rows, tokenizer, model_dir, dailydialog_dir, run_dirs
 ):
     """Through the Trainer gpt2ft builds, not a hand-made model call: its compute_loss (training) and the library's
     own prediction_step (which passes no use_cache) both give the packed batch the unpacked token-weighted loss."""
@@ -203,12 +224,12 @@ def test_the_trainers_own_forward_passes_keep_packed_dialogues_apart(
     from gpt2ft.runs import LoadedModel
     from gpt2ft.training import build_trainer, plan_run
 
-    plan = plan_run(config_for(tiny_model_dir, dailydialog_dir, run_dirs, "--max-steps", "1"))
+    plan = plan_run(config_for(model_dir, dailydialog_dir, run_dirs, "--max-steps", "1"))
     rows_by_split = {"train": rows, "validation": rows}
-    trainer = build_trainer(plan, LoadedModel(model, tiny_tokenizer, {}), rows_by_split, settings={})
+    trainer = build_trainer(plan, LoadedModel(model, tokenizer, {}), rows_by_split, settings={})
     reference = [alone(model, row) for row in rows]
     expected = sum(n[m].double().sum() for n, m in reference) / sum(int(m.sum()) for _, m in reference)
-    packed = DialogueCollator(tiny_tokenizer, "pack", row_tokens=10_000)(rows)
+    packed = DialogueCollator(tokenizer, "pack", row_tokens=10_000)(rows)
     assert packed["input_ids"].shape[0] == 1 and packed["attention_mask"].dim() == 4  # all five dialogues in one row
     model.eval()
     with torch.no_grad():
@@ -218,11 +239,11 @@ def test_the_trainers_own_forward_passes_keep_packed_dialogues_apart(
     torch.testing.assert_close(prediction_loss.double(), expected, atol=ATOL, rtol=0)
 
 
-def test_evaluation_keeps_packed_dialogues_apart_even_when_the_model_config_wants_a_cache(model, rows, tiny_tokenizer):
+def test_evaluation_keeps_packed_dialogues_apart_even_when_the_model_config_wants_a_cache(model, rows, tokenizer):
     model.config.use_cache = True  # as a model fresh from from_pretrained has it
     reference = [alone(model, row) for row in rows]
     expected = float(sum(n[m].double().sum() for n, m in reference) / sum(int(m.sum()) for _, m in reference))
-    collator = DialogueCollator(tiny_tokenizer, "pack", row_tokens=10_000)
+    collator = DialogueCollator(tokenizer, "pack", row_tokens=10_000)
     assert collator(rows)["input_ids"].shape[0] == 1  # every dialogue in one row: each but the first has neighbours
     result = evaluate_loss(model, rows, collator, batch_size=len(rows))
     assert result["loss"] == pytest.approx(expected, abs=ATOL)
