@@ -66,11 +66,13 @@ def evaluate_loss(
             are all-reduced so every process returns the loss of the whole split.
 
     Returns:
-        {"loss", "perplexity", "tokens"} with tokens = number of target tokens scored.
+        {"loss", "perplexity", "tokens", "bits_per_byte"} with tokens = number of target tokens scored and
+        bits_per_byte None for rows without target_bytes.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
+    whole = rows
     if world_size > 1:
         rows = rows.select(range(rank, len(rows), world_size)) if hasattr(rows, "select") else rows[rank::world_size]
     # Rows are read batch by batch (a datasets split stays memory-mapped), never copied into Python lists whole; the
@@ -96,7 +98,27 @@ def evaluate_loss(
         model.train()
     tokens = int(count.item())
     loss = float(nll_sum.item() / tokens) if tokens else float("nan")
-    return {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
+    return {
+        "loss": loss,
+        "perplexity": perplexity(loss),
+        "tokens": tokens,
+        "bits_per_byte": bits_per_byte(float(nll_sum.item()), target_bytes(whole)),
+    }
+
+
+def target_bytes(rows: Any) -> int:
+    """UTF-8 bytes of the text the rows' targets spell (data.ROW_FEATURES' target_bytes; 0 when rows lack it)."""
+    if hasattr(rows, "column_names"):
+        return int(sum(rows["target_bytes"][:])) if "target_bytes" in rows.column_names else 0
+    return int(sum(row.get("target_bytes", 0) for row in rows))
+
+
+def bits_per_byte(nll_sum: float, byte_count: int) -> float | None:
+    """Bits per byte of text: the summed NLL in bits over the bytes the targets spell. Unlike a loss per token it
+    does not depend on the tokenizer, so it compares models with different vocabularies (GPT-2's 50,257 tokens,
+    SmolLM2's 49,152). Template tokens (end of turn) cost bits but spell no bytes, alike for every format with one
+    end-of-turn token a turn."""
+    return nll_sum / (math.log(2) * byte_count) if byte_count else None
 
 
 def recompute_loss_from_dump(model: Any, records: Sequence[dict[str, list[int]]]) -> float:
@@ -139,7 +161,7 @@ def evaluate_dialogs(
         precision: None = the precision training uses on the model's device (modeling.device_precision).
 
     Returns:
-        {"dialogs", "tokens", "loss", "perplexity"}
+        {"dialogs", "tokens", "loss", "perplexity", "bits_per_byte"}
     """
     from .data import DialogueCollator, iter_dump_records, tokenize_dialogs
     from .modeling import model_context
@@ -156,6 +178,7 @@ def evaluate_dialogs(
         "tokens": result["tokens"],
         "loss": result["loss"],
         "perplexity": result["perplexity"],
+        "bits_per_byte": result.get("bits_per_byte"),
     }
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .chat_format import as_messages, render_ids
+from .chat_format import as_messages, render_ids, stop_token_ids
 from .modeling import model_context
 
 # Dialogue-friendly decoding, saved into every model's generation_config.json:
@@ -62,12 +62,19 @@ class ReplyNoRepeatNGram:
 
 
 def build_generation_config(tokenizer: Any, **overrides: Any) -> Any:
-    """GenerationConfig with the dialogue defaults, EOS as stop and pad token."""
+    """GenerationConfig with the dialogue defaults, the template's end-of-turn token (and EOS) as the stop, and the
+    tokenizer's pad and BOS (EOS for GPT-2, which has neither)."""
     from transformers import GenerationConfig
 
+    stops = stop_token_ids(tokenizer)
     eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
     return GenerationConfig(
-        **{**GENERATION_DEFAULTS, **overrides}, eos_token_id=eos, pad_token_id=eos, bos_token_id=eos
+        **{**GENERATION_DEFAULTS, **overrides},
+        eos_token_id=stops if len(stops) > 1 else stops[0],
+        pad_token_id=pad,
+        bos_token_id=bos,
     )
 
 
@@ -171,22 +178,24 @@ def generate_reply(
     input_ids = torch.tensor([prompt], device=device)
     if seed is not None:
         torch.manual_seed(seed)
-    eos = tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     from transformers import LogitsProcessorList
 
     output = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
-        eos_token_id=eos,
-        pad_token_id=eos,
+        eos_token_id=stops,
+        pad_token_id=pad,
         streamer=streamer,
         logits_processor=LogitsProcessorList([ReplyNoRepeatNGram(no_repeat, len(prompt))]) if no_repeat else None,
         **{**overrides, "max_new_tokens": max_new_tokens, "no_repeat_ngram_size": 0},
     )
     new_tokens = output[0, len(prompt) :].tolist()
-    ended = eos in new_tokens
+    end = next((position for position, token in enumerate(new_tokens) if token in stops), None)
+    ended = end is not None
     if ended:
-        new_tokens = new_tokens[: new_tokens.index(eos)]
+        new_tokens = new_tokens[:end]
     text = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
     return Reply(text=text, tokens=len(new_tokens), ended_with_eos=ended)
 

@@ -41,7 +41,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 
 from .charts import PREFER_CHART, write_charts, write_preference_chart
-from .chat_format import render_ids
+from .chat_format import end_of_turn, render_ids, stop_token_ids
 from .checkpoints import TrainingError
 from .config import PreferConfig, read_training_config, saved_run_config
 from .data import IGNORE_INDEX, prepare_from_config
@@ -269,16 +269,23 @@ def trim_records(
     prompt, prompt + reply without), so they are the tokens it will train on.
 
     Raises:
-        ModelError: the template does not end a reply with EOS (the tuned model would learn not to stop); checked
+        ModelError: the template does not end a reply with its end-of-turn token (the tuned model would learn not to
+            stop); checked
             here, before anything is written.
     """
 
+    stops = stop_token_ids(tokenizer)
+
     def reply_tokens(prompt: list[dict[str, str]], prompt_tokens: int, reply: list[dict[str, str]]) -> int:
         ids = tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=False)
-        if not ids or ids[-1] != tokenizer.eos_token_id:
+        # The template's end-of-turn token closes the reply; ChatML writes a newline after it, which TRL keeps.
+        last = len(ids)
+        while last and ids[last - 1] not in stops and not tokenizer.decode(ids[last - 1 : last]).strip():
+            last -= 1
+        if not last or ids[last - 1] not in stops:
             raise ModelError(
-                f"--model {model_name}: its chat template does not end a reply with {tokenizer.eos_token!r}; "
-                "preference tuning would teach the model not to stop"
+                f"--model {model_name}: its chat template does not end a reply with "
+                f"{end_of_turn(tokenizer)!r}; preference tuning would teach the model not to stop"
             )
         return len(ids) - prompt_tokens
 
@@ -334,17 +341,19 @@ def run_settings(plan: RunPlan, data: PreferenceData, rows: Any) -> dict[str, An
 
 @dataclass
 class SupervisedDialogs:
-    """The held-out dialogues the model was fine-tuned to predict, prepared as `train` prepared them."""
+    """The held-out dialogues the model was fine-tuned to predict (validation and test), prepared as `train`
+    prepared them."""
 
-    dialogs: Any
+    splits: dict[str, Any]
     loss_on: str
     max_length: int | None
     source: str
 
 
 def supervised_dialogs(plan: RunPlan) -> SupervisedDialogs | None:
-    """The validation dialogues of the data recorded in --model's folder (or --sft-data), to measure the language
-    model before and after; None when there are none (a model gpt2ft did not train, or --sft-data none).
+    """The validation and test dialogues of the data recorded in --model's folder (or --sft-data), at most
+    --max-sft-dialogs of each, to measure the language model before and after; None when there are none (a model
+    gpt2ft did not train, or --sft-data none).
 
     Raises:
         DataError: --sft-data was given and cannot be read. Recorded data that cannot be read any more (moved, or the
@@ -375,8 +384,22 @@ def supervised_dialogs(plan: RunPlan) -> SupervisedDialogs | None:
         if plan.is_main:
             logger.info(f"perplexity before/after not measured: the recorded supervised data cannot be read ({error})")
         return None
+    if plan.is_main:
+        counts = prepared.counts
+        logger.info(
+            f"perplexity before and after on {counts['validation']['used']:,} validation and "
+            f"{counts['test']['used']:,} test dialogues of {prepared.source}"
+            + (
+                f" (of {counts['validation']['kept']:,} and {counts['test']['kept']:,}: --max-sft-dialogs)"
+                if prepared.limits
+                else ""
+            )
+        )
     return SupervisedDialogs(
-        prepared.dialogs["validation"], prepared.loss_on, max_length or plan.max_length, prepared.source
+        {split: prepared.dialogs[split] for split in ("validation", "test")},
+        prepared.loss_on,
+        max_length or plan.max_length,
+        prepared.source,
     )
 
 
@@ -560,17 +583,27 @@ class Measurement:
     behind them (the reference's are reused after training: the reference does not change)."""
 
     scores: dict[str, Any]
-    sft: dict[str, Any] | None
+    sft: dict[str, dict[str, Any]] | None  # split -> evaluation.evaluate_dialogs' result
     policy: dict[str, list[float]] = field(default_factory=dict)
     reference: dict[str, list[float]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         sft = {
             f"sft_{key}": value
-            for key, value in (self.sft or {}).items()
-            if key in ("loss", "perplexity", "dialogs", "tokens")
+            for key, value in (self.sft or {}).get("validation", {}).items()
+            if key in ("loss", "perplexity", "dialogs", "tokens", "bits_per_byte")
         }
         return {**self.scores, **sft}
+
+    def held_out(self, prefix: str = "") -> dict[str, Any]:
+        """The supervised validation and test scores under train's names (eval_loss, test_perplexity, ...; with
+        `prefix` "base_" for the starting model), so both stages report the gain alike."""
+        names = {"validation": "eval", "test": "test"}
+        return {
+            f"{prefix}{names[split]}_{key}": result.get(key)
+            for split, result in (self.sft or {}).items()
+            for key in ("loss", "perplexity", "bits_per_byte")
+        }
 
 
 def measure(
@@ -602,15 +635,18 @@ def measure(
         scores = preference_scores(plan.config.algorithm, plan.config.beta, policy, ref, labels)
         scored = None
         if sft is not None:
-            scored = evaluate_dialogs(
-                trainer.model,
-                loaded.tokenizer,
-                sft.dialogs,
-                sft.max_length,
-                sft.loss_on,
-                batch_size,
-                precision=plan.precision,
-            )
+            scored = {
+                split: evaluate_dialogs(
+                    trainer.model,
+                    loaded.tokenizer,
+                    dialogs,
+                    sft.max_length,
+                    sft.loss_on,
+                    batch_size,
+                    precision=plan.precision,
+                )
+                for split, dialogs in sft.splits.items()
+            }
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(oom_message(plan, evaluating=True)) from None
     return Measurement(scores, scored, policy, ref)
@@ -656,10 +692,13 @@ def preference_metrics(
         f"train_{unit}": len(trainer.train_dataset),
         f"eval_{unit}": len(trainer.eval_dataset),
         **flat,
+        **before.held_out("base_"),
+        **after.held_out(),
         "before": before.summary(),
         "after": after.summary(),
         "sft_data": sft.source if sft is not None else None,
-        "sft_dialogs": len(sft.dialogs) if sft is not None else 0,
+        "sft_dialogs": len(sft.splits["validation"]) if sft is not None else 0,
+        "sft_test_dialogs": len(sft.splits["test"]) if sft is not None else 0,
         "data_counts": data.counts,
         "skipped": data.skipped,
         **(

@@ -600,6 +600,26 @@ def run_facts(plan: RunPlan, fitted: FitResult, loaded: LoadedModel) -> dict[str
     }
 
 
+def gain_lines(metrics: dict[str, Any]) -> list[str]:
+    """What training gained on the held-out splits, one line a split: the starting model's loss, perplexity and bits
+    per byte (base_*) beside the trained model's."""
+    lines = []
+    for prefix, split in (("eval", "validation"), ("test", "test")):
+        if metrics.get(f"base_{prefix}_loss") is None or metrics.get(f"{prefix}_loss") is None:
+            continue
+        parts = []
+        for key, label, digits in (
+            ("loss", "loss", 4),
+            ("perplexity", "perplexity", 2),
+            ("bits_per_byte", "bits/byte", 3),
+        ):
+            before, after = metrics.get(f"base_{prefix}_{key}"), metrics.get(f"{prefix}_{key}")
+            if before is not None and after is not None:
+                parts.append(f"{label} {before:.{digits}f} -> {after:.{digits}f}")
+        lines.append(f"{split}: " + ", ".join(parts) + " (the starting model -> the trained one)")
+    return lines
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Save, publish, finish
 # --------------------------------------------------------------------------------------------------------------
@@ -822,6 +842,9 @@ def run_stage(
         metrics = stage.metrics(plan, fitted, loaded, data, rows, baseline, after)
     finally:
         fitted.stop_monitor()
+    if plan.is_main:
+        for line in gain_lines(metrics):
+            logger.info(line)
     save_stage(plan, fitted, metrics, loaded.tokenizer, stage.record(plan, data, metrics))
     published = publish_stage(plan, stage, data)
     finish_run(plan)

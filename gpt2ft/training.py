@@ -28,6 +28,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import seed_worker
 
 from .charts import write_charts
+from .chat_format import describe_template, template_of
 from .checkpoints import TrainingError
 from .config import TrainConfig
 from .data import DialogueCollator, PreparedDialogs, column, prepare_from_config, tokenize_prepared
@@ -62,7 +63,15 @@ from .scale import apply_method, describe_method, report_parameter_counts
 logger = logging.getLogger(__name__)
 
 # The one metrics.json key set the saved folder repeats in training_config.json (serve and the card read it there).
-RECORDED_METRICS = ("train_loss", "eval_loss", "eval_perplexity", "test_loss", "test_perplexity")
+RECORDED_METRICS = (
+    "train_loss",
+    "eval_loss",
+    "eval_perplexity",
+    "test_loss",
+    "test_perplexity",
+    "base_eval_loss",
+    "base_eval_perplexity",
+)
 
 
 class DialogueTrainer(WholeRunTrainer, Trainer):
@@ -120,6 +129,7 @@ class DialogueTrainer(WholeRunTrainer, Trainer):
             f"{metric_key_prefix}_loss": result["loss"],
             f"{metric_key_prefix}_perplexity": result["perplexity"],
             f"{metric_key_prefix}_tokens": result["tokens"],
+            f"{metric_key_prefix}_bits_per_byte": result["bits_per_byte"],
             f"{metric_key_prefix}_runtime": round(runtime, 4),
         }
         self.log(metrics)
@@ -211,7 +221,8 @@ def build_trainer(
     plan: RunPlan,
     loaded: LoadedModel,
     rows: Any,
-    settings: dict[str, Any],
+    prepared: PreparedDialogs | None = None,
+    settings: dict[str, Any] | None = None,
     callbacks: Sequence[TrainerCallback] | None = None,
 ) -> DialogueTrainer:
     """The run's Trainer: gpt2ft's batches, the chunked loss (loss.use_chunked_loss), token-weighted evaluation,
@@ -230,7 +241,7 @@ def build_trainer(
         eval_dataset=rows["validation"],
         processing_class=loaded.tokenizer,
         precision=plan.precision,
-        callbacks=run_callbacks(plan, settings, callbacks),
+        callbacks=run_callbacks(plan, settings or {}, callbacks),
     )
 
 
@@ -248,25 +259,71 @@ def fit(
     Raises:
         TrainingError: out of GPU memory, or a NaN/infinite loss.
     """
-    trainer = build_trainer(plan, loaded, rows, run_settings(plan, prepared), callbacks)
+    trainer = build_trainer(plan, loaded, rows, prepared, run_settings(plan, prepared), callbacks)
     return fit_trainer(plan, trainer, resume_from)
+
+
+HELD_OUT = ("eval", "test")  # metric prefixes of the validation and test splits
+SCORES = ("loss", "perplexity", "tokens", "bits_per_byte")
+
+
+def score_base_model(
+    plan: RunPlan, trainer: DialogueTrainer, loaded: LoadedModel, prepared: PreparedDialogs, rows: Any
+) -> dict[str, Any]:
+    """The starting model on the same held-out rows the trained one is scored on, before any step: loss,
+    perplexity and bits per byte of validation and test (base_eval_*, base_test_*). Scored before the Trainer
+    starts, so a resumed run (whose trained weights load inside trainer.train) scores the starting model too.
+
+    Raises:
+        TrainingError: out of GPU memory while evaluating.
+    """
+    scores: dict[str, Any] = {}
+    try:
+        for prefix, split in zip(HELD_OUT, ("validation", "test")):
+            result = evaluate_loss(
+                loaded.model,
+                rows[split],
+                trainer.data_collator,
+                batch_size=plan.config.eval_batch_size,
+                device=plan.args.device,
+                precision=plan.precision,
+                rank=plan.args.process_index,
+                world_size=plan.args.world_size,
+            )
+            scores.update({f"base_{prefix}_{key}": result[key] for key in SCORES})
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingError(oom_message(plan, evaluating=True)) from None
+    return scores
 
 
 def measure(
     plan: RunPlan, trainer: DialogueTrainer, loaded: LoadedModel, prepared: PreparedDialogs, rows: Any, baseline: Any
 ) -> dict[str, Any]:
-    """Token-weighted loss and perplexity of the trained (best) model on validation and test.
+    """Token-weighted loss, perplexity and bits per byte of the trained (best) model on validation and test. The
+    validation figures of the best checkpoint were computed when it was chosen (the Trainer loaded it back): they
+    are read from the log, not computed again.
 
     Raises:
         TrainingError: out of GPU memory while evaluating.
     """
+    best = best_evaluation(trainer.state)
     try:
-        return {
-            **trainer.evaluate(rows["validation"], metric_key_prefix="eval"),
-            **trainer.evaluate(rows["test"], metric_key_prefix="test"),
-        }
+        validation = best or trainer.evaluate(rows["validation"], metric_key_prefix="eval")
+        return {**validation, **trainer.evaluate(rows["test"], metric_key_prefix="test")}
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(oom_message(plan, evaluating=True)) from None
+
+
+def best_evaluation(state: Any) -> dict[str, Any] | None:
+    """The validation scores logged at the best checkpoint's step (the model load_best_model_at_end put back), or
+    None when the log has none there."""
+    step = getattr(state, "best_global_step", None)
+    if not step:
+        return None
+    for record in reversed(state.log_history):
+        if record.get("step") == step and "eval_loss" in record:
+            return {f"eval_{key}": record.get(f"eval_{key}") for key in SCORES}
+    return None
 
 
 def train_metrics(
@@ -282,7 +339,9 @@ def train_metrics(
     loss and perplexity, and what the data held."""
     return {
         **run_facts(plan, fitted, loaded),
-        **{key: after[key] for key in ("eval_loss", "eval_perplexity", "eval_tokens", "test_loss", "test_perplexity")},
+        **{f"{prefix}_{key}": after.get(f"{prefix}_{key}") for prefix in HELD_OUT for key in SCORES},
+        **(baseline or {}),
+        "chat_template": describe_template(template_of(loaded.tokenizer)),
         "train_dialogs": len(prepared.dialogs["train"]),
         "eval_dialogs": len(prepared.dialogs["validation"]),
         "test_dialogs": len(prepared.dialogs["test"]),
@@ -346,9 +405,8 @@ TRAIN = Stage(
     load=load_model_for_training,
     rows=tokenize_data,
     settings=run_settings,
-    trainer=lambda plan, loaded, rows, data, settings, callbacks: build_trainer(
-        plan, loaded, rows, settings, callbacks
-    ),
+    trainer=build_trainer,
+    baseline=score_base_model,
     measure=measure,
     metrics=train_metrics,
     record=training_record,

@@ -143,9 +143,9 @@ BAD_INPUTS = [
         "no test",
     ),
     (
-        "non-GPT-2 model folder",
+        "unsupported model folder",
         {"model": lambda tmp, m: make_model_variant(tmp, m, lambda f: set_model_type(f, "bert"))},
-        "model_type is 'bert'",
+        "model_type 'bert'",
     ),
     (
         "model folder without config",
