@@ -217,10 +217,11 @@ class WholeRunTrainer:
     step, and no checkpoint written after one. Subclasses say which of a batch's positions are targets
     (`target_labels`).
 
-    Two of the Trainer's hooks here are private methods, because the Trainer has no public one for them:
+    Three of the Trainer's hooks here are private methods, because the Trainer has no public one for them:
     `_clip_grad_norm` is the only place the step's gradient norm exists as a tensor (callbacks get it as a float,
-    read from the GPU), and `_save_checkpoint` is where every save goes, whichever callback asked for it.
-    tests/test_runs.py pins both (they exist, are called as relied on, and return what is used).
+    read from the GPU), `_save_checkpoint` is where every save goes, whichever callback asked for it, and
+    `_issue_warnings_after_load` is where loading the best checkpoint back reports keys. tests/test_runs.py pins
+    them (they exist, are called as relied on, and take what is passed).
     """
 
     def __init__(self, *args: Any, precision: str = "fp32", **kwargs: Any) -> None:
@@ -255,6 +256,13 @@ class WholeRunTrainer:
         if totals.bad_step is None:
             super()._save_checkpoint(model, trial)
 
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """The best checkpoint comes back without a tied output layer (saved once, as the input embedding, and tied
+        again): that is no missing key, and warning of it would only alarm the user."""
+        tied = tied_parameter_names(self.accelerator.unwrap_model(self.model))
+        load_result.missing_keys[:] = [key for key in load_result.missing_keys if key not in tied]
+        super()._issue_warnings_after_load(load_result)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         totals = self.run_totals
         logs = dict(logs)
@@ -270,6 +278,15 @@ class WholeRunTrainer:
             tokens_per_s=totals.target_tokens / seconds if seconds > 0 else 0.0,
         )
         super().log(logs, start_time)
+
+
+def tied_parameter_names(model: Any) -> set[str]:
+    """The names of parameters that share their tensor with another (GPT-2's and SmolLM2's lm_head.weight is the
+    token embedding)."""
+    seen: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        seen.setdefault(parameter.data_ptr(), []).append(name)
+    return {name for names in seen.values() if len(names) > 1 for name in names}
 
 
 def run_callbacks(plan: RunPlan, settings: dict[str, Any], extra: Sequence[TrainerCallback] | None) -> list[Any]:

@@ -497,5 +497,5 @@ class PoisonWeights(TrainerCallback):
             import torch
 
             with torch.no_grad():
-                model.transformer.wte.weight.fill_(float("nan"))
+                model.get_input_embeddings().weight.fill_(float("nan"))
         return control

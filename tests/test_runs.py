@@ -65,7 +65,11 @@ def test_the_private_trainer_hooks_gpt2ft_overrides_still_exist_and_are_called(
 ):
     """WholeRunTrainer overrides two private Trainer methods (no public hook gives the gradient norm as a tensor, or
     sees every save): pin that transformers still has them, calls them, and passes what gpt2ft relies on."""
-    for name, parameters in (("_clip_grad_norm", ["self", "model"]), ("_save_checkpoint", ["self", "model", "trial"])):
+    for name, parameters in (
+        ("_clip_grad_norm", ["self", "model"]),
+        ("_save_checkpoint", ["self", "model", "trial"]),
+        ("_issue_warnings_after_load", ["self", "load_result"]),
+    ):
         assert list(inspect.signature(getattr(Trainer, name)).parameters) == parameters
 
     from gpt2ft.training import train
