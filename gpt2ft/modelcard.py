@@ -179,23 +179,30 @@ def _results(metrics: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
             format_int(metrics.get("train_dialogs")),
         ]
     ]
+    rows[0].insert(3, NA)
     for name, prefix, dialogs in (("validation", "eval", "eval_dialogs"), ("test", "test", "test_dialogs")):
-        rows.append(
-            [
-                name,
-                format_loss(metrics.get(f"{prefix}_loss")),
-                format_perplexity(metrics.get(f"{prefix}_perplexity")),
-                format_int(metrics.get(dialogs)),
-            ]
-        )
+        for label, key in (("the starting model", f"base_{prefix}"), ("fine-tuned", prefix)):
+            if metrics.get(f"{key}_loss") is None:
+                continue
+            rows.append(
+                [
+                    f"{name}, {label}" if metrics.get(f"base_{prefix}_loss") is not None else name,
+                    format_loss(metrics.get(f"{key}_loss")),
+                    format_perplexity(metrics.get(f"{key}_perplexity")),
+                    format_float(metrics.get(f"{key}_bits_per_byte"), 3),
+                    format_int(metrics.get(dialogs)),
+                ]
+            )
     return "\n".join(
         [
             "## Results",
             "",
-            _table(["split", "loss", "perplexity", "dialogues"], rows),
+            _table(["split", "loss", "perplexity", "bits per byte", "dialogues"], rows),
             "",
             "Loss is the mean cross-entropy (nats) per predicted token, weighted by tokens over the whole split; "
-            "perplexity = exp(loss). "
+            "perplexity = exp(loss); bits per byte is the same cross-entropy in bits over the bytes of the text "
+            "predicted, which compares models with different tokenizers. The starting model is scored on the same "
+            "held-out dialogues, in the same format, before the first step. "
             + (
                 ""
                 if settings.get("keep_overlap") is True
@@ -281,15 +288,36 @@ def _data(
             about,
             "",
             f"- Source: {code(data.source)}",
-            f"- Text cleaning (detokenised text): {format_short(settings.get('clean_text', data.is_dailydialog))}",
-            "- Format: DialoGPT's, `<|endoftext|>turn 1<|endoftext|>turn 2<|endoftext|>...` (a system message is the first "
-            f"turn), the model's chat template; loss on {LOSS_ON_TEXT.get(data.loss_on, data.loss_on)}",
+            f"- Text cleaning (detokenised text): {cleaning_text(settings.get('clean_text'), data.is_dailydialog)}",
+            f"- Format: {format_text(metrics.get('chat_template'))}; loss on "
+            f"{LOSS_ON_TEXT.get(data.loss_on, data.loss_on)}",
             "",
             leakage,
             "",
             _table(["split", "in the source", "removed (leakage / duplicates)", "kept", "used in this run"], rows),
         ]
     )
+
+
+def cleaning_text(clean_text: Any, is_dailydialog: bool) -> str:
+    """What the cleaning step did: `--clean-text` unset cleans DailyDialog's pre-tokenised text and nothing else."""
+    ran = clean_text if clean_text is not None else is_dailydialog
+    how = (
+        ""
+        if clean_text is not None
+        else (" (DailyDialog's default)" if is_dailydialog else " (the default for own data)")
+    )
+    return ("yes" if ran else "no") + how
+
+
+def format_text(template: Any) -> str:
+    """The training format, as the card says it: gpt2ft's (DialoGPT's) or the model's own chat template."""
+    if not template or str(template).startswith("gpt2ft"):
+        return (
+            "gpt2ft's (DialoGPT's), `<|endoftext|>turn 1<|endoftext|>turn 2<|endoftext|>...` (a system message is the "
+            "first turn), saved as the model's chat template"
+        )
+    return f"{md_escape(template)} chat template, kept as it came, so training and chatting agree"
 
 
 def _settings(
@@ -570,13 +598,23 @@ def _preference_results(metrics: Mapping[str, Any]) -> str:
                 format_float(metrics.get("logp_accuracy_after"), 3),
             ]
         )
-    rows.append(
-        [
-            "supervised validation perplexity",
-            format_perplexity(metrics.get("sft_perplexity_before")),
-            format_perplexity(metrics.get("sft_perplexity_after")),
-        ]
-    )
+    for prefix, split in (("eval", "validation"), ("test", "test")):
+        for key, label, formatter in (
+            ("loss", "loss", format_loss),
+            ("perplexity", "perplexity", format_perplexity),
+            ("bits_per_byte", "bits per byte", lambda value: format_float(value, 3)),
+        ):
+            before, after = metrics.get(f"base_{prefix}_{key}"), metrics.get(f"{prefix}_{key}")
+            if before is not None or after is not None:
+                rows.append([f"supervised {split} {label}", formatter(before), formatter(after)])
+    if not any(row[0].startswith("supervised") for row in rows):
+        rows.append(
+            [
+                "supervised validation perplexity",
+                format_perplexity(metrics.get("sft_perplexity_before")),
+                format_perplexity(metrics.get("sft_perplexity_after")),
+            ]
+        )
     unit = "pairs" if dpo else "examples"
     held_out = format_int(metrics.get(f"eval_{unit}"))
     reward = (
@@ -595,8 +633,9 @@ def _preference_results(metrics: Mapping[str, Any]) -> str:
     )
     sft = metrics.get("sft_data")
     perplexity = (
-        f"Perplexity is measured on {format_int(metrics.get('sft_dialogs'))} validation dialogues of the supervised data "
-        f"({code(sft)}), before and after: a preference stage that damages the language model shows here."
+        f"Loss, perplexity and bits per byte are measured on {format_int(metrics.get('sft_dialogs'))} validation and "
+        f"{format_int(metrics.get('sft_test_dialogs'))} test dialogues of the supervised data ({code(sft)}), before "
+        "and after: a preference stage that damages the language model shows here."
         if sft
         else "No supervised data was recorded with the starting model, so its perplexity was not measured."
     )

@@ -245,6 +245,8 @@ def report_data(plan: RunPlan, data: PreferenceData) -> None:
     )
     for line in data.skipped:
         logger.info(f"  {line}")
+    if data.supervised is not None:
+        logger.info(data.supervised.described)
 
 
 def load_policy(plan: RunPlan) -> LoadedModel:
@@ -348,6 +350,7 @@ class SupervisedDialogs:
     loss_on: str
     max_length: int | None
     source: str
+    described: str = ""  # what is scored, for the data report (printed once every check has passed)
 
 
 def supervised_dialogs(plan: RunPlan) -> SupervisedDialogs | None:
@@ -384,22 +387,22 @@ def supervised_dialogs(plan: RunPlan) -> SupervisedDialogs | None:
         if plan.is_main:
             logger.info(f"perplexity before/after not measured: the recorded supervised data cannot be read ({error})")
         return None
-    if plan.is_main:
-        counts = prepared.counts
-        logger.info(
-            f"perplexity before and after on {counts['validation']['used']:,} validation and "
-            f"{counts['test']['used']:,} test dialogues of {prepared.source}"
-            + (
-                f" (of {counts['validation']['kept']:,} and {counts['test']['kept']:,}: --max-sft-dialogs)"
-                if prepared.limits
-                else ""
-            )
+    counts = prepared.counts
+    described = (
+        f"perplexity before and after on {counts['validation']['used']:,} validation and "
+        f"{counts['test']['used']:,} test dialogues of {prepared.source}"
+        + (
+            f" (of {counts['validation']['kept']:,} and {counts['test']['kept']:,}: --max-sft-dialogs)"
+            if prepared.limits
+            else ""
         )
+    )
     return SupervisedDialogs(
         {split: prepared.dialogs[split] for split in ("validation", "test")},
         prepared.loss_on,
         max_length or plan.max_length,
         prepared.source,
+        described,
     )
 
 

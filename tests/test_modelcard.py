@@ -26,6 +26,15 @@ METRICS = {
     "eval_perplexity": 17.7612,
     "test_loss": 2.91,
     "test_perplexity": 18.3568,
+    "eval_bits_per_byte": 1.01234,
+    "test_bits_per_byte": 1.03,
+    "base_eval_loss": 3.5,
+    "base_eval_perplexity": 33.1155,
+    "base_eval_bits_per_byte": 1.25,
+    "base_test_loss": 3.6,
+    "base_test_perplexity": 36.598,
+    "base_test_bits_per_byte": 1.2811,
+    "chat_template": "gpt2ft (DialoGPT: EOS after every turn)",
     "train_runtime_s": 3723.4,
     "train_tokens": 1_360_000,
     "train_tokens_per_s": 365.2,
@@ -69,8 +78,12 @@ def front_matter(card: str) -> dict:
 
 def test_card_lists_the_run_metrics():
     card = render_model_card(METRICS, training_config(), SAMPLES, hardware_name="Tesla T4")
-    assert "| validation | 2.8765 | 17.76 | 923 |" in card
-    assert "| test | 2.9100 | 18.36 | 894 |" in card
+    assert "| validation, the starting model | 3.5000 | 33.12 | 1.250 | 923 |" in card
+    assert "| validation, fine-tuned | 2.8765 | 17.76 | 1.012 | 923 |" in card
+    assert "| test, the starting model | 3.6000 | 36.60 | 1.281 | 894 |" in card
+    assert "| test, fine-tuned | 2.9100 | 18.36 | 1.030 | 894 |" in card
+    older = {key: value for key, value in METRICS.items() if not key.startswith("base_") and "bits" not in key}
+    assert "| validation | 2.8765 | 17.76 | n/a | 923 |" in render_model_card(older, training_config(), SAMPLES, "T4")
     assert "| train (mean over the run) | 3.2123 |" in card
     assert "1 h 02 min 03 s" in card  # runtime
     assert "1,360,000" in card and "365 tokens/s" in card
@@ -228,3 +241,15 @@ def test_a_card_for_your_own_conversations_does_not_claim_dailydialog():
     assert "DailyDialog" not in card.split("## Data")[0] and "CC BY-NC-SA" not in card
     assert meta["license_name"] == "see-the-training-data" and "datasets" not in meta
     assert "the assistant's turns" in card and "# GPT-2 fine-tuned on chats.jsonl" in card
+
+
+def test_card_says_what_cleaning_ran_and_which_template_the_model_trained_in():
+    dailydialog = render_model_card(METRICS, {**training_config(), "data_is_dailydialog": True}, SAMPLES, "T4")
+    assert "Text cleaning (detokenised text): yes (DailyDialog's default)" in dailydialog  # never "n/a"
+    own = {**training_config(), "data_is_dailydialog": False, "data_source": "chats.jsonl"}
+    assert "Text cleaning (detokenised text): no (the default for own data)" in render_model_card(METRICS, own, [], "T4")
+    forced = {**training_config(clean_text=True), "data_is_dailydialog": False, "data_source": "chats.jsonl"}
+    assert "Text cleaning (detokenised text): yes\n" in render_model_card(METRICS, forced, [], "T4")
+    assert "gpt2ft's (DialoGPT's)" in dailydialog
+    chatml = {**METRICS, "chat_template": "ChatML (<|im_start|>/<|im_end|>), the model's own"}
+    assert "the model's own chat template, kept as it came" in render_model_card(chatml, training_config(), [], "T4")

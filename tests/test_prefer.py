@@ -695,7 +695,7 @@ BAD_INPUTS = [
     ("unpaired records for DPO", {"data": unpaired}, [], "use --algorithm kto"),
     ("a database that is not SQLite", {"data": not_sqlite}, [], "votes.sqlite: not an SQLite database"),
     ("a database without the votes table", {"data": without_votes_table}, [], "no such table: votes"),
-    ("a model that is not GPT-2", {"model": bert_model}, [], "model_type is 'bert'"),
+    ("a model of an unsupported family", {"model": bert_model}, [], "model_type 'bert'"),
     ("a missing model folder", {"model": lambda root, model: root / "nowhere" / "model"}, [], "no such model folder"),
     (
         "a chat template that does not end a reply with EOS",
