@@ -284,8 +284,15 @@ def show_chat_format(
 
 
 def describe_tokenizer(tokenizer: Any, max_length: int) -> str:
-    """Print and return the vocabulary size, the EOS token and the training window."""
-    text = f"vocabulary: {len(tokenizer):,} tokens; EOS: {tokenizer.eos_token!r} (id {tokenizer.eos_token_id}); context: {max_length} tokens"
+    """Print and return the vocabulary size, the EOS token, the end-of-turn token, the chat template the run trains
+    in (the model's own, or gpt2ft's) and the training window."""
+    from .chat_format import describe_template, end_of_turn, template_of
+
+    text = (
+        f"vocabulary: {len(tokenizer):,} tokens; EOS: {tokenizer.eos_token!r} (id {tokenizer.eos_token_id}); "
+        f"end of turn: {end_of_turn(tokenizer)!r}; chat template: {describe_template(template_of(tokenizer))}; "
+        f"context: {max_length} tokens"
+    )
     print(text)
     return text
 
@@ -333,53 +340,48 @@ def token_stats_table(rows: Any) -> Any:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def score_splits(
-    model: Any, tokenizer: Any, rows: Any, plan: Any, splits: Sequence[str] = ("validation", "test"), label: str = ""
-) -> dict[str, dict[str, Any]]:
-    """Loss and perplexity of `model` on the tokenised held-out splits, scored exactly as training evaluates them
-    (same rows, collator, batch size and precision), on the training device.
+def score_splits(model: Any, tokenizer: Any, rows: Any, plan: Any, label: str = "") -> dict[str, Any]:
+    """The model before fine-tuning on the tokenised held-out splits, scored exactly as training evaluates them
+    (training.score_starting_model, the run's own baseline), with a line a split.
 
     Returns:
-        split -> {"loss", "perplexity", "tokens"} (evaluation.evaluate_loss).
+        base_eval_* and base_test_* (loss, perplexity, tokens, bits_per_byte): pass it to evaluate_run, so
+        metrics.json and the card hold it too.
     """
-    from .data import DialogueCollator
-    from .evaluation import evaluate_loss
+    from .training import score_starting_model
 
-    model.to(plan.args.device)
-    collator = DialogueCollator(tokenizer, plan.config.batching)
-    results = {}
-    for split in splits:
-        result = evaluate_loss(
-            model, rows[split], collator, plan.config.eval_batch_size, plan.args.device, plan.precision
-        )
-        results[split] = result
+    scores = score_starting_model(plan, model, tokenizer, rows)
+    for prefix, split in (("eval", "validation"), ("test", "test")):
         print(
-            f"{split}{' ' + label if label else ''}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
-            f"({result['tokens']:,} target tokens in {len(rows[split]):,} rows)"
+            f"{split}{' ' + label if label else ''}: loss {scores[f'base_{prefix}_loss']:.4f}, perplexity "
+            f"{scores[f'base_{prefix}_perplexity']:.2f}, {scores[f'base_{prefix}_bits_per_byte'] or float('nan'):.3f} "
+            f"bits per byte ({scores[f'base_{prefix}_tokens']:,} target tokens in {len(rows[split]):,} rows)"
         )
-    return results
+    return scores
 
 
-def before_after_table(before: dict[str, dict[str, Any]], metrics: dict[str, Any]) -> Any:
-    """Validation and test loss and perplexity before fine-tuning (`score_splits`) and after (the run's metrics).
+def before_after_table(before: dict[str, Any], metrics: dict[str, Any]) -> Any:
+    """Validation and test loss, perplexity and bits per byte before fine-tuning (`score_splits`) and after (the
+    run's metrics).
 
     Returns:
-        A table with one row a split: loss and perplexity before and after, and how many times lower the perplexity is.
+        A table with one row a split: each measure before and after, and how many times lower the perplexity is.
     """
     import pandas as pd
 
-    prefixes = {"validation": "eval", "test": "test"}
     rows = {}
-    for split, prefix in prefixes.items():
-        if split not in before or f"{prefix}_perplexity" not in metrics:
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        if f"base_{prefix}_loss" not in before or f"{prefix}_perplexity" not in metrics:
             continue
         after_ppl = metrics[f"{prefix}_perplexity"]
         rows[split] = {
-            "loss before": round(before[split]["loss"], 4),
+            "loss before": round(before[f"base_{prefix}_loss"], 4),
             "loss after": round(metrics[f"{prefix}_loss"], 4),
-            "perplexity before": round(before[split]["perplexity"], 2),
+            "perplexity before": round(before[f"base_{prefix}_perplexity"], 2),
             "perplexity after": round(after_ppl, 2),
-            "times lower": round(before[split]["perplexity"] / after_ppl, 2) if after_ppl else float("nan"),
+            "times lower": round(before[f"base_{prefix}_perplexity"] / after_ppl, 2) if after_ppl else float("nan"),
+            "bits/byte before": round(before.get(f"base_{prefix}_bits_per_byte") or float("nan"), 3),
+            "bits/byte after": round(metrics.get(f"{prefix}_bits_per_byte") or float("nan"), 3),
         }
     return pd.DataFrame.from_dict(rows, orient="index")
 
@@ -408,7 +410,7 @@ def comparison_table(
     from .evaluation import format_comparison
 
     rows = [
-        {"label": "before (base)", "perplexity": before["test"]["perplexity"], **before_replies},
+        {"label": "before (base)", "perplexity": before["base_test_perplexity"], **before_replies},
         {"label": "after (fine-tuned)", "perplexity": metrics["test_perplexity"], **after_replies},
     ]
     table = format_comparison(rows)

@@ -267,23 +267,23 @@ HELD_OUT = ("eval", "test")  # metric prefixes of the validation and test splits
 SCORES = ("loss", "perplexity", "tokens", "bits_per_byte")
 
 
-def score_base_model(
-    plan: RunPlan, trainer: DialogueTrainer, loaded: LoadedModel, prepared: PreparedDialogs, rows: Any
-) -> dict[str, Any]:
-    """The starting model on the same held-out rows the trained one is scored on, before any step: loss,
-    perplexity and bits per byte of validation and test (base_eval_*, base_test_*). Scored before the Trainer
-    starts, so a resumed run (whose trained weights load inside trainer.train) scores the starting model too.
+def score_starting_model(plan: RunPlan, model: Any, tokenizer: Any, rows: Any) -> dict[str, Any]:
+    """A model (the starting one, before any step) on the held-out rows, scored exactly as training evaluates them
+    (same rows, collator, batch size and precision, on the training device): loss, perplexity, target tokens and
+    bits per byte of validation and test, as base_eval_* and base_test_*.
 
     Raises:
         TrainingError: out of GPU memory while evaluating.
     """
     scores: dict[str, Any] = {}
+    collator = DialogueCollator(tokenizer, plan.config.batching)
+    model.to(plan.args.device)
     try:
         for prefix, split in zip(HELD_OUT, ("validation", "test")):
             result = evaluate_loss(
-                loaded.model,
+                model,
                 rows[split],
-                trainer.data_collator,
+                collator,
                 batch_size=plan.config.eval_batch_size,
                 device=plan.args.device,
                 precision=plan.precision,
@@ -294,6 +294,15 @@ def score_base_model(
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(oom_message(plan, evaluating=True)) from None
     return scores
+
+
+def score_base_model(
+    plan: RunPlan, trainer: DialogueTrainer, loaded: LoadedModel, prepared: PreparedDialogs, rows: Any
+) -> dict[str, Any]:
+    """The stage's baseline: the starting model on the held-out rows the trained one is scored on
+    (score_starting_model). Scored before the Trainer starts, so a resumed run (whose trained weights load inside
+    trainer.train) scores the starting model too."""
+    return score_starting_model(plan, loaded.model, loaded.tokenizer, rows)
 
 
 def measure(
@@ -353,13 +362,19 @@ def train_metrics(
 
 
 def evaluate_run(
-    plan: RunPlan, fitted: FitResult, loaded: LoadedModel, prepared: PreparedDialogs, rows: Any
+    plan: RunPlan,
+    fitted: FitResult,
+    loaded: LoadedModel,
+    prepared: PreparedDialogs,
+    rows: Any,
+    baseline: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Token-weighted loss and perplexity of the trained (best) model on validation and test, with the run's
-    whole-run totals: the metrics as metrics.json holds them (the notebook's cell)."""
-    after = measure(plan, fitted.trainer, loaded, prepared, rows, None)
+    whole-run totals and the starting model's scores (`baseline`, score_starting_model's): the metrics as
+    metrics.json holds them (the notebook's cell)."""
+    after = measure(plan, fitted.trainer, loaded, prepared, rows, baseline)
     try:
-        return train_metrics(plan, fitted, loaded, prepared, rows, None, after)
+        return train_metrics(plan, fitted, loaded, prepared, rows, baseline, after)
     finally:
         fitted.stop_monitor()
 

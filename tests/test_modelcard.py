@@ -247,7 +247,9 @@ def test_card_says_what_cleaning_ran_and_which_template_the_model_trained_in():
     dailydialog = render_model_card(METRICS, {**training_config(), "data_is_dailydialog": True}, SAMPLES, "T4")
     assert "Text cleaning (detokenised text): yes (DailyDialog's default)" in dailydialog  # never "n/a"
     own = {**training_config(), "data_is_dailydialog": False, "data_source": "chats.jsonl"}
-    assert "Text cleaning (detokenised text): no (the default for own data)" in render_model_card(METRICS, own, [], "T4")
+    assert "Text cleaning (detokenised text): no (the default for own data)" in render_model_card(
+        METRICS, own, [], "T4"
+    )
     forced = {**training_config(clean_text=True), "data_is_dailydialog": False, "data_source": "chats.jsonl"}
     assert "Text cleaning (detokenised text): yes\n" in render_model_card(METRICS, forced, [], "T4")
     assert "gpt2ft's (DialoGPT's)" in dailydialog

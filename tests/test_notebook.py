@@ -376,14 +376,19 @@ def test_label_table_marks_the_trained_tokens(tiny_tokenizer):
 
 def test_before_after_and_comparison_tables(capsys):
     before = {
-        "validation": {"loss": 4.0, "perplexity": math.exp(4.0)},
-        "test": {"loss": 4.1, "perplexity": math.exp(4.1)},
+        "base_eval_loss": 4.0,
+        "base_eval_perplexity": math.exp(4.0),
+        "base_eval_bits_per_byte": 1.5,
+        "base_test_loss": 4.1,
+        "base_test_perplexity": math.exp(4.1),
+        "base_test_bits_per_byte": 1.6,
     }
     metrics = {"eval_loss": 2.0, "eval_perplexity": math.exp(2.0), "test_loss": 2.1, "test_perplexity": math.exp(2.1)}
     table = before_after_table(before, metrics)
     assert list(table.index) == ["validation", "test"]
     assert table.loc["test", "perplexity after"] == round(math.exp(2.1), 2)
     assert table.loc["validation", "times lower"] == round(math.exp(2.0), 2)
+    assert table.loc["test", "bits/byte before"] == 1.6
     replies = {
         "samples": 2,
         "eos_rate": 0.5,
@@ -439,7 +444,8 @@ def test_scoring_and_talking_with_a_tiny_model(plan, tiny_model, tiny_tokenizer,
     scores = score_splits(tiny_model, tiny_tokenizer, rows, plan, label="before")
     direct = evaluate_dialogs(tiny_model, tiny_tokenizer, prepared.dialogs["test"])
     assert (
-        scores["test"]["loss"] == pytest.approx(direct["loss"]) and "validation before: loss" in capsys.readouterr().out
+        scores["base_test_loss"] == pytest.approx(direct["loss"])
+        and "validation before: loss" in capsys.readouterr().out
     )
 
     replies = score_replies(tiny_model, tiny_tokenizer, prepared.dialogs["test"], samples=3, seed=0)
