@@ -34,6 +34,10 @@ from .chat_format import CHAT_TEMPLATE
 from .colab import in_colab
 from .errors import Gpt2ftError
 
+# gguf, torch, transformers (and gpt2ft's modeling and generate, which import torch) are imported inside the
+# functions that export: the CLI imports this module for its choices and checks the flags with them before any of
+# those load. google.colab exists only on Colab.
+
 FORMATS = ("gguf",)
 OUTTYPES = ("f32", "f16", "q8_0")
 DEFAULT_OUTTYPE = "f16"
@@ -75,7 +79,7 @@ def add_n_ctx(config: Any) -> Any:
     stops with `KeyError: 'n_ctx'`. Set it before `save_pretrained`: config.json keeps it and AutoConfig loads it
     back as a plain attribute. Returns the config.
     """
-    from .modeling import config_context  # torch: imported only when exporting
+    from .modeling import config_context
 
     config.n_ctx = config_context(config)
     return config
@@ -107,7 +111,7 @@ def check_export_request(model_dir: str, outtype: str, gguf_path: Path, modelfil
             LoRA adapter folder given instead of its run folder.
         ModelError: not a local GPT-2 folder with safetensors weights and a tokenizer.
     """
-    from .modeling import ModelError, check_model_source  # torch: imported only when exporting
+    from .modeling import ModelError, check_model_source
 
     if outtype not in OUTTYPES:
         raise ExportError(f"--outtype {outtype}: unknown; choose one of {', '.join(OUTTYPES)}")
@@ -234,7 +238,7 @@ def add_hyperparameters(writer: Any, config: Any, name: str, file_type: int, gen
     """GPT-2's shape and norm epsilon under llama.cpp's `gpt2.*` keys, plus the name and sampling defaults."""
     import gguf
 
-    from .modeling import config_context  # torch: imported only when exporting
+    from .modeling import config_context
 
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
@@ -352,7 +356,7 @@ def export_gguf(
     """
     import gguf
 
-    from .modeling import config_context, load_model_and_tokenizer  # torch: imported only when exporting
+    from .modeling import config_context, load_model_and_tokenizer
 
     start = time.perf_counter()
     model_dir = str(model_dir)

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import GenerationConfig, LogitsProcessorList
 
 from .chat_format import as_messages, render_ids
-from .modeling import model_context
+from .modeling import load_model_and_tokenizer, model_context
 
 # Dialogue-friendly decoding, saved into every model's generation_config.json:
 # - sampling with temperature 0.8 and nucleus top-p 0.9: varied but on-topic replies (greedy GPT-2 loops);
@@ -63,8 +64,6 @@ class ReplyNoRepeatNGram:
 
 def build_generation_config(tokenizer: Any, **overrides: Any) -> Any:
     """GenerationConfig with the dialogue defaults, EOS as stop and pad token."""
-    from transformers import GenerationConfig
-
     eos = tokenizer.eos_token_id
     return GenerationConfig(
         **{**GENERATION_DEFAULTS, **overrides}, eos_token_id=eos, pad_token_id=eos, bos_token_id=eos
@@ -172,7 +171,6 @@ def generate_reply(
     if seed is not None:
         torch.manual_seed(seed)
     eos = tokenizer.eos_token_id
-    from transformers import LogitsProcessorList
 
     output = model.generate(
         input_ids=input_ids,
@@ -193,8 +191,6 @@ def generate_reply(
 
 def load_for_generation(model_dir: str, device: str | None = None) -> tuple[Any, Any]:
     """Model (in eval mode, on the GPU when there is one) and tokenizer from a saved folder or Hub id."""
-    from .modeling import load_model_and_tokenizer
-
     model, tokenizer = load_model_and_tokenizer(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import EvalResult, ModelCardData
+
 from .chat_format import as_messages
 from .logs import as_float
 from .sources import DATA_LICENSE, HUB_REPO
@@ -126,8 +128,6 @@ def is_hub_id(name: Any) -> bool:
 def _front_matter(base_model: str, metrics: Mapping[str, Any], data: DataFacts) -> str:
     """The Hub's YAML metadata, built with huggingface_hub's ModelCardData: licence, tags, data, base model, and the
     held-out perplexities as model-index eval results (what the Hub shows as the model's scores)."""
-    from huggingface_hub import EvalResult, ModelCardData
-
     results = [
         EvalResult(
             task_type="text-generation",
@@ -532,8 +532,6 @@ ALGORITHM_TEXT = {
 
 def _preference_front_matter(started: str, data_source: str, algorithm: str) -> str:
     """The Hub's YAML metadata of a preference-tuned model, with huggingface_hub's ModelCardData."""
-    from huggingface_hub import ModelCardData
-
     hub_data = data_source[len("hub:") :].split("@")[0].split(":")[0] if data_source.startswith("hub:") else None
     card_data = ModelCardData(
         # The licence is that of the starting model's training data and of the preferences: gpt2ft cannot know it.

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
+from .chat_format import ensure_chat_template
 from .config import GPT2_CONTEXT
 from .errors import ModelError
 
@@ -62,10 +65,6 @@ def check_model_source(name: str) -> None:
 def load_tokenizer(name: str) -> Any:
     """GPT-2's fast tokenizer, with pad = EOS (GPT-2 has no pad token; labels, not ids, mark padding here) and a
     chat template: its own, or gpt2ft's (chat_format.CHAT_TEMPLATE) when it has none."""
-    from transformers import AutoTokenizer
-
-    from .chat_format import ensure_chat_template
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
     except Exception as error:
@@ -85,9 +84,6 @@ def load_model(name: str, dtype: torch.dtype | None = None) -> Any:
     Raises:
         ModelError: not loadable, not GPT-2, or pickle-only weights.
     """
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     check_model_source(name)
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise for GPT-2's few hundred tensors
@@ -122,8 +118,6 @@ def load_model_config(name: str) -> Any:
     Raises:
         ModelError: not loadable or not GPT-2.
     """
-    from transformers import AutoConfig
-
     check_model_source(name)
     try:
         config = AutoConfig.from_pretrained(name)

@@ -39,7 +39,8 @@ from typing import Any
 
 from .conversations import READERS, ROLES, message_layout, roles_of, turns_of
 from .data import dialog_key, key_share
-from .sources import DataError, locate
+from .sources import FILE_BUILDERS, DataError, file_identity, locate, read_file, read_hub, split_files
+from .votes import VotesError, read_votes
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
@@ -286,8 +287,6 @@ def read_record_splits(source: str, cache_dir: str | Path | None) -> tuple[dict[
     Raises:
         DataError: a missing path, an unreadable or empty file, a Hub dataset that cannot be loaded.
     """
-    from .sources import FILE_BUILDERS, file_identity, read_file, read_hub, split_files
-
     datasets_cache = Path(cache_dir) / "datasets" if cache_dir else None
     if source.startswith("hub:"):
         return read_hub(source, datasets_cache)
@@ -345,8 +344,6 @@ def votes_records(path: Path, algorithm: str, skips: Skips) -> tuple[list[dict[s
     Raises:
         DataError: not a votes database, or a vote with an empty conversation.
     """
-    from .votes import VotesError, read_votes
-
     try:
         votes = read_votes(path)
     except VotesError as error:

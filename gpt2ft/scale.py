@@ -25,8 +25,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import Trainer
+from transformers.pytorch_utils import Conv1D
+from transformers.training_args import OptimizerNames
+
 from .config import ConfigError, RunConfig, render_flag
 from .modeling import GPT2_SIZES, Hardware
+
+# peft is imported inside the functions that use LoRA, after quiet_bitsandbytes(): importing PEFT imports
+# bitsandbytes when it is installed, and a full fine-tune needs neither.
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +213,6 @@ def quiet_bitsandbytes() -> None:
 
 def probe_optimizer(optimizer_cls: Any, optimizer_kwargs: dict[str, Any], device: str) -> None:
     """One step of the optimizer the Trainer would build, on a small tensor on `device`; raises what it raises."""
-    import torch
-
     kwargs = {**optimizer_kwargs, "lr": 1e-3}
     param = torch.nn.Parameter(torch.ones(BNB_PROBE_SIZE, device=device))
     with warnings.catch_warnings():
@@ -231,9 +237,6 @@ def check_optimizer(optim: str, build_args: Callable[[], Any], hardware: Hardwar
     Raises:
         ConfigError: a message starting with "--optim NAME:".
     """
-    from transformers import Trainer
-    from transformers.training_args import OptimizerNames
-
     try:
         OptimizerNames(optim)
     except ValueError:
@@ -277,8 +280,6 @@ def lora_targets(config: RunConfig, model: Any) -> list[str]:
     Raises:
         ConfigError: empty, or a name the model does not have.
     """
-    from transformers.pytorch_utils import Conv1D
-
     targets = [name.strip() for name in config.lora_targets.split(",") if name.strip()]
     available = sorted(
         {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, Conv1D)}

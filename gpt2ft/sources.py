@@ -37,7 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict
+from datasets.utils import logging as datasets_logging
+from huggingface_hub import hf_hub_download
 
 from .conversations import TURN_COLUMNS, DataError, Layout, message_layout
 
@@ -241,8 +244,6 @@ def read_parquet_split(files: Sequence[Path], split: str) -> dict[str, list]:
     """Read the Hub's parquet conversion (columns dialog, act, emotion), turns stripped as in the text release; a
     dialogue's id is `<split>-<row>`, rows counted from 1 across the files (the release's line, when every line is
     there)."""
-    import pyarrow.parquet as pq
-
     columns: dict[str, list] = {"dialog": [], "act": [], "emotion": [], "id": []}
     for file_path in files:
         try:
@@ -317,8 +318,6 @@ def to_dataset_dict(splits: dict[str, dict[str, list]]) -> DatasetDict:
 
 def download_hub_parquet(cache_dir: Path) -> Path:
     """Download the Hub's parquet conversion of DailyDialog; returns the folder in the Hub layout."""
-    from huggingface_hub import hf_hub_download
-
     target = cache_dir / "daily_dialog_parquet"
     for split in SPLITS:
         hf_hub_download(
@@ -340,8 +339,6 @@ def download_zip(cache_dir: Path, url: str = ZIP_URL, size: int = ZIP_SIZE, sha2
     Raises:
         DataError: the download's size or checksum is not the release's (nothing is kept).
     """
-    import hashlib
-
     target = cache_dir / ZIP_NAME
     if target.is_file():
         return target
@@ -539,14 +536,10 @@ class quiet_datasets:
     setting after."""
 
     def __enter__(self) -> None:
-        from datasets.utils import logging as datasets_logging
-
         self.was_enabled = datasets_logging.is_progress_bar_enabled()
         datasets_logging.disable_progress_bar()
 
     def __exit__(self, *exc: Any) -> None:
-        from datasets.utils import logging as datasets_logging
-
         if self.was_enabled:
             datasets_logging.enable_progress_bar()
 
@@ -696,8 +689,6 @@ def is_dailydialog_folder(folder: Path) -> bool:
         return True
     files = find_parquet(folder, "train")
     if files:
-        import pyarrow.parquet as pq
-
         return set(DAILYDIALOG_COLUMNS) <= set(pq.read_schema(files[0]).names)
     return False
 
