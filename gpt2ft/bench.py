@@ -48,7 +48,8 @@ What the fields mean:
                        trained on); real_tokens_per_s = real_tokens / timed seconds of the median repeat (the lower
                        middle one of an even number), with real_tokens_per_s_min and _max over all repeats; the other
                        fields are the median repeat's
-    padded_tokens      padding slots processed; target_tokens: positions with a loss (the tutorial's include its padding)
+    padded_tokens      padding slots processed; target_tokens: positions with a loss (the tutorial's include its
+                       padding)
     truncated_tokens   tokens of the timed dialogues that never reach the model (tutorial: cut by truncation;
                        gpt2ft: 0 by construction, long dialogues are windowed)
     shapes             distinct input shapes in the timed steps; warmup_steps: untimed steps before them

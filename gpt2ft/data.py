@@ -294,7 +294,8 @@ def prepare_dialogs(
             for reason in sorted(set(reasons) - {""}):
                 first = reasons.index(reason)
                 skipped.append(
-                    f"{split}: {reasons.count(reason):,} conversation(s) with {reason} skipped (first: {locate(raw.origins[split], first)})"
+                    f"{split}: {reasons.count(reason):,} conversation(s) with {reason} skipped "
+                    f"(first: {locate(raw.origins[split], first)})"
                 )
             skipped_count[split] = sum(1 for reason in reasons if reason)
             rows = rows.remove_columns("skip")

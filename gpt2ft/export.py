@@ -118,8 +118,8 @@ def check_export_request(model_dir: str, outtype: str, gguf_path: Path, modelfil
     folder = Path(model_dir).expanduser()
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         raise ExportError(
-            f"--model {model_dir}: a LoRA adapter alone; export the run folder that holds it ({folder.resolve().parent}), "
-            "whose model.safetensors is the merged model"
+            f"--model {model_dir}: a LoRA adapter alone; export the run folder that holds it "
+            f"({folder.resolve().parent}), whose model.safetensors is the merged model"
         )
     if not folder.is_dir():
         raise ModelError(f"--model {model_dir}: no such model folder (export needs a local folder written by train)")
@@ -262,7 +262,8 @@ def add_hyperparameters(writer: Any, config: Any, name: str, file_type: int, gen
 
 def tensor_type(gguf_name: str, data: Any, outtype: str) -> Any:
     """The GGML type a tensor is stored in: f32 for 1-D tensors and the position embedding (as llama.cpp's converter
-    keeps them), else the outtype's; q8_0 falls back to f16 for a row length that is not a multiple of its block (32)."""
+    keeps them), else the outtype's; q8_0 falls back to f16 for a row length that is not a multiple of its block
+    (32)."""
     import gguf
 
     if data.ndim <= 1 or gguf_name.startswith(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.POS_EMBD]) or outtype == "f32":

@@ -188,8 +188,8 @@ def choose_precision(requested: str, hardware: Hardware) -> tuple[str, str]:
             raise ModelError(f"--precision {requested}: needs a CUDA GPU; this machine has {hardware.name}")
         if requested == "bf16" and hardware.capability and hardware.capability < (8, 0):
             raise ModelError(
-                f"--precision bf16: {hardware.name} (compute capability {hardware.capability[0]}.{hardware.capability[1]}) "
-                "has no bf16 units; use fp16"
+                f"--precision bf16: {hardware.name} "
+                f"(compute capability {hardware.capability[0]}.{hardware.capability[1]}) has no bf16 units; use fp16"
             )
         return requested, "set by --precision"
     if hardware.device != "cuda" or hardware.capability is None:
@@ -216,7 +216,8 @@ def autocast_context(precision: str, device: torch.device | str) -> Any:
 
 
 def device_precision(device: torch.device | str) -> str:
-    """The precision gpt2ft trains in on `device` (choose_precision's automatic rule), for evaluation outside training."""
+    """The precision gpt2ft trains in on `device` (choose_precision's automatic rule), for evaluation outside
+    training."""
     device = torch.device(device)
     return choose_precision("auto", cuda_hardware(device))[0] if device.type == "cuda" else "fp32"
 

@@ -291,7 +291,10 @@ def show_chat_format(
 
 def describe_tokenizer(tokenizer: Any, max_length: int) -> str:
     """Print and return the vocabulary size, the EOS token and the training window."""
-    text = f"vocabulary: {len(tokenizer):,} tokens; EOS: {tokenizer.eos_token!r} (id {tokenizer.eos_token_id}); context: {max_length} tokens"
+    text = (
+        f"vocabulary: {len(tokenizer):,} tokens; EOS: {tokenizer.eos_token!r} (id {tokenizer.eos_token_id}); "
+        f"context: {max_length} tokens"
+    )
     print(text)
     return text
 
@@ -441,7 +444,8 @@ def show_image(path: str | Path) -> None:
 
 
 def show_charts(paths: Sequence[str | Path]) -> list[Path]:
-    """Show the charts a run drew (training.publish_run's `charts`); rebuild them any time with `python -m gpt2ft charts`.
+    """Show the charts a run drew (training.publish_run's `charts`); rebuild them any time with
+    `python -m gpt2ft charts`.
 
     Returns:
         The PNG paths.
@@ -634,7 +638,8 @@ def prefer_in_notebook(
     """
     if not enabled:
         print(
-            "Preference tuning off: set preference_tuning = True in the parameters cell (after votes on the web page, or with preference_data)."
+            "Preference tuning off: set preference_tuning = True in the parameters cell (after votes on the web "
+            "page, or with preference_data)."
         )
         return None
 
@@ -686,7 +691,8 @@ def preference_table(result: Any) -> Any:
         if metrics.get(f"{key}_after") is not None
     }
     print(
-        f"{metrics['algorithm'].upper()} from {metrics['started_from']} on {metrics['data_source']}: model in {result.output_dir}"
+        f"{metrics['algorithm'].upper()} from {metrics['started_from']} on {metrics['data_source']}: "
+        f"model in {result.output_dir}"
     )
     charts = [Path(path) for path in result.published.charts if Path(path).name == "chart_prefer.png"]
     for path in charts:

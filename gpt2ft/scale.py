@@ -106,9 +106,9 @@ def preset_changes(size: str, eight_bit: bool) -> tuple[dict[str, Any], str]:
     if size == "gpt2-medium":
         return (
             {"gradient_checkpointing": True, "batch_size": 8, "gradient_accumulation_steps": 2, "eval_batch_size": 16},
-            "gpt2-medium (355M): full fine-tuning's weights, grads and AdamW states fit (16 bytes/param = 5.3 GiB), but a "
-            "batch of 16 long dialogues adds ~8 GiB of activations and logits; gradient checkpointing and batch 8 x 2 "
-            "accumulation (the same effective batch of 16) keep that under 1 GiB",
+            "gpt2-medium (355M): full fine-tuning's weights, grads and AdamW states fit (16 bytes/param = 5.3 GiB), "
+            "but a batch of 16 long dialogues adds ~8 GiB of activations and logits; gradient checkpointing and batch "
+            "8 x 2 accumulation (the same effective batch of 16) keep that under 1 GiB",
         )
     if size == "gpt2-large":
         if eight_bit:
@@ -263,7 +263,8 @@ def check_optimizer(optim: str, build_args: Callable[[], Any], hardware: Hardwar
         except Exception as error:  # any failure here would stop the run at its first step
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ConfigError(
-                f"--optim {optim}: bitsandbytes cannot run it on {hardware.name} ({type(error).__name__}: {first}); use --optim auto"
+                f"--optim {optim}: bitsandbytes cannot run it on {hardware.name} ({type(error).__name__}: {first}); "
+                "use --optim auto"
             ) from None
     return args
 

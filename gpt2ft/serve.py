@@ -1205,7 +1205,8 @@ def start_server(
             opponent = load_served_model(opponent_name)
         except ModelError as error:
             print(
-                f"warning: no Compare tab: the base model {opponent_name} cannot be loaded ({error}); pass --compare-with MODEL",
+                f"warning: no Compare tab: the base model {opponent_name} cannot be loaded ({error}); "
+                "pass --compare-with MODEL",
                 file=sys.stderr,
             )
     init_votes_db(votes_db)  # after the models: a bad model folder must leave no file behind

@@ -299,7 +299,8 @@ def read_folder(folder: Path, report: LoadReport) -> dict[str, dict[str, list]]:
         layout, found = max(partial.items(), key=lambda item: len(item[1]))
         missing = [s for s in SPLITS if s not in found]
         raise DataError(
-            f"{folder}: has {', '.join(found)} but no {', '.join(missing)} ({layout} layout); all three splits are needed"
+            f"{folder}: has {', '.join(found)} but no {', '.join(missing)} ({layout} layout); "
+            "all three splits are needed"
         )
     raise DataError(
         f"{folder}: no DailyDialog files found (expected {ZIP_NAME}, train.zip/validation.zip/test.zip, "
@@ -355,8 +356,9 @@ def download_zip(cache_dir: Path, url: str = ZIP_URL, size: int = ZIP_SIZE, sha2
                 out.write(chunk)
         if received != size or digest.hexdigest() != sha256:
             raise DataError(
-                f"{url}: got {received:,} bytes with SHA-256 {digest.hexdigest()[:16]}..., but the release has {size:,} "
-                f"bytes and SHA-256 {sha256[:16]}...; not the DailyDialog zip (download it by hand and pass --data)"
+                f"{url}: got {received:,} bytes with SHA-256 {digest.hexdigest()[:16]}..., "
+                f"but the release has {size:,} bytes and SHA-256 {sha256[:16]}...; not the DailyDialog zip "
+                "(download it by hand and pass --data)"
             )
         partial.replace(target)
     finally:
@@ -473,7 +475,8 @@ def detect_layout(dataset: Dataset, origin: str, forced: str | None = None) -> L
             return Layout("dailydialog", column)
         return Layout("turns", column)
     raise DataError(
-        f"{origin}: no conversations found: columns {', '.join(columns) or '(none)'}; expected 'messages' (role/content), "
+        f"{origin}: no conversations found: columns {', '.join(columns) or '(none)'}; "
+        "expected 'messages' (role/content), "
         f"'conversations' (ShareGPT from/value) or a list of turns under {', '.join(TURN_COLUMNS)} "
         "(or name the column with --dialog-column NAME)"
     )
@@ -572,7 +575,8 @@ def read_file(path: Path, cache_dir: Path | None) -> Dataset:
         cause = error.__cause__ or error
         raise DataError(
             bad
-            or f"{path}: not readable as {builder} ({type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''})"
+            or f"{path}: not readable as {builder} "
+            f"({type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''})"
         ) from None
     if len(dataset) == 0:
         raise DataError(f"{path}: holds no records")
@@ -596,8 +600,8 @@ def split_files(folder: Path) -> dict[str, Path]:
             found[split] = matches[0]
     if "train" not in found:
         raise DataError(
-            f"{folder}: no train file (expected train.jsonl, train.json or train.parquet, and optionally validation.* and "
-            "test.*), and no DailyDialog files (the official zip, train.zip/validation.zip/test.zip, "
+            f"{folder}: no train file (expected train.jsonl, train.json or train.parquet, and optionally "
+            "validation.* and test.*), and no DailyDialog files (the official zip, train.zip/validation.zip/test.zip, "
             "<split>/dialogues_<split>.txt, or <split>/*.parquet)"
         )
     return found
@@ -715,7 +719,8 @@ def load_source(data: str, cache_dir: str | Path | None = "data", dialog_column:
         path = Path(data).expanduser()
         if not path.exists():
             raise DataError(
-                f"{path}: no such file or folder (pass 'hub', 'hub:OWNER/NAME', a .jsonl/.json/.parquet file, or a folder)"
+                f"{path}: no such file or folder "
+                "(pass 'hub', 'hub:OWNER/NAME', a .jsonl/.json/.parquet file, or a folder)"
             )
         if path.is_dir() and is_dailydialog_folder(path) or path.suffix == ".zip":
             raw = dailydialog_source(str(path), cache_dir)
@@ -736,7 +741,8 @@ def load_source(data: str, cache_dir: str | Path | None = "data", dialog_column:
         layouts = {detect_layout(dataset, raw.origins[split], dialog_column) for split, dataset in raw.splits.items()}
         if len(layouts) > 1:
             raise DataError(
-                f"{raw.source}: the splits hold conversations in different layouts ({', '.join(sorted(found.kind for found in layouts))})"
+                f"{raw.source}: the splits hold conversations in different layouts "
+                f"({', '.join(sorted(found.kind for found in layouts))})"
             )
         raw.layout = layouts.pop()
     return raw
