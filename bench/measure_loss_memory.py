@@ -37,7 +37,8 @@ if device == "cuda":
     torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() - before; unit = 2**20
 else:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before; unit = 10**6
-print(json.dumps({"loss_path": path, "device": device, "batch": [rows, width], "step_peak_mb": round(peak / unit, 1), "loss": round(float(loss), 4)}))
+print(json.dumps({"loss_path": path, "device": device, "batch": [rows, width],
+                  "step_peak_mb": round(peak / unit, 1), "loss": round(float(loss), 4)}))
 """
 
 

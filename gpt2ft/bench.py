@@ -48,7 +48,8 @@ What the fields mean:
                        trained on); real_tokens_per_s = real_tokens / timed seconds of the median repeat (the lower
                        middle one of an even number), with real_tokens_per_s_min and _max over all repeats; the other
                        fields are the median repeat's
-    padded_tokens      padding slots processed; target_tokens: positions with a loss (the tutorial's include its padding)
+    padded_tokens      padding slots processed; target_tokens: positions with a loss (the tutorial's include its
+                       padding)
     truncated_tokens   tokens of the timed dialogues that never reach the model (tutorial: cut by truncation;
                        gpt2ft: 0 by construction, long dialogues are windowed)
     shapes             distinct input shapes in the timed steps; warmup_steps: untimed steps before them
@@ -65,8 +66,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import os
+import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -74,12 +77,34 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from datasets import Dataset
+from transformers import AutoConfig, TrainerCallback
+from transformers.activations import ACT2FN
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from .config import TrainConfig
 from .conversations import turns_of
-from .data import DialogueCollator, column, dialogs_dataset, prepare_dialogs, tokenize_dialogs
+from .data import (
+    DialogueCollator,
+    column,
+    dialogs_dataset,
+    prepare_dialogs,
+    tokenize_dialogs,
+    tokenize_prepared,
+    window_lengths,
+)
 from .errors import Gpt2ftError
+from .loss import core_model, use_chunked_loss
+from .modeling import (
+    autocast_context,
+    config_context,
+    detect_hardware,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    model_context,
+)
+from .monitor import SystemMonitor
+from .training import LoadedModel, build_trainer, plan_run
 
 DEFAULT_VARIANTS = ("tutorial_pad128", "tutorial_pad512", "gpt2ft_pack", "gpt2ft_pad", "torch_loop")
 EXTRA_VARIANTS = ("gpt2ft_pack_1row", "gpt2ft_pack_gelu_tanh", "gpt2ft_pack_vocab64")
@@ -187,8 +212,6 @@ def tutorial_rows(dialogs: list[list[str]], tokenizer: Any, length: int) -> tupl
     Returns:
         (a Dataset of padded rows, tokens cut off by truncation per row, as a column), and the total cut.
     """
-    from datasets import Dataset
-
     texts = [" ".join(turns) for turns in dialogs]
     full = tokenizer(texts, add_special_tokens=False)["input_ids"]
     encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=length, add_special_tokens=False)
@@ -260,8 +283,6 @@ def timed_schedule(
 
 def gpt2ft_schedule(collator: DialogueCollator, rows: Any, batch_size: int, steps: int, seed: int) -> Schedule:
     """gpt2ft's batches exactly as training draws them (DialogueCollator.loader, epoch after epoch as needed)."""
-    from .data import window_lengths
-
     loader = collator.loader(rows, batch_size, shuffle=True, seed=seed)
     sampler, dataset, shapes = loader.batch_sampler, loader.dataset, loader.batch_sampler.shapes
     lengths, targets = window_lengths(rows), rows["n_targets"]
@@ -293,8 +314,6 @@ def gpt2ft_schedule(collator: DialogueCollator, rows: Any, batch_size: int, step
 
 def tutorial_schedule(rows: Any, batch_size: int, steps: int, seed: int) -> Schedule:
     """Full batches of the tutorial's fixed-length rows in a seeded random order (one shape)."""
-    import random
-
     order = random.Random(seed).sample(range(len(rows)), len(rows))
     while len(order) < (WARMUP_STEPS + steps) * batch_size:
         order += order
@@ -362,8 +381,6 @@ def prepare_model(base: Any, tokenizer: Any, variant: Variant) -> Any:
     """A fresh copy of the base weights with the variant's model changes."""
     model = copy.deepcopy(base)
     if variant.activation:
-        from transformers.activations import ACT2FN
-
         model.config.activation_function = variant.activation
         for block in model.transformer.h:
             block.mlp.act = ACT2FN[variant.activation]
@@ -374,10 +391,6 @@ def prepare_model(base: Any, tokenizer: Any, variant: Variant) -> Any:
 
 def bench_plan(variant: Variant, config: Any, output_dir: str, steps: int) -> Any:
     """The run plan `train` would make for this variant's settings, timing only: no evaluation, no checkpoints."""
-    import dataclasses
-
-    from .training import plan_run
-
     config = config.replace(
         batching=variant.batching,
         precision=variant.precision,
@@ -403,9 +416,6 @@ def train_variant(
     variant: Variant, model: Any, tokenizer: Any, schedule: Schedule, plan: Any
 ) -> tuple[float, int, float | None]:
     """Train through training.build_trainer on the schedule; (timed seconds, timed steps, last logged loss)."""
-    from .loss import core_model
-    from .training import LoadedModel, build_trainer
-
     trainer = build_trainer(
         plan,
         LoadedModel(model, tokenizer, {}),
@@ -432,9 +442,6 @@ def train_variant(
 def run_torch_loop(model: Any, schedule: Schedule, plan: Any) -> tuple[float, int, float | None]:
     """The bare minimum: the same model, batches, precision and loss, fused AdamW (foreach on the CPU), gradient
     clipping and a linear warm-up/decay schedule, in a plain loop."""
-    from .loss import use_chunked_loss
-    from .modeling import autocast_context
-
     config, device = plan.config, plan.args.device
     model = use_chunked_loss(model).to(device).train()
     model.config.use_cache = False
@@ -481,8 +488,6 @@ def run_variant(
     variant: Variant, base: Any, tokenizer: Any, schedule: Schedule, config: Any, output_dir: str
 ) -> dict[str, Any]:
     """One run of `variant` on its schedule, from a fresh copy of the base weights; its record."""
-    from .monitor import SystemMonitor
-
     plan = bench_plan(variant, config, output_dir, len(schedule.batches))
     device = plan.args.device
     if variant.compile:
@@ -562,11 +567,6 @@ def median_record(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def bench_tokenization(model: str, data: str, cache_dir: str) -> dict[str, Any]:
     """Seconds to prepare the whole data, tokenise the train split, and tokenise everything through the cache (cold,
     then warm)."""
-    from transformers import AutoConfig
-
-    from .data import tokenize_prepared
-    from .modeling import config_context, load_tokenizer
-
     tokenizer = load_tokenizer(model)
     context = config_context(AutoConfig.from_pretrained(model))
     started = time.perf_counter()
@@ -633,9 +633,6 @@ def run_benchmarks(
     Raises:
         BenchError: an unknown variant, or too few dialogues for the steps.
     """
-    from .config import TrainConfig
-    from .modeling import detect_hardware, load_model_and_tokenizer, model_context
-
     names = parse_variants(variants)
     records: list[dict] = []
 

@@ -13,6 +13,7 @@ backend, nothing to close.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -638,8 +639,6 @@ def plot_preference(records: Sequence[dict[str, Any]], metrics: dict[str, Any]) 
 
 def write_preference_chart(logs_dir: str | Path, images_dir: str | Path) -> Path:
     """Draw chart_prefer.png from `logs_dir`'s train_log.jsonl and metrics.json into `images_dir`."""
-    import json
-
     logs = Path(logs_dir)
     try:
         metrics = json.loads((logs / METRICS_FILE).read_text(encoding="utf-8"))
@@ -653,8 +652,6 @@ def write_preference_chart(logs_dir: str | Path, images_dir: str | Path) -> Path
 
 def is_preference_run(logs_dir: str | Path) -> bool:
     """True when `logs_dir` holds the logs of a preference run (its metrics.json says stage "prefer")."""
-    import json
-
     try:
         return json.loads((Path(logs_dir) / METRICS_FILE).read_text(encoding="utf-8")).get("stage") == "prefer"
     except (OSError, ValueError, AttributeError):

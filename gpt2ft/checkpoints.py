@@ -67,7 +67,8 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
         raise TrainingError(f"--output-dir {path}: is a file, not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite and not is_gpt2ft_output(path):
         raise TrainingError(
-            f"--output-dir {path}: exists and holds files that gpt2ft did not write; choose another folder or pass --overwrite"
+            f"--output-dir {path}: exists and holds files that gpt2ft did not write; choose another folder or pass "
+            "--overwrite"
         )
 
 

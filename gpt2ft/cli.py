@@ -31,6 +31,10 @@ from typing import Any
 
 from .config import (
     DATA_DIR,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    DEFAULT_TIME_LIMIT_S,
     IMAGES_DIR,
     LOGS_DIR,
     OUTPUT_DIR,
@@ -44,13 +48,12 @@ from .config import (
     saved_run_config,
 )
 from .errors import Gpt2ftError
-from .export import DEFAULT_OUTTYPE, FORMATS, OUTTYPES
-from .serve import DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIME_LIMIT_S
-from .votes import DEFAULT_VOTES_DB
+from .export import DEFAULT_OUTTYPE, FORMATS, OUTTYPES, ExportError, export_gguf
+from .votes import DEFAULT_VOTES_DB, VotesError, summarize_votes
 
-# The commands' own modules import torch, transformers and the rest when a command runs, not here: the parser and
-# every check of the flags load in well under a second, so a mistyped flag is an error at once. Imports inside the
-# functions below defer those heavy libraries.
+# The commands' own modules import torch, transformers, matplotlib, gradio and the rest when a command runs, not
+# here: the parser and every check of the flags load in well under a second, so a mistyped flag is an error at
+# once. Imports inside the functions below defer those heavy libraries (export and votes load them only when run).
 
 EXIT_USAGE = 2
 
@@ -482,7 +485,6 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     from .serve import ServeError, check_port_free, launch_app, parse_auth, share_warning, start_server
-    from .votes import VotesError
 
     check_positive("concurrency", args.concurrency)
     if not args.time_limit > 0:
@@ -503,8 +505,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_votes(args: argparse.Namespace) -> int:
-    from .votes import VotesError, summarize_votes
-
     try:
         print_json(summarize_votes(args.db))
     except VotesError as error:
@@ -513,8 +513,6 @@ def run_votes(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .export import ExportError, export_gguf
-
     try:
         result = export_gguf(args.model, args.outtype, args.output, args.overwrite)
     except ExportError as error:

@@ -33,6 +33,13 @@ PREFER_LOGS_DIR = "logs/prefer"
 PREFER_IMAGES_DIR = "images/prefer"
 # The votes database the web page (`python -m gpt2ft serve`) writes; votes.py uses the same path.
 VOTES_DB = "logs/votes.sqlite"
+# Where the web page listens and how it generates (`python -m gpt2ft serve`'s defaults; serve.py uses the same).
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+DEFAULT_TIME_LIMIT_S = 60.0
+# Generations at once. Each holds one model forward pass at a time; more than a few on one CPU or GPU only makes
+# every reply slower, while the queue keeps the page itself responsive.
+DEFAULT_CONCURRENCY = 4
 TRAINING_CONFIG = "training_config.json"
 
 # GPT-2's context window; DailyDialog's longest dialogue is ~900 tokens, so 1024 keeps every dialogue whole.

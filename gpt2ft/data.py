@@ -32,8 +32,10 @@ import math
 import os
 import random
 import re
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,7 @@ from .chat_format import (
     template_of,
 )
 from .conversations import TURN_FIELDS, Conversation, messages_from_turns, read_conversation, roles_of
-from .sources import SPLITS, DataError
+from .sources import SPLITS, DataError, load_source, locate, quiet_datasets
 
 IGNORE_INDEX = -100
 NORMALIZE_VERSION = 2  # bump when reading, cleaning or keying records changes, so old caches are not reused
@@ -169,8 +171,6 @@ def normalize_batch(
     Raises:
         DataError: a malformed record, named by file and line (or record index).
     """
-    from .sources import locate
-
     out: dict[str, list] = {name: [] for name in (*DIALOG_FEATURES, "skip")}
     records = [dict(zip(batch, values)) for values in zip(*batch.values())]
     for index, record in zip(indices, records):
@@ -274,8 +274,6 @@ def prepare_dialogs(
     Raises:
         DataError: the source cannot be read, or a record is malformed.
     """
-    from .sources import load_source, locate, quiet_datasets
-
     raw = load_source(source, cache_dir, dialog_column)
     clean = raw.is_dailydialog if clean_text is None else clean_text
     loss_on = resolve_loss_on(loss_on, raw.layout.has_roles)
@@ -305,7 +303,8 @@ def prepare_dialogs(
             for reason in sorted(set(reasons) - {""}):
                 first = reasons.index(reason)
                 skipped.append(
-                    f"{split}: {reasons.count(reason):,} conversation(s) with {reason} skipped (first: {locate(raw.origins[split], first)})"
+                    f"{split}: {reasons.count(reason):,} conversation(s) with {reason} skipped "
+                    f"(first: {locate(raw.origins[split], first)})"
                 )
             skipped_count[split] = sum(1 for reason in reasons if reason)
             rows = rows.remove_columns("skip")
@@ -535,8 +534,6 @@ def tokenize_dialogs(
         Dataset with input_ids, labels (-100 where no loss), length (tokens), n_targets (tokens with a label) and
         dialog_index (the source dialogue).
     """
-    from .sources import quiet_datasets
-
     with quiet_datasets():
         return dialogs.map(
             tokenize_batch,
@@ -911,8 +908,6 @@ class DialogueCollator:
             batch_size: dialogues a batch (a token budget when packing, see plan_shapes).
             dataloader_options: passed to torch's DataLoader (num_workers, pin_memory, ...).
         """
-        from functools import partial
-
         lengths = window_lengths(rows)
         shapes = plan_shapes(lengths, batch_size, self.batching, self.row_tokens)
         order = random.Random(seed).sample(range(len(lengths)), len(lengths)) if shuffle else None
@@ -950,9 +945,6 @@ def tokenize_prepared(
         write: whether this process builds the cache (under torchrun the main one does while the others wait:
             training.tokenize_data).
     """
-    import shutil
-
-    from .sources import quiet_datasets
 
     def key_of(identity: str) -> str:
         return fingerprint(identity, tokenizer_hash(tokenizer), max_length, prepared.loss_on, TOKENIZED_FORMAT_VERSION)
@@ -990,8 +982,6 @@ def tokenize_prepared(
 
 def limit_rows(rows: DatasetDict, limits: dict[str, int]) -> DatasetDict:
     """The rows of the first `limits[split]` dialogues of each split (rows are in dialogue order)."""
-    import bisect
-
     limited = DatasetDict(rows)
     for split, limit in limits.items():
         limited[split] = rows[split].select(range(bisect.bisect_left(column(rows[split], "dialog_index"), limit)))

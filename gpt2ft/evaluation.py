@@ -15,9 +15,13 @@ from typing import Any
 
 import torch
 
+from .chat_format import as_messages
+from .conversations import roles_of, turns_of
+from .data import DialogueCollator, iter_dump_records, tokenize_dialogs
+from .generate import generate_reply, load_for_generation
 from .logs import write_jsonl
 from .loss import core_model, last_hidden_states, token_nll_sum
-from .modeling import autocast_context, device_precision, without_kv_cache
+from .modeling import autocast_context, device_precision, model_context, without_kv_cache
 
 
 def perplexity(loss: float) -> float:
@@ -163,9 +167,6 @@ def evaluate_dialogs(
     Returns:
         {"dialogs", "tokens", "loss", "perplexity", "bits_per_byte"}
     """
-    from .data import DialogueCollator, iter_dump_records, tokenize_dialogs
-    from .modeling import model_context
-
     context = model_context(model)
     rows = tokenize_dialogs(dialogs, tokenizer, min(max_length or context, context), loss_on)
     if dump_path:
@@ -264,10 +265,6 @@ def sample_replies(
     Returns:
         [{"context", "roles", "reference", "reply", "ended_with_eos", "tokens"}]
     """
-    from .chat_format import as_messages
-    from .conversations import roles_of, turns_of
-    from .generate import generate_reply
-
     if seed is not None:
         torch.manual_seed(seed)
     records: list[dict[str, Any]] = []
@@ -319,8 +316,6 @@ def compare_models(
         One row a model: label, model, perplexity, loss, eos_rate, distinct_1, distinct_2, mean_reply_tokens,
         repeat_rate.
     """
-    from .generate import load_for_generation
-
     rows = []
     for label, name in models.items():
         model, tokenizer = load_for_generation(name)

@@ -34,6 +34,10 @@ from .chat_format import CHAT_TEMPLATE
 from .colab import in_colab
 from .errors import Gpt2ftError
 
+# gguf, torch, transformers (and gpt2ft's modeling and generate, which import torch) are imported inside the
+# functions that export: the CLI imports this module for its choices and checks the flags with them before any of
+# those load. google.colab exists only on Colab.
+
 FORMATS = ("gguf",)
 OUTTYPES = ("f32", "f16", "q8_0")
 DEFAULT_OUTTYPE = "f16"
@@ -75,7 +79,7 @@ def add_n_ctx(config: Any) -> Any:
     stops with `KeyError: 'n_ctx'`. Set it before `save_pretrained`: config.json keeps it and AutoConfig loads it
     back as a plain attribute. Returns the config.
     """
-    from .modeling import config_context  # torch: imported only when exporting
+    from .modeling import config_context
 
     config.n_ctx = config_context(config)
     return config
@@ -107,15 +111,15 @@ def check_export_request(model_dir: str, outtype: str, gguf_path: Path, modelfil
             LoRA adapter folder given instead of its run folder.
         ModelError: not a local GPT-2 folder with safetensors weights and a tokenizer.
     """
-    from .modeling import ModelError, check_model_source  # torch: imported only when exporting
+    from .modeling import ModelError, check_model_source
 
     if outtype not in OUTTYPES:
         raise ExportError(f"--outtype {outtype}: unknown; choose one of {', '.join(OUTTYPES)}")
     folder = Path(model_dir).expanduser()
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         raise ExportError(
-            f"--model {model_dir}: a LoRA adapter alone; export the run folder that holds it ({folder.resolve().parent}), "
-            "whose model.safetensors is the merged model"
+            f"--model {model_dir}: a LoRA adapter alone; export the run folder that holds it "
+            f"({folder.resolve().parent}), whose model.safetensors is the merged model"
         )
     if not folder.is_dir():
         raise ModelError(f"--model {model_dir}: no such model folder (export needs a local folder written by train)")
@@ -234,7 +238,7 @@ def add_hyperparameters(writer: Any, config: Any, name: str, file_type: int, gen
     """GPT-2's shape and norm epsilon under llama.cpp's `gpt2.*` keys, plus the name and sampling defaults."""
     import gguf
 
-    from .modeling import config_context  # torch: imported only when exporting
+    from .modeling import config_context
 
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
@@ -258,7 +262,8 @@ def add_hyperparameters(writer: Any, config: Any, name: str, file_type: int, gen
 
 def tensor_type(gguf_name: str, data: Any, outtype: str) -> Any:
     """The GGML type a tensor is stored in: f32 for 1-D tensors and the position embedding (as llama.cpp's converter
-    keeps them), else the outtype's; q8_0 falls back to f16 for a row length that is not a multiple of its block (32)."""
+    keeps them), else the outtype's; q8_0 falls back to f16 for a row length that is not a multiple of its block
+    (32)."""
     import gguf
 
     if data.ndim <= 1 or gguf_name.startswith(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.POS_EMBD]) or outtype == "f32":
@@ -352,7 +357,7 @@ def export_gguf(
     """
     import gguf
 
-    from .modeling import config_context, load_model_and_tokenizer  # torch: imported only when exporting
+    from .modeling import config_context, load_model_and_tokenizer
 
     start = time.perf_counter()
     model_dir = str(model_dir)

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import GenerationConfig, LogitsProcessorList
 
 from .chat_format import as_messages, render_ids, stop_token_ids
-from .modeling import model_context
+from .modeling import load_model_and_tokenizer, model_context
 
 # Dialogue-friendly decoding, saved into every model's generation_config.json:
 # - sampling with temperature 0.8 and nucleus top-p 0.9: varied but on-topic replies (greedy GPT-2 loops);
@@ -64,8 +65,6 @@ class ReplyNoRepeatNGram:
 def build_generation_config(tokenizer: Any, **overrides: Any) -> Any:
     """GenerationConfig with the dialogue defaults, the template's end-of-turn token (and EOS) as the stop, and the
     tokenizer's pad and BOS (EOS for GPT-2, which has neither)."""
-    from transformers import GenerationConfig
-
     stops = stop_token_ids(tokenizer)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -180,7 +179,6 @@ def generate_reply(
         torch.manual_seed(seed)
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    from transformers import LogitsProcessorList
 
     output = model.generate(
         input_ids=input_ids,
@@ -202,8 +200,6 @@ def generate_reply(
 
 def load_for_generation(model_dir: str, device: str | None = None) -> tuple[Any, Any]:
     """Model (in eval mode, on the GPU when there is one) and tokenizer from a saved folder or Hub id."""
-    from .modeling import load_model_and_tokenizer
-
     model, tokenizer = load_model_and_tokenizer(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from .data import IGNORE_INDEX
 
@@ -168,8 +169,6 @@ def chunked_loss_forward(
     """A causal LM's forward for training: with labels, the loss from `token_nll_sum` and no logits; without,
     the model's own forward. The loss is the mean over `num_items_in_batch` targets when the Trainer gives it (the
     whole optimiser step's count, as transformers' own loss), else over this batch's."""
-    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
-
     if labels is None:
         return type(self).forward(
             self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs

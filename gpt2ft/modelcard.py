@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import EvalResult, ModelCardData
+
 from .chat_format import as_messages
 from .logs import as_float
 from .sources import DATA_LICENSE, HUB_REPO
@@ -27,15 +29,18 @@ DATA_LICENSE_URL = "https://creativecommons.org/licenses/by-nc-sa/4.0/"
 DAILYDIALOG_PAPER = "https://aclanthology.org/I17-1099/"
 SPLITS = ("train", "validation", "test")
 CONTEXT_CHARS = 300  # long sample turns are cut so the card stays readable
-DAILYDIALOG_BIBTEX = """@inproceedings{li-etal-2017-dailydialog,
+DAILYDIALOG_BIBTEX = (
+    """@inproceedings{li-etal-2017-dailydialog,
     title = "{D}aily{D}ialog: A Manually Labelled Multi-turn Dialogue Dataset",
     author = "Li, Yanran and Su, Hui and Shen, Xiaoyu and Li, Wenjie and Cao, Ziqiang and Niu, Shuzi",
-    booktitle = "Proceedings of the Eighth International Joint Conference on Natural Language Processing (Volume 1: Long Papers)",
+    booktitle = "Proceedings of the Eighth International Joint Conference on Natural Language Processing """
+    """(Volume 1: Long Papers)",
     year = "2017",
     publisher = "Asian Federation of Natural Language Processing",
     url = "https://aclanthology.org/I17-1099",
     pages = "986--995",
 }"""
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -126,8 +131,6 @@ def is_hub_id(name: Any) -> bool:
 def _front_matter(base_model: str, metrics: Mapping[str, Any], data: DataFacts) -> str:
     """The Hub's YAML metadata, built with huggingface_hub's ModelCardData: licence, tags, data, base model, and the
     held-out perplexities as model-index eval results (what the Hub shows as the model's scores)."""
-    from huggingface_hub import EvalResult, ModelCardData
-
     results = [
         EvalResult(
             task_type="text-generation",
@@ -208,7 +211,8 @@ def _results(metrics: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
                 if settings.get("keep_overlap") is True
                 else "Validation and test hold no dialogue that also occurs in train. "
             )
-            + "The train loss is the Trainer's average over all training steps, so it is usually higher than the loss at the end.",
+            + "The train loss is the Trainer's average over all training steps, so it is usually higher than the loss "
+            "at the end.",
             "",
             "![training](chart_train.png)",
         ]
@@ -352,7 +356,8 @@ def _settings(
         (
             "batch size per device x accumulation x devices",
             f"{format_short(settings.get('batch_size'))} x "
-            f"{format_short(settings.get('gradient_accumulation_steps'))} x {format_int(world)} = {effective} dialogues",
+            f"{format_short(settings.get('gradient_accumulation_steps'))} x {format_int(world)} = "
+            f"{effective} dialogues",
         ),
         ("batching", format_short(settings.get("batching"))),
         ("max sequence length", f"{format_int(training_config.get('max_length', metrics.get('max_length')))} tokens"),
@@ -426,10 +431,10 @@ def _usage(folder: str) -> str:
         [
             "## How to use",
             "",
-            "The tokenizer carries a chat template with the training format (`<|endoftext|>`, then every turn followed by "
-            "`<|endoftext|>`), so a list of chat messages is all a pipeline needs; the reply is what the model writes up to "
-            "its next `<|endoftext|>`. `generation_config.json` holds the decoding defaults (sampling, temperature 0.8, "
-            "top-p 0.9) and stops at `<|endoftext|>`.",
+            "The tokenizer carries a chat template with the training format (`<|endoftext|>`, then every turn "
+            "followed by `<|endoftext|>`), so a list of chat messages is all a pipeline needs; the reply is what the "
+            "model writes up to its next `<|endoftext|>`. `generation_config.json` holds the decoding defaults "
+            "(sampling, temperature 0.8, top-p 0.9) and stops at `<|endoftext|>`.",
             "",
             "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
@@ -443,7 +448,8 @@ def _usage(folder: str) -> str:
             "# or step by step",
             "tokenizer = AutoTokenizer.from_pretrained(folder)",
             "model = AutoModelForCausalLM.from_pretrained(folder)",
-            'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)',
+            "inputs = tokenizer.apply_chat_template("
+            'messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)',
             "output = model.generate(**inputs, max_new_tokens=50)",
             'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
             "```",
@@ -512,11 +518,13 @@ def render_model_card(
     else:
         base_text = code(base_model) if base_model else "GPT-2"
     summary = (
-        f"{base_text} fine-tuned on {'DailyDialog to hold short everyday conversations in English' if data.is_dailydialog else code(data.source)}, "
-        f"with gpt2ft {format_short(training_config.get('gpt2ft_version'))}. "
+        f"{base_text} fine-tuned on "
+        f"{'DailyDialog to hold short everyday conversations in English' if data.is_dailydialog else code(data.source)}"
+        f", with gpt2ft {format_short(training_config.get('gpt2ft_version'))}. "
         f"Validation loss {format_loss(metrics.get('eval_loss'))} "
         f"(perplexity {format_perplexity(metrics.get('eval_perplexity'))}), "
-        f"test loss {format_loss(metrics.get('test_loss'))} (perplexity {format_perplexity(metrics.get('test_perplexity'))})."
+        f"test loss {format_loss(metrics.get('test_loss'))} "
+        f"(perplexity {format_perplexity(metrics.get('test_perplexity'))})."
     )
     parts = [
         _front_matter(base_model, metrics, data),
@@ -553,15 +561,15 @@ def render_model_card(
 # --------------------------------------------------------------------------------------------------------------
 
 ALGORITHM_TEXT = {
-    "dpo": "DPO (Direct Preference Optimization, Rafailov et al., 2023): pairs of a better and a worse reply to the same conversation",
-    "kto": "KTO (Kahneman-Tversky Optimization, Ethayarajh et al., 2024): single replies judged desirable or undesirable",
+    "dpo": "DPO (Direct Preference Optimization, Rafailov et al., 2023): pairs of a better and a worse reply to the "
+    "same conversation",
+    "kto": "KTO (Kahneman-Tversky Optimization, Ethayarajh et al., 2024): single replies judged desirable or "
+    "undesirable",
 }
 
 
 def _preference_front_matter(started: str, data_source: str, algorithm: str) -> str:
     """The Hub's YAML metadata of a preference-tuned model, with huggingface_hub's ModelCardData."""
-    from huggingface_hub import ModelCardData
-
     hub_data = data_source[len("hub:") :].split("@")[0].split(":")[0] if data_source.startswith("hub:") else None
     card_data = ModelCardData(
         # The licence is that of the starting model's training data and of the preferences: gpt2ft cannot know it.
@@ -684,7 +692,8 @@ def _preference_settings(metrics: Mapping[str, Any], settings: Mapping[str, Any]
     method = metrics.get("method") or settings.get("method")
     method_text = (
         f"LoRA (r={format_short(settings.get('lora_r'))}, alpha={format_short(settings.get('lora_alpha'))}, modules "
-        f"{settings.get('lora_targets', NA)}), merged into the saved weights; the reference was the model with its adapters off"
+        f"{settings.get('lora_targets', NA)}), merged into the saved weights; the reference was the model with its "
+        "adapters off"
         if method == "lora"
         else "every weight tuned; the reference was a frozen copy of the starting model"
     )
@@ -708,7 +717,8 @@ def _preference_settings(metrics: Mapping[str, Any], settings: Mapping[str, Any]
         ),
         (
             "learning rate",
-            f"{format_short(settings.get('learning_rate'))} (warmup {format_short(settings.get('warmup_ratio'))} of the steps, then linear decay)",
+            f"{format_short(settings.get('learning_rate'))} (warmup {format_short(settings.get('warmup_ratio'))} of "
+            "the steps, then linear decay)",
         ),
         (
             "max sequence length",
@@ -732,7 +742,8 @@ def _preference_samples(samples: Sequence[Mapping[str, Any]]) -> str:
         for message in sample.get("prompt") or []:
             text = str(message.get("content", ""))
             lines.append(
-                f"- *{str(message.get('role', '')).capitalize()}:* {md_escape(text[:CONTEXT_CHARS] + ('...' if len(text) > CONTEXT_CHARS else ''))}"
+                f"- *{str(message.get('role', '')).capitalize()}:* "
+                f"{md_escape(text[:CONTEXT_CHARS] + ('...' if len(text) > CONTEXT_CHARS else ''))}"
             )
         reply = str(sample.get("reply") or "").strip()
         lines.append(f"- *Model:* {md_escape(reply) if reply else '*(empty reply)*'}")

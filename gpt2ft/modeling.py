@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
+from .chat_format import ensure_chat_template
 from .config import GPT2_CONTEXT
 from .errors import ModelError
 from .families import check_architecture, check_model_source, check_size
@@ -27,10 +30,6 @@ GPT2_SIZES = {"gpt2": 124e6, "gpt2-medium": 355e6, "gpt2-large": 774e6, "gpt2-xl
 def load_tokenizer(name: str) -> Any:
     """The model's fast tokenizer, with pad = EOS when it has no pad token (GPT-2; labels, not ids, mark padding
     here) and a chat template: its own, or gpt2ft's (chat_format.CHAT_TEMPLATE) when it has none."""
-    from transformers import AutoTokenizer
-
-    from .chat_format import ensure_chat_template
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
     except Exception as error:
@@ -51,9 +50,6 @@ def load_model(name: str, dtype: torch.dtype | None = None) -> Any:
     Raises:
         ModelError: not loadable, not a supported family, or pickle-only weights.
     """
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     check_model_source(name)
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise for a small model's few hundred tensors
@@ -88,8 +84,6 @@ def load_model_config(name: str) -> Any:
     Raises:
         ModelError: not loadable, not a supported family, or an absurd size.
     """
-    from transformers import AutoConfig
-
     check_model_source(name)
     try:
         config = AutoConfig.from_pretrained(name)
@@ -169,8 +163,8 @@ def choose_precision(requested: str, hardware: Hardware) -> tuple[str, str]:
             raise ModelError(f"--precision {requested}: needs a CUDA GPU; this machine has {hardware.name}")
         if requested == "bf16" and hardware.capability and hardware.capability < (8, 0):
             raise ModelError(
-                f"--precision bf16: {hardware.name} (compute capability {hardware.capability[0]}.{hardware.capability[1]}) "
-                "has no bf16 units; use fp16"
+                f"--precision bf16: {hardware.name} "
+                f"(compute capability {hardware.capability[0]}.{hardware.capability[1]}) has no bf16 units; use fp16"
             )
         return requested, "set by --precision"
     if hardware.device != "cuda" or hardware.capability is None:
@@ -197,7 +191,8 @@ def autocast_context(precision: str, device: torch.device | str) -> Any:
 
 
 def device_precision(device: torch.device | str) -> str:
-    """The precision gpt2ft trains in on `device` (choose_precision's automatic rule), for evaluation outside training."""
+    """The precision gpt2ft trains in on `device` (choose_precision's automatic rule), for evaluation outside
+    training."""
     device = torch.device(device)
     return choose_precision("auto", cuda_hardware(device))[0] if device.type == "cuda" else "fp32"
 

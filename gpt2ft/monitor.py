@@ -28,6 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# psutil and pynvml are imported inside the readings that use them: a missing or broken one costs only its fields
+# (recorded in `errors`), never the import of this module or the run, and pynvml (which loads NVML's library) only
+# on a GPU sample. torch is never imported here (see _cuda_available).
+
 MB = 1_000_000
 
 

@@ -17,8 +17,29 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
+import pandas as pd
+import torch
+import transformers
+from huggingface_hub import HfApi, get_token
+from transformers import TextStreamer
+
+from . import __version__
+from .charts import plot_length_histogram, save_figure
+from .chat_format import as_messages, describe_template, end_of_turn, template_of
+from .checkpoints import complete_checkpoints
 from .colab import in_colab
-from .config import TrainConfig, build_config, config_fields, render_flag
+from .config import PREFER_OUTPUT_DIR, PreferConfig, TrainConfig, build_config, config_fields, render_flag
+from .data import IGNORE_INDEX, token_stats
+from .evaluation import format_comparison, reply_metrics, sample_replies
+from .generate import chat
+from .logs import percentile
+from .prefer import prefer
+from .training import resume_point, score_starting_model
+
+# Two imports wait inside the functions that need them: google.colab exists only on Colab (mount_drive), and
+# IPython's display takes ~1 s to import, which the helpers' tests (plain Python, no notebook) need not pay; the
+# notebook itself has it loaded already.
 
 DRIVE_MOUNT = "/content/drive"
 DRIVE_FOLDER = "gpt2ft"
@@ -119,12 +140,6 @@ def equivalent_command(config: TrainConfig) -> str:
 def environment_report(plan: Any) -> dict[str, Any]:
     """Print and return the library versions, the device, its memory and the precision training will use
     (`plan`: training.plan_run's RunPlan, which settled them)."""
-    import datasets
-    import torch
-    import transformers
-
-    from . import __version__
-
     hardware, precision, reason = plan.hardware, plan.precision, plan.precision_reason
     report: dict[str, Any] = {
         "python": platform.python_version(),
@@ -166,8 +181,6 @@ def gpu_memory_report(stage: str, reset_peak: bool = False, train_seconds: float
     Returns:
         {"stage", "device", "train_seconds"} plus, on a GPU, total_gb, reserved_gb, peak_reserved_gb, peak_share.
     """
-    import torch
-
     report: dict[str, Any] = {
         "stage": stage,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -213,8 +226,6 @@ def gpu_memory_report(stage: str, reset_peak: bool = False, train_seconds: float
 
 def split_counts_table(counts: dict[str, dict[str, int]]) -> Any:
     """PreparedDialogs.counts as a table: dialogues per split in the release, removed as leakage, kept, used."""
-    import pandas as pd
-
     columns = ["release", "removed", "kept", "used"]
     return pd.DataFrame.from_dict(
         {split: {column: values.get(column) for column in columns} for split, values in counts.items()}, orient="index"
@@ -251,9 +262,6 @@ def plot_token_lengths(
     Returns:
         The PNG's path.
     """
-    from .charts import plot_length_histogram, save_figure
-    from .logs import percentile
-
     path = save_figure(plot_length_histogram(lengths, title=title, limit=limit), Path(images_dir) / LENGTH_CHART)
     values = sorted(lengths)
     if values:
@@ -276,8 +284,6 @@ def show_chat_format(
     Args:
         conversation: a prepared record's messages, or plain turns (with their `roles`).
     """
-    from .chat_format import as_messages
-
     text = tokenizer.apply_chat_template(as_messages(conversation, roles), tokenize=False)
     print(text)
     return text
@@ -286,8 +292,6 @@ def show_chat_format(
 def describe_tokenizer(tokenizer: Any, max_length: int) -> str:
     """Print and return the vocabulary size, the EOS token, the end-of-turn token, the chat template the run trains
     in (the model's own, or gpt2ft's) and the training window."""
-    from .chat_format import describe_template, end_of_turn, template_of
-
     text = (
         f"vocabulary: {len(tokenizer):,} tokens; EOS: {tokenizer.eos_token!r} (id {tokenizer.eos_token_id}); "
         f"end of turn: {end_of_turn(tokenizer)!r}; chat template: {describe_template(template_of(tokenizer))}; "
@@ -310,10 +314,6 @@ def label_table(row: dict[str, Any], tokenizer: Any, limit: int = 40) -> Any:
     Returns:
         A table with one row a token: token (as text), id, label, trained (yes/no).
     """
-    import pandas as pd
-
-    from .data import IGNORE_INDEX
-
     rows = [
         {
             "token": repr(tokenizer.decode([token])),
@@ -328,10 +328,6 @@ def label_table(row: dict[str, Any], tokenizer: Any, limit: int = 40) -> Any:
 
 def token_stats_table(rows: Any) -> Any:
     """Rows, tokens and target tokens of each tokenised split (data.token_stats) as a table."""
-    import pandas as pd
-
-    from .data import token_stats
-
     return pd.DataFrame.from_dict({split: token_stats(rows[split]) for split in rows}, orient="index").round(1)
 
 
@@ -348,8 +344,6 @@ def score_splits(model: Any, tokenizer: Any, rows: Any, plan: Any, label: str = 
         base_eval_* and base_test_* (loss, perplexity, tokens, bits_per_byte): pass it to evaluate_run, so
         metrics.json and the card hold it too.
     """
-    from .training import score_starting_model
-
     scores = score_starting_model(plan, model, tokenizer, rows)
     for prefix, split in (("eval", "validation"), ("test", "test")):
         print(
@@ -367,8 +361,6 @@ def before_after_table(before: dict[str, Any], metrics: dict[str, Any]) -> Any:
     Returns:
         A table with one row a split: each measure before and after, and how many times lower the perplexity is.
     """
-    import pandas as pd
-
     rows = {}
     for split, prefix in (("validation", "eval"), ("test", "test")):
         if f"base_{prefix}_loss" not in before or f"{prefix}_perplexity" not in metrics:
@@ -393,8 +385,6 @@ def score_replies(model: Any, tokenizer: Any, dialogs: Any, samples: int, seed: 
     Returns:
         reply_metrics' fields plus "records" (context, reference, reply of each sample).
     """
-    from .evaluation import reply_metrics, sample_replies
-
     records = sample_replies(model, tokenizer, dialogs, samples, seed=seed)
     return {**reply_metrics(records), "records": records}
 
@@ -407,8 +397,6 @@ def comparison_table(
     Both models answered the same held-out contexts with the same decoding settings; see evaluation.reply_metrics
     for what each column means.
     """
-    from .evaluation import format_comparison
-
     rows = [
         {"label": "before (base)", "perplexity": before["base_test_perplexity"], **before_replies},
         {"label": "after (fine-tuned)", "perplexity": metrics["test_perplexity"], **after_replies},
@@ -432,9 +420,6 @@ def describe_resume(plan: Any, prepared: Any) -> str | None:
     Raises:
         TrainingError: the checkpoint belongs to a run with other settings (the message says what to do).
     """
-    from .checkpoints import complete_checkpoints
-    from .training import resume_point
-
     resume_from = resume_point(plan, prepared)
     if resume_from:
         found = complete_checkpoints(plan.checkpoint_dir)
@@ -457,7 +442,8 @@ def show_image(path: str | Path) -> None:
 
 
 def show_charts(paths: Sequence[str | Path]) -> list[Path]:
-    """Show the charts a run drew (training.publish_run's `charts`); rebuild them any time with `python -m gpt2ft charts`.
+    """Show the charts a run drew (training.publish_run's `charts`); rebuild them any time with
+    `python -m gpt2ft charts`.
 
     Returns:
         The PNG paths.
@@ -478,8 +464,6 @@ def show_charts(paths: Sequence[str | Path]) -> list[Path]:
 
 def make_streamer(tokenizer: Any) -> Any:
     """A TextStreamer that prints the reply token by token (not the prompt, not the EOS)."""
-    from transformers import TextStreamer
-
     return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
@@ -492,7 +476,6 @@ def show_replies(
     Returns:
         sample_replies' records.
     """
-    from .evaluation import sample_replies
 
     def show_context(record: dict[str, Any]) -> None:
         print(format_turns(record["context"], record["roles"]))
@@ -550,8 +533,6 @@ def chat_in_notebook(
     Returns:
         The number of replies.
     """
-    from .generate import chat
-
     streamer = make_streamer(tokenizer) if stream else None
 
     def write(text: str) -> None:
@@ -601,7 +582,6 @@ def push_model_to_hub(output_dir: str | Path, repo_id: str | None, enabled: bool
         return None
     if not repo_id:
         raise ValueError("push_to_hub=True needs hub_repo_id, e.g. 'your-hf-name/gpt2-dailydialog'")
-    from huggingface_hub import HfApi, get_token
 
     token = get_token()  # Colab's Secrets (HF_TOKEN), the HF_TOKEN variable, or a `hf auth login`
     if not token:
@@ -656,11 +636,10 @@ def prefer_in_notebook(
     """
     if not enabled:
         print(
-            "Preference tuning off: set preference_tuning = True in the parameters cell (after votes on the web page, or with preference_data)."
+            "Preference tuning off: set preference_tuning = True in the parameters cell (after votes on the web "
+            "page, or with preference_data)."
         )
         return None
-    from .config import PREFER_OUTPUT_DIR, PreferConfig, render_flag
-    from .prefer import prefer
 
     paths = resolve_paths(
         output_dir or PREFER_OUTPUT_DIR, str(Path(logs_dir) / "prefer"), str(Path(images_dir) / "prefer"), drive_root
@@ -697,7 +676,6 @@ def preference_table(result: Any) -> Any:
     if result is None:
         print("Preference tuning was off: nothing to show.")
         return None
-    import pandas as pd
 
     metrics = result.metrics
     rows = {
@@ -711,7 +689,8 @@ def preference_table(result: Any) -> Any:
         if metrics.get(f"{key}_after") is not None
     }
     print(
-        f"{metrics['algorithm'].upper()} from {metrics['started_from']} on {metrics['data_source']}: model in {result.output_dir}"
+        f"{metrics['algorithm'].upper()} from {metrics['started_from']} on {metrics['data_source']}: "
+        f"model in {result.output_dir}"
     )
     charts = [Path(path) for path in result.published.charts if Path(path).name == "chart_prefer.png"]
     for path in charts:

@@ -69,6 +69,10 @@ from .runs import (
 from .scale import build_lora_config, describe_method, parameter_counts, report_parameter_counts
 from .sources import DataError, quiet_datasets
 
+# TRL is imported inside the functions that build its trainers and configs: importing it takes ~2 s more than
+# torch and transformers, which the plan's checks (a bad flag or votes file fails before anything loads) and the
+# tests of the stage's parts need not pay.
+
 logger = logging.getLogger(__name__)
 
 SAMPLE_COUNT = 3
@@ -105,7 +109,11 @@ class PreferenceTrainerMixin(WholeRunTrainer):
 
 
 def trainer_classes() -> dict[str, type]:
-    """The Trainer of each algorithm: TRL's, with WholeRunTrainerMixin (TRL is imported only when a run needs it)."""
+    """The Trainer of each algorithm: TRL's, with PreferenceTrainerMixin.
+
+    The two classes are built here, not at module level, because their bases are TRL's: TRL is imported only when a
+    run needs it.
+    """
     from trl import DPOTrainer, KTOTrainer
 
     class PreferenceDPOTrainer(PreferenceTrainerMixin, DPOTrainer):
@@ -419,7 +427,7 @@ def build_preference_trainer(
     settings: dict[str, Any],
     callbacks: Sequence[TrainerCallback] | None = None,
 ) -> Any:
-    """TRL's DPOTrainer or KTOTrainer (with WholeRunTrainerMixin) over the fitted records: TRL renders them with the
+    """TRL's DPOTrainer or KTOTrainer (with PreferenceTrainerMixin) over the fitted records: TRL renders them with the
     model's chat template and tokenises them. With --method lora TRL wraps the model in the adapters itself, so the
     reference is the model with its adapters off (no second copy); with full tuning TRL keeps a frozen copy. Once
     it is built every check has passed, so the data report is printed here (report_data).

@@ -39,7 +39,8 @@ from typing import Any
 
 from .conversations import READERS, ROLES, message_layout, roles_of, turns_of
 from .data import dialog_key, key_share
-from .sources import DataError, locate
+from .sources import FILE_BUILDERS, DataError, file_identity, locate, read_file, read_hub, split_files
+from .votes import VotesError, read_votes
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
@@ -121,7 +122,8 @@ def messages_of(value: Any, column: str, role: str, where: str) -> list[dict[str
         messages = READERS[message_layout(value[0])]({column: value}, column, f"{where}: {column}")
         return [{"role": message["role"], "content": message["content"]} for message in messages]
     raise DataError(
-        f"{where}: {column} is {'missing' if value is None else 'a ' + type(value).__name__}, not text or a list of messages"
+        f"{where}: {column} is {'missing' if value is None else 'a ' + type(value).__name__}, "
+        "not text or a list of messages"
     )
 
 
@@ -158,7 +160,8 @@ def split_implicit(
         prompt_text, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
         if not prompt_text.strip():
             raise DataError(
-                f"{where}: empty prompt: chosen and rejected share no words at their start (put the prompt in a prompt column)"
+                f"{where}: empty prompt: chosen and rejected share no words at their start "
+                "(put the prompt in a prompt column)"
             )
         return (
             messages_of(prompt_text, "prompt", "user", where),
@@ -174,7 +177,8 @@ def split_implicit(
         shared += 1
     if shared == 0:
         raise DataError(
-            f"{where}: empty prompt: chosen and rejected share no turns at their start (put the prompt in a prompt column)"
+            f"{where}: empty prompt: chosen and rejected share no turns at their start "
+            "(put the prompt in a prompt column)"
         )
     for name, messages in (("chosen", chosen_messages), ("rejected", rejected_messages)):
         if len(messages) == shared:
@@ -286,15 +290,14 @@ def read_record_splits(source: str, cache_dir: str | Path | None) -> tuple[dict[
     Raises:
         DataError: a missing path, an unreadable or empty file, a Hub dataset that cannot be loaded.
     """
-    from .sources import FILE_BUILDERS, file_identity, read_file, read_hub, split_files
-
     datasets_cache = Path(cache_dir) / "datasets" if cache_dir else None
     if source.startswith("hub:"):
         return read_hub(source, datasets_cache)
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(
-            f"{path}: no such file or folder (pass a votes database, a .jsonl/.json/.parquet file, a folder or hub:OWNER/NAME)"
+            f"{path}: no such file or folder "
+            "(pass a votes database, a .jsonl/.json/.parquet file, a folder or hub:OWNER/NAME)"
         )
     files = {"train": path} if path.is_file() else split_files(path)
     for file in files.values():
@@ -345,8 +348,6 @@ def votes_records(path: Path, algorithm: str, skips: Skips) -> tuple[list[dict[s
     Raises:
         DataError: not a votes database, or a vote with an empty conversation.
     """
-    from .votes import VotesError, read_votes
-
     try:
         votes = read_votes(path)
     except VotesError as error:
@@ -383,7 +384,8 @@ def votes_records(path: Path, algorithm: str, skips: Skips) -> tuple[list[dict[s
         verdicts = ", ".join(f"{count} {name}" for name, count in sorted(winners.items())) or "none"
         wanted = "an 'A is better' or 'B is better' vote" if algorithm == "dpo" else "a vote other than a tie"
         raise DataError(
-            f"--data {path}: no decisive vote to learn from ({len(votes)} votes: {verdicts}); {algorithm.upper()} needs {wanted}"
+            f"--data {path}: no decisive vote to learn from ({len(votes)} votes: {verdicts}); "
+            f"{algorithm.upper()} needs {wanted}"
         )
     return records, {"votes": len(votes), **{name: winners.get(name, 0) for name in ("a", "b", "tie", "both_bad")}}
 
@@ -409,7 +411,8 @@ def hold_out_by_key(
         distinct = sorted(set(shares))
         if len(distinct) < 2:
             raise DataError(
-                f"{source}: all records share one conversation; at least two different conversations are needed (one is held out)"
+                f"{source}: all records share one conversation; at least two different conversations are needed "
+                "(one is held out)"
             )
         cut = distinct[1]  # everything at the lowest share: that conversation and its duplicates
     if all(share < cut for share in shares):
@@ -464,7 +467,8 @@ def read_preferences(
         }
         if len(set(layouts.values())) > 1:
             raise DataError(
-                f"{source}: the splits hold different preference layouts ({', '.join(f'{s}: {kind}' for s, kind in layouts.items())})"
+                f"{source}: the splits hold different preference layouts "
+                f"({', '.join(f'{s}: {kind}' for s, kind in layouts.items())})"
             )
         layout = layouts["train"]
         by_split = {

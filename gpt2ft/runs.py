@@ -31,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import ModelCard
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
 from . import __version__
 from .checkpoints import (
+    CheckpointMarkerCallback,
     TrainingError,
     check_output_dir,
     checkpoint_dir,
@@ -47,6 +49,8 @@ from .checkpoints import (
 )
 from .config import RunConfig, changed_fields, run_defining_fields
 from .data import IGNORE_INDEX
+from .export import add_n_ctx
+from .generate import build_generation_config, load_for_generation
 from .logs import append_jsonl, write_json, write_jsonl, write_text_atomic
 from .modeling import (
     Hardware,
@@ -58,6 +62,7 @@ from .modeling import (
     training_window,
 )
 from .monitor import SystemMonitor
+from .scale import check_optimizer, choose_presets, merge_for_saving
 
 logger = logging.getLogger(__name__)
 
@@ -292,8 +297,6 @@ def tied_parameter_names(model: Any) -> set[str]:
 def run_callbacks(plan: RunPlan, settings: dict[str, Any], extra: Sequence[TrainerCallback] | None) -> list[Any]:
     """The callbacks every stage's Trainer gets: the whole-run totals, the checkpoint marker (recording what makes
     the run this run), the JSONL log, then the caller's own (tests use them to interrupt a run)."""
-    from .checkpoints import CheckpointMarkerCallback
-
     return [
         RunTotals(),
         CheckpointMarkerCallback(settings),
@@ -437,8 +440,6 @@ def plan_stage(
     Raises:
         TrainingError, ModelError, ConfigError: with a message naming the setting.
     """
-    from .scale import check_optimizer, choose_presets
-
     check_output_dir(config.output_dir, config.overwrite)
     hardware = detect_hardware()
     config, notes = choose_presets(config, hardware, changed_fields(config) if explicit is None else explicit, keep)
@@ -652,10 +653,6 @@ def save_stage(
     Args:
         record: what the stage records about the run (training_config.json); gpt2ft's version is added.
     """
-    from .export import add_n_ctx
-    from .generate import build_generation_config
-    from .scale import merge_for_saving
-
     fitted.stop_monitor()
     trainer = fitted.trainer
     if plan.is_main:
@@ -726,8 +723,6 @@ def write_card(
         render: the stage's card, from (metrics, training_config, samples, hardware name).
         card_charts: the file names of the charts the card shows.
     """
-    from huggingface_hub import ModelCard
-
     metrics = json.loads((plan.logs_dir / METRICS).read_text(encoding="utf-8"))
     training_config = json.loads((plan.output_dir / "training_config.json").read_text(encoding="utf-8"))
     for chart in charts:
@@ -741,8 +736,6 @@ def publish_stage(plan: RunPlan, stage: Stage, data: Any) -> Published:
     """The stage's charts, sample replies of the saved model and the model card, made from what is on disk after
     the model is safely saved. Each step that fails is reported on stderr and skipped: a plotting or card bug never
     costs a finished run."""
-    from .generate import load_for_generation
-
     published = Published()
     if not plan.is_main:
         return published

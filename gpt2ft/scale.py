@@ -25,8 +25,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import Trainer
+from transformers.pytorch_utils import Conv1D
+from transformers.training_args import OptimizerNames
+
 from .config import ConfigError, RunConfig, render_flag
 from .modeling import GPT2_SIZES, Hardware
+
+# peft is imported inside the functions that use LoRA, after quiet_bitsandbytes(): importing PEFT imports
+# bitsandbytes when it is installed, and a full fine-tune needs neither.
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +106,9 @@ def preset_changes(size: str, eight_bit: bool) -> tuple[dict[str, Any], str]:
     if size == "gpt2-medium":
         return (
             {"gradient_checkpointing": True, "batch_size": 8, "gradient_accumulation_steps": 2, "eval_batch_size": 16},
-            "gpt2-medium (355M): full fine-tuning's weights, grads and AdamW states fit (16 bytes/param = 5.3 GiB), but a "
-            "batch of 16 long dialogues adds ~8 GiB of activations and logits; gradient checkpointing and batch 8 x 2 "
-            "accumulation (the same effective batch of 16) keep that under 1 GiB",
+            "gpt2-medium (355M): full fine-tuning's weights, grads and AdamW states fit (16 bytes/param = 5.3 GiB), "
+            "but a batch of 16 long dialogues adds ~8 GiB of activations and logits; gradient checkpointing and batch "
+            "8 x 2 accumulation (the same effective batch of 16) keep that under 1 GiB",
         )
     if size == "gpt2-large":
         if eight_bit:
@@ -205,8 +213,6 @@ def quiet_bitsandbytes() -> None:
 
 def probe_optimizer(optimizer_cls: Any, optimizer_kwargs: dict[str, Any], device: str) -> None:
     """One step of the optimizer the Trainer would build, on a small tensor on `device`; raises what it raises."""
-    import torch
-
     kwargs = {**optimizer_kwargs, "lr": 1e-3}
     param = torch.nn.Parameter(torch.ones(BNB_PROBE_SIZE, device=device))
     with warnings.catch_warnings():
@@ -231,9 +237,6 @@ def check_optimizer(optim: str, build_args: Callable[[], Any], hardware: Hardwar
     Raises:
         ConfigError: a message starting with "--optim NAME:".
     """
-    from transformers import Trainer
-    from transformers.training_args import OptimizerNames
-
     try:
         OptimizerNames(optim)
     except ValueError:
@@ -260,7 +263,8 @@ def check_optimizer(optim: str, build_args: Callable[[], Any], hardware: Hardwar
         except Exception as error:  # any failure here would stop the run at its first step
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ConfigError(
-                f"--optim {optim}: bitsandbytes cannot run it on {hardware.name} ({type(error).__name__}: {first}); use --optim auto"
+                f"--optim {optim}: bitsandbytes cannot run it on {hardware.name} ({type(error).__name__}: {first}); "
+                "use --optim auto"
             ) from None
     return args
 
@@ -277,8 +281,6 @@ def lora_targets(config: RunConfig, model: Any) -> list[str]:
     Raises:
         ConfigError: empty, or a name the model does not have.
     """
-    from transformers.pytorch_utils import Conv1D
-
     targets = [name.strip() for name in config.lora_targets.split(",") if name.strip()]
     available = sorted(
         {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, Conv1D)}

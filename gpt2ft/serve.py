@@ -33,9 +33,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
 from .colab import in_colab
+from .config import DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIME_LIMIT_S
 from .errors import Gpt2ftError
+from .generate import generate_reply, load_for_generation
+from .modeling import ModelError, model_context
 from .votes import DEFAULT_VOTES_DB, VotesError, init_votes_db, read_votes, record_vote, tally_votes
+
+# gradio is imported inside the functions that build and launch the page: importing it takes seconds, which the
+# tests of the page's logic (and the notebook, until it serves) need not pay.
 
 # The page must not phone home: no usage analytics, no version check (it may run offline, and on a shared link
 # nobody agreed to it). Set before gradio is imported; a value the user set is kept.
@@ -43,12 +52,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 LOGGER = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7860
-DEFAULT_TIME_LIMIT_S = 60.0
-# Generations at once. Each holds one model forward pass at a time; more than a few on one CPU or GPU only makes
-# every reply slower, while the queue keeps the page itself responsive.
-DEFAULT_CONCURRENCY = 4
 # GPT-2 reads at most 1,024 tokens (~4,000 characters of English), so a longer message is kept by its end: the
 # model would only see the end anyway, and the page stays light (a 200,000-character message would otherwise be
 # sent back and forth with every update).
@@ -149,8 +152,6 @@ def load_served_model(name: str, model: Any = None, tokenizer: Any = None) -> Se
         ModelError: the folder is missing, unreadable or not a GPT-2 model.
     """
     if model is None or tokenizer is None:
-        from .generate import load_for_generation
-
         model, tokenizer = load_for_generation(name)
     return ServedModel(name=name, model=model, tokenizer=tokenizer, title=display_name(name), info=describe_model(name))
 
@@ -200,8 +201,6 @@ def saved_decoding(model: Any) -> dict[str, Any]:
 
 def max_tokens_limit(served: Sequence[ServedModel]) -> int:
     """The most new tokens the page offers: half the smallest context, at most 512."""
-    from .modeling import model_context
-
     return max(1, min(512, min(model_context(item.model) for item in served) // 2))
 
 
@@ -289,6 +288,45 @@ class GenerationTimeout(RuntimeError):
     """No token and no end arrived within the time limit."""
 
 
+class QueueStreamer(BaseStreamer):
+    """TextIteratorStreamer's idea, token by token and for several replies at once: each new token's text goes to
+    one shared queue (`events`), tagged with its reply (`key`), as (key, "text", new text).
+
+    transformers' TextStreamer waits for a space before showing a word; here a token shows as soon as the reply
+    decoded so far only grows (no half-written UTF-8 character at its end, no earlier text changed by it). The
+    finished reply replaces the streamed text anyway, so whatever is held back is never lost.
+    """
+
+    def __init__(self, tokenizer: Any, key: str, events: queue.Queue) -> None:
+        self.tokenizer, self.key, self.events = tokenizer, key, events
+        self.tokens: list[int] = []
+        self.shown = ""
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate() hands over the prompt first
+            self.prompt_seen = True
+            return
+        self.tokens.extend(int(token) for token in value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if len(text) > len(self.shown) and text.startswith(self.shown) and not text.endswith("\ufffd"):
+            self.events.put((self.key, "text", text[len(self.shown) :]))
+            self.shown = text
+
+    def end(self) -> None:
+        pass
+
+
+class StopWhenAsked(StoppingCriteria):
+    """Stops generate() at its next token once `stop` is set (the consumer of the replies has left)."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+        return self.stop.is_set()
+
+
 def stream_replies(
     models: Mapping[str, ServedModel],
     history: Sequence[Mapping[str, str]],
@@ -307,46 +345,8 @@ def stream_replies(
     Raises:
         GenerationTimeout, or the first error a generation raised.
     """
-    from transformers import StoppingCriteria, StoppingCriteriaList
-    from transformers.generation.streamers import BaseStreamer
-
-    from .generate import generate_reply
-
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
-
-    class QueueStreamer(BaseStreamer):
-        """TextIteratorStreamer's idea, token by token and for several replies at once: each new token's text goes
-        to one shared queue, tagged with its reply.
-
-        transformers' TextStreamer waits for a space before showing a word; here a token shows as soon as the reply
-        decoded so far only grows (no half-written UTF-8 character at its end, no earlier text changed by it). The
-        finished reply replaces the streamed text anyway, so whatever is held back is never lost.
-        """
-
-        def __init__(self, tokenizer: Any, key: str) -> None:
-            self.tokenizer, self.key = tokenizer, key
-            self.tokens: list[int] = []
-            self.shown = ""
-            self.prompt_seen = False
-
-        def put(self, value: Any) -> None:
-            if not self.prompt_seen:  # generate() hands over the prompt first
-                self.prompt_seen = True
-                return
-            self.tokens.extend(int(token) for token in value.reshape(-1).tolist())
-            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-            if len(text) > len(self.shown) and text.startswith(self.shown) and not text.endswith("\ufffd"):
-                events.put((self.key, "text", text[len(self.shown) :]))
-                self.shown = text
-
-        def end(self) -> None:
-            pass
-
-    class StopWhenAsked(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
-            return stop.is_set()
-
     kwargs = generation_kwargs(settings)
 
     def work(key: str, served: ServedModel) -> None:
@@ -355,8 +355,8 @@ def stream_replies(
                 served.model,
                 served.tokenizer,
                 list(history),
-                streamer=QueueStreamer(served.tokenizer, key),
-                stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
+                streamer=QueueStreamer(served.tokenizer, key, events),
+                stopping_criteria=StoppingCriteriaList([StopWhenAsked(stop)]),
                 max_time=float(time_limit),
                 **kwargs,
             )
@@ -1191,8 +1191,6 @@ def start_server(
     Raises:
         ModelError, VotesError.
     """
-    from .modeling import ModelError
-
     served = load_served_model(model, *(loaded or (None, None)))
     opponent_name = compare_with or default_opponent(model)
     opponent = None
@@ -1207,7 +1205,8 @@ def start_server(
             opponent = load_served_model(opponent_name)
         except ModelError as error:
             print(
-                f"warning: no Compare tab: the base model {opponent_name} cannot be loaded ({error}); pass --compare-with MODEL",
+                f"warning: no Compare tab: the base model {opponent_name} cannot be loaded ({error}); "
+                "pass --compare-with MODEL",
                 file=sys.stderr,
             )
     init_votes_db(votes_db)  # after the models: a bad model folder must leave no file behind

@@ -37,7 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict
+from datasets.utils import logging as datasets_logging
+from huggingface_hub import hf_hub_download
 
 from .conversations import TURN_COLUMNS, DataError, Layout, message_layout
 
@@ -241,8 +244,6 @@ def read_parquet_split(files: Sequence[Path], split: str) -> dict[str, list]:
     """Read the Hub's parquet conversion (columns dialog, act, emotion), turns stripped as in the text release; a
     dialogue's id is `<split>-<row>`, rows counted from 1 across the files (the release's line, when every line is
     there)."""
-    import pyarrow.parquet as pq
-
     columns: dict[str, list] = {"dialog": [], "act": [], "emotion": [], "id": []}
     for file_path in files:
         try:
@@ -298,7 +299,8 @@ def read_folder(folder: Path, report: LoadReport) -> dict[str, dict[str, list]]:
         layout, found = max(partial.items(), key=lambda item: len(item[1]))
         missing = [s for s in SPLITS if s not in found]
         raise DataError(
-            f"{folder}: has {', '.join(found)} but no {', '.join(missing)} ({layout} layout); all three splits are needed"
+            f"{folder}: has {', '.join(found)} but no {', '.join(missing)} ({layout} layout); "
+            "all three splits are needed"
         )
     raise DataError(
         f"{folder}: no DailyDialog files found (expected {ZIP_NAME}, train.zip/validation.zip/test.zip, "
@@ -317,8 +319,6 @@ def to_dataset_dict(splits: dict[str, dict[str, list]]) -> DatasetDict:
 
 def download_hub_parquet(cache_dir: Path) -> Path:
     """Download the Hub's parquet conversion of DailyDialog; returns the folder in the Hub layout."""
-    from huggingface_hub import hf_hub_download
-
     target = cache_dir / "daily_dialog_parquet"
     for split in SPLITS:
         hf_hub_download(
@@ -340,8 +340,6 @@ def download_zip(cache_dir: Path, url: str = ZIP_URL, size: int = ZIP_SIZE, sha2
     Raises:
         DataError: the download's size or checksum is not the release's (nothing is kept).
     """
-    import hashlib
-
     target = cache_dir / ZIP_NAME
     if target.is_file():
         return target
@@ -358,8 +356,9 @@ def download_zip(cache_dir: Path, url: str = ZIP_URL, size: int = ZIP_SIZE, sha2
                 out.write(chunk)
         if received != size or digest.hexdigest() != sha256:
             raise DataError(
-                f"{url}: got {received:,} bytes with SHA-256 {digest.hexdigest()[:16]}..., but the release has {size:,} "
-                f"bytes and SHA-256 {sha256[:16]}...; not the DailyDialog zip (download it by hand and pass --data)"
+                f"{url}: got {received:,} bytes with SHA-256 {digest.hexdigest()[:16]}..., "
+                f"but the release has {size:,} bytes and SHA-256 {sha256[:16]}...; not the DailyDialog zip "
+                "(download it by hand and pass --data)"
             )
         partial.replace(target)
     finally:
@@ -476,7 +475,8 @@ def detect_layout(dataset: Dataset, origin: str, forced: str | None = None) -> L
             return Layout("dailydialog", column)
         return Layout("turns", column)
     raise DataError(
-        f"{origin}: no conversations found: columns {', '.join(columns) or '(none)'}; expected 'messages' (role/content), "
+        f"{origin}: no conversations found: columns {', '.join(columns) or '(none)'}; "
+        "expected 'messages' (role/content), "
         f"'conversations' (ShareGPT from/value) or a list of turns under {', '.join(TURN_COLUMNS)} "
         "(or name the column with --dialog-column NAME)"
     )
@@ -539,14 +539,10 @@ class quiet_datasets:
     setting after."""
 
     def __enter__(self) -> None:
-        from datasets.utils import logging as datasets_logging
-
         self.was_enabled = datasets_logging.is_progress_bar_enabled()
         datasets_logging.disable_progress_bar()
 
     def __exit__(self, *exc: Any) -> None:
-        from datasets.utils import logging as datasets_logging
-
         if self.was_enabled:
             datasets_logging.enable_progress_bar()
 
@@ -579,7 +575,8 @@ def read_file(path: Path, cache_dir: Path | None) -> Dataset:
         cause = error.__cause__ or error
         raise DataError(
             bad
-            or f"{path}: not readable as {builder} ({type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''})"
+            or f"{path}: not readable as {builder} "
+            f"({type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''})"
         ) from None
     if len(dataset) == 0:
         raise DataError(f"{path}: holds no records")
@@ -603,8 +600,8 @@ def split_files(folder: Path) -> dict[str, Path]:
             found[split] = matches[0]
     if "train" not in found:
         raise DataError(
-            f"{folder}: no train file (expected train.jsonl, train.json or train.parquet, and optionally validation.* and "
-            "test.*), and no DailyDialog files (the official zip, train.zip/validation.zip/test.zip, "
+            f"{folder}: no train file (expected train.jsonl, train.json or train.parquet, and optionally "
+            "validation.* and test.*), and no DailyDialog files (the official zip, train.zip/validation.zip/test.zip, "
             "<split>/dialogues_<split>.txt, or <split>/*.parquet)"
         )
     return found
@@ -696,8 +693,6 @@ def is_dailydialog_folder(folder: Path) -> bool:
         return True
     files = find_parquet(folder, "train")
     if files:
-        import pyarrow.parquet as pq
-
         return set(DAILYDIALOG_COLUMNS) <= set(pq.read_schema(files[0]).names)
     return False
 
@@ -724,7 +719,8 @@ def load_source(data: str, cache_dir: str | Path | None = "data", dialog_column:
         path = Path(data).expanduser()
         if not path.exists():
             raise DataError(
-                f"{path}: no such file or folder (pass 'hub', 'hub:OWNER/NAME', a .jsonl/.json/.parquet file, or a folder)"
+                f"{path}: no such file or folder "
+                "(pass 'hub', 'hub:OWNER/NAME', a .jsonl/.json/.parquet file, or a folder)"
             )
         if path.is_dir() and is_dailydialog_folder(path) or path.suffix == ".zip":
             raw = dailydialog_source(str(path), cache_dir)
@@ -745,7 +741,8 @@ def load_source(data: str, cache_dir: str | Path | None = "data", dialog_column:
         layouts = {detect_layout(dataset, raw.origins[split], dialog_column) for split, dataset in raw.splits.items()}
         if len(layouts) > 1:
             raise DataError(
-                f"{raw.source}: the splits hold conversations in different layouts ({', '.join(sorted(found.kind for found in layouts))})"
+                f"{raw.source}: the splits hold conversations in different layouts "
+                f"({', '.join(sorted(found.kind for found in layouts))})"
             )
         raw.layout = layouts.pop()
     return raw

@@ -212,8 +212,8 @@ def write_records(path: Path, records: list[dict]) -> Path:
 
 
 def build_tokenizer(folder: Path, extra_corpus: tuple[str, ...] = ()):
-    """A byte-level BPE (GPT-2's algorithm) trained on the synthetic corpus (and `extra_corpus`, a test's own text), with
-    <|endoftext|> as EOS and pad."""
+    """A byte-level BPE (GPT-2's algorithm) trained on the synthetic corpus (and `extra_corpus`, a test's own text),
+    with <|endoftext|> as EOS and pad."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -107,7 +107,8 @@ def test_real_release_loads_with_its_one_misaligned_line(shared_data):
     assert (len(dialogs["train"]), len(dialogs["validation"]), len(dialogs["test"])) == (11117, 1000, 1000)
     assert dialogs["train"]["id"][7850:7852] == ["train-7851", "train-7853"]  # ids are release lines: 7852 skipped
     assert report.skipped == [
-        f"{shared_data / 'dailydialog' / 'train.zip'}:train/dialogues_train.txt:7852: 12 turns but 11 act and 11 emotion labels"
+        f"{shared_data / 'dailydialog' / 'train.zip'}:train/dialogues_train.txt:7852: "
+        "12 turns but 11 act and 11 emotion labels"
     ]
 
 

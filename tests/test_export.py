@@ -93,9 +93,9 @@ def test_gguf_template_drops_generation_markers_and_renders_the_same(tiny_tokeni
     template = gguf_chat_template(CHAT_TEMPLATE)
     assert "generation" not in template and "generation" in CHAT_TEMPLATE
     expected = hf_render(tiny_tokenizer, MESSAGES)
-    assert (
-        expected
-        == "<|endoftext|>Be brief.<|endoftext|>Hello , how are you ?<|endoftext|>I am fine , thanks .<|endoftext|>What time is it ?<|endoftext|>"
+    assert expected == (
+        "<|endoftext|>Be brief.<|endoftext|>Hello , how are you ?<|endoftext|>I am fine , thanks .<|endoftext|>"
+        "What time is it ?<|endoftext|>"
     )
     assert jinja_render(template, tiny_tokenizer, MESSAGES) == expected
     assert gguf_chat_template(None) == template  # models saved before templates get gpt2ft's

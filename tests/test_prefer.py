@@ -228,10 +228,11 @@ def test_dpo_on_the_votes_moves_replies_to_unseen_prompts_toward_the_preferred_s
     metrics = dpo_run["metrics"]
     print(
         f"\nstyle task, unseen prompts: polite {before['polite']:.3f} -> {after['polite']:.3f}, correct answer "
-        f"{before['correct']:.3f} -> {after['correct']:.3f}; held-out reward accuracy {metrics['reward_accuracy_before']:.3f} -> "
-        f"{metrics['reward_accuracy_after']:.3f}, margin {metrics['reward_margin_before']:.3f} -> {metrics['reward_margin_after']:.3f}, "
-        f"logp accuracy {metrics['logp_accuracy_before']:.3f} -> {metrics['logp_accuracy_after']:.3f}, supervised perplexity "
-        f"{metrics['sft_perplexity_before']:.3f} -> {metrics['sft_perplexity_after']:.3f}"
+        f"{before['correct']:.3f} -> {after['correct']:.3f}; held-out reward accuracy "
+        f"{metrics['reward_accuracy_before']:.3f} -> {metrics['reward_accuracy_after']:.3f}, "
+        f"margin {metrics['reward_margin_before']:.3f} -> {metrics['reward_margin_after']:.3f}, "
+        f"logp accuracy {metrics['logp_accuracy_before']:.3f} -> {metrics['logp_accuracy_after']:.3f}, "
+        f"supervised perplexity {metrics['sft_perplexity_before']:.3f} -> {metrics['sft_perplexity_after']:.3f}"
     )
     assert 0.25 <= before["polite"] <= 0.75  # supervised tuning taught both styles
     assert (
