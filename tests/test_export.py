@@ -1,15 +1,19 @@
-"""GGUF export (gpt2ft/export.py): the file's contents read back with the gguf package, the Modelfile, bad input,
-a LoRA run, and (marked slow) the exported files run through llama.cpp itself, via llama-cpp-python.
+"""GGUF export (gpt2ft/export.py): the file's contents read back with the gguf package, for GPT-2 and the tiny
+Llama, Qwen2, Qwen3 and Mistral of conftest.FAMILY_CONFIGS; the Modelfile, bad input, a LoRA run, and (marked slow)
+the exported files run through llama.cpp itself, via llama-cpp-python.
 
     python -m pytest tests/test_export.py -q                 # the llama.cpp tests skip when llama_cpp is missing
     python -m pytest tests/test_export.py -q -m slow         # only the llama.cpp tests
 
-The llama.cpp tests use a tiny GPT-2 trained here (a few seconds of CPU) on the fixture's question -> answer
-exchanges in the training format, so greedy replies are real sentences that end at EOS rather than noise.
+The llama.cpp greedy tests use tiny models trained here (a few seconds of CPU each) on the fixture's question ->
+answer exchanges in their chat format (gpt2ft's for GPT-2, ChatML for Llama and Qwen2), so greedy replies are real
+sentences that end at the end-of-turn token rather than noise. The logits tests use random-init models whose query
+and key weights are scaled up, so attention (and with it the rope layout) visibly shapes the logits.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -18,17 +22,29 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import EXCHANGES, build_tiny_model_dir, train_argv
+from conftest import (
+    CHATML_WITH_SYSTEM,
+    EXCHANGES,
+    FAMILY_CONFIGS,
+    build_chatml_tokenizer,
+    build_tiny_family_dir,
+    build_tiny_model_dir,
+    train_argv,
+)
 
 from gpt2ft import cli
 from gpt2ft.chat_format import CHAT_TEMPLATE, as_messages, render_ids
 from gpt2ft.export import (
+    ExportError,
     add_n_ctx,
     build_modelfile,
     export_for_notebook,
     export_gguf,
     gguf_chat_template,
+    gguf_context,
+    ollama_template,
     output_paths,
+    pre_tokenizer_name,
 )
 from gpt2ft.modeling import load_model, load_tokenizer
 
@@ -222,6 +238,193 @@ def test_sampling_defaults_come_from_generation_config(tiny_model_dir, tiny_toke
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The Llama-style families (tiny Llama, Qwen2, Qwen3, Mistral with a ChatML tokenizer), read back
+# --------------------------------------------------------------------------------------------------------------
+
+ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+SMOLLM2 = Path("/work/models/smollm2/hf")
+
+
+def rope_interleaved(weights: np.ndarray, heads: int) -> np.ndarray:
+    """A q/k projection's rows as llama.cpp's `llama` rotates them: row 2i + c of each head is transformers' row
+    c * head_dim / 2 + i (transformers rotates the halves of a head, llama.cpp adjacent pairs)."""
+    size = weights.shape[0] // heads
+    order = [head * size + (row % 2) * (size // 2) + row // 2 for head in range(heads) for row in range(size)]
+    return weights[order]
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURE))
+def family_export(request, tmp_path_factory):
+    """(family, folder, f32 export) of a tiny random-init model of each Llama-style family."""
+    folder = build_tiny_family_dir(tmp_path_factory.mktemp(f"export_{request.param}") / request.param, request.param)
+    return request.param, folder, export_gguf(folder, "f32")
+
+
+def test_family_export_holds_hyperparameters_tokenizer_and_template(family_export):
+    family, folder, result = family_export
+    tokenizer, config = load_tokenizer(str(folder)), load_model(str(folder)).config
+    reader = gguf.GGUFReader(result.gguf_path)
+    arch = ARCHITECTURE[family]
+    assert result.architecture == field(reader, "general.architecture") == arch
+    expected = {
+        "context_length": 512,
+        "block_count": 2,
+        "embedding_length": 64,
+        "feed_forward_length": 128,
+        "attention.head_count": 4,
+        "attention.head_count_kv": 2,
+        "attention.key_length": 16,
+        "attention.value_length": 16,
+        "rope.dimension_count": 16,
+        "vocab_size": len(tokenizer),
+    }
+    assert {key: field(reader, f"{arch}.{key}") for key in expected} == expected
+    assert field(reader, f"{arch}.rope.freq_base") == pytest.approx(10000.0)
+    assert field(reader, f"{arch}.attention.layer_norm_rms_epsilon") == pytest.approx(config.rms_norm_eps)
+    assert f"{arch}.rope.scaling.type" not in reader.fields
+
+    assert field(reader, "tokenizer.ggml.model") == "gpt2"
+    # The tiny tokenizer's ByteLevel regex is GPT-2's; transformers loads a Qwen2 folder's with Qwen2's own split
+    # (Qwen2Tokenizer), and the file follows what transformers tokenises with.
+    assert field(reader, "tokenizer.ggml.pre") == ("qwen2" if family == "qwen2" else "gpt-2")
+    assert field(reader, "tokenizer.ggml.tokens") == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    types = field(reader, "tokenizer.ggml.token_type")
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        assert types[tokenizer.convert_tokens_to_ids(special)] == gguf.TokenType.CONTROL, special
+    assert types[tokenizer.convert_tokens_to_ids("user")] == gguf.TokenType.NORMAL
+    ids = {key: field(reader, f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "padding", "unknown")}
+    assert ids == {
+        "bos": tokenizer.convert_tokens_to_ids("<|im_start|>"),
+        "eos": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "padding": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "unknown": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    }
+    assert field(reader, "tokenizer.ggml.add_bos_token") is False  # the tokenizer adds no BOS itself
+    assert "tokenizer.ggml.eot_token_id" not in reader.fields  # ChatML's end of turn is EOS here
+    template = field(reader, "tokenizer.chat_template")
+    assert template == tokenizer.chat_template
+    assert jinja_render(template, tokenizer, MESSAGES) == hf_render(tokenizer, MESSAGES)
+
+
+def test_family_export_holds_every_weight_in_llama_cpp_layout(family_export):
+    family, folder, result = family_export
+    model = load_model(str(folder))
+    config = model.config
+    weights = {name: value.detach().numpy() for name, value in model.state_dict().items()}
+    reader = gguf.GGUFReader(result.gguf_path)
+    block = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+    block = [f"{name}.weight" for name in block]
+    if family == "qwen2":
+        block += ["attn_q.bias", "attn_k.bias", "attn_v.bias"]
+    if family == "qwen3":
+        block += ["attn_q_norm.weight", "attn_k_norm.weight"]
+    expected = {"token_embd.weight", "output_norm.weight"} | {f"blk.{i}.{name}" for i in range(2) for name in block}
+    if not config.tie_word_embeddings:  # Qwen2 and Mistral here; tied Llama and Qwen3 reuse the token embedding
+        expected.add("output.weight")
+    assert {item.name for item in reader.tensors} == expected and result.tensors == len(expected)
+
+    np.testing.assert_array_equal(tensor(reader, "token_embd.weight").data, weights["model.embed_tokens.weight"])
+    if "output.weight" in expected:
+        np.testing.assert_array_equal(tensor(reader, "output.weight").data, weights["lm_head.weight"])
+    attention = "model.layers.1.self_attn"
+    q, k = weights[f"{attention}.q_proj.weight"], weights[f"{attention}.k_proj.weight"]
+    if ARCHITECTURE[family] == "llama":  # rope on adjacent pairs: rows permuted (the converter's LlamaModel.permute)
+        q, k = rope_interleaved(q, 4), rope_interleaved(k, 2)
+    np.testing.assert_array_equal(tensor(reader, "blk.1.attn_q.weight").data, q)
+    np.testing.assert_array_equal(tensor(reader, "blk.1.attn_k.weight").data, k)
+    np.testing.assert_array_equal(tensor(reader, "blk.1.attn_v.weight").data, weights[f"{attention}.v_proj.weight"])
+    assert list(tensor(reader, "blk.1.attn_k.weight").shape) == [64, 2 * 16]  # ggml order: (in, out)
+    if family == "qwen2":  # NEOX rope: biases as they are
+        np.testing.assert_array_equal(tensor(reader, "blk.1.attn_q.bias").data, weights[f"{attention}.q_proj.bias"])
+    if family == "qwen3":
+        np.testing.assert_array_equal(
+            tensor(reader, "blk.1.attn_k_norm.weight").data, weights[f"{attention}.k_norm.weight"]
+        )
+    np.testing.assert_array_equal(
+        tensor(reader, "blk.0.ffn_down.weight").data, weights["model.layers.0.mlp.down_proj.weight"]
+    )
+
+
+def test_family_q8_0_quantises_matrices_and_keeps_vectors_f32(family_export, tmp_path):
+    family, folder, _ = family_export
+    result = export_gguf(folder, "q8_0", output=tmp_path / "q.gguf")
+    reader = gguf.GGUFReader(result.gguf_path)
+    assert field(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    for item in reader.tensors:
+        expected = gguf.GGMLQuantizationType.F32 if len(item.shape) == 1 else gguf.GGMLQuantizationType.Q8_0
+        assert item.tensor_type == expected, item.name
+
+
+def test_family_modelfile_writes_chatml_and_stops_at_im_end(family_export):
+    family, folder, result = family_export
+    text = result.modelfile_path.read_text()
+    turns = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+    if FAMILY_CONFIGS[family][2] == CHATML_WITH_SYSTEM:  # SmolLM2's shape: a system turn when the chat has none
+        turns = (
+            '{{- if and .Messages (ne (index .Messages 0).Role "system") }}<|im_start|>system\n'
+            "You are a helpful AI assistant.<|im_end|>\n{{ end }}" + turns
+        )
+    assert f'\nTEMPLATE """{turns}"""\n' in text
+    assert 'PARAMETER stop "<|im_end|>"\n' in text and "PARAMETER num_ctx 512\n" in text
+
+
+def test_modelfile_template_is_left_to_ollama_for_other_formats_and_context_is_capped(tmp_path):
+    tokenizer = build_chatml_tokenizer(tmp_path / "tok")
+    tokenizer.chat_template = (  # Llama 3's shape: not ChatML
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+    )
+    template, comment = ollama_template(tokenizer)
+    assert template is None and "Ollama takes the chat format from the GGUF" in comment
+    text = build_modelfile("m.gguf", "<|eot_id|>", 131072, {}, template, comment)
+    assert 'TEMPLATE """' not in text and 'PARAMETER stop "<|eot_id|>"' in text and "PARAMETER num_ctx 8192\n" in text
+
+
+def test_mistral_context_is_capped_at_its_sliding_window():
+    from transformers import MistralConfig, Qwen2Config
+
+    assert gguf_context(MistralConfig(max_position_embeddings=512, sliding_window=128), "llama") == 128
+    assert gguf_context(MistralConfig(max_position_embeddings=512, sliding_window=None), "llama") == 512
+    assert gguf_context(Qwen2Config(max_position_embeddings=512, sliding_window=128), "qwen2") == 512  # not used
+
+
+def with_pre_tokenizer(tokenizer, pre_tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.pre_tokenizer = pre_tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>")
+
+
+def test_pre_tokenizer_name_follows_the_tokenizer_config(tmp_path):
+    from tokenizers import Regex, pre_tokenizers
+
+    from gpt2ft.export import LLAMA3_SPLIT, QWEN2_SPLIT
+
+    tokenizer = build_chatml_tokenizer(tmp_path / "tok")
+    assert pre_tokenizer_name(tokenizer) == "gpt-2"
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    for split, name in ((LLAMA3_SPLIT, "llama-bpe"), (QWEN2_SPLIT, "qwen2")):
+        step = pre_tokenizers.Split(Regex(split), behavior="isolated")
+        assert pre_tokenizer_name(with_pre_tokenizer(tokenizer, pre_tokenizers.Sequence([step, byte_level]))) == name
+    digits = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    assert pre_tokenizer_name(with_pre_tokenizer(tokenizer, digits)) == "smollm"
+    with pytest.raises(ExportError, match="pre-tokenizer"):  # llama.cpp adds no prefix space
+        pre_tokenizer_name(with_pre_tokenizer(tokenizer, pre_tokenizers.ByteLevel(add_prefix_space=True)))
+    with pytest.raises(ExportError, match="pre-tokenizer"):
+        pre_tokenizer_name(with_pre_tokenizer(tokenizer, pre_tokenizers.Whitespace()))
+
+
+def test_smollm2_tokenizer_gets_the_converters_name():
+    """SmolLM2's tokenizer.json (as transformers 5 saves it) holds ByteLevel alone; the converter's hash of its check
+    text names it `smollm`, whose digit split is the same here (the vocabulary merges no digits)."""
+    if not (SMOLLM2 / "tokenizer.json").is_file():
+        pytest.skip(f"{SMOLLM2} is not present")
+    assert pre_tokenizer_name(load_tokenizer(str(SMOLLM2))) == "smollm"
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The command line and bad input
 # --------------------------------------------------------------------------------------------------------------
 
@@ -289,10 +492,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_model_dir, tmp_pat
         ["export", "--model", str(folder), "--output", str(tmp_path / "no" / "x.gguf")], capsys, "does not exist"
     )
 
-    llama = copy_model(tiny_model_dir, tmp_path / "llama")
-    config = json.loads((llama / "config.json").read_text())
-    (llama / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    one_line_exit_2(["export", "--model", str(llama)], capsys, "model_type is 'llama'")
+    gemma = copy_model(tiny_model_dir, tmp_path / "gemma")
+    config = json.loads((gemma / "config.json").read_text())
+    (gemma / "config.json").write_text(json.dumps({**config, "model_type": "gemma"}))
+    one_line_exit_2(["export", "--model", str(gemma)], capsys, "model_type 'gemma'")
 
     no_tokenizer = copy_model(tiny_model_dir, tmp_path / "no_tok")
     for name in ("tokenizer.json", "vocab.json"):
@@ -303,6 +506,47 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_model_dir, tmp_pat
     (relu / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
     one_line_exit_2(["export", "--model", str(relu)], capsys, "activation_function 'relu'")
 
+    assert (
+        not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob("*Modelfile*")) and not list(tmp_path.glob(".*"))
+    )
+
+
+def edited_copy(source: Path, folder: Path, **changes) -> Path:
+    copy_model(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def test_what_llama_cpp_would_run_differently_is_refused(tiny_llama_dir, tiny_qwen2_dir, tmp_path, capsys):
+    cases = [
+        (edited_copy(tiny_llama_dir, tmp_path / "gelu", hidden_act="gelu"), "hidden_act 'gelu'"),
+        (
+            edited_copy(
+                tiny_llama_dir,
+                tmp_path / "yarn",
+                rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0},
+            ),
+            "rope_type 'yarn'",
+        ),
+        (
+            edited_copy(tiny_qwen2_dir, tmp_path / "swa", use_sliding_window=True, sliding_window=64),
+            "sliding-window attention",
+        ),
+    ]
+    for folder, fragment in cases:
+        one_line_exit_2(["export", "--model", str(folder)], capsys, fragment, "llama.cpp's")
+
+    prefixed = copy_model(tiny_llama_dir, tmp_path / "prefix")
+    state = json.loads((prefixed / "tokenizer.json").read_text())
+    state["pre_tokenizer"]["add_prefix_space"] = True
+    (prefixed / "tokenizer.json").write_text(json.dumps(state))
+    one_line_exit_2(["export", "--model", str(prefixed)], capsys, "pre-tokenizer", str(prefixed))
+
+    metaspace = copy_model(tiny_llama_dir, tmp_path / "metaspace")
+    state["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}
+    (metaspace / "tokenizer.json").write_text(json.dumps(state))
+    one_line_exit_2(["export", "--model", str(metaspace)], capsys, "not a byte-level BPE")
     assert (
         not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob("*Modelfile*")) and not list(tmp_path.glob(".*"))
     )
@@ -374,23 +618,31 @@ UNSEEN = ["Hi, how are you?", "Do you like coffee ?"]
 MAX_NEW_TOKENS = 24
 
 
-def train_dialog_model(folder: Path, steps: int = 300) -> Path:
-    """Train the tiny GPT-2 in `folder` in place on the fixture's exchanges in the training format (EOS, question,
-    EOS, answer, EOS), loss on the answers, with a plain loop: 300 full-batch AdamW steps (a few seconds on CPU) take
-    the loss near zero, so greedy decoding answers each question and then writes EOS."""
+def train_dialog_model(folder: Path, steps: int = 300, learning_rate: float = 3e-3) -> Path:
+    """Train the tiny model in `folder` in place on the fixture's exchanges in its chat template (gpt2ft's format:
+    EOS, question, EOS, answer, EOS; ChatML: the question's turn, the assistant's header, the answer, <|im_end|>),
+    loss on the answers, with a plain loop: 300 full-batch AdamW steps (100 at 1e-2 for the 64-wide Llama-style
+    models) take the loss near zero, so greedy decoding answers each question and then writes the end-of-turn
+    token."""
     tokenizer = load_tokenizer(str(folder))
     model = load_model(str(folder))
     rows, targets = [], []
     for question, answer in EXCHANGES:
-        prompt = render_ids(tokenizer, as_messages([question]))
-        row = render_ids(tokenizer, as_messages([question, answer]))
+        prompt = render_ids(tokenizer, [{"role": "user", "content": question}])
+        exchange = as_messages([question, answer], roles=["user", "assistant"])
+        row = list(
+            tokenizer.apply_chat_template(
+                exchange, chat_template=tokenizer.chat_template, tokenize=True, return_dict=False
+            )
+        )
+        assert row[: len(prompt)] == prompt, "the prompt is not where the conversation starts"
         rows.append(row)
-        targets.append([-100] * len(prompt) + row[len(prompt) :])  # the answer and its EOS: the only thing to predict
+        targets.append([-100] * len(prompt) + row[len(prompt) :])  # the answer and its end of turn: what to predict
     width = max(len(row) for row in rows)
     input_ids = torch.tensor([row + [tokenizer.eos_token_id] * (width - len(row)) for row in rows])
     labels = torch.tensor([row + [-100] * (width - len(row)) for row in targets])
     torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     model.train()
     for _ in range(steps):
         loss = model(input_ids=input_ids, labels=labels).loss
@@ -517,3 +769,120 @@ def test_llama_cpp_renders_chats_with_the_embedded_template(trained_dir, greedy_
         )
         assert completion["choices"][0]["finish_reason"] == "stop"
         assert completion["choices"][0]["text"] == tokenizer.decode(expected[:-1]), question
+
+
+# --------------------------------------------------------------------------------------------------------------
+# llama.cpp runs the Llama-style families: logits of random-init models, greedy replies of trained ones
+# --------------------------------------------------------------------------------------------------------------
+
+ROPE_VARIANTS = {
+    "linear": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 128,
+        "rope_theta": 500000.0,
+    },
+}
+
+
+def sharp_family_dir(folder: Path, family: str, rope: dict | None = None) -> Path:
+    """A random-init model of `family` whose attention scores are scaled up (query and key projections times 8;
+    Qwen3's q/k norms, after which the projections' scale is lost, times 2): attention then depends strongly on
+    position, so a wrong rope layout or scaling moves the logits by 0.1-0.5 and not by ~1e-3."""
+    build_tiny_family_dir(folder, family)
+    model = load_model(str(folder))
+    if rope is not None:
+        model.config.rope_parameters = rope
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                parameter.mul_(8)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                parameter.mul_(2)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+@pytest.mark.parametrize(
+    "family, rope", [(family, None) for family in ARCHITECTURE] + [("llama", "linear"), ("llama", "llama3")]
+)
+def test_llama_cpp_logits_equal_transformers(family, rope, tmp_path):
+    import llama_cpp
+
+    folder = sharp_family_dir(tmp_path / family, family, ROPE_VARIANTS.get(rope))
+    tokenizer, model = load_tokenizer(str(folder)), load_model(str(folder)).eval()
+    prompt = render_ids(tokenizer, MESSAGES)
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt])).logits[0].numpy()
+    llm = llama_cpp.Llama(
+        model_path=str(export_gguf(folder, "f32").gguf_path), n_ctx=256, n_threads=2, logits_all=True, verbose=False
+    )
+    assert llm.tokenize(tokenizer.decode(prompt).encode(), add_bos=True, special=True) == prompt
+    llm.eval(prompt)
+    logits = np.asarray(llm.scores[: len(prompt)])
+    error = np.abs(logits - expected).max()
+    assert error < 3e-3 * np.abs(expected).max(), (family, rope, error)  # measured 2-5e-4; a wrong layout > 0.1
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def trained_family(request, tmp_path_factory):
+    """(folder, tokenizer, [(question, prompt ids, transformers' greedy reply)]) of a tiny model of the family trained
+    on the exchanges in its ChatML template (Llama's with SmolLM2's default system message, Qwen2's without)."""
+    folder = build_tiny_family_dir(tmp_path_factory.mktemp(f"trained_{request.param}") / "dialog", request.param)
+    train_dialog_model(folder, steps=100, learning_rate=1e-2)
+    tokenizer, model = load_tokenizer(str(folder)), load_model(str(folder)).eval()
+    reference = []
+    for question in QUESTIONS + UNSEEN:
+        prompt = render_ids(tokenizer, [{"role": "user", "content": question}])
+        reference.append((question, prompt, transformers_greedy(model, tokenizer, prompt)))
+    return folder, tokenizer, reference
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_llama_cpp_family_f32_greedy_equals_transformers(trained_family):
+    folder, tokenizer, reference = trained_family
+    eos = tokenizer.eos_token_id
+    llm = load_llama(export_gguf(folder, "f32").gguf_path)
+    for question, prompt, expected in reference:
+        text = tokenizer.decode(prompt)
+        assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == prompt, question
+        assert llama_greedy(llm, prompt, eos) == expected, question
+    for (question, answer), (_, _, expected) in zip(EXCHANGES, reference):
+        assert expected[-1] == eos and tokenizer.decode(expected[:-1]) == answer, question
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_llama_cpp_family_chat_uses_the_embedded_template(trained_family):
+    """llama-cpp-python's chat completion renders the file's ChatML template (with the default system message of
+    Llama's) and stops at <|im_end|>: its replies are transformers' greedy ones."""
+    folder, tokenizer, reference = trained_family
+    llm = load_llama(export_gguf(folder, "f32", overwrite=True).gguf_path)
+    assert llm.chat_format == "chat_template.default"
+    for question, _, expected in reference[:3]:
+        reply = llm.create_chat_completion(
+            messages=[{"role": "user", "content": question}],
+            temperature=0.0,
+            top_k=1,
+            max_tokens=MAX_NEW_TOKENS,
+            repeat_penalty=1.0,
+        )
+        assert reply["choices"][0]["finish_reason"] == "stop"
+        assert reply["choices"][0]["message"]["content"] == tokenizer.decode(expected[:-1]), question
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_llama_cpp_family_q8_0_loads_and_ends_replies_at_eos(trained_family):
+    folder, tokenizer, reference = trained_family
+    llm = load_llama(export_gguf(folder, "q8_0").gguf_path)
+    assert llm.metadata["general.file_type"] == "7"
+    for question, prompt, _ in reference[: len(QUESTIONS)]:
+        reply = llama_greedy(llm, prompt, tokenizer.eos_token_id)
+        assert len(reply) > 2 and reply[-1] == tokenizer.eos_token_id, (question, tokenizer.decode(reply))
