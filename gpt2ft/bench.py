@@ -196,9 +196,13 @@ def peak_tflops(device_name: str, precision: str) -> tuple[float | None, str]:
 
 
 def flop_params(model: Any) -> int:
-    """N for 6*N*tokens: every parameter except the position embeddings (a lookup, not a matmul); the tied
-    lm_head / token embedding counts once, as the lm_head matmul."""
-    return sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    """N for 6*N*tokens: every parameter except learned position embeddings (GPT-2's, a lookup, not a matmul; the
+    rotary families have none); the tied lm_head / token embedding counts once, as the lm_head matmul."""
+    try:
+        positions = model.get_position_embeddings().weight.numel()
+    except (NotImplementedError, AttributeError):
+        positions = 0
+    return sum(p.numel() for p in model.parameters()) - positions
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -381,8 +385,12 @@ def prepare_model(base: Any, tokenizer: Any, variant: Variant) -> Any:
     """A fresh copy of the base weights with the variant's model changes."""
     model = copy.deepcopy(base)
     if variant.activation:
+        if model.config.model_type != "gpt2":
+            raise BenchError(
+                f"variant {variant.name}: changes GPT-2's activation; --model is {model.config.model_type}"
+            )
         model.config.activation_function = variant.activation
-        for block in model.transformer.h:
+        for block in model.base_model.h:
             block.mlp.act = ACT2FN[variant.activation]
     if variant.vocab_multiple:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=variant.vocab_multiple, mean_resizing=False)
@@ -530,7 +538,7 @@ def run_variant(
     }
     if device.type == "cuda" and elapsed > 0:
         peak, source = peak_tflops(plan.hardware.name, plan.precision)
-        n_layer, n_embd = model.config.n_layer, model.config.n_embd
+        n_layer, n_embd = model.config.num_hidden_layers, model.config.hidden_size
         flops = 6 * flop_params(model) * counts["sum_len"] + 12 * n_layer * n_embd * counts["sum_len_sq"]
         record.update(
             mfu=round(flops / elapsed / (peak * 1e12), 4) if peak else None,
@@ -656,8 +664,8 @@ def run_benchmarks(
             "bench": "setup",
             "model": model,
             "params": sum(p.numel() for p in base.parameters()),
-            "n_layer": base.config.n_layer,
-            "n_embd": base.config.n_embd,
+            "n_layer": base.config.num_hidden_layers,
+            "n_embd": base.config.hidden_size,
             "vocab_size": base.config.vocab_size,
             "dialogs": len(texts),
             "steps": steps,
