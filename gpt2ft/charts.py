@@ -656,3 +656,50 @@ def is_preference_run(logs_dir: str | Path) -> bool:
         return json.loads((Path(logs_dir) / METRICS_FILE).read_text(encoding="utf-8")).get("stage") == "prefer"
     except (OSError, ValueError, AttributeError):
         return False
+
+
+CONTROL_CHART = "chart_control.png"
+
+
+def plot_control(control: dict[str, Any]) -> Figure:
+    """Control accuracy per label (evaluation.evaluate_control): for each field, a bar per label for how often the
+    judge found the label asked for, beside how often it finds that label in replies asked for nothing (chance),
+    with the random rate as a line."""
+    fields = list(control.get("fields") or {})
+    figure, axes = _new_figure(
+        1, max(1, len(fields)), "Replies in the label asked for", width=6.0 * max(1, len(fields)), height=4.8
+    )
+    if not fields:
+        _no_data(axes[0], "no controls measured", "Control accuracy")
+        return figure
+    for axis, name in zip(axes, fields):
+        result = control["fields"][name]
+        labels = list(result["accuracy"])
+        positions = range(len(labels))
+        asked = [result["accuracy"][label] or 0.0 for label in labels]
+        chance = [result["chance"].get(label) or 0.0 for label in labels]
+        axis.bar([p - 0.2 for p in positions], asked, width=0.4, color="tab:blue", label="asked for")
+        axis.bar([p + 0.2 for p in positions], chance, width=0.4, color="tab:gray", label="asked for nothing")
+        axis.axhline(result["random"], color="tab:red", linestyle="--", label=f"random ({result['random']:.2f})")
+        axis.set_xticks(list(positions), labels, rotation=30, ha="right")
+        axis.set_ylim(0, 1.05)
+        macro = result.get("macro_accuracy")
+        _finish(
+            axis,
+            f"{name}: macro accuracy {macro:.2f}" if macro is not None else name,
+            "label asked for",
+            "share of replies the judge finds in it",
+        )
+    return figure
+
+
+def write_control_chart(logs_dir: str | Path, images_dir: str | Path) -> Path | None:
+    """Draw chart_control.png from metrics.json's control results; None when the run measured no controls."""
+    try:
+        metrics = json.loads((Path(logs_dir) / METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    control = metrics.get("control") if isinstance(metrics, dict) else None
+    if not control:
+        return None
+    return save_figure(plot_control(control), Path(images_dir) / CONTROL_CHART)

@@ -75,11 +75,17 @@ def ensure_chat_template(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def render_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """Token ids of `messages` in the model's chat template (gpt2ft's when it has none), ready for the next turn."""
+def render_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], **template_args: Any) -> list[int]:
+    """Token ids of `messages` in the model's chat template (gpt2ft's when it has none), ready for the next turn
+    (`template_args`: the labels asked for, for a model trained with controls)."""
     template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
     ids = tokenizer.apply_chat_template(
-        list(messages), chat_template=template, tokenize=True, add_generation_prompt=True, return_dict=False
+        list(messages),
+        chat_template=template,
+        tokenize=True,
+        add_generation_prompt=True,
+        return_dict=False,
+        **template_args,
     )
     return list(ids)
 
@@ -149,27 +155,29 @@ class Spans:
 
 
 def find_spans(text: str, messages: Sequence[Mapping[str, str]], end_token: str) -> Spans:
-    """Find each message's content, in order, and the end-of-turn token right after it (only whitespace between).
+    """Find each message, in order: its end-of-turn token, and its content right before it (only whitespace
+    between). Found from the end of turn backwards, so text the template writes before the content (a header, a
+    control tag) is never taken for it, whatever it says.
 
     Raises:
-        ModelError: the template changes a message's text or writes no end-of-turn token after it (gpt2ft could not
-            tell which tokens are the reply).
+        ModelError: the template writes no end-of-turn token after a message, or changes a message's text (gpt2ft
+            could not tell which tokens are the reply).
     """
     contents, ends, cursor = [], [], 0
     for number, message in enumerate(messages, 1):
         content = message["content"]
-        start = text.find(content, cursor)
-        if start == -1:
+        stop = text.find(end_token, cursor)
+        # The first end of turn with the content right before it: earlier ones close a template's head (gpt2ft's
+        # leading EOS, a default system message).
+        while stop != -1 and not text[cursor:stop].rstrip().endswith(content):
+            stop = text.find(end_token, stop + len(end_token))
+        if stop == -1:
             raise ModelError(
-                f"the chat template does not write message {number}'s text as it is; gpt2ft cannot train in it"
+                f"the chat template does not write message {number}'s text as it is, followed by {end_token!r}; "
+                "gpt2ft cannot train in it"
             )
-        end = start + len(content)
-        stop = text.find(end_token, end)
-        if stop == -1 or text[end:stop].strip():
-            raise ModelError(
-                f"the chat template writes no {end_token!r} right after message {number}; gpt2ft cannot train in it"
-            )
-        contents.append((start, end))
+        end = cursor + len(text[cursor:stop].rstrip())
+        contents.append((end - len(content), end))
         cursor = stop + len(end_token)
         ends.append(cursor)
     head = text.rfind(end_token, 0, contents[0][0]) if contents else -1

@@ -47,6 +47,8 @@ from .config import (
     load_config_file,
     saved_run_config,
 )
+from .controls import asked
+from .conversations import LABELS
 from .errors import Gpt2ftError
 from .export import DEFAULT_OUTTYPE, FORMATS, OUTTYPES, ExportError, export_gguf
 from .votes import DEFAULT_VOTES_DB, VotesError, summarize_votes
@@ -214,6 +216,13 @@ def build_parser() -> Parser:
     add_decoding_flags(evaluate)
     evaluate.add_argument("--samples", type=int, default=0, help="also generate replies for N dialogues and score them")
     evaluate.add_argument("--samples-out", metavar="FILE.jsonl", help="write (context, reference, reply) triples")
+    evaluate.add_argument(
+        "--control",
+        type=int,
+        default=0,
+        metavar="N",
+        help="for a model trained with --condition: ask for every label on N held-out contexts and judge the replies",
+    )
 
     generate = commands.add_parser("generate", help="the model's next turn after the given turns")
     generate.add_argument("--model", default=OUTPUT_DIR)
@@ -316,6 +325,10 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--no-repeat-ngram-size", type=int, default=None)
     parser.add_argument("--repetition-penalty", type=float, default=None)
+    for name, labels in LABELS.items():  # controls: for a model trained with --condition
+        parser.add_argument(
+            f"--{name}", default=None, metavar=name.upper(), help=f"ask for a reply of this {name}: {', '.join(labels)}"
+        )
 
 
 def decoding_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -335,6 +348,7 @@ def decoding_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "top_p": args.top_p,
         "no_repeat_ngram_size": args.no_repeat_ngram_size,
         "repetition_penalty": args.repetition_penalty,
+        "controls": asked(args.emotion, args.act) or None,
     }
 
 
@@ -342,8 +356,9 @@ def print_json(payload: dict[str, Any]) -> None:
     print(json.dumps(payload, default=str), flush=True)
 
 
-def held_out_dialogs(args: argparse.Namespace, model_dir: str) -> tuple[Any, str, int | None]:
-    """The split `--split` of the data the model was trained on (or `--data`), prepared as in training.
+def held_out_dialogs(args: argparse.Namespace, model_dir: str, split: str | None = None) -> tuple[Any, str, int | None]:
+    """The split `--split` (or `split`) of the data the model was trained on (or `--data`), prepared as in
+    training.
 
     Returns:
         (dialogues, loss mode, training window)
@@ -356,8 +371,8 @@ def held_out_dialogs(args: argparse.Namespace, model_dir: str) -> tuple[Any, str
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     prepared = prepare_from_config(config.replace(**changes))
-    dialogs = prepared.dialogs[args.split]
-    if args.max_dialogs is not None:
+    dialogs = prepared.dialogs[split or args.split]
+    if args.max_dialogs is not None and split is None:
         dialogs = dialogs.select(range(min(args.max_dialogs, len(dialogs))))
     return dialogs, prepared.loss_on, max_length
 
@@ -401,9 +416,19 @@ def run_eval(args: argparse.Namespace) -> int:
     check_positive("batch_size", args.batch_size)
     if args.samples < 0:
         raise UsageError(f"--samples: must be >= 0, got {args.samples}")
+    if args.control < 0:
+        raise UsageError(f"--control: must be >= 0, got {args.control}")
     decoding = decoding_from_args(args)
     model, tokenizer = load_for_generation(args.model)
     dialogs, loss_on, max_length = held_out_dialogs(args, args.model)
+    if args.control:
+        from .evaluation import control_report
+        from .judge import judge_for
+
+        judge = judge_for(args.model, lambda: held_out_dialogs(args, args.model, split="train")[0])
+        report = control_report(model, tokenizer, judge, dialogs, args.control, max_length, loss_on, **decoding)
+        print_json({"split": args.split, "model": args.model, **report})
+        return 0
     result = {"split": args.split, "model": args.model}
     result.update(
         evaluate_dialogs(model, tokenizer, dialogs, max_length, loss_on, args.batch_size, dump_path=args.dump_tokens)

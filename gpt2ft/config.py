@@ -225,6 +225,19 @@ class TrainConfig(RunConfig):
         choices=("pack", "pad"),
     )
 
+    # --- controls (gpt2ft/controls.py) ------------------------------------------------------------------------------
+    condition: str = setting(
+        "none",
+        "Train with DailyDialog's labels as controls: 'emotion', 'act' or 'emotion,act' put each turn's label in "
+        "front of its text as an input (never a target), so replies can be asked for in an emotion or act.",
+        run=True,
+        choices=("none", "emotion", "act", "emotion,act"),
+    )
+    # 20 contexts x 11 labels = 220 replies: a minute on a T4, and each label's accuracy within ~+-0.1 (binomial).
+    control_contexts: int = setting(
+        20, "A conditioned run asks for every label on this many held-out test contexts, judged after training."
+    )
+
     # --- speed ----------------------------------------------------------------------------------------------------
     compile: bool = setting(
         False,
@@ -238,6 +251,8 @@ class TrainConfig(RunConfig):
         check_fraction(self, "test_fraction")
         if self.dialog_column is not None and not self.dialog_column.strip():
             raise ConfigError(f"{flag_name('dialog_column')}: must not be empty")
+        if self.control_contexts < 1:
+            raise ConfigError(f"--control-contexts: must be at least 1, got {self.control_contexts}")
 
 
 @dataclass

@@ -53,6 +53,7 @@ from .chat_format import (
     split_into_turns,
     template_of,
 )
+from .controls import LABEL_DROPOUT, controls_of, labelled_messages
 from .conversations import TURN_FIELDS, Conversation, messages_from_turns, read_conversation, roles_of
 from .sources import SPLITS, DataError, load_source, locate, quiet_datasets
 
@@ -483,12 +484,21 @@ ROW_FEATURES = datasets.Features(
 
 
 def tokenize_batch(
-    batch: dict[str, list], indices: list[int], tokenizer: Any, max_length: int, loss_on: str
+    batch: dict[str, list], indices: list[int], tokenizer: Any, max_length: int, loss_on: str, labels: str = "all"
 ) -> dict[str, list]:
     """Training rows (one a window) of a batch of dialogues: each rendered by the chat template, all of them
-    tokenised in one call of the fast tokenizer, then cut into turns by their character offsets."""
+    tokenised in one call of the fast tokenizer, then cut into turns by their character offsets.
+
+    A template that takes controls (controls.conditioned_template) gets each turn's labels: "all" of them (held-out
+    rows), all but the turns controls.dropped picks ("dropout": training rows), or "none" (a model asked for
+    nothing)."""
     end_token = end_of_turn(tokenizer)
-    conversations = [as_messages(messages) for messages in batch["messages"]]
+    fields = controls_of(template_of(tokenizer)) if labels != "none" else ()
+    if fields:
+        keys = batch["key"] if labels == "dropout" else [None] * len(batch["messages"])
+        conversations = [labelled_messages(m, fields, key) for m, key in zip(batch["messages"], keys)]
+    else:
+        conversations = [as_messages(messages) for messages in batch["messages"]]
     texts = [render_text(tokenizer, messages) for messages in conversations]
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
     rows: dict[str, list] = {name: [] for name in ROW_FEATURES}
@@ -520,6 +530,7 @@ def tokenize_dialogs(
     loss_on: str = "all",
     key: str | None = None,
     cache_file: str | Path | None = None,
+    labels: str = "all",
 ) -> Dataset:
     """Tokenise dialogues into training rows (one per window), in the chat template's format, with a batched
     `Dataset.map` (several processes for large data).
@@ -529,6 +540,7 @@ def tokenize_dialogs(
         loss_on: "all", "responses" or "assistant" (see turn_targets).
         key: a fingerprint of the dialogues (PreparedDialogs.identity), naming the result for datasets' cache.
         cache_file: write the rows to this Arrow file (one per worker process: `<stem>_00000_of_00002.arrow`, ...).
+        labels: with a template that takes controls, which labels the turns carry (see tokenize_batch).
 
     Returns:
         Dataset with input_ids, labels (-100 where no loss), length (tokens), n_targets (tokens with a label) and
@@ -541,11 +553,13 @@ def tokenize_dialogs(
             with_indices=True,
             remove_columns=dialogs.column_names,
             features=ROW_FEATURES,
-            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "loss_on": loss_on},
+            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "loss_on": loss_on, "labels": labels},
             num_proc=parallel_workers(len(dialogs)),
             cache_file_name=str(cache_file) if cache_file else None,
             load_from_cache_file=cache_file is None,
-            new_fingerprint=fingerprint(key, tokenizer_hash(tokenizer), max_length, loss_on, TOKENIZED_FORMAT_VERSION)
+            new_fingerprint=fingerprint(
+                key, tokenizer_hash(tokenizer), max_length, loss_on, labels, LABEL_DROPOUT, TOKENIZED_FORMAT_VERSION
+            )
             if key
             else None,
             desc="tokenising",
@@ -555,13 +569,21 @@ def tokenize_dialogs(
 def tokenize_splits(
     dialogs: DatasetDict, tokenizer: Any, max_length: int, loss_on: str = "all", key: str | None = None
 ) -> DatasetDict:
-    """`tokenize_dialogs` of every split, without a cache folder."""
+    """`tokenize_dialogs` of every split, without a cache folder (training rows with the label dropout)."""
     return DatasetDict(
         {
-            split: tokenize_dialogs(dialogs[split], tokenizer, max_length, loss_on, key and fingerprint(key, split))
+            split: tokenize_dialogs(
+                dialogs[split], tokenizer, max_length, loss_on, key and fingerprint(key, split), labels=labels_of(split)
+            )
             for split in dialogs
         }
     )
+
+
+def labels_of(split: str) -> str:
+    """Which labels a split's rows carry under a template that takes controls: the training rows drop some
+    (controls.LABEL_DROPOUT), the held-out ones keep all, as the true labels of what they score."""
+    return "dropout" if split == "train" else "all"
 
 
 def token_stats(rows: Dataset) -> dict[str, float]:
@@ -947,7 +969,9 @@ def tokenize_prepared(
     """
 
     def key_of(identity: str) -> str:
-        return fingerprint(identity, tokenizer_hash(tokenizer), max_length, prepared.loss_on, TOKENIZED_FORMAT_VERSION)
+        return fingerprint(
+            identity, tokenizer_hash(tokenizer), max_length, prepared.loss_on, LABEL_DROPOUT, TOKENIZED_FORMAT_VERSION
+        )
 
     key = key_of(prepared.identity)
     if cache_dir is None:
@@ -971,7 +995,13 @@ def tokenize_prepared(
         rows = DatasetDict(
             {
                 split: tokenize_dialogs(
-                    dialogs, tokenizer, max_length, prepared.loss_on, fingerprint(key, split), folder / f"{split}.arrow"
+                    dialogs,
+                    tokenizer,
+                    max_length,
+                    prepared.loss_on,
+                    fingerprint(key, split),
+                    folder / f"{split}.arrow",
+                    labels=labels_of(split),
                 )
                 for split, dialogs in prepared.dialogs.items()
             }

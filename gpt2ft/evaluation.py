@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 
-from .chat_format import as_messages
-from .conversations import roles_of, turns_of
+from .chat_format import as_messages, template_of
+from .controls import controls_of
+from .conversations import LABELS, roles_of, turns_of
 from .data import DialogueCollator, iter_dump_records, tokenize_dialogs
+from .errors import ConfigError
 from .generate import generate_reply, load_for_generation
 from .logs import write_jsonl
 from .loss import core_model, last_hidden_states, token_nll_sum
@@ -155,6 +157,7 @@ def evaluate_dialogs(
     batching: str = "pack",
     dump_path: str | None = None,
     precision: str | None = None,
+    labels: str = "all",
 ) -> dict[str, Any]:
     """Loss and perplexity of `model` on a prepared split of dialogues (data.DIALOG_FEATURES), formatted as in
     training.
@@ -163,12 +166,13 @@ def evaluate_dialogs(
         dump_path: if given, write each scored sequence as {"input_ids", "labels"} (one JSON line each, unpadded)
             so the loss can be recomputed independently.
         precision: None = the precision training uses on the model's device (modeling.device_precision).
+        labels: for a model trained with controls, the labels the turns carry: "all" (the true ones) or "none".
 
     Returns:
         {"dialogs", "tokens", "loss", "perplexity", "bits_per_byte"}
     """
     context = model_context(model)
-    rows = tokenize_dialogs(dialogs, tokenizer, min(max_length or context, context), loss_on)
+    rows = tokenize_dialogs(dialogs, tokenizer, min(max_length or context, context), loss_on, labels=labels)
     if dump_path:
         write_jsonl(dump_path, list(iter_dump_records(rows)))
     device = next(model.parameters()).device
@@ -348,3 +352,81 @@ def format_comparison(rows: Sequence[dict[str, Any]]) -> str:
         cells = [fmt.format(row[key]) if key in row else "n/a" for key, _, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Controls: are the replies in the emotion and act asked for? (controls.py; judged by judge.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_control(
+    model: Any, tokenizer: Any, judge: Any, dialogs: Any, contexts: int, seed: int | None = 0, **decoding: Any
+) -> dict[str, Any]:
+    """Control accuracy: on the first `contexts` held-out contexts (sample_replies' cut), one reply per label of
+    every field the model takes (each label asked for equally often, never the split's own skewed mix), classified
+    by the judge; beside it the same model asked for nothing (how often the judge finds each label by chance) and
+    the random rate (1 / labels).
+
+    Returns:
+        {"contexts", "fields": {field: {"accuracy": {label: share}, "macro_accuracy", "chance": {label: share},
+        "macro_chance", "random", "eos_rate", "replies"}}, "eos_rate_unconditioned", "examples"}
+    """
+    fields = [field for field in controls_of(template_of(tokenizer)) if field in judge.classifiers]
+    plain = sample_replies(model, tokenizer, dialogs, contexts, seed=seed, **decoding)
+    result: dict[str, Any] = {
+        "contexts": len(plain),
+        "fields": {},
+        "eos_rate_unconditioned": reply_metrics(plain)["eos_rate"],
+        "examples": [],
+    }
+    for field in fields:
+        labels = LABELS[field]
+        found = judge.predict(field, [record["reply"] for record in plain])
+        accuracy, chance, ended = {}, {}, []
+        for label in labels:
+            asked = sample_replies(model, tokenizer, dialogs, contexts, seed=seed, controls={field: label}, **decoding)
+            predicted = judge.predict(field, [record["reply"] for record in asked])
+            accuracy[label] = sum(p == label for p in predicted) / len(predicted) if predicted else None
+            chance[label] = sum(p == label for p in found) / len(found) if found else None
+            ended += [record["ended_with_eos"] for record in asked]
+            if asked:
+                result["examples"].append(
+                    {"asked": {field: label}, "context": asked[0]["context"][-1], "reply": asked[0]["reply"]}
+                )
+        result["fields"][field] = {
+            "accuracy": accuracy,
+            "macro_accuracy": mean_of(accuracy.values()),
+            "chance": chance,
+            "macro_chance": mean_of(chance.values()),
+            "random": 1 / len(labels),
+            "eos_rate": sum(ended) / len(ended) if ended else None,
+            "replies": len(ended),
+        }
+    return result
+
+
+def control_report(
+    model: Any,
+    tokenizer: Any,
+    judge: Any,
+    dialogs: Any,
+    contexts: int,
+    max_length: int | None = None,
+    loss_on: str = "all",
+    **decoding: Any,
+) -> dict[str, Any]:
+    """`eval --control`: control accuracy (evaluate_control), the judge's own scores, and whether the replies still
+    fit their context: the split's perplexity with its true labels and with none asked for."""
+    if not controls_of(template_of(tokenizer)):
+        raise ConfigError("--control: this model was not trained with controls (train one with --condition)")
+    decoding.pop("controls", None)  # every label is asked for in turn
+    result = evaluate_control(model, tokenizer, judge, dialogs, contexts, **decoding)
+    for labels in ("all", "none"):
+        scored = evaluate_dialogs(model, tokenizer, dialogs, max_length, loss_on, labels=labels)
+        result[f"perplexity_{'labelled' if labels == 'all' else 'unlabelled'}"] = scored["perplexity"]
+    return {**result, "judge": judge.scores}
+
+
+def mean_of(values: Any) -> float | None:
+    values = [value for value in values if value is not None]
+    return sum(values) / len(values) if values else None

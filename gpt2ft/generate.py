@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
-from .chat_format import as_messages, render_ids, stop_token_ids
+from .chat_format import as_messages, render_ids, stop_token_ids, template_of
+from .controls import controls_of
+from .errors import ConfigError
 from .modeling import load_model_and_tokenizer, model_context
 
 # Dialogue-friendly decoding, saved into every model's generation_config.json:
@@ -78,7 +80,10 @@ def build_generation_config(tokenizer: Any, **overrides: Any) -> Any:
 
 
 def keep_latest_turns(
-    tokenizer: Any, conversation: Sequence[str | Mapping[str, Any]], max_prompt_tokens: int
+    tokenizer: Any,
+    conversation: Sequence[str | Mapping[str, Any]],
+    max_prompt_tokens: int,
+    controls: Mapping[str, str] | None = None,
 ) -> list[dict[str, str]] | None:
     """The most recent whole turns of a conversation whose rendering fits in `max_prompt_tokens`, as messages.
 
@@ -94,7 +99,7 @@ def keep_latest_turns(
         low, high = 0, len(turns)  # invariant: turns[high:] fits (the empty suffix does)
         while low < high:
             middle = (low + high) // 2
-            if len(render_ids(tokenizer, head + turns[middle:])) <= max_prompt_tokens:
+            if len(render_ids(tokenizer, head + turns[middle:], **(controls or {}))) <= max_prompt_tokens:
                 high = middle
             else:
                 low = middle + 1
@@ -104,7 +109,10 @@ def keep_latest_turns(
 
 
 def build_prompt_ids(
-    tokenizer: Any, conversation: Sequence[str | Mapping[str, Any]], max_prompt_tokens: int
+    tokenizer: Any,
+    conversation: Sequence[str | Mapping[str, Any]],
+    max_prompt_tokens: int,
+    controls: Mapping[str, str] | None = None,
 ) -> list[int]:
     """Token ids of the conversation so far, keeping the most recent whole turns that fit in `max_prompt_tokens`.
 
@@ -115,14 +123,30 @@ def build_prompt_ids(
         tokenizer: the model's tokenizer.
         conversation: turns (strings) or messages, oldest first; the last one is being answered.
         max_prompt_tokens: room for the prompt (the context minus the reply's max_new_tokens).
+        controls: the labels asked for the reply (controls.asked), for a model trained with them.
     """
-    kept = keep_latest_turns(tokenizer, conversation, max_prompt_tokens)
+    kept = keep_latest_turns(tokenizer, conversation, max_prompt_tokens, controls)
     if kept is not None:
-        return render_ids(tokenizer, kept)
+        return render_ids(tokenizer, kept, **(controls or {}))
     messages = as_messages(conversation)
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    last = render_ids(tokenizer, messages[len(system) :][-1:] or system)
+    last = render_ids(tokenizer, messages[len(system) :][-1:] or system, **(controls or {}))
     return [tokenizer.eos_token_id] + last[-(max_prompt_tokens - 1) :]
+
+
+def check_controls(tokenizer: Any, controls: Mapping[str, str] | None) -> None:
+    """A reply may be asked for in an emotion or act only from a model trained with those controls.
+
+    Raises:
+        ConfigError: naming the flag and how such a model is made.
+    """
+    taken = controls_of(template_of(tokenizer))
+    for field in controls or {}:
+        if field not in taken:
+            raise ConfigError(
+                f"--{field} {controls[field]}: this model was not trained with {field} controls (its template takes "
+                f"{', '.join(taken) or 'none'}); train one with --condition {field}"
+            )
 
 
 @dataclass
@@ -151,6 +175,7 @@ def generate_reply(
     greedy: bool = False,
     seed: int | None = None,
     streamer: Any = None,
+    controls: Mapping[str, str] | None = None,
     **settings: Any,
 ) -> Reply:
     """The model's next turn after `history`, stopping at EOS or `max_new_tokens`.
@@ -162,17 +187,20 @@ def generate_reply(
         greedy: deterministic decoding instead of the saved sampling defaults.
         seed: makes sampling reproducible.
         streamer: a transformers streamer (e.g. TextStreamer) to print tokens as they come.
+        controls: the labels asked for ({"emotion": "happiness", "act": "question"}; controls.asked), for a model
+            trained with them (`train --condition`).
         settings: overrides of the generation config (max_new_tokens, temperature, top_p, ...);
             no_repeat_ngram_size sets the reply-only guard (0 turns it off).
     """
     if not history:
         raise ValueError("history must hold at least one turn")
+    check_controls(tokenizer, controls)
     overrides = decoding_overrides(greedy, **settings)
     # The reply-only guard replaces transformers' prompt-wide one (which models saved before gpt2ft 0.2 carry).
     no_repeat = overrides.pop("no_repeat_ngram_size", REPLY_NO_REPEAT_NGRAM)
     max_new_tokens = overrides.get("max_new_tokens") or getattr(model.generation_config, "max_new_tokens", None) or 50
     context = model_context(model)
-    prompt = build_prompt_ids(tokenizer, history, max(2, context - max_new_tokens))
+    prompt = build_prompt_ids(tokenizer, history, max(2, context - max_new_tokens), controls)
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt], device=device)
     if seed is not None:

@@ -128,6 +128,57 @@ def is_hub_id(name: Any) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
+GPT2_TITLES = {"gpt2": "GPT-2", "gpt2-medium": "GPT-2 medium", "gpt2-large": "GPT-2 large", "gpt2-xl": "GPT-2 XL"}
+
+
+def model_title(base_model: Any) -> str:
+    """The starting model as the card's title names it: GPT-2's sizes by name, others by their id's last part."""
+    name = Path(str(base_model)).name
+    return GPT2_TITLES.get(name.removeprefix("openai-community/"), name or "GPT-2")
+
+
+def _controls(metrics: Mapping[str, Any]) -> str:
+    """The card's Controls section: control accuracy per label beside chance and random, the judge's own scores,
+    and how the model does when asked for nothing."""
+    control = metrics["control"]
+    lines = [
+        "## Controls: replies in the emotion and act asked for",
+        "",
+        f"Trained with `--condition {','.join(control['fields'])}`: each turn's label sits in front of its text as an "
+        "input, so a reply can be asked for in a label (`apply_chat_template(messages, add_generation_prompt=True, "
+        'emotion="happiness")`). On '
+        f"{format_int(control.get('contexts'))} held-out test contexts the model was asked for every label in turn; "
+        "gpt2ft's judge (text classifiers trained on DailyDialog's training turns, saved in `judge/`) says which label "
+        "each reply is in. *Chance* is how often the judge finds that label in replies asked for nothing.",
+        "",
+    ]
+    for name, result in control["fields"].items():
+        rows = [
+            [label, format_float(result["accuracy"][label], 2), format_float(result["chance"].get(label), 2)]
+            for label in result["accuracy"]
+        ]
+        rows.append(["**macro**", format_float(result["macro_accuracy"], 2), format_float(result["macro_chance"], 2)])
+        judge = (control.get("judge") or {}).get(name) or {}
+        lines += [
+            f"### {name.capitalize()} (random: {format_float(result['random'], 2)})",
+            "",
+            _table(["label asked for", "control accuracy", "chance"], rows),
+            "",
+            f"The judge of {name} on {format_int(judge.get('turns'))} test turns: accuracy "
+            f"{format_float(judge.get('accuracy'), 2)}, macro-F1 {format_float(judge.get('macro_f1'), 2)}; its "
+            "figures are only as good as it is.",
+            "",
+        ]
+    if metrics.get("eval_perplexity_unlabelled") is not None:
+        lines.append(
+            f"Asked for nothing, the model's validation perplexity is "
+            f"{format_perplexity(metrics['eval_perplexity_unlabelled'])} (with the true labels: "
+            f"{format_perplexity(metrics.get('eval_perplexity'))})."
+        )
+    lines += ["", "![control](chart_control.png)"]
+    return "\n".join(lines)
+
+
 def _front_matter(base_model: str, metrics: Mapping[str, Any], data: DataFacts) -> str:
     """The Hub's YAML metadata, built with huggingface_hub's ModelCardData: licence, tags, data, base model, and the
     held-out perplexities as model-index eval results (what the Hub shows as the model's scores)."""
@@ -529,12 +580,13 @@ def render_model_card(
     parts = [
         _front_matter(base_model, metrics, data),
         "",
-        f"# GPT-2 fine-tuned on {data.name}",
+        f"# {model_title(base_model)} fine-tuned on {data.name}",
         "",
         summary,
         "",
         _results(metrics, settings),
         "",
+        *([_controls(metrics), ""] if metrics.get("control") else []),
         _samples(samples or []),
         "",
         _usage(folder),

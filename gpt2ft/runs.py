@@ -691,6 +691,7 @@ class Published:
     samples: list[dict[str, Any]] = field(default_factory=list)
     card: Path | None = None
     problems: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)  # what the saved model was measured for (evaluate_saved)
 
 
 def attempt(what: str, step: Callable[[], Any], plan: RunPlan, problems: list[str]) -> Any:
@@ -740,10 +741,18 @@ def publish_stage(plan: RunPlan, stage: Stage, data: Any) -> Published:
     if not plan.is_main:
         return published
     problems = published.problems
-    published.charts = attempt("drawing the charts", lambda: stage.charts(plan), plan, problems) or []
     loaded = attempt("loading the saved model", lambda: load_for_generation(str(plan.output_dir)), plan, problems)
     if loaded is not None:
         published.model, published.tokenizer = loaded
+        measured = attempt(
+            "measuring the saved model", lambda: stage.evaluate_saved(plan, published, data), plan, problems
+        )
+        if measured:
+            published.metrics = measured
+            path = plan.logs_dir / METRICS
+            write_json(path, {**json.loads(path.read_text(encoding="utf-8")), **measured})
+    published.charts = attempt("drawing the charts", lambda: stage.charts(plan), plan, problems) or []
+    if loaded is not None:
         published.samples = (
             attempt(
                 "sampling replies", lambda: stage.samples(published.model, published.tokenizer, data), plan, problems
@@ -787,6 +796,8 @@ class Stage:
     card(metrics, training_config, samples, hardware) -> str            the model card's text
     charts(plan) -> [Path]                              the charts, drawn from the logs on disk
     samples(model, tokenizer, data) -> [dict]           a few replies of the saved model for the card
+    evaluate_saved(plan, published, data) -> dict       what the saved model is measured for after the save, added to
+                                                        metrics.json before the charts and card (default: nothing)
     """
 
     name: str
@@ -803,6 +814,7 @@ class Stage:
     charts: Callable[[RunPlan], list[Path]]
     samples: Callable[[Any, Any, Any], list[dict[str, Any]]]
     baseline: Callable[..., Any] = lambda plan, trainer, loaded, data, rows: None
+    evaluate_saved: Callable[..., dict[str, Any] | None] = lambda plan, published, data: None
     card_charts: tuple[str, ...] = ("chart_train.png",)
     stopped: str = "training"  # how the NaN message names the stage
     nan_advice: str = "a lower --learning-rate"
@@ -857,5 +869,6 @@ def run_stage(
             logger.info(line)
     save_stage(plan, fitted, metrics, loaded.tokenizer, stage.record(plan, data, metrics))
     published = publish_stage(plan, stage, data)
+    metrics.update(published.metrics)
     finish_run(plan)
     return RunResult(metrics, plan.output_dir, plan.logs_dir, fitted.resumed_from, data, published, plan.is_main)

@@ -27,12 +27,14 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import seed_worker
 
-from .charts import write_charts
+from .charts import CONTROL_CHART, write_charts, write_control_chart
 from .chat_format import describe_template, template_of
 from .checkpoints import TrainingError
 from .config import TrainConfig
+from .controls import check_labelled, condition_fields, conditioned_template
 from .data import DialogueCollator, PreparedDialogs, column, prepare_from_config, tokenize_prepared
-from .evaluation import evaluate_loss, sample_replies
+from .evaluation import evaluate_control, evaluate_dialogs, evaluate_loss, sample_replies
+from .judge import JUDGE_DIR, fit_judge, save_judge
 from .loss import use_chunked_loss
 from .modelcard import render_model_card
 from .modeling import Hardware, load_model_and_tokenizer, load_model_config, load_tokenizer
@@ -176,6 +178,7 @@ def prepare_data(plan: RunPlan) -> PreparedDialogs:
     """Load, clean, de-duplicate and (for debugging) truncate the dialogues; report skipped lines."""
     with plan.args.main_process_first(desc="preparing the data"):  # under torchrun the others reuse its caches
         prepared = prepare_from_config(plan.config)
+    check_labelled(prepared.dialogs["train"], condition_fields(plan.config.condition), prepared.source)
     if plan.is_main and prepared.skipped:
         logger.info("skipped while reading the data:")
         for line in prepared.skipped:
@@ -188,6 +191,9 @@ def load_model_for_training(plan: RunPlan) -> LoadedModel:
     chat template, or gets gpt2ft's when it has none (modeling.load_tokenizer): the format it trains in, which the
     saved model then carries."""
     model, tokenizer = load_model_and_tokenizer(plan.config.model)
+    fields = condition_fields(plan.config.condition)
+    if fields:  # the template takes the labels: training reads them, the saved model asks for them
+        tokenizer.chat_template = conditioned_template(template_of(tokenizer), fields)
     model, counts = apply_method(model, plan.config, report=False)  # reported with the Trainer, once all is checked
     return LoadedModel(model, tokenizer, counts)
 
@@ -403,9 +409,41 @@ def save_run(
     return save_stage(plan, fitted, metrics, tokenizer, training_record(plan, prepared, metrics))
 
 
+def measure_controls(plan: RunPlan, published: Published, prepared: PreparedDialogs) -> dict[str, Any] | None:
+    """For a conditioned run (`--condition`): the judge of its labels, fitted on the run's training turns and saved
+    with the model (judge/), its own scores on the test turns, the control accuracy of the saved model on
+    --control-contexts test contexts (evaluation.evaluate_control), and the held-out perplexity with no labels
+    asked for (the quality of an unconditioned reply). None for a plain run."""
+    fields = condition_fields(plan.config.condition)
+    if not fields:
+        return None
+    judge = fit_judge(prepared.dialogs["train"], fields, test=prepared.dialogs["test"])
+    save_judge(judge, plan.output_dir / JUDGE_DIR)
+    model, tokenizer = published.model, published.tokenizer
+    control = evaluate_control(
+        model, tokenizer, judge, prepared.dialogs["test"], plan.config.control_contexts, seed=plan.config.seed
+    )
+    unlabelled = {}
+    for prefix, split in zip(HELD_OUT, ("validation", "test")):
+        scored = evaluate_dialogs(
+            model,
+            tokenizer,
+            prepared.dialogs[split],
+            plan.max_length,
+            prepared.loss_on,
+            plan.config.eval_batch_size,
+            plan.config.batching,
+            labels="none",
+        )
+        unlabelled.update({f"{prefix}_{key}_unlabelled": scored[key] for key in ("loss", "perplexity")})
+    return {"control": {**control, "judge": judge.scores}, **unlabelled}
+
+
 def draw_charts(plan: RunPlan) -> list[Path]:
-    """The five training charts (loss, GPU, memory, CPU/disk), from the logs on disk."""
-    return write_charts(plan.logs_dir, plan.config.images_dir)
+    """The five training charts (loss, GPU, memory, CPU/disk), and the control chart of a conditioned run, from the
+    logs on disk."""
+    control = write_control_chart(plan.logs_dir, plan.config.images_dir)
+    return write_charts(plan.logs_dir, plan.config.images_dir) + ([control] if control else [])
 
 
 def sample_held_out(model: Any, tokenizer: Any, prepared: PreparedDialogs, count: int = 3) -> list[dict[str, Any]]:
@@ -428,6 +466,8 @@ TRAIN = Stage(
     card=render_model_card,
     charts=draw_charts,
     samples=sample_held_out,
+    evaluate_saved=measure_controls,
+    card_charts=("chart_train.png", CONTROL_CHART),
 )
 
 

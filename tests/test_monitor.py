@@ -294,11 +294,10 @@ def test_run_model_card_shows_the_metrics(run):
     dirs, _ = run
     metrics = json.loads((dirs["logs"] / "metrics.json").read_text(encoding="utf-8"))
     card = (dirs["output"] / "README.md").read_text(encoding="utf-8")
-    assert (
-        f"| validation | {format_loss(metrics['eval_loss'])} | {format_perplexity(metrics['eval_perplexity'])} |"
-        in card
-    )
-    assert f"| test | {format_loss(metrics['test_loss'])} | {format_perplexity(metrics['test_perplexity'])} |" in card
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        for label, key in (("the starting model", f"base_{prefix}"), ("fine-tuned", prefix)):
+            loss, perplexity = format_loss(metrics[f"{key}_loss"]), format_perplexity(metrics[f"{key}_perplexity"])
+            assert f"| {split}, {label} | {loss} | {perplexity} |" in card
     assert format_loss(metrics["train_loss"]) in card
     assert "![training](chart_train.png)" in card
     assert (dirs["output"] / "chart_train.png").is_file()
