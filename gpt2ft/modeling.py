@@ -21,7 +21,6 @@ from .families import check_architecture, check_model_source, check_size
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 # DailyDialog's longest dialogue is ~900 GPT-2 tokens (~1,100 in ChatML): 2,048 keeps every dialogue whole.
 TRAINING_WINDOW = 2048
-GPT2_SIZES = {"gpt2": 124e6, "gpt2-medium": 355e6, "gpt2-large": 774e6, "gpt2-xl": 1558e6}
 
 
 def load_tokenizer(name: str) -> Any:
@@ -169,8 +168,8 @@ def choose_precision(requested: str, hardware: Hardware) -> tuple[str, str]:
             raise ModelError(f"--precision {requested}: needs a CUDA GPU; this machine has {hardware.name}")
         if requested == "bf16" and hardware.capability and hardware.capability < (8, 0):
             raise ModelError(
-                f"--precision bf16: {hardware.name} (compute capability {hardware.capability[0]}.{hardware.capability[1]}) "
-                "has no bf16 units; use fp16"
+                f"--precision bf16: {hardware.name} (compute capability "
+                f"{hardware.capability[0]}.{hardware.capability[1]}) has no bf16 units; use fp16"
             )
         return requested, "set by --precision"
     if hardware.device != "cuda" or hardware.capability is None:
@@ -197,7 +196,8 @@ def autocast_context(precision: str, device: torch.device | str) -> Any:
 
 
 def device_precision(device: torch.device | str) -> str:
-    """The precision gpt2ft trains in on `device` (choose_precision's automatic rule), for evaluation outside training."""
+    """The precision gpt2ft trains in on `device` (choose_precision's automatic rule), for evaluation outside
+    training."""
     device = torch.device(device)
     return choose_precision("auto", cuda_hardware(device))[0] if device.type == "cuda" else "fp32"
 
