@@ -155,13 +155,15 @@ class RunConfig:
     lora_alpha: int = setting(32, "LoRA scaling (alpha / r multiplies the update).", run=True)
     lora_dropout: float = setting(0.05, "Dropout on the LoRA input.", run=True)
     lora_targets: str = setting(
-        "c_attn,c_proj",
-        "Comma-separated GPT-2 Conv1D modules that get adapters (c_attn, c_proj, c_fc).",
+        "auto",
+        "Comma-separated linear modules that get adapters; 'auto' = the family's (GPT-2: c_attn,c_proj; Llama, "
+        "Qwen, Mistral: q/k/v/o_proj,gate/up/down_proj).",
         run=True,
     )
     t4_presets: bool = setting(
         True,
-        "On a ~15 GB GPU, switch large GPT-2 sizes to settings that fit (LoRA, 8-bit optimiser, checkpointing).",
+        "On a ~15 GB GPU, switch models of 355M+ parameters (any family, by parameter count) to settings that fit "
+        "(LoRA, 8-bit optimiser, checkpointing, smaller batches with accumulation).",
     )
 
     def __post_init__(self) -> None:

@@ -24,7 +24,6 @@ from .families import check_architecture, check_model_source, check_size
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 # DailyDialog's longest dialogue is ~900 GPT-2 tokens (~1,100 in ChatML): 2,048 keeps every dialogue whole.
 TRAINING_WINDOW = 2048
-GPT2_SIZES = {"gpt2": 124e6, "gpt2-medium": 355e6, "gpt2-large": 774e6, "gpt2-xl": 1558e6}
 
 
 def load_tokenizer(name: str) -> Any:

@@ -52,6 +52,7 @@ from .data import IGNORE_INDEX
 from .export import add_n_ctx
 from .generate import build_generation_config, load_for_generation
 from .logs import append_jsonl, write_json, write_jsonl, write_text_atomic
+from .memory import check_memory
 from .modeling import (
     Hardware,
     ModelError,
@@ -62,7 +63,7 @@ from .modeling import (
     training_window,
 )
 from .monitor import SystemMonitor
-from .scale import check_optimizer, choose_presets, merge_for_saving
+from .scale import bitsandbytes_installed, check_optimizer, choose_presets, merge_for_saving, settle_lora_targets
 
 logger = logging.getLogger(__name__)
 
@@ -426,8 +427,10 @@ def plan_stage(
     config: RunConfig, explicit: set[str] | None, build_args: ArgsBuilder, keep: Sequence[str] = ()
 ) -> RunPlan:
     """Settle a stage's settings and check everything that can be checked cheaply, before the data loads: the
-    output folder, the T4 presets, the precision, the optimizer (built once to fail fast) and the training window.
-    Then tidy what an interrupted save left beside the output folder and say which presets were applied.
+    output folder, the model's config and training window, the T4 presets (by its parameter count), the LoRA
+    targets, the precision, the optimizer (built once to fail fast) and, on CUDA, the memory estimate (refused in
+    one line, with what fits, when the GPU is too small). Then tidy what an interrupted save left beside the output
+    folder and say which presets were applied and what the run should take.
 
     Args:
         config: the settings as given.
@@ -442,17 +445,21 @@ def plan_stage(
     """
     check_output_dir(config.output_dir, config.overwrite)
     hardware = detect_hardware()
-    config, notes = choose_presets(config, hardware, changed_fields(config) if explicit is None else explicit, keep)
+    # The model's config first (no weights): the presets go by its parameter count, the estimate by its shape.
+    model_config = load_model_config(config.model)
+    max_length = resolve_max_length(config, model_config)
+    typed = changed_fields(config) if explicit is None else explicit
+    config, notes = choose_presets(config, hardware, typed, keep, model_config=model_config, max_length=max_length)
+    config = settle_lora_targets(config, model_config)
     precision, reason = choose_precision(config.precision, hardware)
-    max_length = resolve_max_length(config, load_model_config(config.model))
     folder = checkpoint_dir(config.output_dir)
-    args = check_optimizer(
-        resolve_optim(config, hardware), lambda: build_args(config, precision, hardware, folder, max_length), hardware
-    )
+    optim = resolve_optim(config, hardware)
+    args = check_optimizer(optim, lambda: build_args(config, precision, hardware, folder, max_length), hardware)
+    memory = check_memory(config, model_config, hardware, precision, max_length, optim, bitsandbytes_installed())
     plan = RunPlan(config, hardware, precision, reason, notes, max_length, args)
     if plan.is_main:
         clean_stale_folders(config.output_dir)
-        for note in notes:
+        for note in [*notes, memory] if memory else notes:
             logger.info(note)
     return plan
 

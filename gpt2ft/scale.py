@@ -1,13 +1,16 @@
-"""Growing past GPT-2 small: T4 presets for the larger sizes, LoRA adapters, and optimizer checks.
+"""Growing past GPT-2 small: T4 presets by parameter count, LoRA adapters per architecture, and optimizer checks.
 
     python -m gpt2ft train --model gpt2-xl                        # on a 15 GB T4: LoRA + 8-bit AdamW + checkpointing
+    python -m gpt2ft train --model ./Llama-3.2-1B-Instruct        # 1.2B parameters: the same, by parameter count
     python -m gpt2ft train --model gpt2-large --no-t4-presets     # exactly the flags given, nothing switched
     python -m gpt2ft train --method lora --lora-r 8 --lora-targets c_attn,c_proj,c_fc
     python -m gpt2ft train --optim adamw_bnb_8bit                 # bitsandbytes' 8-bit AdamW (also steps on CPU)
 
-`train()` calls the four functions here in order: `choose_presets` (before anything is loaded), `check_optimizer`
-(fails fast, in one line, on an optimizer that cannot run), `apply_method` (wraps the model in PEFT LoRA adapters)
-and `merge_for_saving` (folds the adapters back in, so the saved model is a plain GPT-2 that loads without PEFT).
+runs.plan_stage calls `choose_presets` and `settle_lora_targets` (from the model's config, before any weight
+loads), then `check_optimizer` (fails fast, in one line, on an optimizer that cannot run) and memory.check_memory;
+a stage then calls `apply_method` (wraps the model in PEFT LoRA adapters on the family's projections) and
+`merge_for_saving` (folds the adapters back in, so the saved model is a plain transformers model that loads without
+PEFT).
 The libraries do the work: PEFT for LoRA, bitsandbytes (through the Trainer's `optim`) for 8-bit optimizer states,
 the Trainer for gradient checkpointing, mixed precision and data parallelism.
 """
@@ -15,7 +18,6 @@ the Trainer for gradient checkpointing, mixed precision and data parallelism.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -27,20 +29,17 @@ from typing import Any
 
 import torch
 from transformers import Trainer
-from transformers.pytorch_utils import Conv1D
 from transformers.training_args import OptimizerNames
 
 from .config import ConfigError, RunConfig, render_flag
-from .modeling import GPT2_SIZES, Hardware
+from .memory import EIGHT_BIT_OPTIM, adaptable_modules, as_transformers_config, model_shape, resolve_targets
+from .modeling import Hardware
 
 # peft is imported inside the functions that use LoRA, after quiet_bitsandbytes(): importing PEFT imports
 # bitsandbytes when it is installed, and a full fine-tune needs neither.
 
 logger = logging.getLogger(__name__)
 
-# Hub ids are also published under this organisation; `openai-community/gpt2-xl` is the same model as `gpt2-xl`.
-HUB_PREFIX = "openai-community/"
-EIGHT_BIT_OPTIM = "adamw_bnb_8bit"
 # LoRA's few parameters need a larger step than full fine-tuning: ~1e-4..3e-4 is the usual range (LoRA paper, PEFT
 # examples), where 5e-5 (full fine-tuning's rate) learns several times slower.
 LORA_LEARNING_RATE = 2e-4
@@ -54,127 +53,58 @@ BNB_PROBE_SIZE = 4096
 # --------------------------------------------------------------------------------------------------------------
 
 
-def gpt2_parameter_count(n_embd: int, n_layer: int, vocab_size: int = 50257, n_positions: int = 1024) -> int:
-    """Exact parameter count of a GPT-2 (tied embeddings): per block 12*d^2 + 13*d, plus the two embeddings and the
-    final layer norm. Checked against transformers' GPT2LMHeadModel for all four released sizes."""
-    return n_layer * (12 * n_embd * n_embd + 13 * n_embd) + vocab_size * n_embd + n_positions * n_embd + 2 * n_embd
+# The presets by parameter count: the bounds lie half-way (geometrically) between the released GPT-2 sizes (124M,
+# 355M, 774M, 1.56B), so each of those gets the settings made for it, and any family of a like size the same
+# (Qwen2.5-0.5B the 355M ones, Qwen3-0.6B the 774M ones, Llama 3.2 1B and SmolLM2-1.7B the 1.56B ones).
+PRESET_TIERS = (2.1e8, 5.2e8, 1.1e9)
 
 
-def model_size(model: str) -> tuple[str, float] | None:
-    """Which released GPT-2 size `model` is (or is as large as): ("gpt2-xl", 1.56e9), or None when unknown.
-
-    A Hub id is matched by name (with or without `openai-community/`); a local folder by its config.json, so a
-    fine-tuned gpt2-large saved locally counts as large.
-    """
-    name = model[len(HUB_PREFIX) :] if model.startswith(HUB_PREFIX) else model
-    if name in GPT2_SIZES:
-        return name, GPT2_SIZES[name]
-    config_path = Path(model).expanduser() / "config.json"
-    if not config_path.is_file():
-        return None
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        params = gpt2_parameter_count(
-            int(config["n_embd"]),
-            int(config["n_layer"]),
-            int(config.get("vocab_size", 50257)),
-            int(config.get("n_positions", 1024)),
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # not a GPT-2 config; load_model reports that with a proper message
-    # Bucket by size half-way (geometrically) between the released sizes.
-    for size, limit in (("gpt2", 2.1e8), ("gpt2-medium", 5.2e8), ("gpt2-large", 1.1e9)):
-        if params < limit:
-            return size, float(params)
-    return "gpt2-xl", float(params)
+def size_tier(parameters: int) -> int:
+    """0 (up to ~210M parameters: no presets), 1 (~355M), 2 (~774M) or 3 (~1.5B and more)."""
+    return sum(parameters >= bound for bound in PRESET_TIERS)
 
 
 def bitsandbytes_installed() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def preset_changes(size: str, eight_bit: bool) -> tuple[dict[str, Any], str]:
-    """The settings that make `size` fit a 15 GB T4 in fp16, and why (see README "What fits on a 15 GB T4";
-    GiB = 2**30 bytes, the unit torch reports: a T4 shows 15 GiB, ~14.7 GiB usable).
+def preset_changes(tier: int, eight_bit: bool) -> dict[str, Any]:
+    """The settings that fit a model of `tier` on a 15 GB T4 in fp16 (README "What fits on a 15 GB T4").
 
     Bytes per parameter under the Trainer's fp16 mixed precision: fp32 weights 4 + fp32 grads 4 + AdamW's two fp32
     moments 8 = 16 for full fine-tuning; 10 with bitsandbytes' 8-bit moments; 4 for frozen LoRA base weights.
-    Gradient checkpointing keeps only each block's input for the backward pass, so activations become negligible;
-    smaller micro-batches with accumulation keep the effective batch (16 dialogues) and cap the logits
-    (tokens x 50,257 vocabulary), the largest tensor left.
+    Gradient checkpointing keeps only each block's input for the backward pass; smaller micro-batches with
+    accumulation keep the effective batch (16 dialogues). memory.estimate_memory has the figures.
+
+    - 1 (~355M): full fine-tuning fits (16 B/param = 5.3 GiB), a batch of 16 dialogues' activations does not:
+      checkpointing and batch 8 x 2.
+    - 2 (~774M): fp32 AdamW's 11.5 GiB leaves too little; 8-bit AdamW (7.2 GiB), checkpointing and batch 4 x 4, or,
+      without bitsandbytes, LoRA.
+    - 3 (~1.5B): even 8-bit AdamW needs 10 B/param = 14.5 GiB; LoRA on a frozen fp32 base (4 B/param = 5.8 GiB),
+      with 8-bit AdamW when installed, checkpointing and batch 4 x 4.
     """
-    if size == "gpt2-medium":
-        return (
-            {"gradient_checkpointing": True, "batch_size": 8, "gradient_accumulation_steps": 2, "eval_batch_size": 16},
-            "gpt2-medium (355M): full fine-tuning's weights, grads and AdamW states fit (16 bytes/param = 5.3 GiB), "
-            "but a batch of 16 long dialogues adds ~8 GiB of activations and logits; gradient checkpointing and batch "
-            "8 x 2 accumulation (the same effective batch of 16) keep that under 1 GiB",
-        )
-    if size == "gpt2-large":
-        if eight_bit:
-            return (
-                {
-                    "optim": EIGHT_BIT_OPTIM,
-                    "gradient_checkpointing": True,
-                    "batch_size": 4,
-                    "gradient_accumulation_steps": 4,
-                    "eval_batch_size": 8,
-                },
-                "gpt2-large (774M): with fp32 AdamW the weights, grads and states alone take 16 bytes/param = 11.5 GiB "
-                "of the ~14.7 GiB usable; 8-bit AdamW (10 bytes/param = 7.2 GiB), gradient checkpointing and batch "
-                "4 x 4 accumulation need ~8 GiB in all",
-            )
-        return (
-            {
-                "method": "lora",
-                "learning_rate": LORA_LEARNING_RATE,
-                "gradient_checkpointing": True,
-                "batch_size": 4,
-                "gradient_accumulation_steps": 4,
-                "eval_batch_size": 8,
-            },
-            "gpt2-large (774M): fp32 AdamW takes 16 bytes/param = 11.5 GiB and bitsandbytes (8-bit AdamW) is not "
-            "installed, so LoRA adapters (frozen fp32 base = 2.9 GiB), gradient checkpointing and batch 4 x 4",
-        )
-    if size == "gpt2-xl":
-        changes = {
-            "method": "lora",
-            "learning_rate": LORA_LEARNING_RATE,
+    if tier <= 0:
+        return {}
+    if tier == 1:
+        return {
             "gradient_checkpointing": True,
-            "batch_size": 4,
-            "gradient_accumulation_steps": 4,
-            "eval_batch_size": 8,
+            "batch_size": 8,
+            "gradient_accumulation_steps": 2,
+            "eval_batch_size": 16,
         }
-        if eight_bit:
-            changes["optim"] = EIGHT_BIT_OPTIM
-        return (
-            changes,
-            "gpt2-xl (1.56B): even 8-bit AdamW needs 10 bytes/param = 14.5 GiB; LoRA adapters train ~1% of the "
-            "weights on a frozen fp32 base (4 bytes/param = 5.8 GiB)"
-            + (", with 8-bit AdamW" if eight_bit else "")
-            + ", gradient checkpointing and batch 4 x 4 accumulation",
-        )
-    return {}, ""
+    changes: dict[str, Any] = {}
+    if tier >= 3 or not eight_bit:
+        changes.update(method="lora", learning_rate=LORA_LEARNING_RATE)
+    if eight_bit:
+        changes["optim"] = EIGHT_BIT_OPTIM
+    changes.update(gradient_checkpointing=True, batch_size=4, gradient_accumulation_steps=4, eval_batch_size=8)
+    return changes
 
 
-def choose_presets(
-    config: RunConfig, hardware: Hardware, explicit: set[str], leave: Sequence[str] = ()
-) -> tuple[RunConfig, list[str]]:
-    """On a ~15 GB GPU (a Colab T4), switch GPT-2 medium/large/xl to settings that fit; return the notes saying what
-    changed and why.
-
-    Only settings the user did not set are changed: `explicit` names those they typed (the CLI knows; a value typed
-    equal to the default counts as typed). `--no-t4-presets` turns all of this off. GPT-2 small, CPU/MPS, GPUs of
-    20 GB or more and unknown models are left alone, with no notes. `leave` names settings a stage keeps whatever
-    the presets say (preference tuning keeps its own learning rate: LoRA's 2e-4 suits fine-tuning, not DPO).
-    """
-    if not config.t4_presets or hardware.device != "cuda" or not hardware.is_t4_sized:
-        return config, []
-    found = model_size(config.model)
-    if found is None or found[0] == "gpt2":
-        return config, []
-    size, _ = found
-    changes, reason = preset_changes(size, bitsandbytes_installed())
+def settle_presets(
+    config: RunConfig, changes: dict[str, Any], explicit: set[str], leave: Sequence[str]
+) -> tuple[RunConfig, dict[str, Any], list[str]]:
+    """`config` with the preset `changes` the user left to gpt2ft; (settled, applied, the user's settings kept)."""
     changes = {name: value for name, value in changes.items() if name not in leave}
     applied = {
         name: value for name, value in changes.items() if name not in explicit and getattr(config, name) != value
@@ -188,16 +118,70 @@ def choose_presets(
     if ("batch_size" in applied) != ("gradient_accumulation_steps" in applied):
         applied.pop("batch_size", None)
         applied.pop("gradient_accumulation_steps", None)
+    return (config.replace(**applied) if applied else config), applied, kept
+
+
+def choose_presets(
+    config: RunConfig,
+    hardware: Hardware,
+    explicit: set[str],
+    leave: Sequence[str] = (),
+    model_config: Any = None,
+    max_length: int | None = None,
+) -> tuple[RunConfig, list[str]]:
+    """On a ~15 GB GPU (a Colab T4), switch a model of 355M parameters or more, of any family, to settings that fit;
+    return the notes saying what changed and why.
+
+    The settings come by the parameter count of the model's config (size_tier, preset_changes); where the memory
+    estimate (memory.estimate_run) says they still do not fit (a large vocabulary, a long window, settings the
+    user typed), those of the next tier up are taken, and so on. A model up to ~210M parameters whose settings fit
+    is left alone. Only settings the user did not set are changed: `explicit` names those they typed (the CLI
+    knows; a value typed equal to the default counts as typed). `--no-t4-presets` turns all of this off. CPU/MPS
+    and GPUs of 20 GB or more are left alone, with no notes. `leave` names settings a stage keeps whatever the
+    presets say (preference tuning keeps its own learning rate: LoRA's 2e-4 suits fine-tuning, not DPO).
+
+    Args:
+        model_config: the model's transformers config (or config.json's content); None: loaded here.
+        max_length: the training window; None: the config's (modeling.training_window) or --max-length.
+    """
+    if not config.t4_presets or hardware.device != "cuda" or not hardware.is_t4_sized:
+        return config, []
+    from .memory import estimate_run, model_shape
+    from .modeling import load_model_config, training_window
+
+    model_config = load_model_config(config.model) if model_config is None else model_config
+    shape = model_shape(model_config)
+    window = max_length or config.max_length or training_window(as_transformers_config(model_config))
+    eight_bit = bitsandbytes_installed()
+
+    def fits(candidate: RunConfig) -> bool:
+        try:
+            return estimate_run(candidate, shape, window).fits(hardware.memory_gb)
+        except ConfigError:
+            return True  # bad --lora-targets: apply_method says so, in one line
+
+    tier = size_tier(shape.parameters)
+    settled, applied, kept = settle_presets(config, preset_changes(tier, eight_bit), explicit, leave)
+    while tier < len(PRESET_TIERS) and not fits(settled):
+        tier += 1
+        settled, applied, kept = settle_presets(config, preset_changes(tier, eight_bit), explicit, leave)
+    size = f"{config.model} ({shape.parameters / 1e6:,.0f}M parameters)"
     if not applied:
         return config, [
             f"t4 presets: {size} on {hardware.name}: your settings kept ({', '.join(kept)})"
         ] if kept else []
+    before, after = estimate_run(config, shape, window), estimate_run(settled, shape, window)
+    reason = (
+        f"as set, the memory estimate is {before.describe()}, "
+        f"{'within' if before.fits(hardware.memory_gb) else 'beyond'} the {hardware.memory_gb:.1f} GiB; with these, "
+        f"{after.total_gib:.1f} GiB"
+    )
     notes = [
         f"t4 presets for {size} on {hardware.name} ({hardware.memory_gb:.1f} GiB): "
         + " ".join(render_flag(name, value) for name, value in applied.items()),
         f"why: {reason}" + (f"; kept your {', '.join(kept)}" if kept else "") + " (turn off with --no-t4-presets)",
     ]
-    return config.replace(**applied), notes
+    return settled, notes
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -275,25 +259,30 @@ def check_optimizer(optim: str, build_args: Callable[[], Any], hardware: Hardwar
 
 
 def lora_targets(config: RunConfig, model: Any) -> list[str]:
-    """The module names in `--lora-targets`, checked against the model's Conv1D modules (GPT-2's c_attn: attention
-    qkv; c_proj: the attention *and* the MLP output projections; c_fc: the MLP input).
+    """The module names `--lora-targets` means for this model: "auto" = its family's (families.FAMILIES: GPT-2's
+    c_attn and c_proj, the Llama-style blocks' q/k/v/o and gate/up/down projections); explicit names are checked
+    against the model's adaptable modules (memory.adaptable_modules: nn.Linear and Conv1D leaf names).
 
     Raises:
-        ConfigError: empty, or a name the model does not have.
+        ConfigError: empty, "auto" for a model without default targets, or a name the model does not have.
     """
-    targets = [name.strip() for name in config.lora_targets.split(",") if name.strip()]
-    available = sorted(
-        {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, Conv1D)}
-    )
-    if not targets:
-        raise ConfigError(f"--lora-targets: empty; name one or more of {', '.join(available)}")
-    unknown = [name for name in targets if name not in available]
-    if unknown:
-        raise ConfigError(
-            f"--lora-targets {config.lora_targets}: {', '.join(unknown)} is not a Conv1D module of this GPT-2; "
-            f"choose from {', '.join(available)}"
-        )
-    return targets
+    names = {module.name for module in adaptable_modules(model).values()}
+    return list(resolve_targets(config.lora_targets, model.config.model_type, names))
+
+
+def settle_lora_targets(config: RunConfig, model_config: Any) -> RunConfig:
+    """For a LoRA run, `--lora-targets` resolved ("auto" -> the family's) and checked against the model's modules,
+    from its config alone (built on the meta device): a bad name is one line before the data or weights load, and
+    the run's records, its model card and `describe_method` name the modules adapted.
+
+    Raises:
+        ConfigError: as lora_targets.
+    """
+    if config.method != "lora":
+        return config
+    shape = model_shape(model_config)
+    targets = ",".join(resolve_targets(config.lora_targets, shape.model_type, shape.adaptable))
+    return config.replace(lora_targets=targets) if targets != config.lora_targets else config
 
 
 def parameter_counts(model: Any) -> dict[str, int]:
@@ -309,31 +298,42 @@ def parameter_counts(model: Any) -> dict[str, int]:
 
 
 def build_lora_config(config: RunConfig, model: Any) -> Any:
-    """PEFT's LoraConfig for `--lora-r/-alpha/-dropout/-targets` on this GPT-2 (train and prefer use the same one).
+    """PEFT's LoraConfig for `--lora-r/-alpha/-dropout/-targets` on this model (train and prefer use the same one).
 
     Raises:
-        ConfigError: bad `--lora-targets`.
+        ConfigError: bad `--lora-targets`, or targets mixing Conv1D and nn.Linear modules.
     """
     quiet_bitsandbytes()  # PEFT imports bitsandbytes when it is installed
     from peft import LoraConfig, TaskType
 
+    targets = lora_targets(config, model)
+    kinds = {module.conv1d for module in adaptable_modules(model).values() if module.name in targets}
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"--lora-targets {config.lora_targets}: mixes Conv1D and nn.Linear modules; PEFT takes one weight "
+            "layout a config: adapt one kind at a time"
+        )
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=lora_targets(config, model),
-        # GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear. PEFT would notice and flip it
-        # per layer with a warning, but the saved adapter_config.json would still say False.
-        fan_in_fan_out=True,
+        target_modules=targets,
+        # transformers' Conv1D (GPT-2's) stores weights as (in, out), the transpose of nn.Linear. PEFT would notice
+        # and flip it per layer with a warning, but the saved adapter_config.json would still say False.
+        fan_in_fan_out=kinds == {True},
     )
 
 
-def describe_method(config: RunConfig) -> str:
-    """`full fine-tuning`, or `LoRA r=16 alpha=32 on c_attn, c_proj`."""
+def describe_method(config: RunConfig, model: Any = None) -> str:
+    """`full fine-tuning`, or `LoRA r=16 alpha=32 on q_proj, k_proj, ...` (the targets as resolved: runs.plan_stage
+    resolves "auto"; given the model, it is resolved here too)."""
     if config.method != "lora":
         return "full fine-tuning"
-    targets = [name.strip() for name in config.lora_targets.split(",") if name.strip()]
+    if model is not None:
+        targets = lora_targets(config, model)
+    else:
+        targets = [name.strip() for name in config.lora_targets.split(",") if name.strip()]
     return f"LoRA r={config.lora_r} alpha={config.lora_alpha} on {', '.join(targets)}"
 
 
@@ -393,7 +393,8 @@ def merge_for_saving(model: Any, config: RunConfig) -> tuple[Any, SavedAdapter |
 
     `full`: (model, None). `lora`: PEFT saves the adapter first (a few MB, to a temporary folder), then its
     `merge_and_unload` folds W + (alpha/r)·BA into each adapted weight *in place* and returns a plain
-    GPT2LMHeadModel: it loads with AutoModelForCausalLM, without PEFT, and gives the same logits as base + adapter.
+    transformers model (GPT2LMHeadModel, LlamaForCausalLM, ...): it loads with AutoModelForCausalLM, without PEFT,
+    and gives the same logits as base + adapter.
     Merging in place instead of on a copy keeps one copy of the weights in memory: a copy of GPT-2 XL is another
     5.8 GiB, which a T4 at the end of training (or Colab's 12.7 GB of RAM) may not have. `model` must not be used as
     a PEFT model afterwards.

@@ -599,7 +599,10 @@ def test_t4_presets_fit_large_models_but_keep_the_preference_learning_rate():
     from gpt2ft.scale import choose_presets
 
     t4 = Hardware("cuda", "Tesla T4", (7, 5), 15.0)
-    config, notes = choose_presets(PreferConfig(model="gpt2-xl"), t4, set(), leave=("learning_rate",))
+    from transformers import GPT2Config
+
+    xl = GPT2Config(n_embd=1600, n_layer=48, n_head=25)  # gpt2-xl's shape, built here: the test stays offline
+    config, notes = choose_presets(PreferConfig(model="gpt2-xl"), t4, set(), leave=("learning_rate",), model_config=xl)
     assert (
         config.method == "lora"
         and config.gradient_checkpointing
