@@ -82,6 +82,11 @@ def run_gpt2ft(args, learning_rate: float, root: Path) -> dict:
         "input_tokens_per_s": input_tokens / metrics["train_runtime_s"],
         "target_tokens_per_s": metrics["train_tokens_per_s"],
         "steps": metrics["steps"],
+        "eval_loss_by_epoch": [
+            round(record["eval_loss"], 4)
+            for record in map(json.loads, (folder / "logs" / "train_log.jsonl").read_text().splitlines())
+            if "eval_loss" in record
+        ],
         **{key: metrics[key] for key in metrics if key.startswith(("eval_", "test_", "base_")) and "tokens" not in key},
         **{f"replies_{key}": value for key, value in replies(model, tokenizer, result.data, args.samples).items()},
     }
