@@ -169,7 +169,10 @@ def _plot_schedule(axis: Any, steps: Sequence[float], values: Sequence[float], l
     """The learning rate at the logged steps. Between logging steps the schedule is not in the log: with few points,
     a line between them would draw a ramp (a warm-up of many steps, say) that did not happen, so only the logged
     values are marked; a dense log is drawn as a line, which is then the schedule itself."""
-    if _finite_points(steps, values) <= SPARSE_POINTS:
+    points = _finite_points(steps, values)
+    if points == 0:
+        return []
+    if points <= SPARSE_POINTS:
         return axis.plot(steps, values, "o", color=color, markersize=6, label=f"{label} (at the logged steps)")
     return axis.plot(steps, values, color=color, label=label)
 

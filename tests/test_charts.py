@@ -457,6 +457,11 @@ def test_the_preference_chart_keeps_its_text_inside_the_figure():
 
 
 def test_a_panel_without_data_says_so_instead_of_an_empty_grid():
+    # No log at all: every panel says so (none is an empty grid with axes and ticks).
+    empty = plot_training([])
+    for title in ("Loss", "Learning rate", "Gradient norm", "Epoch and throughput"):
+        panel = axis_titled(empty, title)
+        assert [text.get_text() for text in panel.texts] == ["no data"] and not panel.get_lines(), title
     # Gradient norms that overflowed (inf at every logged step) leave nothing to draw.
     records = [dict(record, grad_norm=float("inf")) for record in train_records(10)]
     assert "no data" in " ".join(text.get_text() for text in axis_titled(plot_training(records), "Gradient norm").texts)
