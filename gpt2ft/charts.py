@@ -37,6 +37,7 @@ GPU_FIELDS = (
     "torch_reserved_mb",
 )
 DPI = 100
+SPARSE_POINTS = 20  # a series with at most this many points is marked point by point
 NAN = float("nan")
 MB_PER_GB = 1000.0  # the monitor logs MB of 10**6 bytes
 
@@ -140,6 +141,42 @@ def _no_data(axis: Any, message: str = "no data", title: str | None = None) -> N
     axis.set_yticks([])
 
 
+def _say_no_data_behind(axis: Any, message: str) -> None:
+    """A panel whose own series are empty but that still carries a twin axis's lines: the message, under them."""
+    axis.text(0.5, 0.5, message, ha="center", va="center", fontsize=13, color="0.35", transform=axis.transAxes)
+    axis.set_yticks([])
+
+
+def _finite_points(xs: Sequence[float], ys: Sequence[float]) -> int:
+    return sum(1 for x, y in zip(xs, ys) if math.isfinite(x) and math.isfinite(y))
+
+
+def _plot_series(axis: Any, xs: Sequence[float], ys: Sequence[float], fmt: str = "", **style: Any) -> list[Any]:
+    """Plot one logged series; nothing (and no legend entry) when it has no finite point.
+
+    A series of few points gets a marker at each (a single point drawn as a bare line would be invisible, leaving a
+    legend entry with nothing beside it).
+    """
+    points = _finite_points(xs, ys)
+    if points == 0:
+        return []
+    if points <= SPARSE_POINTS and not any(char in fmt for char in "o.sD^v*") and "marker" not in style:
+        style = {"marker": "o", "markersize": 4, **style}
+    return axis.plot(xs, ys, fmt, **style) if fmt else axis.plot(xs, ys, **style)
+
+
+def _plot_schedule(axis: Any, steps: Sequence[float], values: Sequence[float], label: str, color: str) -> list[Any]:
+    """The learning rate at the logged steps. Between logging steps the schedule is not in the log: with few points,
+    a line between them would draw a ramp (a warm-up of many steps, say) that did not happen, so only the logged
+    values are marked; a dense log is drawn as a line, which is then the schedule itself."""
+    points = _finite_points(steps, values)
+    if points == 0:
+        return []
+    if points <= SPARSE_POINTS:
+        return axis.plot(steps, values, "o", color=color, markersize=6, label=f"{label} (at the logged steps)")
+    return axis.plot(steps, values, color=color, label=label)
+
+
 def _finish(axis: Any, title: str, xlabel: str, ylabel: str) -> None:
     axis.set_title(title)
     axis.set_xlabel(xlabel)
@@ -185,6 +222,18 @@ def _system_panel(
         _finish(axis, title, xlabel, ylabel)
         if ylim is not None:
             axis.set_ylim(*ylim)
+        if all(value == 0 for _, values, _ in lines for value in values if math.isfinite(value)):
+            # A line along the bottom edge reads as an empty panel: say what it shows.
+            axis.text(
+                0.5,
+                0.5,
+                f"0 {ylabel} throughout",
+                ha="center",
+                va="center",
+                fontsize=13,
+                color="0.35",
+                transform=axis.transAxes,
+            )
     else:
         _no_data(axis, empty)
         axis.set_title(title)
@@ -232,52 +281,66 @@ def plot_training(records: Sequence[dict[str, Any]]) -> Figure:
     steps, loss = series_by_step(records, "loss")
     eval_steps, eval_loss = series_by_step(records, "eval_loss")
     test_steps, test_loss = series_by_step(records, "test_loss")
-    if loss or eval_loss or test_loss:
-        if loss:
-            loss_ax.plot(steps, loss, label="train loss", color="tab:blue", linewidth=1.2)
-        if eval_loss:
-            loss_ax.plot(eval_steps, eval_loss, "o-", label="eval loss", color="tab:orange", markersize=6)
-        if test_loss:
-            loss_ax.plot(
-                test_steps,
-                test_loss,
-                "s",
-                label="test loss",
-                color="tab:red",
-                markersize=10,
-                markerfacecolor="none",
-                markeredgewidth=2,
-            )
+    # The test square is drawn first, larger and hollow, and the eval dot on top of it: the final eval and test
+    # losses usually sit at the same step and almost the same value, and neither may hide the other.
+    drawn = _plot_series(
+        loss_ax,
+        test_steps,
+        test_loss,
+        "s",
+        label="test loss",
+        color="tab:red",
+        markersize=14,
+        markerfacecolor="none",
+        markeredgewidth=1.5,
+        zorder=3,
+        clip_on=False,  # at the last step, on the panel's edge: drawn whole
+    )
+    drawn += _plot_series(loss_ax, steps, loss, label="train loss", color="tab:blue", linewidth=1.2, zorder=2)
+    drawn += _plot_series(
+        loss_ax,
+        eval_steps,
+        eval_loss,
+        "o-",
+        label="eval loss",
+        color="tab:orange",
+        markersize=5,
+        zorder=4,
+        clip_on=False,
+    )
+    if drawn:
+        loss_ax.margins(y=0.08)  # room for the markers at the lowest and highest loss
         _finish(loss_ax, "Loss", "step", "loss (nats per target token)")
+        order = {"train loss": 0, "eval loss": 1, "test loss": 2}
+        loss_ax.legend(handles=sorted(drawn, key=lambda line: order[line.get_label()]), loc="best", fontsize=9)
     else:
         _no_data(loss_ax, title="Loss")
 
     lr_steps, lr = series_by_step(records, "learning_rate")
-    if lr:
-        lr_ax.plot(lr_steps, lr, color="tab:green", label="learning rate")
+    if _plot_schedule(lr_ax, lr_steps, lr, "learning rate", "tab:green"):
         lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         _finish(lr_ax, "Learning rate", "step", "learning rate")
     else:
         _no_data(lr_ax, title="Learning rate")
 
     grad_steps, grad = series_by_step(records, "grad_norm")
-    if grad:
-        grad_ax.plot(grad_steps, grad, color="tab:purple", linewidth=1.0, label="grad norm (before clipping)")
+    if _plot_series(grad_ax, grad_steps, grad, color="tab:purple", linewidth=1.0, label="grad norm (before clipping)"):
         _finish(grad_ax, "Gradient norm", "step", "L2 norm")
     else:
         _no_data(grad_ax, title="Gradient norm")
 
     epoch_steps, epoch = series_by_step([r for r in records if "loss" in r or "eval_loss" in r], "epoch")
     speed_steps, speed = series_by_step([r for r in records if "loss" in r], "tokens_per_s")
-    if epoch or speed:
-        handles = []
-        if epoch:
-            handles += epoch_ax.plot(epoch_steps, epoch, color="tab:brown", label="epoch")
-        epoch_ax.set_ylabel("epoch")
-        if speed:
+    if _finite_points(epoch_steps, epoch) or _finite_points(speed_steps, speed):
+        handles = _plot_series(epoch_ax, epoch_steps, epoch, color="tab:brown", label="epoch")
+        if handles:
+            epoch_ax.set_ylabel("epoch")
+        else:
+            _say_no_data_behind(epoch_ax, "no epoch data")
+        if _finite_points(speed_steps, speed):
             speed_ax = epoch_ax.twinx()
-            handles += speed_ax.plot(
-                speed_steps, speed, color="tab:cyan", linestyle="--", label="tokens/s (mean so far)"
+            handles += _plot_series(
+                speed_ax, speed_steps, speed, color="tab:cyan", linestyle="--", label="tokens/s (mean so far)"
             )
             speed_ax.set_ylabel("target tokens per second")
             _from_zero(speed_ax)
@@ -574,28 +637,31 @@ def plot_preference(records: Sequence[dict[str, Any]], metrics: dict[str, Any]) 
         reward_ax: ("Implicit reward: beta * log(pi / pi_ref)", "reward"),
         margin_ax: ("Reward margin (chosen - rejected)", "reward"),
     }
+    accuracy_steps, accuracy = series_by_step(train, "rewards/accuracies")
+    eval_steps, eval_accuracy = series_by_step(evals, "eval_rewards/accuracies")
+    has_accuracy = bool(_finite_points(accuracy_steps, accuracy) or _finite_points(eval_steps, eval_accuracy))
     for axis, specs in lines.items():
-        drawn = False
+        drawn = []
         for label, subset, key, color, style in specs:
             steps, values = series_by_step(subset, key)
-            if values:
-                axis.plot(steps, values, style, label=label, color=color, linewidth=1.2, markersize=5)
-                drawn = True
+            drawn += _plot_series(axis, steps, values, style, label=label, color=color, linewidth=1.2, markersize=5)
         if drawn:
             _finish(axis, titles[axis][0], "step", titles[axis][1])
             axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        elif axis is margin_ax and has_accuracy:
+            axis.set_title(titles[axis][0])
+            axis.set_xlabel("step")
+            _say_no_data_behind(axis, "no margin logged")
         else:
             _no_data(axis, title=titles[axis][0])
-    accuracy_steps, accuracy = series_by_step(train, "rewards/accuracies")
-    eval_steps, eval_accuracy = series_by_step(evals, "eval_rewards/accuracies")
-    if accuracy or eval_accuracy:
+    if has_accuracy:
         twin = margin_ax.twinx()
-        if accuracy:
-            twin.plot(
-                accuracy_steps, accuracy, color="tab:gray", linewidth=1.0, alpha=0.7, label="reward accuracy (train)"
-            )
-        if eval_accuracy:
-            twin.plot(eval_steps, eval_accuracy, "s--", color="black", markersize=5, label="reward accuracy (eval)")
+        _plot_series(
+            twin, accuracy_steps, accuracy, color="tab:gray", linewidth=1.0, alpha=0.7, label="reward accuracy (train)"
+        )
+        _plot_series(
+            twin, eval_steps, eval_accuracy, "s--", color="black", markersize=5, label="reward accuracy (eval)"
+        )
         twin.set_ylim(-0.02, 1.02)
         twin.set_ylabel("reward accuracy")
         twin.legend(loc="lower right", fontsize=9)
@@ -618,14 +684,27 @@ def plot_preference(records: Sequence[dict[str, Any]], metrics: dict[str, Any]) 
             if math.isfinite(value):
                 summary_ax.text(position, value + 0.02, f"{value:.2f}", ha="center", fontsize=9)
         summary_ax.set_xticks(list(positions), [label for label, _, _ in bars])
-        summary_ax.set_ylim(0, 1.12)
+        summary_ax.set_ylim(0, 1.3)  # room above the bars for the perplexity line
+        summary_ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
         before_ppl, after_ppl = (
             as_float(metrics.get("sft_perplexity_before")),
             as_float(metrics.get("sft_perplexity_after")),
         )
-        if before_ppl is not None and after_ppl is not None:
-            title += f"\nsupervised validation perplexity {before_ppl:,.2f} -> {after_ppl:,.2f}"
         _finish(summary_ax, title, "", "share of held-out records")
+        if before_ppl is not None and after_ppl is not None:
+            # Inside the panel, on a line of its own (not a second title line): a title longer than its panel runs
+            # past the figure's edge and is cut.
+            summary_ax.text(
+                0.5,
+                0.97,
+                f"supervised validation perplexity\n{before_ppl:,.2f} -> {after_ppl:,.2f}",
+                transform=summary_ax.transAxes,
+                ha="center",
+                va="top",
+                fontsize=10,
+                bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.8"},
+            )
+        summary_ax.legend(loc="upper left", fontsize=9)
     else:
         _no_data(summary_ax, "no held-out scores (metrics.json is missing)", title=title)
     if not records:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import gc
 import platform
+import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,8 +32,9 @@ from .chat_format import as_messages, describe_template, end_of_turn, template_o
 from .checkpoints import complete_checkpoints
 from .colab import in_colab
 from .config import PREFER_OUTPUT_DIR, PreferConfig, TrainConfig, build_config, config_fields, render_flag
+from .conversations import roles_of, turns_of
 from .data import IGNORE_INDEX, token_stats
-from .evaluation import format_comparison, reply_metrics, sample_replies
+from .evaluation import cut_point, format_comparison, reply_metrics, sample_replies
 from .generate import chat
 from .logs import percentile
 from .prefer import prefer
@@ -248,6 +251,62 @@ def format_turns(conversation: Sequence[str | Mapping[str, Any]], roles: Sequenc
     return "\n".join(f"{'AB'[index % 2]}: {turn}" for index, turn in enumerate(turns))
 
 
+# The dialogues the notebook shows a reader (the training conversation, the sample replies) are the first ones of
+# their split, in the split's order, that read well as a first example: 4 to 8 turns, none longer than 200
+# characters (a context and a reply that fit on a screen), and none of the words below. DailyDialog's first test
+# dialogue is someone selling drugs; a reader meeting the model should not start there. Fixed and in order, so the
+# same dialogues are shown on every run and before and after training.
+SHOWCASE_TURNS = (4, 8)
+SHOWCASE_TURN_CHARS = 200
+SHOWCASE_AVOID = frozenset(
+    "drug drugs weed marijuana cocaine heroin dope ganja pot acid overdose gun guns shoot shot kill killed murder "
+    "rape sex sexy naked suicide dead death die died blood".split()
+)
+
+
+def is_showcase_dialog(conversation: Sequence[str | Mapping[str, Any]]) -> bool:
+    """True for a dialogue that passes the showcase rule (SHOWCASE_TURNS, SHOWCASE_TURN_CHARS, SHOWCASE_AVOID)."""
+    turns = turns_of(conversation) if conversation and isinstance(conversation[0], Mapping) else list(conversation)
+    low, high = SHOWCASE_TURNS
+    if not low <= len(turns) <= high or any(len(turn) > SHOWCASE_TURN_CHARS for turn in turns):
+        return False
+    words = set(re.findall(r"[a-z]+", " ".join(turns).lower()))
+    return not words & SHOWCASE_AVOID
+
+
+def showcase_dialogs(dialogs: Any, count: int) -> Any:
+    """The first `count` dialogues of a prepared split that pass the showcase rule and can be cut into a context and
+    a reply (evaluation.cut_point); the first `count` that can be cut when fewer pass.
+
+    Returns:
+        The split's rows at those positions (datasets.Dataset.select), in order.
+    """
+    chosen: list[int] = []
+    fallback: list[int] = []
+    for index, messages in enumerate(dialogs["messages"]):
+        if cut_point(turns_of(messages), roles_of(messages)) is None:
+            continue
+        if len(fallback) < count:
+            fallback.append(index)
+        if is_showcase_dialog(messages):
+            chosen.append(index)
+            if len(chosen) == count:
+                break
+    return dialogs.select(chosen if len(chosen) == count else fallback)
+
+
+def show_example_dialog(dialogs: Any) -> list[dict[str, Any]]:
+    """Print and return one conversation of a prepared split for a reader: the first that passes the showcase rule
+    (showcase_dialogs), one turn a line (format_turns).
+
+    Returns:
+        Its messages (a prepared record's "messages").
+    """
+    messages = list(showcase_dialogs(dialogs, 1)[0]["messages"])
+    print(format_turns(messages))
+    return messages
+
+
 def plot_token_lengths(
     lengths: Sequence[int],
     images_dir: str | Path,
@@ -462,16 +521,61 @@ def show_charts(paths: Sequence[str | Path]) -> list[Path]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def make_streamer(tokenizer: Any) -> Any:
-    """A TextStreamer that prints the reply token by token (not the prompt, not the EOS)."""
-    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+def reply_output() -> str:
+    """How a reply is shown where this runs: "live" in a notebook kernel (Jupyter, Colab, papermill), "tokens" in a
+    terminal, "once" anywhere else (output to a file or a pipe, a test)."""
+    ipython = sys.modules.get("IPython")  # never loaded outside IPython, so no import just to find out
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is not None and getattr(shell, "kernel", None) is not None:
+        return "live"
+    return "tokens" if sys.stdout.isatty() else "once"
+
+
+class ReplyStreamer(TextStreamer):
+    """Shows a reply as it is written (not the prompt, not the end-of-turn token), after `label`, as suits the output
+    (reply_output):
+
+    - "live": one output a reply, updated in place as tokens arrive: a person at the notebook watches it grow, and
+      the saved notebook (a papermill run's too) holds each reply once, not one output a token;
+    - "tokens": printed token by token, as transformers' TextStreamer does, in a terminal;
+    - "once": printed whole when it ends.
+    """
+
+    def __init__(self, tokenizer: Any, label: str = "", output: str | None = None) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.label, self.output = label, output or reply_output()
+        self.text, self.handle, self.started = "", None, False
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        first, self.started = not self.started, True
+        self.text += text
+        if self.output == "live":
+            from IPython.display import display
+
+            bundle = {"text/plain": self.label + self.text}
+            if self.handle is None:
+                self.handle = display(bundle, raw=True, display_id=True)
+            else:
+                self.handle.update(bundle, raw=True)
+        elif self.output == "tokens":
+            print((self.label if first else "") + text, flush=True, end="" if not stream_end else None)
+        elif stream_end:
+            print(self.label + self.text, flush=True)
+        if stream_end:
+            self.text, self.handle, self.started = "", None, False
+
+
+def make_streamer(tokenizer: Any, label: str = "") -> ReplyStreamer:
+    """A ReplyStreamer: each reply shown as it is written, once in a saved notebook."""
+    return ReplyStreamer(tokenizer, label)
 
 
 def show_replies(
     model: Any, tokenizer: Any, dialogs: Any, count: int, seed: int | None = None, **decoding: Any
 ) -> list[dict[str, Any]]:
-    """The model's reply to a few held-out conversations, streamed as it is written, next to the real reply
-    (evaluation.sample_replies: the first half of each conversation is the context).
+    """The model's reply to a few held-out conversations, shown as it is written, next to the real reply
+    (evaluation.sample_replies: the first half of each conversation is the context). The conversations are the
+    first ones of the split that pass the showcase rule (showcase_dialogs), the same on every run.
 
     Returns:
         sample_replies' records.
@@ -479,17 +583,16 @@ def show_replies(
 
     def show_context(record: dict[str, Any]) -> None:
         print(format_turns(record["context"], record["roles"]))
-        print(f"real:  {record['reference']}")
-        print("model: ", end="", flush=True)
+        print(f"real:  {record['reference']}", flush=True)
 
     records = sample_replies(
         model,
         tokenizer,
-        dialogs,
+        showcase_dialogs(dialogs, count),
         count,
         seed=seed,
         before_each=show_context,
-        streamer=make_streamer(tokenizer),
+        streamer=make_streamer(tokenizer, label="model: "),
         **decoding,
     )
     print()
@@ -502,11 +605,9 @@ def expects_reply(line: str) -> bool:
 
 
 def echo_lines(lines: Iterable[str]) -> Iterator[str]:
-    """Scripted chat input, printed as if typed, with the `bot> ` label before each reply."""
+    """Scripted chat input, printed as if typed."""
     for line in lines:
-        print(f"you> {line}")
-        if expects_reply(line):
-            print("bot> ", end="", flush=True)
+        print(f"you> {line}", flush=True)
         yield line
 
 
@@ -517,8 +618,6 @@ def typed_lines(prompt: str = "you> ") -> Iterator[str]:
             line = input(prompt)
         except EOFError:
             return
-        if expects_reply(line):
-            print("bot> ", end="", flush=True)
         yield line
 
 
@@ -528,17 +627,20 @@ def chat_in_notebook(
     """A multi-turn conversation through generate.chat: typed in an input box when `lines` is None, else scripted.
 
     Typing needs a person at the notebook, so papermill and "run all" use the scripted lines unless the notebook's
-    `chat_interactive` parameter is True. `/reset` starts a new conversation, `/quit` ends it.
+    `chat_interactive` parameter is True. `/reset` starts a new conversation, `/quit` ends it. Each reply follows
+    `bot> `, shown as it is written when `stream` (ReplyStreamer), else printed when done.
 
     Returns:
         The number of replies.
     """
-    streamer = make_streamer(tokenizer) if stream else None
+    streamer = make_streamer(tokenizer, label="bot> ") if stream else None
 
     def write(text: str) -> None:
         # A streamed reply is already on screen; only chat()'s own notices still need printing.
-        if streamer is None or text == "(conversation reset)":
+        if text == "(conversation reset)":
             print(text, flush=True)
+        elif streamer is None:
+            print(f"bot> {text}", flush=True)
 
     source = typed_lines() if lines is None else echo_lines(lines)
     return chat(model, tokenizer, source, write, streamer=streamer, **decoding)

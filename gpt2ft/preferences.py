@@ -32,18 +32,37 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datasets.utils import logging as datasets_logging
+
 from .conversations import READERS, ROLES, message_layout, roles_of, turns_of
 from .data import dialog_key, key_share
-from .sources import FILE_BUILDERS, DataError, file_identity, locate, read_file, read_hub, split_files
+from .sources import (
+    FILE_BUILDERS,
+    SPLIT_STEMS,
+    DataError,
+    file_identity,
+    is_dailydialog_folder,
+    locate,
+    read_file,
+    read_hub,
+    split_files,
+)
 from .votes import VotesError, read_votes
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
+# Said, on the one line of the error, whenever --data is not something prefer can read.
+EXPECTED_SOURCES = (
+    "prefer expects a votes database (logs/votes.sqlite, written by serve), a .jsonl/.json/.parquet file or a folder "
+    "of train.*/validation.*/test.* files in TRL's layouts (prompt/chosen/rejected, chosen/rejected or "
+    "prompt/completion/label), or hub:OWNER/NAME"
+)
 
 # Why a vote or record teaches nothing; the counts are printed and stored in metrics.json.
 SKIP_TIE = "tie votes (no preference between the replies)"
@@ -292,19 +311,43 @@ def read_record_splits(source: str, cache_dir: str | Path | None) -> tuple[dict[
     """
     datasets_cache = Path(cache_dir) / "datasets" if cache_dir else None
     if source.startswith("hub:"):
-        return read_hub(source, datasets_cache)
+        with errors_not_logged():
+            return read_hub(source, datasets_cache)
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(
             f"{path}: no such file or folder "
             "(pass a votes database, a .jsonl/.json/.parquet file, a folder or hub:OWNER/NAME)"
         )
+    if path.suffix == ".zip" or path.is_dir() and is_dailydialog_folder(path):
+        raise DataError(f"--data {path}: DailyDialog conversations, not preferences; {EXPECTED_SOURCES}")
+    if path.is_dir() and not any(
+        file.suffix in FILE_BUILDERS for stem in SPLIT_STEMS["train"] for file in path.glob(f"{stem}.*")
+    ):
+        votes = path / "votes.sqlite"
+        hint = f" (did you mean --data {votes}?)" if votes.is_file() else ""
+        raise DataError(
+            f"--data {path}: no train.jsonl, train.json or train.parquet in this folder{hint}; {EXPECTED_SOURCES}"
+        )
     files = {"train": path} if path.is_file() else split_files(path)
     for file in files.values():
         if file.suffix not in FILE_BUILDERS:
             raise DataError(f"{file}: not a votes database (SQLite) or a .jsonl, .json or .parquet file")
-    splits = {split: read_file(file, datasets_cache) for split, file in files.items()}
+    with errors_not_logged():
+        splits = {split: read_file(file, datasets_cache) for split, file in files.items()}
     return splits, {split: str(file) for split, file in files.items()}, file_identity(list(files.values()))
+
+
+@contextmanager
+def errors_not_logged() -> Iterator[None]:
+    """Keep datasets' own log lines ("Failed to load JSON from file ...") off stderr while a file is read: a file
+    that does not load raises a DataError naming its first bad line, which is the one line the user needs."""
+    was = datasets_logging.get_verbosity()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL + 10)
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(was)
 
 
 # --------------------------------------------------------------------------------------------------------------

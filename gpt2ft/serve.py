@@ -10,7 +10,8 @@ Three tabs:
 - **Compare**: the same conversation goes to both models; the replies are shown as "Reply A" and "Reply B" in a
   random order that only the server knows (it lives in server-side session state) until the vote is cast. Votes
   go to SQLite (`gpt2ft.votes`).
-- **Results**: wins, losses, ties and win rate per pair of models, with a 95% Wilson interval.
+- **Results**: wins, losses, ties and win rate per pair of models, with a 95% Wilson interval; each model by a
+  short name (a folder's name), its full name on hover.
 
 Generation runs in worker threads with a time limit; Gradio's queue runs at most `concurrency` generations at once
 and queues the rest, while the page's other events (votes, resets) are never held behind them. The notebook calls
@@ -19,6 +20,7 @@ and queues the rest, while the page's other events (votes, resets) are never hel
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
@@ -399,16 +401,57 @@ def describe_error(error: BaseException) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
+RESULT_TYPES = ["html", "html", "number", "number", "number", "number", "number", "str", "str"]
+# Fixed shares of the table's width, each wide enough for its header on one line (or two whole words): columns
+# sized by their content squeeze the short headers to a letter or two a line ("vo / te / s") beside a long name.
+RESULT_WIDTHS = ["18%", "18%", "9%", "8%", "10%", "8%", "8%", "8%", "13%"]
+
+
+def looks_like_path(name: str) -> bool:
+    """A model name that is a folder (an absolute or ./ path, or one that exists here) rather than a Hub id."""
+    return name.startswith(("/", ".", "~")) or (os.sep in name and Path(name).expanduser().is_dir())
+
+
+def short_names(names: Sequence[str], titles: Mapping[str, str]) -> dict[str, str]:
+    """The name the Results table shows for each model: the page's own title for a model it serves, a folder's last
+    part for a folder (`/content/drive/MyDrive/runs/gpt2_finetuned` -> `gpt2_finetuned`), a Hub id as it is. A
+    model that would read the same as another (an older run's folder of the same name) gets as many of its last
+    path parts as tell it apart; the served models keep the names the rest of the page uses."""
+    names = list(dict.fromkeys(names))
+    shown = {name: titles.get(name) or (Path(name).name if looks_like_path(name) else name) or name for name in names}
+    for name in names:
+        if name in titles or sum(shown[other] == shown[name] for other in names) < 2:
+            continue
+        parts = Path(name).parts
+        taken = {shown[other] for other in names if other != name}
+        shown[name] = next(
+            (suffix for count in range(2, len(parts)) if (suffix := "/".join(parts[-count:])) not in taken), name
+        )
+    return shown
+
+
+def name_cell(name: str, shown: Mapping[str, str]) -> str:
+    """A model's cell: its short name, the full name on hover (both escaped: names come from the votes file). A
+    name too long for its column breaks after a `/`, not inside a folder's name."""
+    short = "/<wbr>".join(html.escape(part) for part in shown[name].split("/"))
+    return f'<span title="{html.escape(name)}">{short}</span>'
+
+
 def results_rows(votes_db: str | Path, titles: Mapping[str, str]) -> list[list[Any]]:
-    """The Results table: one row per pair, win rate and its interval as percentages."""
+    """The Results table: one row per pair, win rate and its interval as percentages.
+
+    Models are shown by short names (short_names), which keeps the columns narrow enough for their headers; the
+    full name (a folder's path) shows on hover.
+    """
     try:
         pairs = tally_votes(read_votes(votes_db))
     except ValueError:
         return []
+    shown = short_names([name for pair in pairs for name in (pair["model"], pair["opponent"])], titles)
     return [
         [
-            titles.get(pair["model"], pair["model"]),
-            titles.get(pair["opponent"], pair["opponent"]),
+            name_cell(pair["model"], shown),
+            name_cell(pair["opponent"], shown),
             pair["votes"],
             pair["wins"],
             pair["losses"],
@@ -1017,6 +1060,8 @@ def build_results_tab(page: PageSetup) -> ResultsTab:
         table = gr.Dataframe(
             value=results_rows(page.votes_db, page.titles),
             headers=RESULT_HEADERS,
+            datatype=RESULT_TYPES,
+            column_widths=RESULT_WIDTHS,
             interactive=False,
             elem_id="results-table",
             wrap=True,

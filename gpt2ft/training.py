@@ -17,6 +17,7 @@ charts. Totals across resumes, checkpoints, NaN/out-of-memory stops and the atom
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -82,6 +83,13 @@ class DialogueTrainer(WholeRunTrainer, Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._flop_params: int | None = None
+        # In a notebook the Trainer shows its progress table; the test split's table then says "Test Loss", not
+        # transformers' "Validation Loss" for every split (gpt2ft.progress). Loaded only there: it imports IPython.
+        notebook = sys.modules.get("transformers.utils.notebook")
+        if notebook is not None and self.pop_callback(notebook.NotebookProgressCallback) is not None:
+            from .progress import SplitProgressCallback
+
+            self.add_callback(SplitProgressCallback)
 
     def get_train_dataloader(self):
         """gpt2ft's batches (DialogueCollator.loader: packed rows, a few fixed shapes, reshuffled each epoch by the

@@ -217,3 +217,58 @@ def test_markup_is_shown_as_text_and_a_huge_message_gets_a_notice(page):
     box.fill("   ")
     box.press("Enter")
     page.get_by_text("Type a message first.").wait_for()
+
+
+# Words of the visible header cells that the browser broke across lines ("vo / te / s").
+BROKEN_HEADER_WORDS = """() => {
+    const broken = [];
+    for (const th of document.querySelectorAll('#results-table th')) {
+        if (th.offsetParent === null || !th.innerText.trim()) continue;
+        const walker = document.createTreeWalker(th, NodeFilter.SHOW_TEXT);
+        for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+            if (!node.parentElement.offsetParent) continue;
+            for (const match of node.data.matchAll(/\\S+/g)) {
+                const range = document.createRange();
+                range.setStart(node, match.index);
+                range.setEnd(node, match.index + match[0].length);
+                const tops = new Set(Array.from(range.getClientRects()).map(rect => Math.round(rect.top)));
+                if (tops.size > 1) broken.push(match[0]);
+            }
+        }
+    }
+    return broken;
+}"""
+
+
+def test_results_name_models_by_folder_with_the_path_on_hover(browser, tmp_path_factory, screens):
+    """Votes of models named by their full paths (an earlier session's folders): at a normal window width the table
+    shows each by its folder's name, the path in the cell's title, and no header breaks inside a word."""
+    from gpt2ft.votes import init_votes_db, record_vote
+
+    tuned, base = build_served_pair(tmp_path_factory.mktemp("served_paths"))
+    votes_db = init_votes_db(tmp_path_factory.mktemp("votes_paths") / "votes.sqlite")
+    run = "/content/drive/MyDrive/gpt2ft/experiments/2025-06-01-learning-rate-5e-5"
+    conversation = [{"role": "user", "content": "Hi"}]
+    for winner in ("a", "b", "tie", "a", "both_bad"):
+        record_vote(votes_db, conversation, "A.", "B.", f"{run}/gpt2_preferred", f"{run}/gpt2_finetuned", winner, {})
+    app, url = start_live_app(tuned, votes_db, time_limit=30, concurrency=2)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        page.locator("#chat-input textarea").wait_for()
+        page.get_by_role("tab", name="Results").click()
+        table = page.locator("#results-table")
+        cell = table.get_by_text("gpt2_preferred", exact=True).filter(visible=True).first
+        cell.wait_for()
+        assert cell.get_attribute("title") == f"{run}/gpt2_preferred"
+        assert table.locator(f'[title="{run}/gpt2_finetuned"]').filter(visible=True).first.inner_text() == (
+            "gpt2_finetuned"
+        )
+        assert run not in table.inner_text()
+        assert page.evaluate(BROKEN_HEADER_WORDS) == []
+        save_screenshot(page, screens, "results_paths.png")
+    finally:
+        context.close()
+        app.close()

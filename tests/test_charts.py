@@ -309,3 +309,170 @@ def test_has_gpu_data():
     assert charts.has_gpu_data(system_records(3, gpu=True))
     assert not charts.has_gpu_data(system_records(3, gpu=False))
     assert not charts.has_gpu_data([{"gpu_util_percent": None}])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a person sees (issue 25): nothing drawn that the log does not hold, nothing hidden, nothing cut
+# --------------------------------------------------------------------------------------------------------------
+
+
+def axis_titled(figure: Figure, title: str):
+    return next(axis for axis in figure.axes if axis.get_title() == title)
+
+
+def few_points_log() -> list[dict]:
+    """A short run's log as `train` writes it with the default logging_steps (10): the first step, then every
+    tenth; a one-step warm-up at learning rate 0; the last eval and the test score at the last step, almost equal."""
+    records = [
+        {"step": step, "epoch": step / 9, "loss": loss, "grad_norm": 1.2, "learning_rate": lr, "tokens_per_s": 150.0}
+        for step, loss, lr in ((1, 6.0, 0.0), (10, 5.56, 2.16e-3), (20, 4.78, 9.6e-4))
+    ]
+    records += [{"step": step, "epoch": step / 9, "eval_loss": loss} for step, loss in ((9, 5.14), (18, 4.56))]
+    records += [{"step": 27, "epoch": 3.0, "eval_loss": 4.366}, {"step": 27, "epoch": 3.0, "test_loss": 4.383}]
+    return records
+
+
+def test_a_sparse_learning_rate_is_marked_where_logged_not_joined_into_a_ramp():
+    # Three logged values (0 at step 1, the peak at step 10, then lower): a line through them draws a nine-step
+    # warm-up ramp; the schedule between logging steps is not in the log, so only the logged points are marked.
+    figure = plot_training(few_points_log())
+    lines = axis_titled(figure, "Learning rate").get_lines()
+    assert [list(line.get_xdata()) for line in lines] == [[1, 10, 20]]
+    assert lines[0].get_linestyle() == "None" and lines[0].get_marker() == "o"
+    assert "logged steps" in lines[0].get_label()
+    # A dense log (every step) is the schedule itself: drawn as a line.
+    dense = axis_titled(plot_training(train_records()), "Learning rate").get_lines()
+    assert dense[0].get_linestyle() == "-"
+
+
+def colour_pixels(figure: Figure, axis, x: float, y: float, colour: tuple[int, int, int], radius: int = 10) -> int:
+    """Pixels within `radius` of the data point (x, y) whose colour is close to `colour`, in the drawn figure."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    image = np.asarray(canvas.buffer_rgba())[:, :, :3].astype(int)
+    px, py = axis.transData.transform((x, y))
+    row, col = image.shape[0] - int(round(py)), int(round(px))
+    window = image[row - radius : row + radius + 1, col - radius : col + radius + 1]
+    return int((np.abs(window - np.array(colour)).sum(axis=2) < 60).sum())
+
+
+def test_the_last_eval_dot_is_not_hidden_by_the_test_square():
+    orange = (255, 127, 14)  # tab:orange, the eval loss
+    records = few_points_log()
+    with_test = plot_training(records)
+    alone = plot_training([record for record in records if "test_loss" not in record])
+    visible = colour_pixels(with_test, axis_titled(with_test, "Loss"), 27, 4.366, orange)
+    full = colour_pixels(alone, axis_titled(alone, "Loss"), 27, 4.366, orange)
+    assert full > 20 and visible >= 0.9 * full, (visible, full)
+    lines = {line.get_label(): line for line in axis_titled(with_test, "Loss").get_lines()}
+    assert lines["eval loss"].get_zorder() > lines["test loss"].get_zorder()
+    assert lines["test loss"].get_markersize() > lines["eval loss"].get_markersize()  # the square frames the dot
+
+
+def visible_entries(figure: Figure) -> list[tuple[str, bool]]:
+    """(label, shows something) of every legend entry: a line of one point needs a marker to be seen."""
+    entries = []
+    for axis in figure.axes:
+        legend = axis.get_legend()
+        if legend is None:
+            continue
+        lines = {line.get_label(): line for line in axis.get_lines()}
+        for text in legend.get_texts():
+            line = lines.get(text.get_text())
+            if line is None:  # a bar or another artist
+                continue
+            points = sum(1 for y in line.get_ydata() if math.isfinite(y))
+            entries.append(
+                (text.get_text(), points >= 2 and line.get_linestyle() != "None" or line.get_marker() != "None")
+            )
+    return entries
+
+
+def preference_log() -> tuple[list[dict], dict]:
+    """A short DPO run's log: one training log line (its first step), evaluations after each epoch."""
+    records = [
+        {
+            "step": 1,
+            "loss": 0.6931,
+            "rewards/chosen": 0.0,
+            "rewards/rejected": 0.0,
+            "rewards/margins": 0.0,
+            "rewards/accuracies": 0.0,
+        },
+    ]
+    for step, margin in ((3, 0.0012), (6, 0.0025), (9, 0.0029)):
+        records.append(
+            {
+                "step": step,
+                "eval_loss": 0.6925 - margin / 10,
+                "eval_rewards/chosen": -0.0001,
+                "eval_rewards/rejected": -0.0001 - margin,
+                "eval_rewards/margins": margin,
+                "eval_rewards/accuracies": 1.0,
+            }
+        )
+    metrics = {
+        "algorithm": "dpo",
+        "reward_accuracy_before": 0.0,
+        "reward_accuracy_after": 1.0,
+        "logp_accuracy_before": 1.0,
+        "logp_accuracy_after": 1.0,
+        "sft_perplexity_before": 123456.78,
+        "sft_perplexity_after": 123499.01,
+    }
+    return records, metrics
+
+
+def test_every_legend_entry_has_something_drawn_beside_it():
+    from gpt2ft.charts import plot_preference
+
+    records, metrics = preference_log()
+    for figure in (plot_preference(records, metrics), plot_training(few_points_log())):
+        entries = visible_entries(figure)
+        assert entries and [label for label, shown in entries if not shown] == []
+    # A series with no point at all has no legend entry.
+    labels = line_labels(plot_preference([record for record in records if "loss" not in record], metrics))
+    assert "train loss" not in labels and "eval loss" in labels
+
+
+def test_the_preference_chart_keeps_its_text_inside_the_figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from gpt2ft.charts import plot_preference
+
+    figure = plot_preference(*preference_log())
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    renderer, frame = canvas.get_renderer(), figure.bbox
+    texts = [figure._suptitle] + [text for axis in figure.axes for text in (axis.title, *axis.texts)]
+    assert any("123,456.78 -> 123,499.01" in text.get_text() for text in texts)  # the perplexity is still said
+    for text in texts:
+        if text is None or not text.get_text():
+            continue
+        box = text.get_window_extent(renderer)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, text.get_text()
+
+
+def test_a_panel_without_data_says_so_instead_of_an_empty_grid():
+    # No log at all: every panel says so (none is an empty grid with axes and ticks).
+    empty = plot_training([])
+    for title in ("Loss", "Learning rate", "Gradient norm", "Epoch and throughput"):
+        panel = axis_titled(empty, title)
+        assert [text.get_text() for text in panel.texts] == ["no data"] and not panel.get_lines(), title
+    # Gradient norms that overflowed (inf at every logged step) leave nothing to draw.
+    records = [dict(record, grad_norm=float("inf")) for record in train_records(10)]
+    assert "no data" in " ".join(text.get_text() for text in axis_titled(plot_training(records), "Gradient norm").texts)
+    # A counter that never moved draws its line along the bottom edge: the panel says what it shows.
+    quiet = [dict(record, net_sent_bytes=10**6, net_recv_bytes=5 * 10**8) for record in system_records(10)]
+    network = axis_titled(plot_cpu_disk(quiet), "Network throughput (whole machine)")
+    assert "0 MB/s throughout" in [text.get_text() for text in network.texts]
+    # A preference log with reward accuracies but no margins: the margin panel says so under the accuracy lines.
+    records, metrics = preference_log()
+    records = [{key: value for key, value in record.items() if "margins" not in key} for record in records]
+    from gpt2ft.charts import plot_preference
+
+    margin = axis_titled(plot_preference(records, metrics), "Reward margin (chosen - rejected)")
+    assert "no margin logged" in [text.get_text() for text in margin.texts] and not margin.get_lines()

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import nbformat
@@ -47,7 +48,10 @@ from gpt2ft.notebook import (
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "GPT2_fine_tuning.ipynb"
-COLAB_LINK = "https://colab.research.google.com/github/YOUR-GITHUB-USER/gpt2ft/blob/main/GPT2_fine_tuning.ipynb"
+REPOSITORY = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["urls"]["Repository"]
+COLAB_LINK = REPOSITORY.replace("https://github.com/", "https://colab.research.google.com/github/") + (
+    "/blob/main/GPT2_fine_tuning.ipynb"
+)
 
 # The issue's parameter names and defaults; the notebook may add more.
 REQUIRED_PARAMETERS = {
@@ -452,7 +456,10 @@ def test_scoring_and_talking_with_a_tiny_model(plan, tiny_model, tiny_tokenizer,
     assert replies["samples"] == 3 and len(replies["records"]) == 3 and 0 <= replies["eos_rate"] <= 1
     shown = show_replies(tiny_model, tiny_tokenizer, prepared.dialogs["test"], count=2, seed=0, max_new_tokens=5)
     out = capsys.readouterr().out
-    assert [record["context"] for record in shown] == [record["context"] for record in replies["records"][:2]]
+    from gpt2ft.notebook import showcase_dialogs
+
+    showcase = score_replies(tiny_model, tiny_tokenizer, showcase_dialogs(prepared.dialogs["test"], 2), 2, seed=0)
+    assert [record["context"] for record in shown] == [record["context"] for record in showcase["records"]]
     assert out.count("real:  ") == 2 and out.count("model: ") == 2
 
     replies = chat_in_notebook(
@@ -471,6 +478,123 @@ def test_scoring_and_talking_with_a_tiny_model(plan, tiny_model, tiny_tokenizer,
         and "never read" not in out
     )
     assert chat_in_notebook(tiny_model, tiny_tokenizer, lines=["Hi"], stream=False, greedy=True, max_new_tokens=5) == 1
+
+
+def test_the_dialogues_shown_follow_one_fixed_rule(tiny_model, tiny_tokenizer, capsys):
+    """The training conversation and the sample replies the notebook shows are the first dialogues of their split
+    with 4 to 8 turns, none over 200 characters, and no word of SHOWCASE_AVOID, in the split's order."""
+    from gpt2ft.data import dialogs_dataset
+    from gpt2ft.notebook import is_showcase_dialog, show_example_dialog, showcase_dialogs
+
+    dialogs = dialogs_dataset(
+        [
+            ["Hey man, you wanna buy some weed?", "Some what?", "Weed! You know? Pot!", "Oh, umm, no thanks."],
+            ["Hi.", "Hello."],  # too short to read as an example
+            ["Hi.", "Hello.", "x" * 201, "Bye."],  # a turn too long
+            ["The taxi drivers are on strike again.", "What for?", "Cheaper gasoline.", "It is a hot potato."],
+            ["Is it raining outside?", "No, it's sunny today.", "Great, let's walk.", "Sure.", "Bye!"],
+        ]
+    )
+    assert [is_showcase_dialog(messages) for messages in dialogs["messages"]] == [False, False, False, True, True]
+    assert [row["messages"][0]["content"] for row in showcase_dialogs(dialogs, 2)] == [
+        "The taxi drivers are on strike again.",
+        "Is it raining outside?",
+    ]
+    assert show_example_dialog(dialogs)[0]["content"] == "The taxi drivers are on strike again."
+    assert capsys.readouterr().out.startswith("A: The taxi drivers are on strike again.\nB: What for?\n")
+    shown = show_replies(tiny_model, tiny_tokenizer, dialogs, count=2, seed=0, max_new_tokens=3)
+    assert [record["context"][0] for record in shown] == [
+        "The taxi drivers are on strike again.",
+        "Is it raining outside?",
+    ]
+    assert "weed" not in capsys.readouterr().out
+    # Fewer dialogues pass than asked for: the first ones that can be cut, so something is still shown.
+    assert len(showcase_dialogs(dialogs.select([0, 1]), 2)) == 2
+
+
+def test_on_dailydialog_the_first_dialogues_shown_are_not_the_drug_deal(shared_data, tmp_path, capsys):
+    from gpt2ft.data import prepare_dialogs
+    from gpt2ft.notebook import show_example_dialog, showcase_dialogs
+
+    prepared = prepare_dialogs(str(shared_data / "dailydialog"), cache_dir=tmp_path)
+    assert "weed" in prepared.dialogs["test"][0]["messages"][0]["content"]  # what the notebook showed first
+    samples = showcase_dialogs(prepared.dialogs["test"], 3)
+    assert samples[0]["messages"][0]["content"] == "The taxi drivers are on strike again."
+    assert all(
+        not {"weed", "drugs"} & set(" ".join(m["content"] for m in row["messages"]).lower().split()) for row in samples
+    )
+    show_example_dialog(prepared.dialogs["train"])
+    assert capsys.readouterr().out.count("\n") <= 8
+
+
+def test_a_reply_is_shown_once_where_nobody_watches_it_grow(tiny_tokenizer, capsys):
+    """ReplyStreamer: outside a notebook kernel and a terminal (here, pytest's captured output) the reply is printed
+    whole, once, after its label; in a notebook it is one display output updated in place, so a saved notebook (a
+    papermill run) holds it once and not one output a token."""
+    from gpt2ft.notebook import ReplyStreamer, reply_output
+
+    assert reply_output() == "once"
+    ids = tiny_tokenizer("Hello , how are you ? I am fine", add_special_tokens=False)["input_ids"]
+    streamer = ReplyStreamer(tiny_tokenizer, label="bot> ")
+    streamer.put(torch.tensor([ids[:1]]))  # the prompt, skipped
+    for token in ids[1:]:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    assert capsys.readouterr().out == "bot> " + tiny_tokenizer.decode(ids[1:]) + "\n"
+
+    shown = []
+
+    class Handle:
+        def update(self, bundle, raw):
+            shown[-1] = bundle["text/plain"]
+
+    def display(bundle, raw, display_id):
+        shown.append(bundle["text/plain"])
+        return Handle()
+
+    import IPython.display
+
+    original, IPython.display.display = IPython.display.display, display
+    try:
+        live = ReplyStreamer(tiny_tokenizer, label="model: ", output="live")
+        for reply in (ids[:4], ids[4:]):
+            live.put(torch.tensor([reply[:1]]))
+            for token in reply[1:]:
+                live.put(torch.tensor([token]))
+            live.end()
+    finally:
+        IPython.display.display = original
+    assert shown == ["model: " + tiny_tokenizer.decode(ids[1:4]), "model: " + tiny_tokenizer.decode(ids[5:])]
+    assert capsys.readouterr().out == ""
+
+
+def test_an_evaluation_table_after_training_names_its_split(monkeypatch):
+    """In a notebook the Trainer's table of an evaluation outside training says "Validation Loss" whatever the
+    split; gpt2ft's callback heads the test split's table "Test Loss"."""
+    from types import SimpleNamespace
+
+    import IPython.display
+
+    from gpt2ft.progress import SplitProgressCallback, split_table
+
+    metrics = {
+        "test_loss": 2.1,
+        "test_perplexity": 8.17,
+        "test_tokens": 523,
+        "test_bits_per_byte": 1.2,
+        "test_runtime": 0.5,
+    }
+    assert split_table(metrics, 27, 3.0) == [
+        ["Step", "Epoch", "Test Loss", "Test Perplexity", "Test Tokens", "Test Bits Per Byte"],
+        [27, 3.0, 2.1, 8.17, 523, 1.2],
+    ]
+    assert split_table({"eval_loss": 2.0}, 9, None) == [["Step", "Validation Loss"], [9, 2.0]]
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda item: shown.append(item.data))
+    state = SimpleNamespace(global_step=27, epoch=3.0, log_history=[])
+    SplitProgressCallback().on_evaluate(SimpleNamespace(eval_strategy="epoch"), state, None, metrics=metrics)
+    (html,) = shown
+    assert "<th>Test Loss</th>" in html and "Validation" not in html and "runtime" not in html.lower()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -576,6 +700,25 @@ def test_notebook_runs_end_to_end_with_papermill(tiny_model_dir, dailydialog_dir
 
     everything = "\n".join(output_text(cell) for cell in cells)
     assert "you> " in everything and "bot> " in everything and "push_to_hub is False" in everything
+
+    # Each evaluation table names its split: training's table the validation loss, the one after it the test loss.
+    def html_of(source_start: str) -> str:
+        cell = next(cell for cell in cells if cell.source.startswith(source_start))
+        return "".join(output.get("data", {}).get("text/html", "") for output in cell.outputs)
+
+    assert "<th>Validation Loss</th>" in html_of("fitted = fit(")
+    after = html_of("metrics = evaluate_run(")
+    assert "<th>Test Loss</th>" in after and "Validation Loss" not in after
+
+    # A reply is kept once in the saved notebook (one output updated while it was written), not one output a token.
+    samples = next(cell for cell in cells if cell.source.startswith("samples = show_replies("))
+    replies = [output for output in samples.outputs if output.output_type == "display_data"]
+    assert len(replies) == parameters["sample_openings"] and len(samples.outputs) <= 3 * len(replies) + 1
+    assert all(output.data["text/plain"].startswith("model: ") for output in replies)
+    chat = next(cell for cell in cells if "chat_in_notebook(" in cell.source)
+    replies = [output for output in chat.outputs if output.output_type == "display_data"]
+    assert len(replies) == 3 and len(chat.outputs) <= 2 * len(replies) + 1
+    assert all(output.data["text/plain"].startswith("bot> ") for output in replies)
 
     # Preference tuning started from the notebook's model, wrote its own folders, and showed before and after.
     preferred = json.loads((dirs["logs"] / "prefer" / "metrics.json").read_text())

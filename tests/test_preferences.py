@@ -372,3 +372,44 @@ def test_missing_and_unsupported_paths(tmp_path):
     (tmp_path / "prefs.csv").write_text("prompt,chosen,rejected\n")
     with pytest.raises(DataError, match="not a votes database \\(SQLite\\) or a .jsonl"):
         read(tmp_path / "prefs.csv")
+
+
+@pytest.mark.parametrize("source", ["dailydialog", "broken json"])
+def test_prefer_on_data_it_cannot_use_prints_one_line_saying_what_it_expects(
+    source, tiny_model_dir, dailydialog_dir, tmp_path
+):
+    """`python -m gpt2ft prefer --data` on a DailyDialog folder (conversations, not preferences), or on a preference
+    file with a line that is not JSON: exit 2 and exactly one line on stderr (not the datasets library's own log
+    line above gpt2ft's)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    if source == "dailydialog":
+        data = dailydialog_dir
+    else:
+        data = tmp_path / "prefs"
+        data.mkdir()
+        (data / "train.jsonl").write_text(
+            json.dumps({"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go."}) + "\nnot json\n"
+        )
+    command = [sys.executable, "-m", "gpt2ft", "prefer", "--model", str(tiny_model_dir), "--data", str(data)]
+    for flag, folder in (
+        ("--output-dir", "out"),
+        ("--logs-dir", "logs"),
+        ("--images-dir", "images"),
+        ("--cache-dir", "cache"),
+    ):
+        command += [flag, str(tmp_path / folder)]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=environment, timeout=300)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    if source == "dailydialog":
+        assert lines[0].startswith(f"error: --data {data}: DailyDialog conversations, not preferences; prefer expects")
+        assert all(word in lines[0] for word in ("votes database", "prompt/chosen/rejected", "hub:OWNER/NAME"))
+    else:
+        assert lines[0] == f"error: {data / 'train.jsonl'}:2: not JSON (Expecting value: line 1 column 1 (char 0))"
+    assert not (tmp_path / "out").exists()

@@ -56,3 +56,59 @@ def test_requirements_admit_the_cpu_wheel_without_reinstalling_colab_torch():
     from packaging.specifiers import SpecifierSet
 
     assert "2.13.0" in SpecifierSet(torch_line[len("torch") :])
+
+
+def repository_url() -> str:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["urls"]["Repository"]
+
+
+def colab_link(repository: str) -> str:
+    return repository.replace("https://github.com/", "https://colab.research.google.com/github/") + (
+        "/blob/main/GPT2_fine_tuning.ipynb"
+    )
+
+
+def test_the_repository_address_is_written_once_and_repeated_exactly():
+    """pyproject's [project.urls] Repository is the project's address; the README's Colab badge, the notebook's
+    badge and the notebook's REPO_URL (what Colab clones) repeat it exactly, and no placeholder is left."""
+    import nbformat
+
+    repository = repository_url()
+    assert re.fullmatch(r"https://github\.com/[A-Za-z0-9-]+/[A-Za-z0-9._-]+", repository), repository
+    badge = f"(https://colab.research.google.com/assets/colab-badge.svg)]({colab_link(repository)})"
+    notebook = nbformat.read(ROOT / "GPT2_fine_tuning.ipynb", as_version=4)
+    assert badge in section("The notebook") and badge in notebook.cells[0].source
+    setup = next(cell.source for cell in notebook.cells if cell.cell_type == "code" and "git clone" in cell.source)
+    assert re.findall(r'^REPO_URL = "(.*)"$', setup, flags=re.M) == [repository]
+    # One sentence tells a fork what to change, naming all four places.
+    fork = next(sentence for sentence in re.split(r"(?<=\.)\s", section("The notebook")) if "fork" in sentence)
+    assert all(place in fork for place in ("pyproject.toml", "badge", "first cell", "REPO_URL"))
+    everything = README + "\n".join(cell.source for cell in notebook.cells)
+    assert "YOUR-GITHUB-USER" not in everything and "<owner>" not in everything
+
+
+def test_the_readme_notebook_commands_work_after_the_readme_install():
+    """The notebook section runs `papermill ...` and `jupyter lab ...` after the set-up's `pip install -e .`: both
+    tools are runtime requirements (what that install installs, not only `[dev]`), and the parameters the papermill
+    command sets are the notebook's."""
+    import tomllib
+
+    import nbformat
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert project["tool"]["setuptools"]["dynamic"]["dependencies"] == {"file": ["requirements.txt"]}
+    assert code_blocks(section("Set-up: two commands"), "bash")[0].startswith("pip install -e .")
+    requirements = {
+        re.split(r"[<>=\[ ;]", line.strip())[0].lower()
+        for line in (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    (command,) = [line for block in code_blocks(section("The notebook"), "bash") for line in block.splitlines()]
+    assert command.startswith("papermill GPT2_fine_tuning.ipynb ") and "`jupyter lab" in section("The notebook")
+    assert {"papermill", "jupyter"} <= requirements
+    notebook = nbformat.read(ROOT / "GPT2_fine_tuning.ipynb", as_version=4)
+    parameters = next(cell.source for cell in notebook.cells if "parameters" in cell.metadata.get("tags", []))
+    for name in re.findall(r"-p (\w+) ", command + " "):
+        assert re.search(rf"^{name} = ", parameters, flags=re.M), name

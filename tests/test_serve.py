@@ -460,6 +460,37 @@ def test_the_page_answers_while_every_generation_slot_is_busy(tiny_model, tiny_t
         app.close()
 
 
+def test_results_name_models_briefly_with_the_full_name_on_hover(tmp_path, served_pair):
+    """A model named by its full path (an earlier session's folder) is shown by its folder's name, with the path in
+    the cell's title (hover); a served model keeps the page's name for it; two folders of one name are told apart
+    by their parents; a Hub id stays whole; names are escaped (they come from the votes file)."""
+    from gpt2ft.serve import results_rows
+    from gpt2ft.votes import init_votes_db, record_vote
+
+    tuned, base = served_pair
+    db = init_votes_db(tmp_path / "votes.sqlite")
+    old = "/content/drive/MyDrive/gpt2ft/runs/2025-06-01/gpt2_finetuned"
+    preferred = "/content/drive/MyDrive/gpt2ft/runs/2025-06-01/gpt2_<i>&preferred"
+    conversation = [{"role": "user", "content": "Hi"}]
+    for model, opponent in ((preferred, old), (str(tuned), str(base)), (str(tuned), "HuggingFaceTB/SmolLM2-135M")):
+        record_vote(db, conversation, "A.", "B.", model, opponent, "a", {"model": model})
+    rows = results_rows(db, {str(tuned): "gpt2_finetuned", str(base): "base"})
+    cells = {(row[0], row[1]) for row in rows}
+    assert cells == {
+        (
+            '<span title="/content/drive/MyDrive/gpt2ft/runs/2025-06-01/gpt2_&lt;i&gt;&amp;preferred">'
+            "gpt2_&lt;i&gt;&amp;preferred</span>",
+            f'<span title="{old}">2025-06-01/<wbr>gpt2_finetuned</span>',
+        ),
+        (f'<span title="{tuned}">gpt2_finetuned</span>', f'<span title="{base}">base</span>'),
+        (
+            f'<span title="{tuned}">gpt2_finetuned</span>',
+            '<span title="HuggingFaceTB/SmolLM2-135M">HuggingFaceTB/<wbr>SmolLM2-135M</span>',
+        ),
+    }
+    assert all(row[2] == 1 and row[3] == 1 for row in rows)
+
+
 def compare_and_vote(url: str, winner: str, message: str) -> tuple[list, str, str]:
     """One blind round through the API: send, vote; returns (replies shown, reveal line, db row count before)."""
     client = client_for(url)
