@@ -27,17 +27,19 @@ from huggingface_hub import HfApi, get_token
 from transformers import TextStreamer
 
 from . import __version__
-from .charts import plot_length_histogram, save_figure
+from .charts import CONTROL_CHART, plot_length_histogram, save_figure
 from .chat_format import as_messages, describe_template, end_of_turn, template_of
 from .checkpoints import complete_checkpoints
 from .colab import in_colab
 from .config import PREFER_OUTPUT_DIR, PreferConfig, TrainConfig, build_config, config_fields, render_flag
-from .conversations import roles_of, turns_of
+from .controls import controls_of
+from .conversations import LABELS, roles_of, turns_of
 from .data import IGNORE_INDEX, token_stats
 from .evaluation import cut_point, format_comparison, reply_metrics, sample_replies
 from .generate import chat
 from .logs import percentile
 from .prefer import prefer
+from .sources import is_dailydialog_folder
 from .training import resume_point, score_starting_model
 
 # Two imports wait inside the functions that need them: google.colab exists only on Colab (mount_drive), and
@@ -120,8 +122,18 @@ def make_config(
     """
     paths = resolve_paths(output_dir, logs_dir, images_dir, drive_root)
     chosen = {name: value for name, value in settings.items() if value is not None}
+    if chosen.get("condition") == "auto":
+        chosen["condition"] = auto_condition(data_source)
     values = dict(model=model_name, data=data_source, cache_dir=cache_dir, epochs=num_train_epochs, **paths, **chosen)
     return build_config(**values), set(values)
+
+
+def auto_condition(data_source: str) -> str:
+    """The notebook's `condition = "auto"`: DailyDialog's emotion and act labels as controls when the data is
+    DailyDialog (every turn carries them; a reply asked for nothing is as good as a plain run's), none otherwise."""
+    path = Path(data_source).expanduser()
+    dailydialog = data_source == "hub" or path.suffix == ".zip" or (path.is_dir() and is_dailydialog_folder(path))
+    return "emotion,act" if dailydialog else "none"
 
 
 def equivalent_command(config: TrainConfig) -> str:
@@ -568,6 +580,39 @@ class ReplyStreamer(TextStreamer):
 def make_streamer(tokenizer: Any, label: str = "") -> ReplyStreamer:
     """A ReplyStreamer: each reply shown as it is written, once in a saved notebook."""
     return ReplyStreamer(tokenizer, label)
+
+
+def show_controls(model: Any, tokenizer: Any, dialogs: Any, seed: int | None = 0, **decoding: Any) -> Any:
+    """One held-out context (the first the showcase rule picks) answered in each label the model takes: the seven
+    emotions and the four acts, side by side.
+
+    Returns:
+        A table (field, label asked for, reply), or None for a model trained without controls.
+    """
+    fields = controls_of(template_of(tokenizer))
+    if not fields:
+        print('This model was trained without controls (condition = "none"): set condition in the parameters.')
+        return None
+    dialogs = showcase_dialogs(dialogs, 1)
+    rows = []
+    for field_name in fields:
+        for label in LABELS[field_name]:
+            record = sample_replies(model, tokenizer, dialogs, 1, seed=seed, controls={field_name: label}, **decoding)[
+                0
+            ]
+            rows.append({"field": field_name, "asked for": label, "reply": record["reply"]})
+    print(format_turns(record["context"], record["roles"]))
+    return pd.DataFrame(rows)
+
+
+def show_control_chart(paths: Sequence[str | Path]) -> Path | None:
+    """Show the run's control chart (control accuracy per label beside chance), when it drew one."""
+    chart = next((Path(path) for path in paths if Path(path).name == CONTROL_CHART), None)
+    if chart is None:
+        print("No control chart: the run was trained without controls.")
+        return None
+    show_image(chart)
+    return chart
 
 
 def show_replies(

@@ -653,6 +653,7 @@ def test_notebook_runs_end_to_end_with_papermill(tiny_model_dir, dailydialog_dir
         logging_steps=1,
         sample_openings=2,
         compare_samples=4,
+        control_contexts=2,
         preference_tuning=True,
         preference_data=str(preferences),
         preferred_dir=str(dirs["preferred"]),
@@ -700,6 +701,14 @@ def test_notebook_runs_end_to_end_with_papermill(tiny_model_dir, dailydialog_dir
 
     everything = "\n".join(output_text(cell) for cell in cells)
     assert "you> " in everything and "bot> " in everything and "push_to_hub is False" in everything
+
+    # DailyDialog trains with its labels as controls ("auto"): one context answered in every emotion and act, and
+    # the control accuracy measured, charted and recorded.
+    controls_text = output_text(next(cell for cell in cells if cell.source.startswith("show_controls(")))
+    for label in ("no emotion", "surprise", "inform", "commissive"):
+        assert label in controls_text, controls_text
+    assert set(metrics["control"]["fields"]) == {"emotion", "act"} and metrics["control"]["contexts"] == 2
+    assert (dirs["images"] / "chart_control.png").is_file()
 
     # Each evaluation table names its split: training's table the validation loss, the one after it the test loss.
     def html_of(source_start: str) -> str:
