@@ -218,3 +218,18 @@ def test_conditions_and_requests_are_checked():
     wrapped = conditioned_template("{{ messages[0]['content'] }}", ("emotion",))
     assert plain_template(wrapped) == "{{ messages[0]['content'] }}"
     assert conditioned_template(wrapped, ("act",)).count("gpt2ft controls:") == 1  # wrapping twice changes nothing
+
+
+def test_the_readme_asks_for_a_label_through_plain_transformers_as_written(conditioned, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Controls") : readme.index("\n## ", readme.index("## Controls") + 1)]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    shutil.copytree(conditioned["dirs"]["output"], tmp_path / "gpt2_finetuned")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})  # as written: this model reads emotion, the act is left unread
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(printed) == 2  # a reply from each route
