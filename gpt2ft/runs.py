@@ -222,11 +222,12 @@ class WholeRunTrainer:
     step, and no checkpoint written after one. Subclasses say which of a batch's positions are targets
     (`target_labels`).
 
-    Three of the Trainer's hooks here are private methods, because the Trainer has no public one for them:
+    Four of the Trainer's hooks here are private methods, because the Trainer has no public one for them:
     `_clip_grad_norm` is the only place the step's gradient norm exists as a tensor (callbacks get it as a float,
-    read from the GPU), `_save_checkpoint` is where every save goes, whichever callback asked for it, and
-    `_issue_warnings_after_load` is where loading the best checkpoint back reports keys. tests/test_runs.py pins
-    them (they exist, are called as relied on, and take what is passed).
+    read from the GPU), `_save_checkpoint` is where every save goes, whichever callback asked for it,
+    `_issue_warnings_after_load` is where loading the best checkpoint back reports keys, and `_run_epoch` is the
+    only place before a resumed epoch's first step (a callback's stop is read only after a step). tests/test_runs.py
+    pins them (they exist, are called as relied on, and take what is passed).
     """
 
     def __init__(self, *args: Any, precision: str = "fp32", **kwargs: Any) -> None:
@@ -260,6 +261,16 @@ class WholeRunTrainer:
         totals.flush(self.args, self.control)
         if totals.bad_step is None:
             super()._save_checkpoint(model, trial)
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
+        """No step once the run has made all of its steps. A run killed while saving its model resumes from the
+        checkpoint of its last step; when that step falls mid-epoch, the Trainer resumes inside that epoch and takes
+        a step before it compares the step count with max_steps, so the resumed run would train one step more than
+        the uninterrupted one (and one more after every further kill)."""
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         """The best checkpoint comes back without a tied output layer (saved once, as the input embedding, and tied

@@ -18,7 +18,10 @@ from conftest import (
     Crash,
     CrashAt,
     PoisonWeights,
+    assert_same_weights,
+    batches_per_epoch,
     config_for,
+    crash_during_final_save,
     default_splits,
     read_jsonl,
     train_argv,
@@ -274,6 +277,31 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, tiny_model_
     assert saved["train_tokens"] == reference.metrics["train_tokens"]  # what metrics.json says, too
     card = Path(dirs["output"], "README.md").read_text()
     assert f"{reference.metrics['train_tokens']:,}" in card  # and the model card
+
+
+def test_a_kill_while_saving_the_model_mid_epoch_resumes_to_the_uninterrupted_run(
+    tmp_path, tiny_model_dir, dailydialog_dir, monkeypatch
+):
+    """The last checkpoint is the last step's, mid-epoch: killed (twice) while writing the model, the same command
+    takes no further step, and ends with the uninterrupted run's steps, tokens and weights."""
+    flags = ("--max-steps", "7", "--eval-steps", "4", "--keep-checkpoints")
+    assert 7 % batches_per_epoch(tiny_model_dir, dailydialog_dir, 8, tmp_path / "count") != 0  # mid-epoch
+    reference = train(config_for(tiny_model_dir, dailydialog_dir, dirs_in(tmp_path / "straight"), *flags))
+    dirs = dirs_in(tmp_path / "killed")
+    config = config_for(tiny_model_dir, dailydialog_dir, dirs, *flags)
+    with monkeypatch.context() as patch:
+        crash_during_final_save(patch)
+        for _ in range(2):
+            with pytest.raises(Crash):
+                train(config)
+            assert complete_checkpoints(checkpoint_dir(dirs["output"]))[-1].name == "checkpoint-7"
+            assert not Path(dirs["output"]).exists()
+    resumed = train(config)
+    assert resumed.resumed_from.endswith("checkpoint-7")
+    assert resumed.metrics["steps"] == reference.metrics["steps"] == 7
+    assert_same_run(resumed.metrics, reference.metrics)
+    assert loss_steps(Path(dirs["logs"], "train_log.jsonl")) == list(range(1, 8))
+    assert_same_weights(dirs["output"], Path(tmp_path / "straight" / "output"))
 
 
 def write_checkpoint(folder: Path, step: int, complete: bool, run: dict | None = None) -> Path:
