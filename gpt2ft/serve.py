@@ -28,6 +28,7 @@ import re
 import socket
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,15 @@ from .config import DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIM
 from .errors import Gpt2ftError
 from .generate import generate_reply, load_for_generation
 from .modeling import ModelError, model_context
-from .votes import DEFAULT_VOTES_DB, VotesError, init_votes_db, read_votes, record_vote, tally_votes
+from .votes import (
+    DEFAULT_VOTES_DB,
+    VoteAlreadyCounted,
+    VotesError,
+    init_votes_db,
+    read_votes,
+    record_vote,
+    tally_votes,
+)
 
 # gradio is imported inside the functions that build and launch the page: importing it takes seconds, which the
 # tests of the page's logic (and the notebook, until it serves) need not pay.
@@ -869,6 +878,7 @@ def make_compare_send(page: PageSetup) -> Callable[..., Iterator[list[Any]]]:
             "models": {"a": shown["a"].name, "b": shown["b"].name},
             "settings": settings,
             "voted": False,
+            "comparison": uuid.uuid4().hex,  # the votes table stores one vote for it, however many requests race
         }
         voting = compare_controls(voting=True, voted=False, typing=False)
         yield compare_outputs(
@@ -904,8 +914,13 @@ def make_vote(page: PageSetup, winner: str) -> Callable[[dict | None], list[Any]
                 shown["b"],
                 winner,
                 settings,
+                comparison=round_.get("comparison"),
             )
             tally = tally_votes(read_votes(page.votes_db))
+        except VoteAlreadyCounted:
+            # Another request for these replies (a double click, a second tab, a script) was stored first.
+            gr.Warning("Your vote on these replies was already counted.")
+            return [gr.skip()] * 12
         except VotesError as error:
             LOGGER.exception("vote not stored")
             raise gr.Error(f"Your vote could not be stored: {error}", print_exception=False) from None

@@ -45,9 +45,11 @@ from gpt2ft.serve import (  # noqa: E402
     format_model_line,
     generation_kwargs,
     launch_app,
+    make_vote,
     parse_auth,
     saved_decoding,
     serve_in_notebook,
+    setup_page,
     share_warning,
     start_server,
     stream_replies,
@@ -517,6 +519,43 @@ def test_votes_from_many_sessions_at_once_are_all_stored(live_app):
     assert len(rows) == len(winners) == len(rounds)
     assert sorted(row["winner"] for row in rows) == sorted(winners)
     assert {row["conversation"][0]["content"] for row in rows} == {f"Session {i} says hi" for i in range(len(winners))}
+
+
+def test_twenty_votes_sent_at_once_on_one_comparison_store_one(live_app):
+    """One blind round, then twenty vote requests of the same session at once, with opposite winners: one row (the
+    page's check of "already voted" alone races: every request reads the round before any has voted)."""
+    client = client_for(live_app.url)
+    client.predict("Is it raining outside ?", *CHAT_ARGS, api_name="/compare")
+    before = len(read_votes(live_app.votes_db))
+    jobs = [client.submit(api_name=f"/vote_{('a', 'b')[index % 2]}") for index in range(20)]
+    for job in jobs:
+        job.result(timeout=60)
+    rows = read_votes(live_app.votes_db)[before:]
+    assert len(rows) == 1 and rows[0]["conversation"][0]["content"] == "Is it raining outside ?"
+    assert len({row["comparison"] for row in read_votes(live_app.votes_db)}) == before + 1
+
+
+def test_a_vote_another_request_stored_first_is_reported_as_already_counted(tiny_model, tiny_tokenizer, tmp_path):
+    from gpt2ft.votes import init_votes_db
+
+    votes_db = init_votes_db(tmp_path / "votes.sqlite")
+    page = setup_page(
+        served(tiny_model, tiny_tokenizer, "m"), served(tiny_model, tiny_tokenizer, "o"), votes_db, 30, None
+    )
+    round_ = {
+        "conversation": [{"role": "user", "content": "Hi"}],
+        "replies": {"a": "Hello.", "b": "Hey."},
+        "models": {"a": "m", "b": "o"},
+        "settings": {"greedy": True},
+        "voted": False,
+        "comparison": "c1",
+    }
+    first = make_vote(page, "a")(round_)
+    assert first[0]["voted"] and "You voted **A is better**" in first[3]
+    with pytest.warns(UserWarning, match="already counted"):
+        second = make_vote(page, "b")(round_)  # the same round, as a request racing the first one read it
+    assert all(item == {"__type__": "update"} for item in second)  # gr.skip(): the page keeps the first reveal
+    assert [row["winner"] for row in read_votes(votes_db)] == ["a"]
 
 
 # --------------------------------------------------------------------------------------------------------------
