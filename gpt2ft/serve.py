@@ -71,6 +71,9 @@ EXAMPLE_OPENINGS = (
     "I'm looking for a birthday present for my sister. Any ideas?",
     "What would you like to have for dinner tonight?",
 )
+# The page has no upload component: Gradio's upload route (kept, as its file routes are) accepts no file with content,
+# so nobody can store files on the server and have the page's address serve them back.
+MAX_UPLOAD_BYTES = 0
 WINNER_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
 EMPTY_REPLY = "(no reply: the model ended its turn at once)"
 RESULT_HEADERS = ["model", "opponent", "votes", "wins", "losses", "ties", "both bad", "win rate", "95% interval"]
@@ -1180,6 +1183,7 @@ def launch_app(
             footer_links=["api", "gradio"],
             height=950,  # of the notebook's inline frame: the whole page without an inner scrollbar
             auth_message="This page is password-protected." if auth else None,
+            max_file_size=MAX_UPLOAD_BYTES,
         )
     except OSError as error:  # the port was taken after check_port_free (another server started in between)
         raise ServeError(f"--port {port}: cannot listen on {host} ({error})") from None

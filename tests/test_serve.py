@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -364,6 +365,41 @@ def test_a_failing_generation_is_reported_not_lost(tiny_tokenizer):
 # --------------------------------------------------------------------------------------------------------------
 # The live page over Gradio's HTTP API
 # --------------------------------------------------------------------------------------------------------------
+
+
+def post_upload(url: str, name: str, content: bytes) -> tuple[int, str]:
+    """POST one file to Gradio's upload route as a browser would (multipart/form-data): (status, body)."""
+    boundary = "gpt2ft-test-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + content
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"{url}gradio_api/upload", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except (urllib.error.URLError, ConnectionError) as error:  # refused while the rest was still being sent
+        return 0, str(error)
+
+
+@pytest.mark.parametrize("size", [30 * 2**20, 1024, 1])
+def test_the_page_accepts_no_uploads(live_app, size):
+    """The page has no upload component: a file of any size is refused (413, or the connection closed while a large
+    one is still being sent) and nothing is stored for the page's address to serve back."""
+    from gradio.utils import get_upload_folder
+
+    name = f"payload-{size}.html"
+    status, body = post_upload(live_app.url, name, b"x" * size)
+    assert (status == 413 and "maximum allowed size" in body) or (status == 0 and size > 2**20), (status, body)
+    assert not list(Path(get_upload_folder()).rglob(name))
 
 
 def test_page_serves_its_html_and_names_the_model(live_app):
