@@ -96,15 +96,11 @@ def apply_template(tokenizer: Any, messages: Sequence[Mapping[str, str]], **opti
     try:
         return tokenizer.apply_chat_template(list(messages), chat_template=template_of(tokenizer), **options)
     except Exception as error:  # noqa: BLE001 - whatever the template raises is the template's failure
+        lines = str(error).strip().splitlines() or ["no details"]
         raise ModelError(
             f"--model {tokenizer.name_or_path}: its chat template cannot render the conversation "
-            f"({type(error).__name__}: {first_line(error) or 'no details'})"
+            f"({type(error).__name__}: {lines[0]})"
         ) from None
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
 
 
 class TemplateStopped(BaseException):

@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import (
     ROOT,
     Crash,
@@ -32,6 +33,7 @@ from conftest import (
     write_conversations,
     write_layout,
 )
+from safetensors.torch import load_file, save_file
 
 from gpt2ft.checkpoints import (
     COMPLETE_MARKER,
@@ -425,17 +427,12 @@ def test_a_config_of_absurd_size_is_refused_in_seconds(command, tmp_path, tiny_m
 
 
 def drop_a_tensor(folder: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
     tensors = load_file(folder / "model.safetensors")
     tensors.pop("transformer.h.0.attn.c_proj.weight")
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 def misshape_a_tensor(folder: Path) -> None:
-    import torch
-    from safetensors.torch import load_file, save_file
-
     tensors = load_file(folder / "model.safetensors")
     tensors["transformer.h.0.attn.c_attn.weight"] = torch.zeros(3, 5)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})

@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -396,7 +397,7 @@ def test_the_page_accepts_no_uploads(live_app, size):
     one is still being sent) and nothing is stored for the page's address to serve back."""
     from gradio.utils import get_upload_folder
 
-    name = f"payload-{size}.html"
+    name = f"payload-{uuid.uuid4().hex}.html"  # a name no earlier run can have left in Gradio's upload folder
     status, body = post_upload(live_app.url, name, b"x" * size)
     assert (status == 413 and "maximum allowed size" in body) or (status == 0 and size > 2**20), (status, body)
     assert not list(Path(get_upload_folder()).rglob(name))

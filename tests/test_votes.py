@@ -260,6 +260,7 @@ def test_rows_with_null_or_numbers_are_skipped_and_counted_everywhere(tmp_path, 
     assert payload["skipped"] == {"unreadable": 6, "duplicates": 0}
     assert [(p["model"], p["votes"]) for p in payload["pairs"]] == [("gpt2", 1)]
 
+    # Imported here: both load transformers, which the rest of this module does without.
     from gpt2ft.preferences import SKIP_BAD_ROW, Skips, votes_records
     from gpt2ft.serve import results_rows
 
