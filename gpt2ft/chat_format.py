@@ -20,10 +20,17 @@ turn (gpt2ft's leading EOS, a template's default system message) is the conversa
 window starts with. The whole text is tokenised in one call, and tokens are assigned to turns by their character
 offsets, so the ids are exactly the template's (tests/test_chat_format.py checks GPT-2's format against tokenising
 turn by turn, on real dialogues, and ChatML against SmolLM2's template).
+
+Every rendering goes through `apply_template`, so a template that fails (a sandbox refusal, its own
+`raise_exception`) is one ModelError line in every command; `check_template` renders a short probe once when a
+tokenizer loads, in a worker thread with a time limit, so a template that fails on any conversation, or takes
+longer than TEMPLATE_TIME_LIMIT_S (a loop of 10**10), is refused before anything runs.
 """
 
 from __future__ import annotations
 
+import ctypes
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,19 +82,86 @@ def ensure_chat_template(tokenizer: Any) -> Any:
     return tokenizer
 
 
+TEMPLATE_TIME_LIMIT_S = 2.0  # a short conversation renders in milliseconds with any real template
+
+
+def apply_template(tokenizer: Any, messages: Sequence[Mapping[str, str]], **options: Any) -> Any:
+    """`tokenizer.apply_chat_template` in the tokenizer's template (gpt2ft's when it has none): the one place gpt2ft
+    renders a conversation.
+
+    Raises:
+        ModelError: the template fails on this conversation (a sandbox refusal, its own raise_exception, a bad
+            expression), naming the model and the template's message.
+    """
+    try:
+        return tokenizer.apply_chat_template(list(messages), chat_template=template_of(tokenizer), **options)
+    except Exception as error:  # noqa: BLE001 - whatever the template raises is the template's failure
+        lines = str(error).strip().splitlines() or ["no details"]
+        raise ModelError(
+            f"--model {tokenizer.name_or_path}: its chat template cannot render the conversation "
+            f"({type(error).__name__}: {lines[0]})"
+        ) from None
+
+
+class TemplateStopped(BaseException):
+    """Raised inside the probe's worker thread to end a template that renders past the time limit (a BaseException,
+    so no `except Exception` in the template engine swallows it)."""
+
+
+def stop_thread(thread: threading.Thread) -> None:
+    """End a thread running Python code (a template's loops are Python loops) by raising TemplateStopped in it at
+    its next bytecode: a thread cannot be killed, and the probe's must not spin on after the template is refused."""
+    for _ in range(50):
+        if not thread.is_alive() or thread.ident is None:
+            return
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(TemplateStopped))
+        thread.join(0.1)
+
+
+def check_template(tokenizer: Any, seconds: float = TEMPLATE_TIME_LIMIT_S) -> None:
+    """Render a short probe conversation (user, assistant, user, with and without the generation prompt) in the
+    tokenizer's chat template, in a worker thread given `seconds`: once, when a tokenizer loads.
+
+    Raises:
+        ModelError: the template fails on the probe, or takes longer than `seconds` (it is stopped).
+    """
+    if template_of(tokenizer) == CHAT_TEMPLATE:
+        return  # gpt2ft's own renders in microseconds
+    probe = [
+        {"role": "user", "content": "gpt2ft-probe-question"},
+        {"role": "assistant", "content": PROBE},
+        {"role": "user", "content": "gpt2ft-probe-question"},
+    ]
+    outcome: dict[str, BaseException] = {}
+
+    def render() -> None:
+        try:
+            apply_template(tokenizer, probe[:2], tokenize=False, add_generation_prompt=False)
+            apply_template(tokenizer, probe, tokenize=False, add_generation_prompt=True)
+        except BaseException as error:  # noqa: BLE001 - handed to the loading thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=render, name="gpt2ft-template-probe", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        stop_thread(worker)
+        raise ModelError(
+            f"--model {tokenizer.name_or_path}: its chat template takes more than {seconds:g} s to render a "
+            "three-message conversation (a runaway loop?); fix the template (chat_template.jinja)"
+        )
+    if isinstance(outcome.get("error"), ModelError):
+        raise outcome["error"]
+
+
 def render_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], **template_args: Any) -> list[int]:
     """Token ids of `messages` in the model's chat template (gpt2ft's when it has none), ready for the next turn
     (`template_args`: the labels asked for, for a model trained with controls)."""
-    template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
-    ids = tokenizer.apply_chat_template(
-        list(messages),
-        chat_template=template,
-        tokenize=True,
-        add_generation_prompt=True,
-        return_dict=False,
-        **template_args,
+    return list(
+        apply_template(
+            tokenizer, messages, tokenize=True, add_generation_prompt=True, return_dict=False, **template_args
+        )
     )
-    return list(ids)
 
 
 def template_of(tokenizer: Any) -> str:
@@ -135,13 +209,7 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 def render_text(tokenizer: Any, messages: Sequence[Mapping[str, str]], **template_args: Any) -> str:
     """A conversation rendered to text by the tokenizer's chat template (gpt2ft's when it has none), without a
     generation prompt: what training reads."""
-    return tokenizer.apply_chat_template(
-        list(messages),
-        chat_template=template_of(tokenizer),
-        tokenize=False,
-        add_generation_prompt=False,
-        **template_args,
-    )
+    return apply_template(tokenizer, messages, tokenize=False, add_generation_prompt=False, **template_args)
 
 
 @dataclass

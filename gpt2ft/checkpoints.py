@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from .config import TRAINING_CONFIG, config_fields, flag_name, render_flag
 from .errors import TrainingError
-from .logs import write_json, write_text_atomic
+from .logs import space_for, write_json, write_text_atomic
 
 CHECKPOINT_SUFFIX = ".checkpoints"
 COMPLETE_MARKER = "gpt2ft_checkpoint.json"
@@ -113,6 +113,9 @@ def save_final_model(
     Args:
         extra_files: files to copy in.
         adapter: a LoRA adapter (scale.SavedAdapter) also saved, under `adapter/`.
+
+    Raises:
+        DiskFullError: the disk filled up while writing (the folder and the space needed, in one line).
     """
     output = Path(output_dir).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -120,14 +123,16 @@ def save_final_model(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        model.generation_config = generation_config
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        write_json(staging / TRAINING_CONFIG, training_config)
-        for path in extra_files or []:
-            shutil.copy2(path, staging / Path(path).name)
-        if adapter is not None:
-            adapter.save_pretrained(staging / "adapter")
+        # A full disk is measured here, before the staging folder is removed below, and said in one line.
+        with space_for(output, lambda: tensor_bytes(model), "the model", kept="the folder was left as it was"):
+            model.generation_config = generation_config
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            write_json(staging / TRAINING_CONFIG, training_config)
+            for path in extra_files or []:
+                shutil.copy2(path, staging / Path(path).name)
+            if adapter is not None:
+                adapter.save_pretrained(staging / "adapter")
         if output.exists():
             output.rename(old)
         staging.rename(output)
@@ -138,6 +143,18 @@ def save_final_model(
         raise
     shutil.rmtree(old, ignore_errors=True)  # a leftover is deleted by clean_stale_folders at the next start
     return output
+
+
+def tensor_bytes(model: Any) -> int:
+    """The bytes of a model's weights as saved (tied tensors once): what save_pretrained writes, give or take."""
+    seen: dict[int, int] = {}
+    for tensor in model.state_dict().values():
+        seen.setdefault(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+    return sum(seen.values())
+
+
+def folder_bytes(folder: str | Path) -> int:
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
 
 
 # --------------------------------------------------------------------------------------------------------------

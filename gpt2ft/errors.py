@@ -28,3 +28,7 @@ class ModelError(Gpt2ftError, ValueError):
 
 class TrainingError(Gpt2ftError, RuntimeError):
     """Training cannot start or had to stop; the message says why and what to do."""
+
+
+class DiskFullError(TrainingError):
+    """A disk filled up while gpt2ft wrote to it; the message names the folder, the space needed and what was kept."""

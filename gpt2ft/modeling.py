@@ -8,6 +8,7 @@ family gpt2ft supports (families.py: GPT-2, Llama, Qwen2/Qwen3, Mistral).
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from .chat_format import ensure_chat_template
+from .chat_format import check_template, ensure_chat_template
 from .config import GPT2_CONTEXT
 from .errors import ModelError
 from .families import check_architecture, check_model_source, check_size
@@ -28,7 +29,12 @@ TRAINING_WINDOW = 2048
 
 def load_tokenizer(name: str) -> Any:
     """The model's fast tokenizer, with pad = EOS when it has no pad token (GPT-2; labels, not ids, mark padding
-    here) and a chat template: its own, or gpt2ft's (chat_format.CHAT_TEMPLATE) when it has none."""
+    here) and a chat template: its own, or gpt2ft's (chat_format.CHAT_TEMPLATE) when it has none.
+
+    Raises:
+        ModelError: not loadable, no EOS token, or a chat template that fails or takes too long on a short
+            conversation (chat_format.check_template).
+    """
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
     except Exception as error:
@@ -39,7 +45,9 @@ def load_tokenizer(name: str) -> Any:
         raise ModelError(f"--model {name}: the tokenizer has no EOS token")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return ensure_chat_template(tokenizer)
+    ensure_chat_template(tokenizer)
+    check_template(tokenizer)  # a template that fails or never ends is refused now, in one line
+    return tokenizer
 
 
 def load_model(name: str, dtype: torch.dtype | None = None) -> Any:
@@ -52,19 +60,57 @@ def load_model(name: str, dtype: torch.dtype | None = None) -> Any:
     check_model_source(name)
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise for a small model's few hundred tensors
+    # transformers prints a table of every missing, unexpected or misshapen tensor before it fails (or, for a missing
+    # one, goes on with random weights): gpt2ft reads the same facts from the loading info and says them in one line.
+    report = hf_logging.get_logger("transformers.modeling_utils")
+    report.addFilter(drop_load_report)  # a filter, not a level: the logger's level changes what it checks
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name, use_safetensors=True, attn_implementation="sdpa", dtype=dtype or torch.float32
+        model, info = AutoModelForCausalLM.from_pretrained(
+            name,
+            use_safetensors=True,
+            attn_implementation="sdpa",
+            dtype=dtype or torch.float32,
+            ignore_mismatched_sizes=True,  # reported below, naming the tensor, instead of raised after the table
+            output_loading_info=True,
         )
     except Exception as error:
         raise ModelError(
             f"--model {name}: cannot load the model ({type(error).__name__}: {first_line(error)})"
         ) from None
     finally:
+        report.removeFilter(drop_load_report)
         if bar_was_on:
             hf_logging.enable_progress_bar()
+    check_loading_info(info, name)
     check_architecture(model.config.to_dict(), name)
     return model
+
+
+def drop_load_report(record: logging.LogRecord) -> bool:
+    """False for transformers' load report (a table of tensors), which check_loading_info says in one line."""
+    return "LOAD REPORT" not in str(record.msg)
+
+
+def check_loading_info(info: dict[str, Any], name: str) -> None:
+    """Refuse weights that do not fit the model's config: a tensor of another shape, or one the config expects and the
+    weights lack (transformers would fill it with random values). Tensors the config does not use are ignored, as
+    transformers ignores them.
+
+    Raises:
+        ModelError: naming the first such tensor and how many there are.
+    """
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    missing = sorted(info.get("missing_keys") or ())
+    if mismatched:
+        key, saved, expected = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise ModelError(
+            f"--model {name}: the weights do not fit config.json: {key} has shape {tuple(saved)} in the weights "
+            f"and {tuple(expected)} in the config{more}"
+        )
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelError(f"--model {name}: the weights lack tensors config.json needs: {missing[0]}{more}")
 
 
 def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None) -> tuple[Any, Any]:

@@ -41,7 +41,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 
 from .charts import PREFER_CHART, write_charts, write_preference_chart
-from .chat_format import end_of_turn, render_ids, stop_token_ids
+from .chat_format import apply_template, end_of_turn, render_ids, stop_token_ids
 from .checkpoints import TrainingError
 from .config import PreferConfig, read_training_config, saved_run_config
 from .data import IGNORE_INDEX, prepare_from_config
@@ -287,7 +287,7 @@ def trim_records(
     stops = stop_token_ids(tokenizer)
 
     def reply_tokens(prompt: list[dict[str, str]], prompt_tokens: int, reply: list[dict[str, str]]) -> int:
-        ids = tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=False)
+        ids = apply_template(tokenizer, prompt + reply, tokenize=True, return_dict=False)
         # The template's end-of-turn token closes the reply; ChatML writes a newline after it, which TRL keeps.
         last = len(ids)
         while last and ids[last - 1] not in stops and not tokenizer.decode(ids[last - 1 : last]).strip():

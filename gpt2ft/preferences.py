@@ -53,7 +53,7 @@ from .sources import (
     read_hub,
     split_files,
 )
-from .votes import VotesError, read_votes
+from .votes import VotesError, load_votes
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
@@ -69,6 +69,8 @@ SKIP_TIE = "tie votes (no preference between the replies)"
 SKIP_BOTH_BAD_DPO = "both-bad votes (DPO needs a better reply; --algorithm kto learns from them)"
 SKIP_SAME = "chosen equals rejected"
 SKIP_UNREADABLE = "votes whose conversation is not readable JSON messages"
+SKIP_BAD_ROW = "votes whose winner, models or replies are not text"
+SKIP_DUPLICATE = "repeated votes on one comparison (the first is used)"
 SKIP_TOO_LONG = "reply too long for the context"
 SKIP_TURN_TOO_LONG = "latest prompt turn alone too long for the context"
 
@@ -392,11 +394,15 @@ def votes_records(path: Path, algorithm: str, skips: Skips) -> tuple[list[dict[s
         DataError: not a votes database, or a vote with an empty conversation.
     """
     try:
-        votes = read_votes(path)
+        read = load_votes(path)
     except VotesError as error:
         raise DataError(
             f"--data {path}: {error}; expected a votes database written by python -m gpt2ft serve"
         ) from None
+    votes = read.votes
+    for reason, ids in ((SKIP_BAD_ROW, read.unreadable), (SKIP_DUPLICATE, read.duplicates)):
+        if ids:
+            skips.add(reason, f"{path}: vote {ids[0]}", len(ids))
     winners: Counter[str] = Counter(vote["winner"] for vote in votes)
     records: list[dict[str, Any]] = []
     for vote in votes:

@@ -44,14 +44,16 @@ from .checkpoints import (
     clean_stale_folders,
     complete_checkpoints,
     find_resume_checkpoint,
+    folder_bytes,
     remove_incomplete_checkpoints,
     save_final_model,
+    tensor_bytes,
 )
 from .config import RunConfig, changed_fields, run_defining_fields
 from .data import IGNORE_INDEX
 from .export import add_n_ctx
 from .generate import build_generation_config, load_for_generation
-from .logs import append_jsonl, write_json, write_jsonl, write_text_atomic
+from .logs import append_jsonl, space_for, write_json, write_jsonl, write_text_atomic
 from .memory import check_memory
 from .modeling import (
     Hardware,
@@ -223,11 +225,12 @@ class WholeRunTrainer:
     step, and no checkpoint written after one. Subclasses say which of a batch's positions are targets
     (`target_labels`).
 
-    Three of the Trainer's hooks here are private methods, because the Trainer has no public one for them:
+    Four of the Trainer's hooks here are private methods, because the Trainer has no public one for them:
     `_clip_grad_norm` is the only place the step's gradient norm exists as a tensor (callbacks get it as a float,
-    read from the GPU), `_save_checkpoint` is where every save goes, whichever callback asked for it, and
-    `_issue_warnings_after_load` is where loading the best checkpoint back reports keys. tests/test_runs.py pins
-    them (they exist, are called as relied on, and take what is passed).
+    read from the GPU), `_save_checkpoint` is where every save goes, whichever callback asked for it,
+    `_issue_warnings_after_load` is where loading the best checkpoint back reports keys, and `_run_epoch` is the
+    only place before a resumed epoch's first step (a callback's stop is read only after a step). tests/test_runs.py
+    pins them (they exist, are called as relied on, and take what is passed).
     """
 
     def __init__(self, *args: Any, precision: str = "fp32", **kwargs: Any) -> None:
@@ -256,11 +259,40 @@ class WholeRunTrainer:
 
     def _save_checkpoint(self, model, trial):
         """Bring the whole-run totals up to date before they go into the checkpoint, and never checkpoint weights
-        that a bad step has touched (whichever callback asked for the save)."""
+        that a bad step has touched (whichever callback asked for the save). A full disk is one line (DiskFullError)
+        naming the folder and the space a checkpoint needs; the half-written checkpoint is removed, the complete ones
+        stay."""
         totals = self.run_totals
         totals.flush(self.args, self.control)
         if totals.bad_step is None:
-            super()._save_checkpoint(model, trial)
+            folder = Path(self.args.output_dir)
+            kept = complete_checkpoints(folder)
+            with space_for(
+                folder,
+                lambda: folder_bytes(kept[-1]) if kept else self.checkpoint_bytes(),
+                f"checkpoint-{self.state.global_step}",
+                kept=f"the last complete checkpoint, {kept[-1].name}, is kept" if kept else "",
+                cleanup=lambda: remove_incomplete_checkpoints(folder),
+            ):
+                super()._save_checkpoint(model, trial)
+
+    def checkpoint_bytes(self) -> int:
+        """What a checkpoint holds, about: the weights and the optimizer's state (Adam: two tensors a weight)."""
+        weights = tensor_bytes(self.accelerator.unwrap_model(self.model))
+        moments = 0
+        for state in getattr(self.optimizer, "state", {}).values():
+            moments += sum(value.numel() * value.element_size() for value in state.values() if torch.is_tensor(value))
+        return weights + moments
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
+        """No step once the run has made all of its steps. A run killed while saving its model resumes from the
+        checkpoint of its last step; when that step falls mid-epoch, the Trainer resumes inside that epoch and takes
+        a step before it compares the step count with max_steps, so the resumed run would train one step more than
+        the uninterrupted one (and one more after every further kill)."""
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         """The best checkpoint comes back without a tied output layer (saved once, as the input embedding, and tied

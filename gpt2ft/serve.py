@@ -30,6 +30,7 @@ import re
 import socket
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,15 @@ from .config import DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIM
 from .errors import Gpt2ftError
 from .generate import generate_reply, load_for_generation
 from .modeling import ModelError, model_context
-from .votes import DEFAULT_VOTES_DB, VotesError, init_votes_db, read_votes, record_vote, tally_votes
+from .votes import (
+    DEFAULT_VOTES_DB,
+    VoteAlreadyCounted,
+    VotesError,
+    init_votes_db,
+    read_votes,
+    record_vote,
+    tally_votes,
+)
 
 # gradio is imported inside the functions that build and launch the page: importing it takes seconds, which the
 # tests of the page's logic (and the notebook, until it serves) need not pay.
@@ -64,6 +73,9 @@ EXAMPLE_OPENINGS = (
     "I'm looking for a birthday present for my sister. Any ideas?",
     "What would you like to have for dinner tonight?",
 )
+# The page has no upload component: Gradio's upload route (kept, as its file routes are) accepts no file with content,
+# so nobody can store files on the server and have the page's address serve them back.
+MAX_UPLOAD_BYTES = 0
 WINNER_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
 EMPTY_REPLY = "(no reply: the model ended its turn at once)"
 RESULT_HEADERS = ["model", "opponent", "votes", "wins", "losses", "ties", "both bad", "win rate", "95% interval"]
@@ -912,6 +924,7 @@ def make_compare_send(page: PageSetup) -> Callable[..., Iterator[list[Any]]]:
             "models": {"a": shown["a"].name, "b": shown["b"].name},
             "settings": settings,
             "voted": False,
+            "comparison": uuid.uuid4().hex,  # the votes table stores one vote for it, however many requests race
         }
         voting = compare_controls(voting=True, voted=False, typing=False)
         yield compare_outputs(
@@ -947,8 +960,13 @@ def make_vote(page: PageSetup, winner: str) -> Callable[[dict | None], list[Any]
                 shown["b"],
                 winner,
                 settings,
+                comparison=round_.get("comparison"),
             )
             tally = tally_votes(read_votes(page.votes_db))
+        except VoteAlreadyCounted:
+            # Another request for these replies (a double click, a second tab, a script) was stored first.
+            gr.Warning("Your vote on these replies was already counted.")
+            return [gr.skip()] * 12
         except VotesError as error:
             LOGGER.exception("vote not stored")
             raise gr.Error(f"Your vote could not be stored: {error}", print_exception=False) from None
@@ -1210,6 +1228,7 @@ def launch_app(
             footer_links=["api", "gradio"],
             height=950,  # of the notebook's inline frame: the whole page without an inner scrollbar
             auth_message="This page is password-protected." if auth else None,
+            max_file_size=MAX_UPLOAD_BYTES,
         )
     except OSError as error:  # the port was taken after check_port_free (another server started in between)
         raise ServeError(f"--port {port}: cannot listen on {host} ({error})") from None

@@ -25,6 +25,7 @@ Record layouts, detected per source (or forced with --dialog-column NAME); conve
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
@@ -547,6 +548,35 @@ class quiet_datasets:
             datasets_logging.enable_progress_bar()
 
 
+def check_utf8(path: Path, block_size: int = 1 << 20) -> None:
+    """Refuse a file with bytes that are not UTF-8, naming the line and byte offset of the first (read in blocks: a
+    large file is never held whole). JSON must be UTF-8; pyarrow would otherwise read such bytes into the text and
+    fail later, far from the file.
+
+    Raises:
+        DataError: `file:LINE: not UTF-8 text (byte 0x.. at offset N)`.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 1  # bytes before this block, and the line the block starts on
+    with path.open("rb") as handle:
+        while True:
+            block = handle.read(block_size)
+            pending = decoder.getstate()[0]  # the start of a character cut by the previous block
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as error:
+                data = pending + block
+                at = offset - len(pending) + error.start
+                line = lines + data[: error.start].count(b"\n")
+                raise DataError(
+                    f"{path}:{line}: not UTF-8 text (byte {data[error.start]:#04x} at offset {at})"
+                ) from None
+            if not block:
+                return
+            offset += len(block)
+            lines += block.count(b"\n")
+
+
 def is_blank(path: Path) -> bool:
     """True for an empty file or one of whitespace only (read in blocks: a large file is never held whole)."""
     with path.open("rb") as handle:
@@ -560,11 +590,13 @@ def read_file(path: Path, cache_dir: Path | None) -> Dataset:
     """One .jsonl/.json/.parquet file as an Arrow-backed Dataset (in the datasets cache under `cache_dir`).
 
     Raises:
-        DataError: empty, not JSON (naming the first bad line), or not readable.
+        DataError: empty, not UTF-8 or not JSON (naming the first bad line), or not readable.
     """
     if is_blank(path):
         raise DataError(f"{path}: empty file")
     builder = FILE_BUILDERS[path.suffix]
+    if builder == "json":
+        check_utf8(path)
     try:
         with quiet_datasets():
             dataset = datasets.load_dataset(

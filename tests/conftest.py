@@ -499,3 +499,31 @@ class PoisonWeights(TrainerCallback):
             with torch.no_grad():
                 model.get_input_embeddings().weight.fill_(float("nan"))
         return control
+
+
+def crash_during_final_save(monkeypatch) -> None:
+    """From now on, the final save raises Crash once the model's weights are in the staging folder and before the
+    folder is swapped in: a process killed while it writes the model (the checkpoints are all written)."""
+    import gpt2ft.checkpoints
+    from gpt2ft.config import TRAINING_CONFIG
+
+    write_json = gpt2ft.checkpoints.write_json
+
+    def crashing(path, payload):
+        if Path(path).name == TRAINING_CONFIG and ".partial-" in Path(path).parent.name:
+            assert (Path(path).parent / "model.safetensors").is_file()
+            raise Crash("killed while saving the final model")
+        return write_json(path, payload)
+
+    monkeypatch.setattr(gpt2ft.checkpoints, "write_json", crashing)
+
+
+def assert_same_weights(folder, reference) -> None:
+    """The two model folders hold the same tensors, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors, expected = load_file(Path(folder) / "model.safetensors"), load_file(Path(reference) / "model.safetensors")
+    assert tensors.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensors[name], tensor), name

@@ -23,7 +23,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXCHANGES, Crash, CrashAt, PoisonWeights, build_tiny_model_dir, read_jsonl
+from conftest import (
+    EXCHANGES,
+    Crash,
+    CrashAt,
+    PoisonWeights,
+    assert_same_weights,
+    build_tiny_model_dir,
+    crash_during_final_save,
+    read_jsonl,
+)
 from transformers import TrainerCallback
 
 from gpt2ft.checkpoints import checkpoint_dir, complete_checkpoints
@@ -502,6 +511,29 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(style_task, votes, tm
         assert resumed.metrics[key] == pytest.approx(reference.metrics[key], rel=1e-3), key
     steps = [record["step"] for record in read_jsonl(Path(config.logs_dir, "train_log.jsonl")) if "loss" in record]
     assert steps == list(range(1, 9))  # each step once: no gap, no repeat
+
+
+def test_a_kill_while_saving_the_model_mid_epoch_resumes_to_the_uninterrupted_run(
+    style_task, votes, tmp_path, monkeypatch
+):
+    """Killed while writing the preferred model, its last checkpoint the last step's and mid-epoch: the same command
+    takes no further step, and ends with the uninterrupted run's steps, tokens and weights."""
+    from gpt2ft.prefer import prefer
+
+    settings = dict(max_steps=5, eval_steps=4, keep_checkpoints=True)
+    reference = prefer(prefer_config(style_task, votes[0], tmp_path / "straight", **settings))
+    assert reference.metrics["steps"] == 5 and reference.metrics["epochs"] % 1 != 0  # stopped mid-epoch
+    config = prefer_config(style_task, votes[0], tmp_path / "killed", **settings)
+    with monkeypatch.context() as patch:
+        crash_during_final_save(patch)
+        with pytest.raises(Crash):
+            prefer(config)
+    assert complete_checkpoints(checkpoint_dir(config.output_dir))[-1].name == "checkpoint-5"
+    resumed = prefer(config)
+    assert resumed.resumed_from.endswith("checkpoint-5")
+    for key in ("steps", "train_tokens", "epochs", "train_loss"):
+        assert resumed.metrics[key] == reference.metrics[key], key
+    assert_same_weights(config.output_dir, reference.output_dir)
 
 
 def test_a_changed_setting_refuses_the_checkpoint_in_one_line(style_task, votes, tmp_path, capsys):

@@ -1,7 +1,10 @@
-"""Never lose a run, never crash on bad input: resume, bad-input table, NaN guard, safe loading."""
+"""Never lose a run, never crash on bad input: resume, bad-input table, a full disk, hostile models and templates,
+NaN guard, safe loading."""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import shutil
@@ -13,21 +16,35 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import (
     ROOT,
     Crash,
     CrashAt,
     PoisonWeights,
+    assert_same_weights,
+    batches_per_epoch,
     config_for,
+    crash_during_final_save,
     default_splits,
+    make_conversations,
     read_jsonl,
     train_argv,
+    write_conversations,
     write_layout,
 )
+from safetensors.torch import load_file, save_file
 
-from gpt2ft.checkpoints import COMPLETE_MARKER, checkpoint_dir, complete_checkpoints, find_resume_checkpoint
+from gpt2ft.checkpoints import (
+    COMPLETE_MARKER,
+    checkpoint_dir,
+    complete_checkpoints,
+    find_resume_checkpoint,
+    save_final_model,
+)
 from gpt2ft.cli import main
 from gpt2ft.errors import TrainingError
+from gpt2ft.generate import build_generation_config
 from gpt2ft.training import train
 
 # --------------------------------------------------------------------------------------------------------------
@@ -210,6 +227,242 @@ def test_misaligned_labels_are_skipped_and_reported(tmp_path, tiny_model_dir, ru
     assert len(metrics["skipped_lines"]) == 1 and "dialogues_train.txt:3" in metrics["skipped_lines"][0]
 
 
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def run_gpt2ft(*argv: str, stdin: str = "", timeout: float = 180) -> tuple[int, list[str]]:
+    """`python -m gpt2ft ...` in a child process (its whole stderr is seen, whatever wrote it): the exit code and the
+    stderr lines. `timeout` is a guard against a hang, not a measurement."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "gpt2ft", *argv], input=stdin, capture_output=True, text=True, env=env, timeout=timeout
+    )
+    return done.returncode, [line for line in done.stderr.splitlines() if line.strip()]
+
+
+def non_utf8_file(folder: Path, suffix: str) -> Path:
+    """Ten conversations as JSON Lines (or a JSON array) with one 0xff byte inside a reply of the 7th record."""
+    path = write_conversations(folder / f"chats{suffix}", make_conversations(10, 0))
+    lines = path.read_bytes().split(b"\n") if suffix == ".jsonl" else None
+    if lines is not None:
+        lines[6] = lines[6].replace(b"content", b"cont\xffent", 1)
+        path.write_bytes(b"\n".join(lines))
+    else:
+        text = path.read_bytes()
+        at = text.index(b"content", len(text) // 2)
+        path.write_bytes(text[:at] + b"\xff" + text[at:])
+    return path
+
+
+@pytest.mark.parametrize("command", ["train", "prefer"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_data_file_with_bytes_that_are_not_utf8_is_one_line_with_its_line_and_offset(
+    command, suffix, tmp_path, tiny_model_dir, run_dirs, capsys
+):
+    data = non_utf8_file(tmp_path, suffix)
+    offset = data.read_bytes().index(b"\xff")
+    line = data.read_bytes()[:offset].count(b"\n") + 1
+    argv = train_argv(tiny_model_dir, data, run_dirs, "--max-steps", "1")
+    if command == "prefer":
+        argv = ["prefer", *argv[1:]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert f"{data}:{line}: not UTF-8 text (byte 0xff at offset {offset})" in lines[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A full disk while saving: one line naming the folder and the space needed; nothing complete is lost
+# --------------------------------------------------------------------------------------------------------------
+
+
+def disk_full() -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+def fill_disk_at(monkeypatch, where: str) -> None:
+    """Make one write raise ENOSPC, as a full disk does: the weights of checkpoint-4, the final model's weights, or
+    logs/metrics.json."""
+    import transformers.modeling_utils
+
+    save_file = transformers.modeling_utils.safe_save_file
+    write_text = Path.write_text
+
+    def saving(tensors, filename, *args, **kwargs):
+        folder = Path(filename).parent.name
+        if (where == "checkpoint" and folder == "checkpoint-4") or (where == "model" and ".partial-" in folder):
+            Path(filename).write_bytes(b"\0" * 1024)  # what a write cut short leaves
+            raise disk_full()
+        return save_file(tensors, filename, *args, **kwargs)
+
+    def writing(self, *args, **kwargs):
+        if where == "metrics" and "metrics.json" in self.name:
+            raise disk_full()
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", saving)
+    monkeypatch.setattr(Path, "write_text", writing)
+
+
+@pytest.mark.parametrize(
+    "where, folder, says",
+    [
+        ("checkpoint", "output.checkpoints", "writing checkpoint-4 needs about"),
+        ("model", "output", "writing the model needs about"),
+        ("metrics", "logs", "writing metrics.json needs about"),
+    ],
+)
+def test_a_full_disk_is_one_line_and_keeps_the_previous_model_and_the_checkpoints(
+    where, folder, says, tmp_path, tiny_model, tiny_tokenizer, tiny_model_dir, dailydialog_dir, monkeypatch, capsys
+):
+    dirs = dirs_in(tmp_path)
+    previous = save_final_model(
+        tiny_model, tiny_tokenizer, build_generation_config(tiny_tokenizer), {"gpt2ft_version": "t"}, dirs["output"]
+    )
+    before = {path.name: path.read_bytes() for path in previous.iterdir()}
+    argv = train_argv(tiny_model_dir, dailydialog_dir, dirs, "--max-steps", "4", "--eval-steps", "2")
+    with monkeypatch.context() as patch:
+        fill_disk_at(patch, where)
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    [line] = error_lines(err)
+    assert "Traceback" not in err
+    assert line.startswith(f"error: {tmp_path / folder}: no space left on its disk: {says} ") and "free" in line
+    assert {path.name: path.read_bytes() for path in previous.iterdir()} == before  # the previous model, intact
+    assert not list(tmp_path.glob(".output.*"))  # no staging folder left behind
+    kept = [path.name for path in complete_checkpoints(checkpoint_dir(dirs["output"]))]
+    assert kept == (["checkpoint-2"] if where == "checkpoint" else ["checkpoint-2", "checkpoint-4"])
+    assert [path.name for path in checkpoint_dir(dirs["output"]).iterdir()] == kept  # the half-written one removed
+    if where == "checkpoint":
+        assert "the last complete checkpoint, checkpoint-2, is kept" in line
+    if where == "model":
+        assert main(argv) == 0  # space freed: the same command resumes from checkpoint-4 and saves the model
+        assert json.loads(Path(dirs["logs"], "metrics.json").read_text())["steps"] == 4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hostile or broken model folders and chat templates: one line, exit 2, in seconds
+# --------------------------------------------------------------------------------------------------------------
+
+
+def model_with_template(tmp_path: Path, tiny_model_dir: Path, template: str) -> Path:
+    folder = tmp_path / "templated"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return folder
+
+
+TURNS = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+FAILING_TEMPLATES = {
+    "raise_exception": "{{ raise_exception('this template refuses every conversation') }}" + TURNS,
+    "sandbox refusal": "{{ messages.__class__.__mro__[1].__subclasses__() }}" + TURNS,
+}
+
+
+@pytest.mark.parametrize("template", list(FAILING_TEMPLATES))
+@pytest.mark.parametrize("command", ["chat", "generate", "eval", "train"])
+def test_a_chat_template_that_fails_is_one_line_in_every_command(
+    command, template, tmp_path, tiny_model_dir, dailydialog_dir, run_dirs, capsys, monkeypatch
+):
+    model = model_with_template(tmp_path, tiny_model_dir, FAILING_TEMPLATES[template])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
+    argv = {
+        "chat": ["chat", "--model", str(model)],
+        "generate": ["generate", "--model", str(model), "Hello"],
+        "eval": ["eval", "--model", str(model), "--data", str(dailydialog_dir), "--cache-dir", run_dirs["cache"]],
+        "train": train_argv(model, dailydialog_dir, run_dirs, "--max-steps", "1"),
+    }[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert f"--model {model}: its chat template cannot render the conversation" in lines[0]
+
+
+def test_a_template_that_fails_on_one_conversation_is_one_line_in_chat(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """The probe at loading passes (no system message); the conversation `chat --system` starts does not."""
+    model = model_with_template(
+        tmp_path,
+        tiny_model_dir,
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}" + TURNS,
+    )
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
+    assert main(["chat", "--model", str(model), "--system", "Be brief."]) == 2
+    err = capsys.readouterr().err
+    assert error_lines(err) == [
+        f"error: --model {model}: its chat template cannot render the conversation "
+        "(TemplateError: System role not supported)"
+    ]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["chat", "train"])
+def test_a_template_that_renders_forever_is_refused_in_seconds(command, tmp_path, tiny_model_dir, dailydialog_dir):
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"  # 10**10 iterations
+    model = model_with_template(tmp_path, tiny_model_dir, loop + TURNS)
+    argv = (
+        ["chat", "--model", str(model)] if command == "chat" else train_argv(model, dailydialog_dir, dirs_in(tmp_path))
+    )
+    code, lines = run_gpt2ft(*argv, stdin="Hello\n")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0] == (
+        f"error: --model {model}: its chat template takes more than 2 s to render a three-message conversation "
+        "(a runaway loop?); fix the template (chat_template.jinja)"
+    )
+
+
+@pytest.mark.parametrize("command", ["chat", "train"])
+def test_a_config_of_absurd_size_is_refused_in_seconds(command, tmp_path, tiny_model_dir, dailydialog_dir):
+    model = make_model_variant(tmp_path, tiny_model_dir, lambda f: None)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "n_layer": 100_000, "n_embd": 1_000_000}))
+    argv = (
+        ["chat", "--model", str(model)] if command == "chat" else train_argv(model, dailydialog_dir, dirs_in(tmp_path))
+    )
+    code, lines = run_gpt2ft(*argv, stdin="Hello\n")
+    assert code == 2 and len(lines) == 1, lines
+    assert f"--model {model}: config.json describes" in lines[0] and "parameters, beyond any machine" in lines[0]
+
+
+def drop_a_tensor(folder: Path) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    tensors.pop("transformer.h.0.attn.c_proj.weight")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def misshape_a_tensor(folder: Path) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    tensors["transformer.h.0.attn.c_attn.weight"] = torch.zeros(3, 5)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "command, breaks, message",
+    [
+        ("generate", drop_a_tensor, "the weights lack tensors config.json needs: transformer.h.0.attn.c_proj.weight"),
+        (
+            "train",
+            misshape_a_tensor,
+            "the weights do not fit config.json: transformer.h.0.attn.c_attn.weight has shape (3, 5) in the weights "
+            "and (32, 96) in the config",
+        ),
+    ],
+)
+def test_a_broken_model_folder_is_exactly_one_stderr_line(
+    command, breaks, message, tmp_path, tiny_model_dir, dailydialog_dir
+):
+    """Not transformers' load report (a table of every tensor) before gpt2ft's line, nor random weights where one is
+    missing: only gpt2ft's line."""
+    model = make_model_variant(tmp_path, tiny_model_dir, breaks)
+    argv = ["generate", "--model", str(model), "Hello"]
+    if command == "train":
+        argv = train_argv(model, dailydialog_dir, dirs_in(tmp_path), "--max-steps", "1")
+    code, lines = run_gpt2ft(*argv)
+    assert code == 2 and lines == [f"error: --model {model}: {message}"]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # NaN guard
 # --------------------------------------------------------------------------------------------------------------
@@ -274,6 +527,31 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, tiny_model_
     assert saved["train_tokens"] == reference.metrics["train_tokens"]  # what metrics.json says, too
     card = Path(dirs["output"], "README.md").read_text()
     assert f"{reference.metrics['train_tokens']:,}" in card  # and the model card
+
+
+def test_a_kill_while_saving_the_model_mid_epoch_resumes_to_the_uninterrupted_run(
+    tmp_path, tiny_model_dir, dailydialog_dir, monkeypatch
+):
+    """The last checkpoint is the last step's, mid-epoch: killed (twice) while writing the model, the same command
+    takes no further step, and ends with the uninterrupted run's steps, tokens and weights."""
+    flags = ("--max-steps", "7", "--eval-steps", "4", "--keep-checkpoints")
+    assert 7 % batches_per_epoch(tiny_model_dir, dailydialog_dir, 8, tmp_path / "count") != 0  # mid-epoch
+    reference = train(config_for(tiny_model_dir, dailydialog_dir, dirs_in(tmp_path / "straight"), *flags))
+    dirs = dirs_in(tmp_path / "killed")
+    config = config_for(tiny_model_dir, dailydialog_dir, dirs, *flags)
+    with monkeypatch.context() as patch:
+        crash_during_final_save(patch)
+        for _ in range(2):
+            with pytest.raises(Crash):
+                train(config)
+            assert complete_checkpoints(checkpoint_dir(dirs["output"]))[-1].name == "checkpoint-7"
+            assert not Path(dirs["output"]).exists()
+    resumed = train(config)
+    assert resumed.resumed_from.endswith("checkpoint-7")
+    assert resumed.metrics["steps"] == reference.metrics["steps"] == 7
+    assert_same_run(resumed.metrics, reference.metrics)
+    assert loss_steps(Path(dirs["logs"], "train_log.jsonl")) == list(range(1, 8))
+    assert_same_weights(dirs["output"], Path(tmp_path / "straight" / "output"))
 
 
 def write_checkpoint(folder: Path, step: int, complete: bool, run: dict | None = None) -> Path:

@@ -63,14 +63,18 @@ def test_a_stage_has_every_part_run_stage_calls():
 def test_the_private_trainer_hooks_gpt2ft_overrides_still_exist_and_are_called(
     tiny_model_dir, dailydialog_dir, run_dirs
 ):
-    """WholeRunTrainer overrides two private Trainer methods (no public hook gives the gradient norm as a tensor, or
-    sees every save): pin that transformers still has them, calls them, and passes what gpt2ft relies on."""
+    """WholeRunTrainer overrides private Trainer methods (no public hook gives the gradient norm as a tensor, sees
+    every save, or comes before a resumed epoch's first step): pin that transformers still has them, calls them,
+    and passes what gpt2ft relies on."""
     for name, parameters in (
         ("_clip_grad_norm", ["self", "model"]),
         ("_save_checkpoint", ["self", "model", "trial"]),
         ("_issue_warnings_after_load", ["self", "load_result"]),
     ):
         assert list(inspect.signature(getattr(Trainer, name)).parameters) == parameters
+    # The epoch loop: called once an epoch, before the epoch's first step (WholeRunTrainer takes no step after the
+    # last one; tests/test_robustness.py's kill during the final save relies on it).
+    assert "self._run_epoch(" in inspect.getsource(Trainer._inner_training_loop)
 
     from gpt2ft.training import train
 

@@ -18,7 +18,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,9 +47,11 @@ from gpt2ft.serve import (  # noqa: E402
     format_model_line,
     generation_kwargs,
     launch_app,
+    make_vote,
     parse_auth,
     saved_decoding,
     serve_in_notebook,
+    setup_page,
     share_warning,
     start_server,
     stream_replies,
@@ -364,6 +368,41 @@ def test_a_failing_generation_is_reported_not_lost(tiny_tokenizer):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def post_upload(url: str, name: str, content: bytes) -> tuple[int, str]:
+    """POST one file to Gradio's upload route as a browser would (multipart/form-data): (status, body)."""
+    boundary = "gpt2ft-test-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + content
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"{url}gradio_api/upload", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except (urllib.error.URLError, ConnectionError) as error:  # refused while the rest was still being sent
+        return 0, str(error)
+
+
+@pytest.mark.parametrize("size", [30 * 2**20, 1024, 1])
+def test_the_page_accepts_no_uploads(live_app, size):
+    """The page has no upload component: a file of any size is refused (413, or the connection closed while a large
+    one is still being sent) and nothing is stored for the page's address to serve back."""
+    from gradio.utils import get_upload_folder
+
+    name = f"payload-{uuid.uuid4().hex}.html"  # a name no earlier run can have left in Gradio's upload folder
+    status, body = post_upload(live_app.url, name, b"x" * size)
+    assert (status == 413 and "maximum allowed size" in body) or (status == 0 and size > 2**20), (status, body)
+    assert not list(Path(get_upload_folder()).rglob(name))
+
+
 def test_page_serves_its_html_and_names_the_model(live_app):
     with urllib.request.urlopen(live_app.url, timeout=30) as response:
         assert response.status == 200
@@ -548,6 +587,43 @@ def test_votes_from_many_sessions_at_once_are_all_stored(live_app):
     assert len(rows) == len(winners) == len(rounds)
     assert sorted(row["winner"] for row in rows) == sorted(winners)
     assert {row["conversation"][0]["content"] for row in rows} == {f"Session {i} says hi" for i in range(len(winners))}
+
+
+def test_twenty_votes_sent_at_once_on_one_comparison_store_one(live_app):
+    """One blind round, then twenty vote requests of the same session at once, with opposite winners: one row (the
+    page's check of "already voted" alone races: every request reads the round before any has voted)."""
+    client = client_for(live_app.url)
+    client.predict("Is it raining outside ?", *CHAT_ARGS, api_name="/compare")
+    before = len(read_votes(live_app.votes_db))
+    jobs = [client.submit(api_name=f"/vote_{('a', 'b')[index % 2]}") for index in range(20)]
+    for job in jobs:
+        job.result(timeout=60)
+    rows = read_votes(live_app.votes_db)[before:]
+    assert len(rows) == 1 and rows[0]["conversation"][0]["content"] == "Is it raining outside ?"
+    assert len({row["comparison"] for row in read_votes(live_app.votes_db)}) == before + 1
+
+
+def test_a_vote_another_request_stored_first_is_reported_as_already_counted(tiny_model, tiny_tokenizer, tmp_path):
+    from gpt2ft.votes import init_votes_db
+
+    votes_db = init_votes_db(tmp_path / "votes.sqlite")
+    page = setup_page(
+        served(tiny_model, tiny_tokenizer, "m"), served(tiny_model, tiny_tokenizer, "o"), votes_db, 30, None
+    )
+    round_ = {
+        "conversation": [{"role": "user", "content": "Hi"}],
+        "replies": {"a": "Hello.", "b": "Hey."},
+        "models": {"a": "m", "b": "o"},
+        "settings": {"greedy": True},
+        "voted": False,
+        "comparison": "c1",
+    }
+    first = make_vote(page, "a")(round_)
+    assert first[0]["voted"] and "You voted **A is better**" in first[3]
+    with pytest.warns(UserWarning, match="already counted"):
+        second = make_vote(page, "b")(round_)  # the same round, as a request racing the first one read it
+    assert all(item == {"__type__": "update"} for item in second)  # gr.skip(): the page keeps the first reveal
+    assert [row["winner"] for row in read_votes(votes_db)] == ["a"]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from conftest import (
 from gpt2ft.cli import main
 from gpt2ft.conversations import LABELS, roles_of, turns_of
 from gpt2ft.data import IGNORE_INDEX, key_share, prepare_dialogs, tokenize_dialogs
-from gpt2ft.sources import DataError, load_source, parse_hub_spec
+from gpt2ft.sources import DataError, check_utf8, load_source, parse_hub_spec
 
 CONVERSATIONS = make_conversations(80, 0)
 
@@ -394,3 +394,18 @@ def test_train_on_your_own_conversations_and_chat_with_a_pipeline(kind, tmp_path
     card = Path(run_dirs["output"], "README.md").read_text()
     assert "fine-tuned on" in card and "DailyDialog" not in card.split("## Data")[0]
     shutil.rmtree(run_dirs["output"])
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3, 7, 1 << 20])
+def test_check_utf8_names_the_line_and_offset_across_block_boundaries(tmp_path, block_size):
+    """Multi-byte characters cut by a block boundary are fine; the first bad byte is found wherever it falls."""
+    path = tmp_path / "chats.jsonl"
+    good = "café ☕ naïve\n".encode() * 3
+    path.write_bytes(good)
+    check_utf8(path, block_size)
+    path.write_bytes(good + "ü".encode() + b"\xe2\x98\n")  # a cut-short character on line 4
+    with pytest.raises(DataError, match=rf"chats.jsonl:4: not UTF-8 text \(byte 0xe2 at offset {len(good) + 2}\)"):
+        check_utf8(path, block_size)
+    path.write_bytes(good[:-1] + b"\xe2\x98")  # ... or at the very end of the file
+    with pytest.raises(DataError, match=rf":3: not UTF-8 text \(byte 0xe2 at offset {len(good) - 1}\)"):
+        check_utf8(path, block_size)

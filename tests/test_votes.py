@@ -16,8 +16,10 @@ import pytest
 from gpt2ft.cli import main
 from gpt2ft.votes import (
     COLUMNS,
+    VoteAlreadyCounted,
     VotesError,
     init_votes_db,
+    load_votes,
     read_votes,
     record_vote,
     summarize_votes,
@@ -61,6 +63,7 @@ def test_schema_has_the_issue_columns_and_wal_mode(tmp_path):
             "model_b",
             "winner",
             "settings",
+            "comparison",
         ]
     )
     assert mode == "wal"
@@ -140,6 +143,132 @@ def test_concurrent_writers_in_processes_lose_nothing(tmp_path):
         results = pool.starmap(write_votes, [(path, writer, 20) for writer in range(3)])
     assert sum(len(ids) for ids in results) == 60
     assert len(read_votes(path)) == 60
+
+
+def test_concurrent_votes_on_one_comparison_store_one_row(tmp_path):
+    """Twenty requests racing to vote on the same two replies (opposite winners): one row, the others are told."""
+    path = str(init_votes_db(tmp_path / "votes.sqlite"))
+    vote(path, winner="tie")  # another comparison's vote, untouched
+    start = threading.Barrier(20)
+    stored, refused, errors = [], [], []
+
+    def voter(index: int) -> None:
+        try:
+            start.wait()
+            winner = ("a", "b")[index % 2]
+            stored.append(
+                record_vote(
+                    path,
+                    CONVERSATION,
+                    "Fine.",
+                    "Good.",
+                    "tuned",
+                    "gpt2",
+                    winner,
+                    {**SETTINGS, "model": "tuned"},
+                    comparison="c1",
+                )
+            )
+        except VoteAlreadyCounted as error:
+            refused.append(str(error))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=voter, args=(index,)) for index in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(stored) == 1 and len(refused) == 19
+    assert "comparison c1 already has its vote" in refused[0]
+    rows = read_votes(path)
+    assert len(rows) == 2 and [row["comparison"] for row in rows][1] == "c1" and rows[1]["id"] == stored[0]
+    assert summarize_votes(path)["pairs"][0]["votes"] == 2
+    with sqlite3.connect(path) as connection, pytest.raises(sqlite3.IntegrityError):  # the table itself refuses
+        connection.execute(
+            "INSERT INTO votes (created_at, conversation, reply_a, reply_b, model_a, model_b, winner, settings, "
+            "comparison) VALUES ('t', '[]', '', '', 'x', 'y', 'a', '{}', 'c1')"
+        )
+
+
+OLD_SCHEMA = """CREATE TABLE votes (id INTEGER PRIMARY KEY AUTOINCREMENT, created_at TEXT NOT NULL,
+    conversation TEXT NOT NULL, reply_a TEXT NOT NULL, reply_b TEXT NOT NULL, model_a TEXT NOT NULL,
+    model_b TEXT NOT NULL, winner TEXT NOT NULL, settings TEXT NOT NULL)"""
+
+
+def old_database(path, rows) -> None:
+    """A votes database as gpt2ft wrote it before the comparison id: (created_at, reply_a, winner) a row."""
+    with sqlite3.connect(path) as connection:
+        connection.execute(OLD_SCHEMA)
+        connection.executemany(
+            "INSERT INTO votes (created_at, conversation, reply_a, reply_b, model_a, model_b, winner, settings) "
+            "VALUES (?, ?, ?, 'Good.', 'tuned', 'gpt2', ?, '{}')",
+            [(created, json.dumps(CONVERSATION), reply, winner) for created, reply, winner in rows],
+        )
+
+
+def test_a_database_from_before_the_comparison_id_keeps_the_first_of_duplicate_votes(tmp_path):
+    path = tmp_path / "votes.sqlite"
+    old_database(
+        path,
+        [
+            ("2025-01-31T12:00:00+00:00", "Fine.", "a"),
+            ("2025-01-31T12:00:01+00:00", "Fine.", "b"),  # the race: the same replies voted on again at once
+            ("2025-01-31T12:00:01+00:00", "Other.", "b"),  # another comparison
+            ("2025-01-31T12:05:00+00:00", "Fine.", "b"),  # the same replies shown again minutes later: a new vote
+        ],
+    )
+    before = path.read_bytes()
+    read = load_votes(path)  # `votes` and `prefer` read it as it is, never changing it
+    assert [v["id"] for v in read.votes] == [1, 3, 4] and read.duplicates == [2] and path.read_bytes() == before
+    assert summarize_votes(path)["skipped"] == {"unreadable": 0, "duplicates": 1}
+
+    init_votes_db(path)  # `serve` opens it: the column, its unique index, the duplicate moved aside
+    with sqlite3.connect(path) as connection:
+        assert "comparison" in [row[1] for row in connection.execute("PRAGMA table_info(votes)")]
+        assert connection.execute("SELECT id, winner FROM duplicate_votes").fetchall() == [(2, "b")]
+    assert [(v["id"], v["winner"]) for v in read_votes(path)] == [(1, "a"), (3, "b"), (4, "b")]
+    vote(path)
+    with pytest.raises(VoteAlreadyCounted):
+        record_vote(
+            path, CONVERSATION, "x", "y", "tuned", "gpt2", "a", SETTINGS, comparison=read_votes(path)[-1]["comparison"]
+        )
+    init_votes_db(path)  # again: nothing more to do
+    assert len(read_votes(path)) == 4
+
+
+def test_rows_with_null_or_numbers_are_skipped_and_counted_everywhere(tmp_path, capsys):
+    """A table another tool wrote (no column types, so numbers stay numbers): `votes` and tally_votes skip and count
+    the rows whose winner, models or replies are not text, instead of failing while sorting."""
+    path = tmp_path / "foreign.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "CREATE TABLE votes (id INTEGER PRIMARY KEY, created_at, conversation, reply_a, reply_b, model_a, "
+            "model_b, winner, settings)"
+        )
+        rows = [("tuned", "gpt2", "a", "Fine."), (None, "gpt2", "a", "x"), (5, "gpt2", "b", "y")]
+        rows += [("tuned", "gpt2", None, "z"), ("tuned", "gpt2", 3, "w"), ("tuned", 7.5, "a", "v"), ("t", "g", "a", 1)]
+        connection.executemany(
+            "INSERT INTO votes (created_at, conversation, reply_a, reply_b, model_a, model_b, winner, settings) "
+            "VALUES ('t', ?, ?, '', ?, ?, ?, NULL)",
+            [(json.dumps(CONVERSATION), reply, model_a, model_b, winner) for model_a, model_b, winner, reply in rows],
+        )
+    read = load_votes(path)
+    assert [v["id"] for v in read.votes] == [1] and read.unreadable == [2, 3, 4, 5, 6, 7]
+    assert main(["votes", "--db", str(path)]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["skipped"] == {"unreadable": 6, "duplicates": 0}
+    assert [(p["model"], p["votes"]) for p in payload["pairs"]] == [("gpt2", 1)]
+
+    # Imported here: both load transformers, which the rest of this module does without.
+    from gpt2ft.preferences import SKIP_BAD_ROW, Skips, votes_records
+    from gpt2ft.serve import results_rows
+
+    assert [row[:3] for row in results_rows(path, {})] == [["gpt2", "tuned", 1]]  # serve's Results tab
+    skips = Skips()
+    records, counts = votes_records(path, "dpo", skips)  # what `prefer --data` learns from
+    assert len(records) == 1 and counts["votes"] == 1
+    assert skips.counts[SKIP_BAD_ROW] == 6 and skips.first[SKIP_BAD_ROW].endswith("vote 2")
 
 
 def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path):
