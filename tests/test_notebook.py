@@ -623,6 +623,8 @@ def test_notebook_runs_end_to_end_with_papermill(tiny_model_dir, dailydialog_dir
     """
     import papermill
 
+    from gpt2ft.chat_format import template_of
+    from gpt2ft.controls import conditioned_template
     from gpt2ft.data import prepare_dialogs
     from gpt2ft.evaluation import evaluate_dialogs
     from gpt2ft.modeling import load_model_and_tokenizer
@@ -689,6 +691,10 @@ def test_notebook_runs_end_to_end_with_papermill(tiny_model_dir, dailydialog_dir
     match = re.search(r"validation before fine-tuning: loss ([\d.]+), perplexity ([\d.]+)", before_text)
     assert match, before_text
     base_model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    # condition = "auto" on DailyDialog: the run trains with emotion and act controls, and scores the held-out turns
+    # with their true labels in front (data.labels_of), so the independent figure renders them the same way.
+    assert set(metrics["control"]["fields"]) == {"emotion", "act"}
+    tokenizer.chat_template = conditioned_template(template_of(tokenizer), ("emotion", "act"))
     base = evaluate_dialogs(base_model.eval(), tokenizer, prepared.dialogs["validation"], batch_size=32)
     assert float(match.group(1)) == pytest.approx(base["loss"], abs=1e-4)
 
