@@ -23,6 +23,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .errors import DataError
 from .logs import as_float, percentile, read_jsonl
 
 TRAIN_LOG = "train_log.jsonl"
@@ -586,10 +587,19 @@ def write_charts(logs_dir: str | Path, images_dir: str | Path) -> list[Path]:
 
     Returns:
         The paths written, in the order of CHART_FILES.
+
+    Raises:
+        DataError: neither log has a record (nothing is written).
     """
     logs, images = Path(logs_dir), Path(images_dir)
     train_records = read_jsonl(logs / TRAIN_LOG)
     system_records = read_jsonl(logs / SYSTEM_LOG)
+    if not train_records and not system_records:
+        # A typo'd folder must not redraw every chart as empty panels over the run's real ones.
+        raise DataError(
+            f"--logs-dir {logs_dir}: no {TRAIN_LOG} or {SYSTEM_LOG} records there (a train or prefer run writes them "
+            f"to its --logs-dir); nothing was drawn, and {images_dir} was left as it was"
+        )
     figures = (
         plot_training(train_records),
         plot_gpu(system_records),

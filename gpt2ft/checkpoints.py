@@ -45,6 +45,9 @@ def staging_dir(output_dir: Path, kind: str) -> Path:
 # --------------------------------------------------------------------------------------------------------------
 
 
+KEEP_FILE = ".gitkeep"  # what keeps the repository's empty gpt2_finetuned/ in git
+
+
 def is_gpt2ft_output(path: Path) -> bool:
     """True if `path` holds a model written by gpt2ft (or is the repository's empty artifact folder)."""
     marker = path / TRAINING_CONFIG
@@ -53,7 +56,7 @@ def is_gpt2ft_output(path: Path) -> bool:
             return "gpt2ft_version" in json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return False
-    return {entry.name for entry in path.iterdir()} <= {".gitkeep"}
+    return {entry.name for entry in path.iterdir()} <= {KEEP_FILE}
 
 
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
@@ -133,6 +136,8 @@ def save_final_model(
                 shutil.copy2(path, staging / Path(path).name)
             if adapter is not None:
                 adapter.save_pretrained(staging / "adapter")
+            if (output / KEEP_FILE).is_file():  # the repository's tracked placeholder outlives the folder's swap
+                shutil.copy2(output / KEEP_FILE, staging / KEEP_FILE)
         if output.exists():
             output.rename(old)
         staging.rename(output)

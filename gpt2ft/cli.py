@@ -45,12 +45,14 @@ from .config import (
     config_fields,
     flag_name,
     load_config_file,
+    recorded_start,
     saved_run_config,
 )
 from .controls import asked
 from .conversations import LABELS
 from .errors import Gpt2ftError
 from .export import DEFAULT_OUTTYPE, FORMATS, OUTTYPES, ExportError, export_gguf
+from .families import check_model_source
 from .votes import DEFAULT_VOTES_DB, VotesError, summarize_votes
 
 # The commands' own modules import torch, transformers, matplotlib, gradio and the rest when a command runs, not
@@ -235,7 +237,9 @@ def build_parser() -> Parser:
     add_decoding_flags(chat)
 
     compare = commands.add_parser("compare", help="before/after table: base model vs fine-tuned model")
-    compare.add_argument("--base", default="gpt2", help="the model before fine-tuning")
+    compare.add_argument(
+        "--base", default=None, help="the model before fine-tuning (default: the one --tuned's folder records)"
+    )
     compare.add_argument("--tuned", default=OUTPUT_DIR, help="the fine-tuned model")
     compare.add_argument("--split", default="test", choices=("validation", "test"))
     compare.add_argument("--max-dialogs", type=int, default=None)
@@ -409,9 +413,6 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_dialogs, evaluate_replies
-    from .generate import load_for_generation
-
     check_positive("max_dialogs", args.max_dialogs)
     check_positive("batch_size", args.batch_size)
     if args.samples < 0:
@@ -419,6 +420,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.control < 0:
         raise UsageError(f"--control: must be >= 0, got {args.control}")
     decoding = decoding_from_args(args)
+    check_model_source(args.model)  # before torch loads: a missing folder or unreachable Hub is one line
+    from .evaluation import evaluate_dialogs, evaluate_replies
+    from .generate import load_for_generation
+
     model, tokenizer = load_for_generation(args.model)
     dialogs, loss_on, max_length = held_out_dialogs(args, args.model)
     if args.control:
@@ -444,37 +449,47 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    decoding = decoding_from_args(args)
+    check_model_source(args.model)  # before torch loads: a missing folder or unreachable Hub is one line
     from .generate import generate_reply, load_for_generation
 
-    decoding = decoding_from_args(args)
     model, tokenizer = load_for_generation(args.model)
     print(generate_reply(model, tokenizer, args.turns, **decoding).text)
     return 0
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    decoding = decoding_from_args(args)
+    check_model_source(args.model)  # before torch loads: a missing folder or unreachable Hub is one line
     from .generate import chat_in_terminal, load_for_generation
 
-    decoding = decoding_from_args(args)
     model, tokenizer = load_for_generation(args.model)
     chat_in_terminal(model, tokenizer, system=args.system, **decoding)
     return 0
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from .evaluation import compare_models, format_comparison
-
     check_positive("max_dialogs", args.max_dialogs)
     decoding = decoding_from_args(args)
+    check_model_source(args.tuned, "--tuned")
+    base = args.base or recorded_start(args.tuned)
+    if base is None:
+        raise UsageError(f"--base: {args.tuned} records no starting model; name the model to compare with")
+    check_model_source(base, "--base")
+    from .evaluation import compare_models, comparison_decoding, describe_decoding, format_comparison
+
+    decoding = comparison_decoding(**decoding)
     dialogs, loss_on, max_length = held_out_dialogs(args, args.tuned)
     rows = compare_models(
-        {"base": args.base, "fine-tuned": args.tuned},
+        {"base": base, "fine-tuned": args.tuned},
         dialogs,
         samples=args.samples,
         loss_on=loss_on,
         max_length=max_length,
+        flags={"base": "--base", "fine-tuned": "--tuned"},
         **decoding,
     )
+    print(describe_decoding(decoding))
     print(format_comparison(rows))
     return 0
 

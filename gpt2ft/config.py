@@ -139,6 +139,11 @@ class RunConfig:
         "path.",
     )
     overwrite: bool = setting(False, "Replace an output folder that holds something other than a gpt2ft model.")
+    allow_unchanged: bool = setting(
+        False,
+        "Exit 0 even when the saved weights equal the starting model's (a warning, metrics.json and the card still "
+        "say so).",
+    )
     report_to: str = setting("none", "Also report to 'tensorboard' or 'wandb' (comma-separated), through the Trainer.")
     system_interval_s: float = setting(2.0, "Seconds between system-metric samples (CPU, memory, disk, GPU).")
     num_workers: int = setting(-1, "DataLoader worker processes; -1 = 2 on CUDA, 0 on CPU.")
@@ -505,6 +510,15 @@ def read_training_config(model_dir: str | Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return saved if isinstance(saved, dict) else {}
+
+
+def recorded_start(model_dir: str | Path) -> str | None:
+    """The model a gpt2ft folder started from, as its training_config.json records it: a preferred model's
+    `started_from`, a fine-tuned model's `config.model`; None when neither is recorded."""
+    saved = read_training_config(model_dir)
+    config = saved.get("config") if isinstance(saved.get("config"), dict) else {}
+    start = saved.get("started_from") or config.get("model")
+    return start if isinstance(start, str) and start else None
 
 
 def saved_run_config(model_dir: str | Path) -> tuple[TrainConfig, int | None]:

@@ -32,3 +32,8 @@ class TrainingError(Gpt2ftError, RuntimeError):
 
 class DiskFullError(TrainingError):
     """A disk filled up while gpt2ft wrote to it; the message names the folder, the space needed and what was kept."""
+
+
+class UnchangedWeightsError(TrainingError):
+    """Training finished but the saved weights equal the starting model's: every update was too small (a learning
+    rate too low for the steps taken) or skipped; the message says what to change. The model is saved all the same."""

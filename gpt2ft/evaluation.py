@@ -20,7 +20,7 @@ from .controls import controls_of
 from .conversations import LABELS, roles_of, turns_of
 from .data import DialogueCollator, iter_dump_records, tokenize_dialogs
 from .errors import ConfigError
-from .generate import generate_reply, load_for_generation
+from .generate import GENERATION_DEFAULTS, REPLY_NO_REPEAT_NGRAM, generate_reply, load_for_generation
 from .logs import write_jsonl
 from .loss import core_model, last_hidden_states, token_nll_sum
 from .modeling import autocast_context, device_precision, model_context, without_kv_cache
@@ -303,33 +303,80 @@ def evaluate_replies(
     return reply_metrics(records)
 
 
+def comparison_decoding(greedy: bool = False, seed: int | None = None, **settings: Any) -> dict[str, Any]:
+    """One explicit set of decoding settings for every model of a comparison: gpt2ft's dialogue defaults
+    (GENERATION_DEFAULTS and the reply-only no-repeat guard) with the command's own settings over them, and a seed,
+    so no model falls back on its own saved generation config (a base model's is often greedy) and every model's
+    sampling starts from the same random state.
+
+    Returns:
+        generate_reply's keyword arguments: greedy, seed, controls and every generation setting, none left unset.
+    """
+    controls = settings.pop("controls", None)
+    explicit: dict[str, Any] = {
+        **GENERATION_DEFAULTS,
+        "no_repeat_ngram_size": REPLY_NO_REPEAT_NGRAM,
+        "repetition_penalty": 1.0,
+    }
+    explicit.update({key: value for key, value in settings.items() if value is not None})
+    if greedy:
+        explicit.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return {"greedy": greedy, "seed": 0 if seed is None else seed, "controls": controls, **explicit}
+
+
+def describe_decoding(decoding: dict[str, Any]) -> str:
+    """The one line a comparison prints about how every model was decoded."""
+    shown = {key: value for key, value in decoding.items() if value is not None and key not in ("greedy", "controls")}
+    line = "decoding (every model): " + ", ".join(f"{key}={value}" for key, value in shown.items())
+    controls = decoding.get("controls")
+    return line + (f"; asked for {', '.join(f'{k}={v}' for k, v in controls.items())}" if controls else "")
+
+
 def compare_models(
     models: dict[str, str],
     dialogs: Any,
     samples: int = 50,
     loss_on: str = "all",
     max_length: int | None = None,
+    flags: dict[str, str] | None = None,
     **decoding: Any,
 ) -> list[dict[str, Any]]:
-    """Perplexity and reply metrics for each model on the same dialogues with the same decoding settings.
+    """Perplexity and reply metrics for each model on the same dialogues with the same decoding settings
+    (comparison_decoding makes them explicit). Controls asked for (`controls`) go to each model whose template takes
+    them; a model trained without them answers unasked (its row says which it got).
 
     Args:
         models: label -> model folder or Hub id, e.g. {"base": "gpt2", "fine-tuned": "gpt2_finetuned"}.
+        flags: label -> the flag that named the model (`--base`), for error messages.
 
     Returns:
         One row a model: label, model, perplexity, loss, eos_rate, distinct_1, distinct_2, mean_reply_tokens,
-        repeat_rate.
+        repeat_rate (and controls, when some were asked for).
+
+    Raises:
+        ModelError: a model cannot be loaded (naming its flag); ConfigError: no model takes a control asked for.
     """
-    rows = []
+    controls = dict(decoding.pop("controls", None) or {})
+    rows, taken_by_any = [], set()
     for label, name in models.items():
-        model, tokenizer = load_for_generation(name)
+        model, tokenizer = load_for_generation(name, flag=(flags or {}).get(label, "--model"))
         row: dict[str, Any] = {"label": label, "model": name}
         scored = evaluate_dialogs(model, tokenizer, dialogs, max_length=max_length, loss_on=loss_on)
         row.update(loss=scored["loss"], perplexity=scored["perplexity"])
+        taken = controls_of(template_of(tokenizer))
+        own = {field: label_ for field, label_ in controls.items() if field in taken}
+        taken_by_any.update(own)
+        if controls:
+            row["controls"] = ", ".join(f"{k}={v}" for k, v in own.items()) or "none (not trained with them)"
         if samples:
-            row.update(evaluate_replies(model, tokenizer, dialogs, samples, **decoding))
+            row.update(evaluate_replies(model, tokenizer, dialogs, samples, controls=own or None, **decoding))
         rows.append(row)
         del model
+    if missing := sorted(set(controls) - taken_by_any):
+        raise ConfigError(
+            f"--{missing[0]} {controls[missing[0]]}: no compared model was trained with {missing[0]} controls; train "
+            f"one with --condition {missing[0]}"
+        )
     return rows
 
 
@@ -341,6 +388,7 @@ COMPARISON_COLUMNS = (
     ("distinct_2", "distinct-2", "{:.3f}"),
     ("mean_reply_tokens", "mean reply tokens", "{:.1f}"),
     ("repeat_rate", "repeat rate", "{:.2f}"),
+    ("controls", "controls", "{}"),
 )
 
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from .errors import ModelError
 
@@ -129,6 +131,7 @@ def check_model_source(name: str, flag: str = "--model") -> dict[str, Any] | Non
     """
     path = Path(name).expanduser()
     if not looks_like_path(name):
+        check_hub_reachable(name, flag)
         return None
     if not path.is_dir():
         typo = similar_folder(Path(name).name)
@@ -151,6 +154,33 @@ def check_model_source(name: str, flag: str = "--model") -> dict[str, Any] | Non
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ModelError(f"{flag} {name}: no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
     return config
+
+
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether the Hub's host answers a connection within `timeout` seconds."""
+    host = urlparse(endpoint).hostname or endpoint
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_hub_reachable(name: str, flag: str = "--model") -> None:
+    """A Hub id that is neither in the local Hugging Face cache nor reachable is one line at once, instead of a
+    minute of the Hub client's retries and then an error that never says the name is not a folder here.
+
+    Raises:
+        ModelError: the id is not cached and the Hub is offline (HF_HUB_OFFLINE) or does not answer.
+    """
+    # Deferred: huggingface_hub is needed only for a Hub id, and the command line checks folders before it loads.
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # cached: it loads without the network
+    if constants.HF_HUB_OFFLINE or not hub_reachable(constants.ENDPOINT):
+        why = "offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else "the Hub is unreachable"
+        raise ModelError(f"{flag} {name}: not a local folder, and {why} (it is not in the local Hugging Face cache)")
 
 
 def integer(config: Mapping[str, Any], *keys: str, default: int | None = None) -> int:

@@ -20,7 +20,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 from .chat_format import as_messages, render_ids, stop_token_ids, template_of
 from .controls import controls_of
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .modeling import load_model_and_tokenizer, model_context
 
 # Dialogue-friendly decoding, saved into every model's generation_config.json:
@@ -226,9 +226,18 @@ def generate_reply(
     return Reply(text=text, tokens=len(new_tokens), ended_with_eos=ended)
 
 
-def load_for_generation(model_dir: str, device: str | None = None) -> tuple[Any, Any]:
-    """Model (in eval mode, on the GPU when there is one) and tokenizer from a saved folder or Hub id."""
-    model, tokenizer = load_model_and_tokenizer(model_dir)
+def load_for_generation(model_dir: str, device: str | None = None, flag: str = "--model") -> tuple[Any, Any]:
+    """Model (in eval mode, on the GPU when there is one) and tokenizer from a saved folder or Hub id.
+
+    Raises:
+        ModelError: the model cannot be used, naming it by `flag` (the option the user typed, e.g. `--base`).
+    """
+    try:
+        model, tokenizer = load_model_and_tokenizer(model_dir)
+    except ModelError as error:
+        if flag == "--model":
+            raise
+        raise ModelError(str(error).replace("--model", flag, 1)) from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 

@@ -224,6 +224,18 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numbers: bool =
     return "\n".join(lines)
 
 
+def _unchanged_warning(metrics: Mapping[str, Any]) -> list[str]:
+    """A warning for a model whose weights equal its starting model's (metrics' weights_changed: false)."""
+    if metrics.get("weights_changed", True) is not False:
+        return []
+    return [
+        f"> **Warning:** the saved weights equal the starting model's: after {format_int(metrics.get('steps'))} "
+        "steps no weight had moved measurably, so this model answers exactly as the one it started from. A higher "
+        "learning rate, more epochs or more data would change that.",
+        "",
+    ]
+
+
 def _results(metrics: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
     rows = [
         [
@@ -251,6 +263,7 @@ def _results(metrics: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
         [
             "## Results",
             "",
+            *_unchanged_warning(metrics),
             _table(["split", "loss", "perplexity", "bits per byte", "dialogues"], rows),
             "",
             "Loss is the mean cross-entropy (nats) per predicted token, weighted by tokens over the whole split; "
@@ -703,6 +716,7 @@ def _preference_results(metrics: Mapping[str, Any]) -> str:
         [
             "## Results",
             "",
+            *_unchanged_warning(metrics),
             _table(["held-out measure", "before", "after"], rows),
             "",
             reward,

@@ -253,8 +253,24 @@ def report_data(plan: RunPlan, data: PreferenceData) -> None:
     )
     for line in data.skipped:
         logger.info(f"  {line}")
+    if few := few_pairs_line(len(data.records["train"]), data.unit):
+        logger.warning(few)
     if data.supervised is not None:
         logger.info(data.supervised.described)
+
+
+# Below this many training pairs a preference run is a trial: a few steps, a held-out score of a handful of pairs.
+FEW_PAIRS = 50
+
+
+def few_pairs_line(count: int, unit: str = "pairs") -> str | None:
+    """What to expect from a run on few pairs (None from FEW_PAIRS up)."""
+    if count >= FEW_PAIRS:
+        return None
+    return (
+        f"only {count} training {unit}: expect a small change, measured on very few held-out {unit} (each moves the "
+        f"reward accuracy a lot); a few hundred votes make a clearer difference"
+    )
 
 
 def load_policy(plan: RunPlan) -> LoadedModel:

@@ -22,16 +22,19 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from huggingface_hub import ModelCard
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
@@ -51,6 +54,7 @@ from .checkpoints import (
 )
 from .config import RunConfig, changed_fields, run_defining_fields
 from .data import IGNORE_INDEX
+from .errors import UnchangedWeightsError
 from .export import add_n_ctx
 from .generate import build_generation_config, load_for_generation
 from .logs import append_jsonl, space_for, write_json, write_jsonl, write_text_atomic
@@ -219,23 +223,120 @@ class JsonlLogCallback(TrainerCallback):
         return control
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The learning-rate schedule, and whether the weights moved at all
+# --------------------------------------------------------------------------------------------------------------
+
+# Warm-up takes at most this share of a run's steps: a run of a few steps (a handful of votes) must spend most of
+# them learning, not warming up.
+MAX_WARMUP_SHARE = 0.25
+# Elements of each trainable tensor remembered at the start: enough to see any real update (AdamW moves nearly every
+# element of a tensor it updates), a few MB in all even for a 1B model.
+WEIGHT_SAMPLE = 4096
+# A sampled element that moved less than this has not moved: AdamW's first step moves an element by about the
+# learning rate (5e-6 and up here), while 1e-7 is an fp32 weight's own rounding near 1.
+WEIGHTS_TOLERANCE = 1e-7
+
+
+def capped_warmup(total_steps: int, warmup: float) -> int:
+    """Warm-up steps of a run of `total_steps`: `warmup` as a share of the run (below 1) or as steps, at most
+    MAX_WARMUP_SHARE of the run, so warm-up never takes all of a short run's steps."""
+    requested = int(warmup) if warmup >= 1 else math.ceil(total_steps * warmup)
+    return max(0, min(requested, int(total_steps * MAX_WARMUP_SHARE)))
+
+
+def warm_then_decay(step: int, warmup: int, total: int) -> float:
+    """The learning rate's multiplier at `step` (0-based): a linear rise that starts one step in rather than at 0
+    (transformers' linear schedule gives its first step a learning rate of 0, so a one-step run learns nothing),
+    then linear decay that reaches 0 after the last step."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+@dataclass(frozen=True)
+class WeightSample:
+    """A fixed random sample of every trainable tensor's elements, as they were when the run started."""
+
+    positions: dict[str, torch.Tensor]  # parameter name -> flat indices (CPU)
+    values: dict[str, torch.Tensor]  # parameter name -> the values there (CPU, fp32)
+
+
+def trainable(model: Any) -> dict[str, torch.Tensor]:
+    return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+@torch.no_grad()
+def sample_weights(model: Any, per_tensor: int = WEIGHT_SAMPLE, seed: int = 0) -> WeightSample:
+    """Remember `per_tensor` elements of each trainable tensor of `model` (weight_change compares them later)."""
+    generator = torch.Generator().manual_seed(seed)
+    positions, values = {}, {}
+    for name, parameter in trainable(model).items():
+        flat = parameter.detach().reshape(-1)
+        index = torch.randint(0, flat.numel(), (min(per_tensor, flat.numel()),), generator=generator)
+        positions[name] = index
+        values[name] = flat[index.to(flat.device)].float().cpu()
+    return WeightSample(positions, values)
+
+
+@torch.no_grad()
+def weight_change(model: Any, sample: WeightSample) -> float:
+    """The largest change of a sampled element since `sample` was taken (0.0: nothing sampled moved)."""
+    parameters = dict(model.named_parameters())
+    largest = 0.0
+    for name, index in sample.positions.items():
+        if name not in parameters:
+            continue
+        flat = parameters[name].detach().reshape(-1)
+        now = flat[index.to(flat.device)].float().cpu()
+        largest = max(largest, float((now - sample.values[name]).abs().max()))
+    return largest
+
+
 class WholeRunTrainer:
     """What gpt2ft adds to a Trainer (training.DialogueTrainer; TRL's DPO and KTO trainers in prefer.py): the
     whole-run totals of RunTotals counted each micro-batch and logged, a non-finite gradient norm caught as a bad
     step, and no checkpoint written after one. Subclasses say which of a batch's positions are targets
     (`target_labels`).
 
-    Four of the Trainer's hooks here are private methods, because the Trainer has no public one for them:
+    The learning rate follows warm_then_decay (create_scheduler): warm-up capped at a share of the run and never a
+    step at learning rate 0. A checkpoint whose weights still equal the start (`start_weights`, set by `fit`) is
+    never taken for the best one.
+
+    Five of the Trainer's hooks here are private methods, because the Trainer has no public one for them:
     `_clip_grad_norm` is the only place the step's gradient norm exists as a tensor (callbacks get it as a float,
     read from the GPU), `_save_checkpoint` is where every save goes, whichever callback asked for it,
     `_issue_warnings_after_load` is where loading the best checkpoint back reports keys, and `_run_epoch` is the
-    only place before a resumed epoch's first step (a callback's stop is read only after a step). tests/test_runs.py
+    only place before a resumed epoch's first step (a callback's stop is read only after a step), and
+    `_determine_best_metric` is where an evaluation is taken for the best so far. tests/test_runs.py
     pins them (they exist, are called as relied on, and take what is passed).
     """
 
     def __init__(self, *args: Any, precision: str = "fp32", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.precision = precision
+        self.start_weights: WeightSample | None = None
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        if self.lr_scheduler is None:
+            warmup = capped_warmup(num_training_steps, self.args.warmup_steps)
+            schedule = partial(warm_then_decay, warmup=warmup, total=num_training_steps)
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, schedule)
+            self._created_lr_scheduler = True  # the Trainer rebuilds its own scheduler on a second train() call
+        return self.lr_scheduler
+
+    def weights_moved(self) -> bool:
+        """Whether the weights differ from the start (True when there is nothing to compare with)."""
+        if self.start_weights is None:
+            return True
+        return weight_change(self.accelerator.unwrap_model(self.model), self.start_weights) > WEIGHTS_TOLERANCE
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
+        """An evaluation of weights that have not moved yet (every step so far at a learning rate too small, or
+        skipped by fp16's loss scaler) is the starting model's, and never the best checkpoint."""
+        if not self.weights_moved():
+            return False
+        return super()._determine_best_metric(metrics, trial)
 
     @property
     def run_totals(self) -> RunTotals:
@@ -603,6 +704,8 @@ def fit(
         )
         monitor.start()
     fitted = FitResult(trainer, resume_from, monitor)
+    # Before train(): a resumed run loads its checkpoint inside it, so this is the starting model's weights.
+    trainer.start_weights = sample_weights(trainer.accelerator.unwrap_model(trainer.model))
     try:
         with warnings.catch_warnings():
             # PEFT and TRL still call transformers' deprecated is_gradient_checkpointing: not the user's to fix.
@@ -635,12 +738,21 @@ def run_facts(plan: RunPlan, fitted: FitResult, loaded: LoadedModel) -> dict[str
     """What every stage's metrics.json says about its run: the whole-run totals (RunTotals, across resumes) and how
     it ran (window, method, parameters, precision, device, processes, resume, presets, peak GPU memory)."""
     state, totals = fitted.trainer.state, fitted.totals
+    start = fitted.trainer.start_weights
+    change = (
+        weight_change(fitted.trainer.accelerator.unwrap_model(fitted.trainer.model), start)
+        if start is not None
+        else None
+    )
     peak = torch.cuda.max_memory_allocated(plan.args.device) / 2**20 if plan.hardware.device == "cuda" else None
     return {
         "train_loss": totals.mean_loss(state.global_step),
         "train_runtime_s": totals.seconds,
         "train_tokens": totals.target_tokens,
         "train_tokens_per_s": totals.target_tokens / totals.seconds if totals.seconds > 0 else 0.0,
+        # The weights as saved (the best checkpoint's) beside the starting model's, on a sample of every tensor.
+        "weights_changed": change is None or change > WEIGHTS_TOLERANCE,
+        "weights_max_change": change,
         "epochs": state.epoch,
         "steps": state.global_step,
         "max_length": plan.max_length,
@@ -655,6 +767,33 @@ def run_facts(plan: RunPlan, fitted: FitResult, loaded: LoadedModel) -> dict[str
         # The caching allocator's high-water mark in this process (training and evaluation), CUDA only.
         "peak_gpu_allocated_mb": round(peak, 1) if peak is not None else None,
     }
+
+
+UNCHANGED_ADVICE = (
+    "every update was too small to move them: a higher --learning-rate, more --epochs or more data (or "
+    "--allow-unchanged to accept it)"
+)
+
+
+def unchanged_line(metrics: dict[str, Any], saved: str = "model") -> str | None:
+    """The warning for a run whose saved weights equal the starting model's, or None."""
+    if metrics.get("weights_changed", True):
+        return None
+    return (
+        f"the saved {saved} equals the starting model (after {metrics.get('steps', 0)} steps, no sampled weight moved "
+        f"by more than {WEIGHTS_TOLERANCE:g}): {UNCHANGED_ADVICE}"
+    )
+
+
+def check_weights_changed(plan: RunPlan, metrics: dict[str, Any]) -> None:
+    """Refuse, after the save, a run that left the weights as they started, unless --allow-unchanged.
+
+    Raises:
+        UnchangedWeightsError: naming the steps and what to change (the model is saved: nothing is lost).
+    """
+    line = unchanged_line(metrics)
+    if line and not plan.config.allow_unchanged:
+        raise UnchangedWeightsError(line + f"; it was saved to {plan.output_dir} all the same")
 
 
 def gain_lines(metrics: dict[str, Any]) -> list[str]:
@@ -906,8 +1045,11 @@ def run_stage(
     if plan.is_main:
         for line in gain_lines(metrics):
             logger.info(line)
+        if unchanged := unchanged_line(metrics):
+            logger.warning(unchanged)
     save_stage(plan, fitted, metrics, loaded.tokenizer, stage.record(plan, data, metrics))
     published = publish_stage(plan, stage, data)
     metrics.update(published.metrics)
     finish_run(plan)
+    check_weights_changed(plan, metrics)
     return RunResult(metrics, plan.output_dir, plan.logs_dir, fitted.resumed_from, data, published, plan.is_main)

@@ -40,7 +40,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .colab import in_colab
-from .config import DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIME_LIMIT_S
+from .config import DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIME_LIMIT_S, recorded_start
 from .errors import Gpt2ftError
 from .generate import generate_reply, load_for_generation
 from .modeling import ModelError, model_context
@@ -155,8 +155,7 @@ def default_opponent(model_dir: str) -> str | None:
     """The model to compare with by default: for a preference-tuned folder the model it started from (so the next
     round of votes says whether preference tuning helped), otherwise the base model recorded in a fine-tuned
     folder's training_config.json (e.g. `gpt2`); None when neither is recorded."""
-    info = describe_model(model_dir)
-    return info.get("started_from") or info.get("base_model") or None
+    return recorded_start(model_dir)
 
 
 def load_served_model(name: str, model: Any = None, tokenizer: Any = None) -> ServedModel:
