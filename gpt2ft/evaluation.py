@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .chat_format import as_messages, template_of
-from .controls import controls_of
+from .controls import controls_for, controls_of
 from .conversations import LABELS, roles_of, turns_of
 from .data import DialogueCollator, iter_dump_records, tokenize_dialogs
 from .errors import ConfigError
@@ -315,26 +315,55 @@ def compare_models(
 
     Args:
         models: label -> model folder or Hub id, e.g. {"base": "gpt2", "fine-tuned": "gpt2_finetuned"}.
+        decoding: the same for every model; its `controls` (the labels asked for, controls.asked) go to each model
+            as far as its template takes them (a plain base model beside a conditioned one is asked for nothing).
 
     Returns:
         One row a model: label, model, perplexity, loss, eos_rate, distinct_1, distinct_2, mean_reply_tokens,
-        repeat_rate.
+        repeat_rate; with controls asked for, also `controls`, the labels that model was given ("none" for none).
+
+    Raises:
+        ConfigError: a label asked for that no model's template takes (checked before any model is scored).
     """
+    controls = dict(decoding.pop("controls", None) or {})
+    if controls:
+        check_some_model_takes(models, controls)
     rows = []
     for label, name in models.items():
         model, tokenizer = load_for_generation(name)
         row: dict[str, Any] = {"label": label, "model": name}
         scored = evaluate_dialogs(model, tokenizer, dialogs, max_length=max_length, loss_on=loss_on)
         row.update(loss=scored["loss"], perplexity=scored["perplexity"])
+        given = controls_for(tokenizer, controls)
+        if controls:
+            row["controls"] = "; ".join(f"{field}: {value}" for field, value in given.items()) or "none"
         if samples:
-            row.update(evaluate_replies(model, tokenizer, dialogs, samples, **decoding))
+            row.update(evaluate_replies(model, tokenizer, dialogs, samples, controls=given or None, **decoding))
         rows.append(row)
         del model
     return rows
 
 
+def check_some_model_takes(models: dict[str, str], controls: dict[str, str]) -> None:
+    """Each label asked for of a comparison is read by at least one of its models (their tokenizers only are loaded).
+
+    Raises:
+        ConfigError: naming the flag, the models and how such a model is made.
+    """
+    from .modeling import load_tokenizer
+
+    taken = {field for name in models.values() for field in controls_of(template_of(load_tokenizer(name)))}
+    for field, value in controls.items():
+        if field not in taken:
+            raise ConfigError(
+                f"--{field} {value}: none of {', '.join(models.values())} was trained with {field} controls; train "
+                f"one with --condition {field}"
+            )
+
+
 COMPARISON_COLUMNS = (
     ("label", "model", "{}"),
+    ("controls", "controls", "{}"),
     ("perplexity", "perplexity", "{:.2f}"),
     ("eos_rate", "eos_rate", "{:.2f}"),
     ("distinct_1", "distinct-1", "{:.3f}"),
