@@ -24,7 +24,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .chat_format import as_messages
+from .chat_format import as_messages, template_of
 from .conversations import LABELS
 from .errors import ConfigError, DataError
 
@@ -103,6 +103,14 @@ def controls_of(template: str | None) -> tuple[str, ...]:
     if not template or not template.startswith(MARKER):
         return ()
     return tuple(field.strip() for field in template[len(MARKER) : template.index(" -#}")].split(","))
+
+
+def controls_for(tokenizer: Any, controls: Mapping[str, str] | None) -> dict[str, str]:
+    """The labels of `controls` that the tokenizer's template takes: what one model of several gets when the same
+    labels are asked of all (the page's Compare, `compare`), so a plain model beside a conditioned one is asked for
+    nothing rather than refused."""
+    taken = controls_of(template_of(tokenizer))
+    return {field: value for field, value in (controls or {}).items() if field in taken}
 
 
 def plain_template(template: str) -> str:

@@ -16,14 +16,14 @@ from typing import Any
 import torch
 
 from .chat_format import as_messages, template_of
-from .controls import controls_of
+from .controls import controls_for, controls_of
 from .conversations import LABELS, roles_of, turns_of
 from .data import DialogueCollator, iter_dump_records, tokenize_dialogs
 from .errors import ConfigError
 from .generate import GENERATION_DEFAULTS, REPLY_NO_REPEAT_NGRAM, generate_reply, load_for_generation
 from .logs import write_jsonl
 from .loss import core_model, last_hidden_states, token_nll_sum
-from .modeling import autocast_context, device_precision, model_context, without_kv_cache
+from .modeling import autocast_context, device_precision, load_tokenizer, model_context, without_kv_cache
 
 
 def perplexity(loss: float) -> float:
@@ -348,47 +348,60 @@ def compare_models(
     Args:
         models: label -> model folder or Hub id, e.g. {"base": "gpt2", "fine-tuned": "gpt2_finetuned"}.
         flags: label -> the flag that named the model (`--base`), for error messages.
+        decoding: the same for every model; its `controls` (the labels asked for, controls.asked) go to each model
+            as far as its template takes them (a plain base model beside a conditioned one is asked for nothing).
 
     Returns:
         One row a model: label, model, perplexity, loss, eos_rate, distinct_1, distinct_2, mean_reply_tokens,
-        repeat_rate (and controls, when some were asked for).
+        repeat_rate; with controls asked for, also `controls`, the labels that model was given ("none" for none).
 
     Raises:
-        ModelError: a model cannot be loaded (naming its flag); ConfigError: no model takes a control asked for.
+        ConfigError: a label asked for that no model's template takes (checked before any model is scored).
+        ModelError: a model cannot be loaded, naming the flag that named it.
     """
     controls = dict(decoding.pop("controls", None) or {})
-    rows, taken_by_any = [], set()
+    if controls:
+        check_some_model_takes(models, controls)
+    rows = []
     for label, name in models.items():
         model, tokenizer = load_for_generation(name, flag=(flags or {}).get(label, "--model"))
         row: dict[str, Any] = {"label": label, "model": name}
         scored = evaluate_dialogs(model, tokenizer, dialogs, max_length=max_length, loss_on=loss_on)
         row.update(loss=scored["loss"], perplexity=scored["perplexity"])
-        taken = controls_of(template_of(tokenizer))
-        own = {field: label_ for field, label_ in controls.items() if field in taken}
-        taken_by_any.update(own)
+        given = controls_for(tokenizer, controls)
         if controls:
-            row["controls"] = ", ".join(f"{k}={v}" for k, v in own.items()) or "none (not trained with them)"
+            row["controls"] = "; ".join(f"{field}: {value}" for field, value in given.items()) or "none"
         if samples:
-            row.update(evaluate_replies(model, tokenizer, dialogs, samples, controls=own or None, **decoding))
+            row.update(evaluate_replies(model, tokenizer, dialogs, samples, controls=given or None, **decoding))
         rows.append(row)
         del model
-    if missing := sorted(set(controls) - taken_by_any):
-        raise ConfigError(
-            f"--{missing[0]} {controls[missing[0]]}: no compared model was trained with {missing[0]} controls; train "
-            f"one with --condition {missing[0]}"
-        )
     return rows
+
+
+def check_some_model_takes(models: dict[str, str], controls: dict[str, str]) -> None:
+    """Each label asked for of a comparison is read by at least one of its models (their tokenizers only are loaded).
+
+    Raises:
+        ConfigError: naming the flag, the models and how such a model is made.
+    """
+    taken = {field for name in models.values() for field in controls_of(template_of(load_tokenizer(name)))}
+    for field, value in controls.items():
+        if field not in taken:
+            raise ConfigError(
+                f"--{field} {value}: none of {', '.join(models.values())} was trained with {field} controls; train "
+                f"one with --condition {field}"
+            )
 
 
 COMPARISON_COLUMNS = (
     ("label", "model", "{}"),
+    ("controls", "controls", "{}"),
     ("perplexity", "perplexity", "{:.2f}"),
     ("eos_rate", "eos_rate", "{:.2f}"),
     ("distinct_1", "distinct-1", "{:.3f}"),
     ("distinct_2", "distinct-2", "{:.3f}"),
     ("mean_reply_tokens", "mean reply tokens", "{:.1f}"),
     ("repeat_rate", "repeat rate", "{:.2f}"),
-    ("controls", "controls", "{}"),
 )
 
 

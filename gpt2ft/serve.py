@@ -13,6 +13,9 @@ Three tabs:
 - **Results**: wins, losses, ties and win rate per pair of models, with a 95% Wilson interval; each model by a
   short name (a folder's name), its full name on hover.
 
+The side panel's decoding settings are shared by Chat and Compare; for a model trained with `--condition` it also has
+Emotion and Act selectors (controls.py), and each model is asked for the labels its own template takes.
+
 Generation runs in worker threads with a time limit; Gradio's queue runs at most `concurrency` generations at once
 and queues the rest, while the page's other events (votes, resets) are never held behind them. The notebook calls
 `serve_in_notebook`, which shows the same page inline (with a public share link on Colab).
@@ -39,8 +42,11 @@ from typing import Any
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .chat_format import template_of
 from .colab import in_colab
 from .config import DEFAULT_CONCURRENCY, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIME_LIMIT_S, recorded_start
+from .controls import ANY, controls_for, controls_of
+from .conversations import LABELS
 from .errors import Gpt2ftError
 from .generate import generate_reply, load_for_generation
 from .modeling import ModelError, model_context
@@ -78,6 +84,8 @@ EXAMPLE_OPENINGS = (
 MAX_UPLOAD_BYTES = 0
 WINNER_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
 EMPTY_REPLY = "(no reply: the model ended its turn at once)"
+# What the Emotion and Act selectors say for "no label asked for" (the page's word for controls.ANY).
+NO_LABEL = "(none)"
 RESULT_HEADERS = ["model", "opponent", "votes", "wins", "losses", "ties", "both bad", "win rate", "95% interval"]
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -247,10 +255,47 @@ def decoding_settings(
     return settings
 
 
+def served_controls(models: Sequence[ServedModel]) -> tuple[str, ...]:
+    """The label fields at least one of the models reads (controls.controls_of its template), in LABELS' order:
+    the selectors the page shows."""
+    taken = {name for item in models for name in controls_of(template_of(item.tokenizer))}
+    return tuple(name for name in LABELS if name in taken)
+
+
+def asked_controls(chosen: Mapping[str, Any], offered: Sequence[str]) -> dict[str, str]:
+    """The labels the Emotion and Act selectors ask for ({"emotion": "happiness"}; controls.asked's form): NO_LABEL
+    (or "any", None, "") asks for nothing.
+
+    The HTTP API can send anything, so a value is checked here too (Gradio's own check of the choices does not see
+    a selector that is hidden because no model reads its field): a label is refused, not ignored, so nobody votes on
+    replies believing they were asked for an emotion the models never saw.
+
+    Raises:
+        ServeError: a label outside DailyDialog's set, or of a field no model on the page reads (`offered`).
+    """
+    controls = {}
+    for name, value in chosen.items():
+        if value is None or value in ("", NO_LABEL, ANY):
+            continue
+        value = str(value)
+        if value not in LABELS[name]:
+            raise ServeError(
+                f"{name.capitalize()} {value!r} is not a DailyDialog {name} (choose from {', '.join(LABELS[name])})"
+            )
+        if name not in offered:
+            raise ServeError(
+                f"{name.capitalize()} {value!r}: no model on this page was trained with {name} controls "
+                f"(train one with --condition {name})"
+            )
+        controls[name] = value
+    return controls
+
+
 def generation_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
     """decoding_settings as generate_reply's keyword arguments (do_sample is set either way: a base model's
-    saved config may be greedy, and the page's choice must win)."""
-    kwargs = {key: value for key, value in settings.items() if key != "greedy"}
+    saved config may be greedy, and the page's choice must win). The labels asked for (`controls`) are left out:
+    stream_replies gives each model those it reads."""
+    kwargs = {key: value for key, value in settings.items() if key not in ("greedy", "controls")}
     greedy = bool(settings.get("greedy"))
     kwargs["do_sample"] = not greedy
     return {"greedy": greedy, **kwargs}
@@ -350,6 +395,9 @@ def stream_replies(
     """Generate every model's reply to `history` at once, each in its own thread; yield {key: text so far} as
     tokens arrive, and last the finished replies (generate_reply's text: stopped at EOS, stripped).
 
+    The labels asked for (`settings["controls"]`, asked_controls) go to each model as far as its own template takes
+    them (controls.controls_for): a plain model beside a conditioned one is asked for nothing.
+
     The time limit is passed to generate (`max_time`: the reply is cut there); when no token arrives for
     `time_limit + grace_s` seconds (a generation stuck before its first token), GenerationTimeout is raised.
     Leaving the iterator early (a cancelled request: the user pressed "New conversation" or closed the page) stops
@@ -361,6 +409,7 @@ def stream_replies(
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
     kwargs = generation_kwargs(settings)
+    asked = settings.get("controls") or {}
 
     def work(key: str, served: ServedModel) -> None:
         try:
@@ -368,6 +417,7 @@ def stream_replies(
                 served.model,
                 served.tokenizer,
                 list(history),
+                controls=controls_for(served.tokenizer, asked) or None,
                 streamer=QueueStreamer(served.tokenizer, key, events),
                 stopping_criteria=StoppingCriteriaList([StopWhenAsked(stop)]),
                 max_time=float(time_limit),
@@ -510,7 +560,7 @@ def reveal_text(
 @dataclass
 class PageSetup:
     """What every part of the page shares: the models and the names shown for them, the decoding defaults and
-    limits, and where the votes go."""
+    limits, the label fields some model reads (`controls`: the selectors shown), and where the votes go."""
 
     served: ServedModel
     opponent: ServedModel | None
@@ -522,10 +572,25 @@ class PageSetup:
     votes_db: str | Path
     time_limit: float
     rng: random.Random
+    controls: tuple[str, ...] = ()  # label fields ("emotion", "act") at least one served model reads
 
-    def settings_from(self, temperature: Any, top_p: Any, max_new_tokens: Any, greedy: Any) -> dict[str, Any]:
-        """The four decoding controls' values, checked and clamped (the HTTP API may send anything)."""
-        return decoding_settings(self.defaults, temperature, top_p, max_new_tokens, greedy, self.token_limit)
+    def settings_from(
+        self, temperature: Any, top_p: Any, max_new_tokens: Any, greedy: Any, emotion: Any = None, act: Any = None
+    ) -> dict[str, Any]:
+        """The side panel's values, checked: the four decoding controls clamped (the HTTP API may send anything),
+        and the labels asked for under `controls` ({} for none; asked_controls).
+
+        Raises:
+            ServeError: a label that is not DailyDialog's, or of a field no served model reads.
+        """
+        settings = decoding_settings(self.defaults, temperature, top_p, max_new_tokens, greedy, self.token_limit)
+        settings["controls"] = asked_controls({"emotion": emotion, "act": act}, self.controls)
+        return settings
+
+    def readers(self, label_field: str) -> list[str]:
+        """The titles of the served models that read `label_field` ("emotion" or "act")."""
+        unique = {id(item): item for item in self.models.values()}.values()
+        return [self.titles[item.name] for item in unique if label_field in controls_of(template_of(item.tokenizer))]
 
 
 def setup_page(
@@ -551,14 +616,16 @@ def setup_page(
         votes_db=votes_db,
         time_limit=time_limit,
         rng=rng or random.SystemRandom(),
+        controls=served_controls(list(models.values())),
     )
 
 
 def build_decoding_panel(page: PageSetup) -> list[Any]:
-    """The side panel: the decoding controls, shared by Chat and Compare, and a note on when replies stop.
+    """The side panel: the decoding controls, shared by Chat and Compare, the Emotion and Act selectors (shown for
+    a field some served model reads: `train --condition`), and a note on when replies stop.
 
     Returns:
-        The controls in the order the handlers take them: temperature, top-p, max new tokens, greedy.
+        The controls in the order the handlers take them: temperature, top-p, max new tokens, greedy, emotion, act.
     """
     import gradio as gr
 
@@ -566,7 +633,8 @@ def build_decoding_panel(page: PageSetup) -> list[Any]:
     with gr.Column(variant="panel"):
         gr.Markdown(
             f"### Decoding settings\nDefaults from `{page.served.title}`'s saved generation config. Compare "
-            "gives both models the same settings."
+            "gives both models the same settings"
+            + (" (and the labels, to each model those it reads)." if page.controls else ".")
         )
         greedy = gr.Checkbox(value=defaults["greedy"], label="Greedy (always the likeliest token)", elem_id="greedy")
         temperature = gr.Slider(
@@ -592,12 +660,28 @@ def build_decoding_panel(page: PageSetup) -> list[Any]:
             step=1,
             label="Max new tokens",
         )
+        selectors = []
+        for name, label in (("emotion", "Emotion"), ("act", "Act")):
+            readers = page.readers(name)
+            selectors.append(
+                gr.Dropdown(
+                    choices=[NO_LABEL, *LABELS[name]],
+                    value=NO_LABEL,
+                    label=label,
+                    info=f"The {name} of the reply; read by {', '.join(readers)} (trained with --condition)."
+                    if readers
+                    else None,
+                    visible=name in page.controls,
+                    elem_id=f"{name}-select",
+                    interactive=True,
+                )
+            )
     gr.Markdown(
         f"Replies stop at the model's end-of-turn token, at the token limit, or after {page.time_limit:.0f} s. "
         "Long conversations keep only their most recent turns that fit the model's context.",
         elem_id="notes",
     )
-    return [temperature, top_p, max_new, greedy]
+    return [temperature, top_p, max_new, greedy, *selectors]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -645,6 +729,16 @@ def build_chat_tab(page: PageSetup) -> ChatTab:
     return ChatTab(chatbot=chatbot, box=box, send=send, new=new, history=history)
 
 
+def checked_settings(page: PageSetup, *values: Any) -> dict[str, Any]:
+    """page.settings_from(*values), a refused label as the page's error message (the message stays in its box)."""
+    import gradio as gr
+
+    try:
+        return page.settings_from(*values)
+    except ServeError as error:
+        raise gr.Error(str(error), print_exception=False) from None
+
+
 def make_chat_handlers(page: PageSetup) -> tuple[Callable[..., Iterator[tuple]], Callable[[], tuple]]:
     """Chat's two handlers: send a message (a generator that streams the reply), and start a new conversation.
 
@@ -654,8 +748,18 @@ def make_chat_handlers(page: PageSetup) -> tuple[Callable[..., Iterator[tuple]],
     """
     import gradio as gr
 
-    def chat_send(message: str, history: list, temperature: float, top_p: float, max_new_tokens: float, greedy: bool):
+    def chat_send(
+        message: str,
+        history: list,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: float,
+        greedy: bool,
+        emotion: str = NO_LABEL,
+        act: str = NO_LABEL,
+    ):
         history = list(history or [])
+        settings = checked_settings(page, temperature, top_p, max_new_tokens, greedy, emotion, act)
         text, notice = clean_message(message, page.specials)
         if not text:
             gr.Warning("Type a message first.")
@@ -664,7 +768,6 @@ def make_chat_handlers(page: PageSetup) -> tuple[Callable[..., Iterator[tuple]],
         if notice:
             gr.Warning(notice)
         conversation = history + [{"role": "user", "content": text}]
-        settings = page.settings_from(temperature, top_p, max_new_tokens, greedy)
         thinking = [{"role": "assistant", "content": "…"}]
         yield display_messages(conversation) + thinking, history, "", gr.Button(interactive=False)
         reply = ""
@@ -882,6 +985,8 @@ def make_compare_send(page: PageSetup) -> Callable[..., Iterator[list[Any]]]:
         top_p: float,
         max_new_tokens: float,
         greedy: bool,
+        emotion: str = NO_LABEL,
+        act: str = NO_LABEL,
     ):
         history = list(history or [])
         if page.opponent is None:
@@ -900,7 +1005,7 @@ def make_compare_send(page: PageSetup) -> Callable[..., Iterator[list[Any]]]:
         if notice:
             gr.Warning(notice)
         conversation = history + [{"role": "user", "content": text}]
-        settings = page.settings_from(temperature, top_p, max_new_tokens, greedy)
+        settings = checked_settings(page, temperature, top_p, max_new_tokens, greedy, emotion, act)
         # The shuffle: which model is "A" is decided here and kept in server-side state until the vote.
         order = ["model", "opponent"] if page.rng.random() < 0.5 else ["opponent", "model"]
         shown = {"a": page.models[order[0]], "b": page.models[order[1]]}

@@ -6,9 +6,10 @@
 One row a vote, in table `votes`: `id`, `created_at` (UTC, ISO 8601), `conversation` (JSON list of the messages
 {"role", "content"} before the two replies), `reply_a`, `reply_b`, `model_a`, `model_b` (the models as the page
 showed them, after the random shuffle), `winner` (`a`, `b`, `tie` or `both_bad`) and `settings` (JSON: the decoding
-settings both models used, plus `model`, the model that was `serve --model` when the vote was cast; results are
-counted from its side) and `comparison` (the id the page gave the two replies: one vote a comparison, enforced by a
-unique index, so two requests racing to vote on the same replies store one row).
+settings both models used, the labels asked for under `controls` (serve.asked_controls), plus `model`, the model that
+was `serve --model` when the vote was cast; results are counted from its side) and `comparison` (the id the page gave
+the two replies: one vote a comparison, enforced by a unique index, so two requests racing to vote on the same
+replies store one row).
 
 Rows another tool wrote whose winner, models or replies are not text (NULL, numbers) are skipped and counted, never
 fatal (`load_votes`). A table from before the comparison id gets the column and its index when `serve` next opens

@@ -3,7 +3,8 @@
     apt-get install -y chromium && pip install playwright     # Playwright's own browser download is not needed
     pytest tests/test_browser.py
 
-Chat: a typed message gets a reply streamed token by token. Compare: two replies, a vote, the reveal, the row in
+Chat: a typed message gets a reply streamed token by token; an Emotion picked in the side panel reaches the prompt of
+a model trained with it. Compare: two replies, a vote, the reveal, the row in
 SQLite, and the conversation going on from the chosen reply. Two pages voting at once; markup and a 200,000-character
 message shown safely. Each tab is screenshotted into the test's temp folder (and copied to /tmp/gpt2ft_screens/ to
 look at). Everything skips, saying why, when Chromium or Playwright is missing.
@@ -16,7 +17,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_serve import build_served_pair, start_live_app  # helpers shared with the HTTP tests
+from test_serve import (  # helpers shared with the HTTP tests
+    RecordingModel,
+    build_served_pair,
+    conditioned_tokenizer,
+    free_port,
+    served,
+    start_live_app,
+)
 
 from gpt2ft.votes import read_votes
 
@@ -217,6 +225,40 @@ def test_markup_is_shown_as_text_and_a_huge_message_gets_a_notice(page):
     box.fill("   ")
     box.press("Enter")
     page.get_by_text("Type a message first.").wait_for()
+
+
+def test_an_emotion_picked_in_the_panel_reaches_the_conditioned_model(browser, tiny_model_dir, tmp_path, screens):
+    """A page serving a conditioned model (its template takes emotion and act) beside a plain one: the Emotion
+    selector is shown, and the label picked there is in the prompt the model gets (recorded by RecordingModel)."""
+    from gpt2ft.modeling import load_model, load_tokenizer
+    from gpt2ft.serve import build_app, launch_app
+    from gpt2ft.votes import init_votes_db
+
+    tokenizer = conditioned_tokenizer(tiny_model_dir)
+    tagged = RecordingModel(load_model(str(tiny_model_dir)))
+    plain = served(RecordingModel(load_model(str(tiny_model_dir))), load_tokenizer(str(tiny_model_dir)), "plain")
+    app = build_app(served(tagged, tokenizer, "tagged"), plain, votes_db=init_votes_db(tmp_path / "votes.sqlite"))
+    url = launch_app(app, port=free_port(), block=False, quiet=True)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        page.locator("#chat-input textarea").wait_for()
+        emotion = page.get_by_label("Emotion", exact=True)
+        assert emotion.input_value() == "(none)" and page.get_by_label("Act", exact=True).is_visible()
+        emotion.click()
+        page.get_by_role("option", name="sadness", exact=True).click()
+        assert emotion.input_value() == "sadness"
+        box = page.locator("#chat-input textarea")
+        box.fill("Do you like tea ?")
+        box.press("Enter")
+        wait_for_chat_reply(page, 1)
+        assert tokenizer.decode(tagged.prompts[-1]).endswith("Do you like tea ?<|endoftext|>[emotion: sadness]\n")
+        save_screenshot(page, screens, "chat_emotion.png")
+    finally:
+        context.close()
+        app.close()
 
 
 # Words of the visible header cells that the browser broke across lines ("vo / te / s").

@@ -233,3 +233,25 @@ def test_the_readme_asks_for_a_label_through_plain_transformers_as_written(condi
     exec(compile(block, "README.md", "exec"), {})  # as written: this model reads emotion, the act is left unread
     printed = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(printed) == 2  # a reply from each route
+
+
+def test_compare_asks_each_model_only_for_the_labels_it_reads(tiny_model_dir, dailydialog_dir, tmp_path, capsys):
+    """`compare --emotion`: a plain base model beside a conditioned one is asked for nothing (not refused), the
+    conditioned one for the label; the table says which got what. No model reading the label is one line."""
+    import shutil
+
+    from gpt2ft.modeling import load_tokenizer
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(tiny_model_dir, tuned)
+    tokenizer = load_tokenizer(str(tuned))
+    tokenizer.chat_template = conditioned_template(template_of(tokenizer), ("emotion", "act"))
+    tokenizer.save_pretrained(tuned)
+    argv = ["compare", "--data", str(dailydialog_dir), "--max-dialogs", "4", "--samples", "2", "--max-new-tokens", "4"]
+    argv += ["--greedy", "--emotion", "happiness", "--base", str(tiny_model_dir)]
+    assert main([*argv, "--tuned", str(tuned)]) == 0, capsys.readouterr().err
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].startswith("| model | controls | perplexity")
+    assert table[2].startswith("| base | none |") and table[3].startswith("| fine-tuned | emotion: happiness |")
+    assert main([*argv, "--tuned", str(tiny_model_dir)]) == 2
+    assert "--emotion happiness: none of" in capsys.readouterr().err

@@ -35,8 +35,10 @@ from gpt2ft.cli import main  # noqa: E402
 from gpt2ft.serve import (  # noqa: E402
     EMPTY_REPLY,
     MAX_MESSAGE_CHARS,
+    NO_LABEL,
     GenerationTimeout,
     ServedModel,
+    ServeError,
     build_app,
     check_port_free,
     clean_message,
@@ -65,7 +67,9 @@ pytestmark = [
 ]
 
 PERPLEXITIES = {"eval_perplexity": 18.42, "test_perplexity": 18.91}
-CHAT_ARGS = (0.8, 0.9, 12, False)  # temperature, top_p, max_new_tokens, greedy: the page's four controls
+# temperature, top_p, max_new_tokens, greedy, emotion, act: the side panel's six controls (Gradio's plain HTTP API
+# wants every one; its Python client fills in the defaults of those left out).
+CHAT_ARGS = (0.8, 0.9, 12, False, "(none)", "(none)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -271,8 +275,10 @@ class RecordingModel:
         self.wrapped = model
         self.gate = gate
         self.calls: list[tuple[int, int]] = []
+        self.prompts: list[list[int]] = []  # each call's prompt ids
 
     def generate(self, input_ids, **kwargs):
+        self.prompts.append(input_ids[0].tolist())
         if self.gate is not None:
             self.gate.wait(timeout=60)
         output = self.wrapped.generate(input_ids=input_ids, **kwargs)
@@ -285,6 +291,18 @@ class RecordingModel:
 
 def served(model, tokenizer, name="tiny") -> ServedModel:
     return ServedModel(name=name, model=model, tokenizer=tokenizer, title=name, info={})
+
+
+def conditioned_tokenizer(model_dir, fields=("emotion", "act")):
+    """The tiny model's tokenizer (a fresh copy) with a template that takes `fields`, as `train --condition` saves
+    it: a conditioned model, as far as the prompt goes, without training one."""
+    from gpt2ft.chat_format import template_of
+    from gpt2ft.controls import conditioned_template
+    from gpt2ft.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer.chat_template = conditioned_template(template_of(tokenizer), fields)
+    return tokenizer
 
 
 def test_stream_replies_yields_growing_text_for_each_model(tiny_model, tiny_tokenizer):
@@ -361,6 +379,131 @@ def test_a_failing_generation_is_reported_not_lost(tiny_tokenizer):
 
     with pytest.raises(RuntimeError, match="out of memory"):
         list(stream_replies({"m": served(Broken(), tiny_tokenizer)}, ["Hi"], {}, time_limit=5))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Controls: the Emotion and Act selectors, for a model trained with --condition
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_settings_from_checks_the_labels_and_puts_them_under_controls(tiny_model, tiny_tokenizer, tiny_model_dir):
+    tagged = served(tiny_model, conditioned_tokenizer(tiny_model_dir), "tagged")
+    plain = served(tiny_model, tiny_tokenizer, "plain")
+    page = setup_page(tagged, plain, "unused.sqlite", 30, None)
+    assert page.controls == ("emotion", "act")  # what one of the models reads: the selectors shown
+    decoding = CHAT_ARGS[:4]
+    assert page.settings_from(*decoding, "happiness", NO_LABEL)["controls"] == {"emotion": "happiness"}
+    both = page.settings_from(*decoding, "sadness", "question")
+    assert both["controls"] == {"emotion": "sadness", "act": "question"} and both["max_new_tokens"] == 12
+    for nothing in ((NO_LABEL, NO_LABEL), ("any", None), ("", "")):
+        assert page.settings_from(*decoding, *nothing)["controls"] == {}
+    assert page.settings_from(*decoding)["controls"] == {}  # a client that sends only the four decoding values
+    with pytest.raises(ServeError, match="Emotion 'joy' is not a DailyDialog emotion"):
+        page.settings_from(*decoding, "joy", NO_LABEL)
+    with pytest.raises(ServeError, match="Act 'chat' is not a DailyDialog act"):
+        page.settings_from(*decoding, NO_LABEL, "chat")
+    assert "controls" not in generation_kwargs(both)  # each model gets its own share, from stream_replies
+    # Only plain models: no selectors, and a label sent anyway (the HTTP API) is refused, never silently dropped.
+    plain_page = setup_page(plain, None, "unused.sqlite", 30, None)
+    assert plain_page.controls == ()
+    with pytest.raises(ServeError, match="no model on this page was trained with emotion controls"):
+        plain_page.settings_from(*decoding, "happiness", NO_LABEL)
+    emotion_only = setup_page(
+        served(tiny_model, conditioned_tokenizer(tiny_model_dir, ("emotion",))), None, "x", 30, None
+    )
+    assert emotion_only.controls == ("emotion",)
+
+
+def test_the_conditioned_model_reads_the_label_and_a_plain_one_beside_it_none(
+    tiny_model, tiny_tokenizer, tiny_model_dir
+):
+    from gpt2ft.controls import tag_text
+
+    tokenizer = conditioned_tokenizer(tiny_model_dir)
+    tagged, plain = RecordingModel(tiny_model), RecordingModel(tiny_model)
+    page = setup_page(served(tagged, tokenizer, "tagged"), served(plain, tiny_tokenizer, "plain"), "x", 30, None)
+    history = [{"role": "user", "content": "Do you like tea ?"}]
+    tag = tag_text({"emotion": "happiness"}, ("emotion", "act"))
+    assert tag == "[emotion: happiness]\n"
+    settings = page.settings_from(0.8, 0.9, 4, True, "happiness", NO_LABEL)
+    final = list(stream_replies(page.models, history, settings, time_limit=30))[-1]
+    assert set(final) == {"model", "opponent"}  # both replied: the plain model was not refused
+    asked_prompt = tokenizer.decode(tagged.prompts[-1])
+    assert asked_prompt.endswith("Do you like tea ?<|endoftext|>" + tag)
+    assert "emotion" not in tiny_tokenizer.decode(plain.prompts[-1])
+    # Nothing asked for: the conditioned model's prompt has no tag either.
+    list(stream_replies(page.models, history, page.settings_from(0.8, 0.9, 4, True, NO_LABEL, NO_LABEL), 30))
+    assert tokenizer.decode(tagged.prompts[-1]).endswith("Do you like tea ?<|endoftext|>")
+    assert "[" not in tokenizer.decode(tagged.prompts[-1])
+
+
+@pytest.fixture(scope="module")
+def conditioned_page(tmp_path_factory, tiny_model_dir):
+    """A live page serving a conditioned tiny model ("tagged") beside a plain one ("plain"), both recording their
+    prompts."""
+    from gpt2ft.modeling import load_model, load_tokenizer
+    from gpt2ft.votes import init_votes_db
+
+    tagged = served(RecordingModel(load_model(str(tiny_model_dir))), conditioned_tokenizer(tiny_model_dir), "tagged")
+    plain = served(RecordingModel(load_model(str(tiny_model_dir))), load_tokenizer(str(tiny_model_dir)), "plain")
+    votes_db = init_votes_db(tmp_path_factory.mktemp("controls_votes") / "votes.sqlite")
+    app = build_app(tagged, plain, votes_db=votes_db, concurrency=2)
+    url = launch_app(app, port=free_port(), block=False, quiet=True)
+    yield SimpleNamespace(url=url, votes_db=votes_db, tagged=tagged, plain=plain)
+    app.close()
+
+
+def selector_props(url: str) -> dict[str, dict]:
+    config = json.loads(urllib.request.urlopen(url + "config", timeout=30).read())
+    return {
+        item["props"]["label"]: item["props"]
+        for item in config["components"]
+        if item.get("type") == "dropdown" and item["props"].get("label") in ("Emotion", "Act")
+    }
+
+
+def test_the_selectors_show_only_for_a_model_that_reads_labels(conditioned_page, live_app):
+    from gpt2ft.conversations import LABELS
+
+    shown = selector_props(conditioned_page.url)
+    assert set(shown) == {"Emotion", "Act"} and all(props["visible"] is True for props in shown.values())
+    assert [choice[0] for choice in shown["Emotion"]["choices"]] == [NO_LABEL, *LABELS["emotion"]]
+    assert [choice[0] for choice in shown["Act"]["choices"]] == [NO_LABEL, *LABELS["act"]]
+    assert shown["Emotion"]["value"] == NO_LABEL and "tagged" in shown["Emotion"]["info"]
+    assert "plain" not in shown["Emotion"]["info"]  # the note names the models that read it
+    hidden = selector_props(live_app.url)  # two plain models
+    assert set(hidden) == {"Emotion", "Act"} and all(props["visible"] is False for props in hidden.values())
+
+
+def test_the_page_asks_for_the_label_chosen_and_the_vote_stores_it(conditioned_page):
+    page = conditioned_page
+    event, outputs = call_plain_http(page.url, "chat", ["Do you like tea ?", 0.8, 0.9, 4, True, "surprise", "question"])
+    assert event == "complete", outputs
+    prompt = page.tagged.tokenizer.decode(page.tagged.model.prompts[-1])
+    assert prompt.endswith("<|endoftext|>[emotion: surprise; act: question]\n")
+    client = client_for(page.url)
+    client.predict("Where are you going ?", 0.8, 0.9, 4, True, "happiness", NO_LABEL, api_name="/compare")
+    tagged_prompt = page.tagged.tokenizer.decode(page.tagged.model.prompts[-1])
+    plain_prompt = page.plain.tokenizer.decode(page.plain.model.prompts[-1])
+    assert tagged_prompt.endswith("Where are you going ?<|endoftext|>[emotion: happiness]\n")
+    assert plain_prompt.endswith("Where are you going ?<|endoftext|>") and "emotion" not in plain_prompt
+    client.predict(api_name="/vote_tie")
+    row = read_votes(page.votes_db)[-1]
+    assert row["settings"]["controls"] == {"emotion": "happiness"} and row["winner"] == "tie"
+    # Nothing asked for: stored as no controls.
+    client.predict("Is it raining ?", *CHAT_ARGS, api_name="/compare")
+    client.predict(api_name="/vote_a")
+    assert read_votes(page.votes_db)[-1]["settings"]["controls"] == {}
+
+
+def test_a_label_outside_the_choices_is_refused_in_one_line(conditioned_page, live_app):
+    before = len(conditioned_page.tagged.model.prompts)
+    event, payload = call_plain_http(conditioned_page.url, "chat", ["Hi", 0.8, 0.9, 4, True, "joy", NO_LABEL])
+    assert event == "error" and "joy" in json.dumps(payload)
+    assert len(conditioned_page.tagged.model.prompts) == before  # nothing generated
+    # A page of plain models hides the selectors; a label sent anyway is refused, naming why.
+    event, payload = call_plain_http(live_app.url, "chat", ["Hi", 0.8, 0.9, 4, True, "happiness", NO_LABEL])
+    assert event == "error" and "no model on this page was trained with emotion controls" in json.dumps(payload)
 
 
 # --------------------------------------------------------------------------------------------------------------
