@@ -489,6 +489,7 @@ def run_compare(args: argparse.Namespace) -> int:
         flags={"base": "--base", "fine-tuned": "--tuned"},
         **decoding,
     )
+    print(f"models: base = {base}{'' if args.base else ' (the start recorded in --tuned)'}, fine-tuned = {args.tuned}")
     print(describe_decoding(decoding))
     print(format_comparison(rows))
     return 0

@@ -36,7 +36,7 @@ import torch
 from huggingface_hub import ModelCard
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import ExportableState, ProgressCallback
 
 from . import __version__
 from .checkpoints import (
@@ -293,6 +293,25 @@ def weight_change(model: Any, sample: WeightSample) -> float:
     return largest
 
 
+def log_line(step: int, max_steps: int, logs: dict[str, Any]) -> str:
+    """One console line for a Trainer log: `step 10/40: loss 2.312, learning_rate 5e-05, ...`."""
+    shown = [
+        f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+        for key, value in logs.items()
+        if key != "total_flos"
+    ]
+    return f"step {step}/{max_steps}: " + ", ".join(shown)
+
+
+class ConsoleProgressCallback(ProgressCallback):
+    """transformers' progress bar, with each log as a plain line rather than a Python dict: stdout's only line that
+    starts with `{` is then the command's final JSON, which a script can take as it is."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            self.training_bar.write(log_line(state.global_step, state.max_steps, logs))
+
+
 class WholeRunTrainer:
     """What gpt2ft adds to a Trainer (training.DialogueTrainer; TRL's DPO and KTO trainers in prefer.py): the
     whole-run totals of RunTotals counted each micro-batch and logged, a non-finite gradient norm caught as a bad
@@ -316,6 +335,8 @@ class WholeRunTrainer:
         super().__init__(*args, **kwargs)
         self.precision = precision
         self.start_weights: WeightSample | None = None
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(ConsoleProgressCallback)
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         if self.lr_scheduler is None:

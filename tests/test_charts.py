@@ -26,6 +26,7 @@ from gpt2ft.charts import (
     series_by_step,
     write_charts,
 )
+from gpt2ft.errors import DataError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GPU_KEYS = {
@@ -166,11 +167,22 @@ def test_charts_from_cpu_logs_say_no_gpu(tmp_path):
         assert "No GPU was used" in figure_texts(plot(records))
 
 
-def test_charts_without_any_logs(tmp_path):
-    paths = write_charts(tmp_path / "missing", tmp_path / "images")
-    assert [path.name for path in paths] == list(CHART_FILES)
-    for path in paths:
-        assert_valid_png(path, min_colours=10)
+def test_charts_without_any_logs_draw_nothing_and_leave_the_images_alone(tmp_path, capsys):
+    """`charts --logs-dir log` (a typo: no logs there) used to redraw all five charts as empty panels over the run's
+    real ones and exit 0. Now it is one line, exit 2, and the images folder is as it was; a panel without data
+    still says so."""
+    from gpt2ft.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "chart_train.png").write_bytes(b"the run's chart")
+    with pytest.raises(DataError, match="no train_log.jsonl or system.jsonl"):
+        write_charts(tmp_path / "missing", images)
+    assert main(["charts", "--logs-dir", str(tmp_path / "log"), "--images-dir", str(images)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--logs-dir" in err[0] and "nothing was drawn" in err[0]
+    assert [path.name for path in images.iterdir()] == ["chart_train.png"]
+    assert (images / "chart_train.png").read_bytes() == b"the run's chart"
     assert "no data" in figure_texts(plot_training([]))
     assert "no data" in figure_texts(plot_memory([]))
     assert "no data" in figure_texts(plot_cpu_disk([]))

@@ -123,7 +123,9 @@ def test_compare_prints_both_rows(tiny_model_dir, dailydialog_dir, capsys):
         ]
     )
     assert code == 0
-    table = capsys.readouterr().out.strip().splitlines()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1].startswith("decoding (every model): ") and "do_sample=False" in lines[1]
+    table = lines[2:]
     assert table[0].startswith("| model | perplexity | eos_rate")
     assert table[2].startswith("| base |") and table[3].startswith("| fine-tuned |")
     assert table[2].split("|")[2] == table[3].split("|")[2]  # same model, same data: same perplexity
@@ -181,3 +183,58 @@ def test_a_process_with_no_rows_to_score_returns_nothing_instead_of_failing(tiny
         tiny_model, rows, DialogueCollator(tiny_tokenizer, "pack"), batch_size=4, rank=1, world_size=2
     )
     assert result["tokens"] == 0 and result["loss"] != result["loss"]  # NaN: nothing scored here
+
+
+def test_compare_decodes_both_models_with_one_explicit_config_whatever_they_saved(tiny_model_dir, tmp_path):
+    """A base model whose saved generation config is greedy used to be decoded greedily beside a sampling tuned
+    model. comparison_decoding leaves nothing to a model's own config, and both models get exactly the same
+    generate() settings."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from gpt2ft import evaluation
+    from gpt2ft.evaluation import compare_models, comparison_decoding
+    from gpt2ft.generate import GENERATION_DEFAULTS
+
+    greedy_base = tmp_path / "greedy_base"
+    shutil.copytree(tiny_model_dir, greedy_base)
+    GenerationConfig(do_sample=False, max_new_tokens=3).save_pretrained(greedy_base)
+    decoding = comparison_decoding(seed=None, temperature=0.7, max_new_tokens=None)
+    assert decoding["do_sample"] is True and decoding["temperature"] == 0.7 and decoding["seed"] == 0
+    assert decoding["top_p"] == GENERATION_DEFAULTS["top_p"] and decoding["max_new_tokens"] == 50
+    assert comparison_decoding(greedy=True)["do_sample"] is False
+
+    seen = []
+
+    def spy(model, tokenizer, dialogs, samples, **settings):
+        seen.append(settings)
+        return {}
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluation, "evaluate_replies", spy)
+        patch.setattr(evaluation, "evaluate_dialogs", lambda *a, **k: {"loss": 1.0, "perplexity": 2.7})
+        compare_models({"base": str(greedy_base), "fine-tuned": str(tiny_model_dir)}, None, samples=2, **decoding)
+    assert len(seen) == 2 and seen[0] == seen[1]
+    assert seen[0]["do_sample"] is True and seen[0]["temperature"] == 0.7
+
+
+def test_compare_defaults_to_the_recorded_start_and_names_the_flag_typed(trained_run, tiny_model_dir, tmp_path, capsys):
+    """--base defaults to the model the tuned folder records as its start (not `gpt2`), and an error about either
+    model names the flag that named it."""
+    from gpt2ft.config import recorded_start
+
+    dirs, _ = trained_run
+    tuned = dirs["output"]
+    start = recorded_start(tuned)
+    assert start == str(tiny_model_dir)
+    argv = ["compare", "--tuned", tuned, "--cache-dir", dirs["cache"], "--max-dialogs", "2", "--samples", "0"]
+    assert main(argv) == 0
+    assert f"models: base = {start} (the start recorded in --tuned), fine-tuned = {tuned}" in capsys.readouterr().out
+
+    assert main([*argv, "--base", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --base {tmp_path / 'nowhere'}: no such model folder")
+    assert main(["compare", "--tuned", str(tmp_path / "gone")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --tuned {tmp_path / 'gone'}: no such model folder")
+    assert main(["compare", "--tuned", str(tiny_model_dir)]) == 2  # a folder gpt2ft did not train records no start
+    assert capsys.readouterr().err.startswith("error: --base: ")

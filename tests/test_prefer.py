@@ -33,6 +33,7 @@ from conftest import (
     crash_during_final_save,
     read_jsonl,
 )
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from gpt2ft.checkpoints import checkpoint_dir, complete_checkpoints
@@ -864,3 +865,52 @@ def test_a_prompt_too_long_keeps_its_latest_turns_and_a_reply_too_long_is_skippe
     assert len(fitted) == 1 and fitted[0]["prompt"] == turns[1:]  # the oldest turn dropped, the latest kept whole
     assert len(render_ids(tiny_tokenizer, fitted[0]["prompt"] + reply)) <= window
     assert skips.counts == {SKIP_TOO_LONG: 1} and "train record 1" in skips.lines()[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A handful of votes: the run moves the model, or says it did not
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_ten_votes_at_the_default_settings_move_the_model_and_say_how_few_pairs_there_are(style_task, tmp_path):
+    """Ten votes make a run of a few steps: the warm-up no longer swallows them (transformers' first step runs at
+    learning rate 0), so the saved weights differ from the start, and the console says how few pairs there are."""
+    path = tmp_path / "votes.sqlite"
+    write_style_votes(path, count=10, seed=3)
+    code, metrics, err = run_cli(prefer_argv(style_task["model"], path, tmp_path, "--logging-steps", "1"))
+    assert code == 0, err
+    assert metrics["weights_changed"] is True and metrics["weights_max_change"] > 1e-7
+    pairs = metrics["data_counts"]["train"]["used"]
+    assert 0 < pairs < 10 and f"only {pairs} training pairs" in err
+    assert metrics["steps"] <= 6  # a few steps: what the warm-up cap is for
+    log = read_jsonl(tmp_path / "logs" / "train_log.jsonl")
+    rates = [record["learning_rate"] for record in log if "learning_rate" in record]
+    assert rates and all(rate > 0 for rate in rates)
+    before = dict(load_file(str(style_task["model"] / "model.safetensors")))
+    after = load_file(str(tmp_path / "preferred" / "model.safetensors"))
+    assert any(not torch.equal(before[name], after[name]) for name in after if name in before)
+
+
+def test_a_run_that_cannot_move_the_weights_says_so_and_exits_non_zero_unless_allowed(style_task, tmp_path):
+    """At a learning rate far too small for its steps the saved model equals the start: a warning in the console,
+    weights_changed false in metrics.json, a warning in the card, exit 2; the model is saved all the same, and
+    --allow-unchanged exits 0. No checkpoint of such weights is taken for the best one."""
+    path = tmp_path / "votes.sqlite"
+    write_style_votes(path, count=10, seed=3)
+    flags = ("--learning-rate", "1e-30", "--epochs", "2", "--keep-checkpoints")
+    code, _, err = run_cli(prefer_argv(style_task["model"], path, tmp_path / "strict", *flags))
+    assert code == 2 and "equals the starting model" in err and "--allow-unchanged" in err
+    metrics = json.loads((tmp_path / "strict" / "logs" / "metrics.json").read_text())
+    assert metrics["weights_changed"] is False and metrics["weights_max_change"] <= 1e-7
+    assert (tmp_path / "strict" / "preferred" / "model.safetensors").is_file()
+    card = (tmp_path / "strict" / "preferred" / "README.md").read_text()
+    assert "**Warning:** the saved weights equal the starting model's" in card
+    for checkpoint in complete_checkpoints(checkpoint_dir(tmp_path / "strict" / "preferred")):
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        assert state["best_global_step"] in (None, 0) and state["best_model_checkpoint"] is None
+
+    code, metrics, err = run_cli(
+        prefer_argv(style_task["model"], path, tmp_path / "allowed", *flags, "--allow-unchanged")
+    )
+    assert code == 0, err
+    assert metrics["weights_changed"] is False and "equals the starting model" in err

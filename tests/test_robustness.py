@@ -665,3 +665,75 @@ def test_no_unsafe_loading_in_the_package():
         for line in text.splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path}: {line}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The first hour: a typo, an offline Hub, the repository's files, stdout
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "chat", "train"])
+def test_a_hub_id_neither_cached_nor_reachable_is_one_line_at_once(command, tmp_path, dailydialog_dir, capsys):
+    """Offline (the tests' HF_HUB_OFFLINE=1, as on a machine without network) a Hub id not in the local cache used
+    to cost a minute of the Hub client's retries and end in an error that never said the name is not a folder."""
+    argv = {
+        "generate": ["generate", "--model", "someone/not-here", "Hello"],
+        "eval": ["eval", "--model", "someone/not-here", "--data", str(dailydialog_dir)],
+        "chat": ["chat", "--model", "someone/not-here"],
+        "train": ["train", "--model", "someone/not-here", "--data", str(dailydialog_dir), *dirs_flags(tmp_path)],
+    }[command]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        "error: --model someone/not-here: not a local folder, and offline mode is on (HF_HUB_OFFLINE) (it is not in "
+        "the local Hugging Face cache)"
+    ]
+
+
+def test_an_unreachable_hub_is_said_as_such(monkeypatch):
+    from huggingface_hub import constants
+
+    from gpt2ft import families
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(families, "hub_reachable", lambda endpoint, timeout=3.0: False)
+    with pytest.raises(families.ModelError, match=r"^--base gpt2: not a local folder, and the Hub is unreachable"):
+        families.check_model_source("gpt2", "--base")
+
+
+def dirs_flags(root: Path) -> list[str]:
+    return [
+        "--output-dir",
+        str(root / "out"),
+        "--logs-dir",
+        str(root / "logs"),
+        "--images-dir",
+        str(root / "images"),
+        "--cache-dir",
+        str(root / "cache"),
+    ]
+
+
+def test_saving_into_the_repositorys_empty_model_folder_keeps_its_tracked_placeholder(tmp_path, tiny_model_dir):
+    """The first `train` replaced gpt2_finetuned/ and with it the tracked gpt2_finetuned/.gitkeep."""
+    from gpt2ft.generate import build_generation_config
+    from gpt2ft.modeling import load_model_and_tokenizer
+
+    output = tmp_path / "gpt2_finetuned"
+    output.mkdir()
+    (output / ".gitkeep").write_text("")
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    for _ in range(2):  # the first save, and one over a model gpt2ft wrote
+        save_final_model(model, tokenizer, build_generation_config(tokenizer), {"gpt2ft_version": "x"}, output)
+        assert (output / ".gitkeep").is_file() and (output / "model.safetensors").is_file()
+
+
+def test_stdout_of_a_run_is_progress_and_exactly_one_json_line(tmp_path, tiny_model_dir, dailydialog_dir, capsys):
+    """A script reads the run's JSON from stdout: the Trainer's own log lines were Python dicts (`{'loss': '2.3'}`)
+    that start like JSON and are not; now they are plain lines, and the one `{` line is the final JSON."""
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(dailydialog_dir), *dirs_flags(tmp_path)]
+    assert main([*argv, "--max-steps", "3", "--logging-steps", "1", "--max-train-dialogs", "16"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    braces = [line for line in out if line.lstrip().startswith("{")]
+    assert len(braces) == 1 and json.loads(braces[0])["steps"] == 3
+    assert any(line.startswith("step 1/3: loss ") for line in out)

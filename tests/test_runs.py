@@ -13,7 +13,17 @@ from transformers import Trainer
 
 from gpt2ft.cli import STAGES, build_parser, main
 from gpt2ft.config import RunConfig, config_fields, flag_name
-from gpt2ft.runs import RunTotals, Stage, WholeRunTrainer, run_stage
+from gpt2ft.runs import (
+    MAX_WARMUP_SHARE,
+    RunTotals,
+    Stage,
+    WholeRunTrainer,
+    capped_warmup,
+    run_stage,
+    sample_weights,
+    warm_then_decay,
+    weight_change,
+)
 
 
 def test_every_stage_row_resolves_to_a_run_function_over_its_config():
@@ -70,11 +80,15 @@ def test_the_private_trainer_hooks_gpt2ft_overrides_still_exist_and_are_called(
         ("_clip_grad_norm", ["self", "model"]),
         ("_save_checkpoint", ["self", "model", "trial"]),
         ("_issue_warnings_after_load", ["self", "load_result"]),
+        ("_determine_best_metric", ["self", "metrics", "trial"]),
+        ("create_scheduler", ["self", "num_training_steps", "optimizer"]),
     ):
         assert list(inspect.signature(getattr(Trainer, name)).parameters) == parameters
     # The epoch loop: called once an epoch, before the epoch's first step (WholeRunTrainer takes no step after the
     # last one; tests/test_robustness.py's kill during the final save relies on it).
     assert "self._run_epoch(" in inspect.getsource(Trainer._inner_training_loop)
+    # The best checkpoint: chosen in _determine_best_metric alone (WholeRunTrainer refuses unmoved weights there).
+    assert "self._determine_best_metric(" in inspect.getsource(Trainer._maybe_log_save_evaluate)
 
     from gpt2ft.training import train
 
@@ -118,3 +132,35 @@ def test_a_nan_gradient_norm_is_a_bad_step():
     control.should_log = True
     totals.on_step_end(Args(), State(), control)
     assert totals.bad_step == 3 and control.should_training_stop and not control.should_save
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 4, 7, 10, 40, 1000])
+@pytest.mark.parametrize("warmup", [0.0, 0.1, 0.5, 0.99, 3, 50])
+def test_warm_up_never_takes_a_short_run_and_no_step_runs_at_learning_rate_zero(total, warmup):
+    """transformers' linear warm-up gives step 0 a learning rate of 0, and a ratio of a two-step run is a whole
+    step: a run of a few steps (a handful of votes) could end where it began. Here every step has a positive rate,
+    warm-up takes at most a quarter of the run, and the rate peaks once and decays to the last step."""
+    steps = capped_warmup(total, warmup)
+    assert 0 <= steps <= total * MAX_WARMUP_SHARE
+    if warmup and total * MAX_WARMUP_SHARE >= (warmup if warmup >= 1 else 1):
+        assert steps >= 1
+    rates = [warm_then_decay(step, steps, total) for step in range(total)]
+    assert all(0 < rate <= 1 for rate in rates)
+    assert rates[steps] == 1.0 and max(rates) == 1.0
+    assert rates[: steps + 1] == sorted(rates[: steps + 1]) and rates[steps:] == sorted(rates[steps:], reverse=True)
+
+
+def test_weight_change_sees_one_element_moved_in_a_large_tensor_of_the_sample_only_if_sampled():
+    """The sample behind weights_changed: a change to every element (what an AdamW step does) is seen at its size,
+    nothing moved is exactly 0.0, and frozen tensors are not sampled."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 2))
+    model[1].weight.requires_grad_(False)
+    sample = sample_weights(model, per_tensor=100)
+    assert set(sample.positions) == {"0.weight", "0.bias", "1.bias"}
+    assert weight_change(model, sample) == 0.0
+    with torch.no_grad():
+        model[1].weight.add_(1.0)  # frozen: not the run's doing
+    assert weight_change(model, sample) == 0.0
+    with torch.no_grad():
+        model[0].weight.add_(5e-6)
+    assert weight_change(model, sample) == pytest.approx(5e-6, rel=1e-2)
