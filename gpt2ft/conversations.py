@@ -103,6 +103,14 @@ def roles_of(messages: Sequence[Mapping[str, Any]]) -> list[str]:
     return [message["role"] or "" for message in messages]
 
 
+def speaker_labels(roles: Sequence[str], count: int) -> list[str]:
+    """How a dialogue's `count` turns are named for a reader, the same in the notebook and the model card: by their
+    roles ("user", "assistant", ...) where the data has them, else as speakers A and B, alternating from A."""
+    if any(roles):
+        return [role or "?" for role in list(roles) + [""] * (count - len(roles))]
+    return ["AB"[index % 2] for index in range(count)]
+
+
 def messages_from_turns(turns: Sequence[str], roles: Sequence[str] = ()) -> list[dict[str, str]]:
     """Plain turns (and their roles; "" where there is none) as a record's messages."""
     padded = list(roles) + [""] * (len(turns) - len(roles))

@@ -282,7 +282,7 @@ def sample_replies(
         context = as_messages(messages[:cut])  # plain turns: the last one is the user's
         record: dict[str, Any] = {
             "context": turns[:cut],
-            "roles": [m["role"] for m in context],
+            "roles": roles_of(messages[:cut]),  # as the data has them: "" for plain turns (speakers A and B)
             "reference": turns[cut],
         }
         if before_each is not None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
-from .chat_format import as_messages
+from .conversations import speaker_labels
 from .logs import as_float
 from .sources import DATA_LICENSE, HUB_REPO
 
@@ -473,15 +473,15 @@ def _samples(samples: Sequence[Mapping[str, Any]]) -> str:
         context = sample.get("context") or []
         if isinstance(context, str):
             context = [context]
-        # Without recorded roles the speakers alternate, the last one before the model being the user.
-        messages = as_messages([str(turn) for turn in context], list(sample.get("roles") or []))
+        # Named as the notebook names them: by role where the data has roles, else speakers A and B.
+        turns = [str(turn) for turn in context]
+        labels = speaker_labels(list(sample.get("roles") or []), len(turns))
         reply = str(sample.get("reply") or "").strip()
         lines.append(f"**Dialogue {number}**")
         lines.append("")
-        for message in messages:
-            turn = message["content"]
+        for label, turn in zip(labels, turns):
             shown = turn[:CONTEXT_CHARS] + ("..." if len(turn) > CONTEXT_CHARS else "")
-            lines.append(f"- *{message['role'].capitalize()}:* {md_escape(shown)}")
+            lines.append(f"- *{label.capitalize()}:* {md_escape(shown)}")
         lines.append(f"- *Model:* {md_escape(reply) if reply else '*(empty reply)*'}")
         if sample.get("reference"):
             lines.append(f"- *Reference (the dataset's reply):* {md_escape(sample['reference'])}")

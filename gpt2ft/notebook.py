@@ -33,7 +33,7 @@ from .checkpoints import complete_checkpoints
 from .colab import in_colab
 from .config import PREFER_OUTPUT_DIR, PreferConfig, TrainConfig, build_config, config_fields, render_flag
 from .controls import controls_of
-from .conversations import LABELS, roles_of, turns_of
+from .conversations import LABELS, roles_of, speaker_labels, turns_of
 from .data import IGNORE_INDEX, token_stats
 from .evaluation import cut_point, format_comparison, reply_metrics, sample_replies
 from .generate import chat
@@ -258,9 +258,7 @@ def format_turns(conversation: Sequence[str | Mapping[str, Any]], roles: Sequenc
     turns = [turn["content"] if isinstance(turn, Mapping) else turn for turn in conversation]
     if roles is None:
         roles = [(turn.get("role") or "") if isinstance(turn, Mapping) else "" for turn in conversation]
-    if any(roles):
-        return "\n".join(f"{role}: {turn}" for role, turn in zip(roles, turns))
-    return "\n".join(f"{'AB'[index % 2]}: {turn}" for index, turn in enumerate(turns))
+    return "\n".join(f"{label}: {turn}" for label, turn in zip(speaker_labels(roles, len(turns)), turns))
 
 
 # The dialogues the notebook shows a reader (the training conversation, the sample replies) are the first ones of

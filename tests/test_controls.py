@@ -250,7 +250,9 @@ def test_compare_asks_each_model_only_for_the_labels_it_reads(tiny_model_dir, da
     argv = ["compare", "--data", str(dailydialog_dir), "--max-dialogs", "4", "--samples", "2", "--max-new-tokens", "4"]
     argv += ["--greedy", "--emotion", "happiness", "--base", str(tiny_model_dir)]
     assert main([*argv, "--tuned", str(tuned)]) == 0, capsys.readouterr().err
-    table = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[1].startswith("decoding (every model): ") and out[1].endswith("; asked for emotion=happiness")
+    table = out[2:]
     assert table[0].startswith("| model | controls | perplexity")
     assert table[2].startswith("| base | none |") and table[3].startswith("| fine-tuned | emotion: happiness |")
     assert main([*argv, "--tuned", str(tiny_model_dir)]) == 2

@@ -644,8 +644,12 @@ def train_dialog_model(folder: Path, steps: int = 300, learning_rate: float = 3e
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     model.train()
-    for _ in range(steps):
+    # `steps`, then up to twice as many more while the loss is not yet near zero: CPUs differ in their float paths
+    # (the Llama-style model ended at 0.099 after 100 steps on one machine, below 0.05 on another).
+    for step in range(3 * steps):
         loss = model(input_ids=input_ids, labels=labels).loss
+        if step >= steps and loss.item() < 0.05:
+            break
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -218,14 +218,21 @@ def test_card_metadata_is_read_by_huggingface_hub_with_the_eval_results():
     assert scores == {"validation": round(METRICS["eval_perplexity"], 4), "test": round(METRICS["test_perplexity"], 4)}
 
 
-def test_card_samples_name_each_speaker():
+def test_card_samples_name_each_speaker_as_the_notebook_does():
+    """Turns with roles by their roles; role-less turns (DailyDialog) as speakers A and B, in the card as in the
+    notebook (notebook.format_turns), never User/Assistant in one and A/B in the other."""
+    from gpt2ft.notebook import format_turns
+
     samples = [
         {"context": ["Be brief.", "Hello"], "roles": ["system", "user"], "reference": "Hi.", "reply": "Hey."},
+        {"context": ["Hi", "Hello", "How are you?"], "roles": ["", "", ""], "reference": "Fine.", "reply": "Good."},
         {"context": ["Hi", "Hello", "How are you?"], "reference": "Fine.", "reply": "Good."},  # no roles recorded
     ]
     card = render_model_card(METRICS, training_config(), samples)
     assert "- *System:* Be brief.\n- *User:* Hello\n- *Model:* Hey." in card
-    assert "- *User:* Hi\n- *Assistant:* Hello\n- *User:* How are you?\n- *Model:* Good." in card
+    assert card.count("- *A:* Hi\n- *B:* Hello\n- *A:* How are you?\n- *Model:* Good.") == 2
+    assert format_turns(samples[1]["context"], samples[1]["roles"]) == "A: Hi\nB: Hello\nA: How are you?"
+    assert "*User:* Hi" not in card
 
 
 def test_a_card_for_your_own_conversations_does_not_claim_dailydialog():

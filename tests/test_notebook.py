@@ -434,7 +434,10 @@ def test_describe_saved_model_lists_every_file(tmp_path):
 def test_show_charts_shows_what_it_is_given(tmp_path, capsys):
     from gpt2ft.charts import write_charts
 
-    paths = show_charts(write_charts(tmp_path / "logs", tmp_path / "images"))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "learning_rate": 1e-4}) + "\n")
+    paths = show_charts(write_charts(logs, tmp_path / "images"))
     assert len(paths) == 5 and all(path.is_file() for path in paths)
     assert show_charts([]) == [] and "No charts" in capsys.readouterr().out
 
