@@ -673,14 +673,14 @@ def test_no_unsafe_loading_in_the_package():
 
 
 @pytest.mark.parametrize("command", ["generate", "eval", "chat", "train"])
-def test_a_hub_id_neither_cached_nor_reachable_is_one_line_at_once(command, tmp_path, dailydialog_dir, capsys):
+def test_a_hub_id_neither_cached_nor_reachable_is_one_line_at_once(command, run_dirs, dailydialog_dir, capsys):
     """Offline (the tests' HF_HUB_OFFLINE=1, as on a machine without network) a Hub id not in the local cache used
     to cost a minute of the Hub client's retries and end in an error that never said the name is not a folder."""
     argv = {
         "generate": ["generate", "--model", "someone/not-here", "Hello"],
         "eval": ["eval", "--model", "someone/not-here", "--data", str(dailydialog_dir)],
         "chat": ["chat", "--model", "someone/not-here"],
-        "train": ["train", "--model", "someone/not-here", "--data", str(dailydialog_dir), *dirs_flags(tmp_path)],
+        "train": train_argv("someone/not-here", dailydialog_dir, run_dirs),
     }[command]
     assert main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
@@ -701,19 +701,6 @@ def test_an_unreachable_hub_is_said_as_such(monkeypatch):
         families.check_model_source("gpt2", "--base")
 
 
-def dirs_flags(root: Path) -> list[str]:
-    return [
-        "--output-dir",
-        str(root / "out"),
-        "--logs-dir",
-        str(root / "logs"),
-        "--images-dir",
-        str(root / "images"),
-        "--cache-dir",
-        str(root / "cache"),
-    ]
-
-
 def test_saving_into_the_repositorys_empty_model_folder_keeps_its_tracked_placeholder(tmp_path, tiny_model_dir):
     """The first `train` replaced gpt2_finetuned/ and with it the tracked gpt2_finetuned/.gitkeep."""
     from gpt2ft.generate import build_generation_config
@@ -728,11 +715,11 @@ def test_saving_into_the_repositorys_empty_model_folder_keeps_its_tracked_placeh
         assert (output / ".gitkeep").is_file() and (output / "model.safetensors").is_file()
 
 
-def test_stdout_of_a_run_is_progress_and_exactly_one_json_line(tmp_path, tiny_model_dir, dailydialog_dir, capsys):
+def test_stdout_of_a_run_is_progress_and_exactly_one_json_line(run_dirs, tiny_model_dir, dailydialog_dir, capsys):
     """A script reads the run's JSON from stdout: the Trainer's own log lines were Python dicts (`{'loss': '2.3'}`)
     that start like JSON and are not; now they are plain lines, and the one `{` line is the final JSON."""
-    argv = ["train", "--model", str(tiny_model_dir), "--data", str(dailydialog_dir), *dirs_flags(tmp_path)]
-    assert main([*argv, "--max-steps", "3", "--logging-steps", "1", "--max-train-dialogs", "16"]) == 0
+    argv = train_argv(tiny_model_dir, dailydialog_dir, run_dirs, "--max-steps", "3", "--max-train-dialogs", "16")
+    assert main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     braces = [line for line in out if line.lstrip().startswith("{")]
     assert len(braces) == 1 and json.loads(braces[0])["steps"] == 3
