@@ -234,7 +234,7 @@ MAX_WARMUP_SHARE = 0.25
 # element of a tensor it updates), a few MB in all even for a 1B model.
 WEIGHT_SAMPLE = 4096
 # A sampled element that moved less than this has not moved: AdamW's first step moves an element by about the
-# learning rate (5e-6 and up here), while 1e-7 is an fp32 weight's own rounding near 1.
+# learning rate (5e-5 by default, rarely below 1e-6), while 1e-7 is an fp32 weight's own rounding near 1.
 WEIGHTS_TOLERANCE = 1e-7
 
 
