@@ -84,8 +84,8 @@ EXAMPLE_OPENINGS = (
 MAX_UPLOAD_BYTES = 0
 WINNER_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
 EMPTY_REPLY = "(no reply: the model ended its turn at once)"
-# What the Emotion and Act selectors say for "no label asked for" (the page's word for controls.ANY).
-NO_LABEL = "(none)"
+# What the Emotion and Act selectors say for "no label asked for" (controls.ANY, the template's own word for it).
+NO_LABEL = ANY
 RESULT_HEADERS = ["model", "opponent", "votes", "wins", "losses", "ties", "both bad", "win rate", "95% interval"]
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 

@@ -246,7 +246,7 @@ def test_an_emotion_picked_in_the_panel_reaches_the_conditioned_model(browser, t
         page.goto(url)
         page.locator("#chat-input textarea").wait_for()
         emotion = page.get_by_label("Emotion", exact=True)
-        assert emotion.input_value() == "(none)" and page.get_by_label("Act", exact=True).is_visible()
+        assert emotion.input_value() == "any" and page.get_by_label("Act", exact=True).is_visible()
         emotion.click()
         page.get_by_role("option", name="sadness", exact=True).click()
         assert emotion.input_value() == "sadness"

@@ -69,7 +69,7 @@ pytestmark = [
 PERPLEXITIES = {"eval_perplexity": 18.42, "test_perplexity": 18.91}
 # temperature, top_p, max_new_tokens, greedy, emotion, act: the side panel's six controls (Gradio's plain HTTP API
 # wants every one; its Python client fills in the defaults of those left out).
-CHAT_ARGS = (0.8, 0.9, 12, False, "(none)", "(none)")
+CHAT_ARGS = (0.8, 0.9, 12, False, "any", "any")
 
 
 # --------------------------------------------------------------------------------------------------------------
