@@ -293,17 +293,16 @@ class PreferConfig(RunConfig):
         "Share of conversations held out (by a hash of the conversation) when the source has no validation or test "
         "split.",
     )
-    # A few hundred votes make a small data set: several passes. The learning rate is measured on SmolLM2-135M
-    # (bench/RESULTS.md, "Preference tuning"): 10 DPO steps on 73 pairs at 5e-6 took the training loss from 0.693 to
-    # 0.678 and the held-out reward margin to 0.016; at 5e-5, to 0.594 and 0.081. TRL's 1e-6 and the 5e-6 used here
-    # before are rates for 7B models; a 124-135M model moves at 5e-5 within the few steps a round of votes gives.
+    # A few hundred votes make a small data set: several passes. The learning rate is the base's 5e-5, measured on
+    # SmolLM2-135M (bench/RESULTS.md, "Preference tuning"): 10 DPO steps on 73 pairs at 5e-6 took the training loss
+    # from 0.693 to 0.678 and the held-out reward margin to 0.016; at 5e-5, to 0.594 and 0.081. TRL's 1e-6 and the
+    # 5e-6 used here before are rates for 7B models; a 124-135M model moves at 5e-5 in a round's few steps.
     epochs: float = restate("epochs", 3.0, "Passes over the preference data.")
     # Each pair is two sequences, each scored by the model and by the reference: 8 pairs is 32 forward passes a step.
     batch_size: int = restate(
         "batch_size", 8, "Pairs (KTO: examples) per device per step, before gradient accumulation."
     )
     eval_batch_size: int = restate("eval_batch_size", 16, "Pairs (KTO: examples) per device per evaluation batch.")
-    learning_rate: float = restate("learning_rate", 5e-5)
     warmup_ratio: float = restate("warmup_ratio", 0.1)
     weight_decay: float = restate("weight_decay", 0.0)
     method: str = restate(

@@ -148,7 +148,7 @@ def test_every_stage_config_extends_the_base_and_restates_only_what_differs():
             restated = fields[name]
             assert restated.metadata.get("run") == item.metadata.get("run"), name
             assert restated.metadata.get("choices") == item.metadata.get("choices"), name
-    assert PreferConfig().learning_rate != TrainConfig().learning_rate  # a restated default
+    assert PreferConfig().batch_size != TrainConfig().batch_size  # a restated default
     assert PreferConfig().lora_r == TrainConfig().lora_r == RunConfig().lora_r  # an inherited one
 
 
