@@ -13,6 +13,7 @@ an unsupported model is one line at once.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 import socket
@@ -156,8 +157,10 @@ def check_model_source(name: str, flag: str = "--model") -> dict[str, Any] | Non
     return config
 
 
+@functools.lru_cache(maxsize=4)
 def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    """Whether the Hub's host answers a connection within `timeout` seconds."""
+    """Whether the Hub's host answers a connection within `timeout` seconds (asked once a process: every check of a
+    `--model` in one command would otherwise open a connection of its own)."""
     host = urlparse(endpoint).hostname or endpoint
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
